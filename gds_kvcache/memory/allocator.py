@@ -1,0 +1,140 @@
+"""Slab allocator: ``MemoryObj`` extents carved out of one big buffer."""
+
+from __future__ import annotations
+
+import abc
+import math
+import threading
+from typing import Optional
+
+import torch
+
+from .buffers import SlabBuffer
+from .extents import ExtentAllocator
+from .format import MemoryFormat
+from .obj import MemoryObj
+
+__all__ = ["MemoryAllocatorInterface", "SlabMemoryAllocator"]
+
+
+class MemoryAllocatorInterface(abc.ABC):
+    """What storage backends need from an allocator."""
+
+    @abc.abstractmethod
+    def allocate(self, shape, dtype: torch.dtype,
+                 fmt: MemoryFormat = MemoryFormat.KV_2LTD) -> Optional[MemoryObj]:
+        """A new object holding one reference, or None when there is no room."""
+
+    @abc.abstractmethod
+    def free(self, obj: MemoryObj) -> None:
+        """Return the object's extent regardless of its reference count."""
+
+    @abc.abstractmethod
+    def memcheck(self) -> bool:
+        """Verify internal invariants; raise ``AssertionError`` if broken."""
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> torch.device:
+        """Where allocated objects live."""
+
+
+class SlabMemoryAllocator(MemoryAllocatorInterface):
+    """4 KiB-aligned objects from one CUDA, pinned-host or host buffer.
+
+    Parameters
+    ----------
+    nbytes
+        Slab size in bytes.
+    kind
+        ``cuda``, ``pinned`` or ``host``.
+    cuda_device
+        Device index for ``cuda``.
+    register_gds
+        Register the CUDA slab with cuFile once (only where GDS, not compat
+        mode, will run).
+
+    Notes
+    -----
+    Allocation never raises for "no room": it returns None and the caller
+    evicts or gives up. The lock is held only for the free-list update, never
+    across I/O or device work.
+    """
+
+    def __init__(self, nbytes: int, kind: str = "host", cuda_device: int = 0, register_gds: bool = True):
+        self.buffer = SlabBuffer(nbytes, kind, cuda_device)
+        self._extents = ExtentAllocator(self.buffer.nbytes)
+        self._lock = threading.Lock()
+        self._live: dict[int, MemoryObj] = {}
+        if register_gds:
+            self.buffer.register_gds()
+
+    @property
+    def device(self) -> torch.device:
+        return self.buffer.device
+
+    @property
+    def kind(self) -> str:
+        return self.buffer.kind
+
+    @property
+    def capacity(self) -> int:
+        return self._extents.capacity
+
+    @property
+    def used(self) -> int:
+        return self._extents.used
+
+    def allocate(self, shape, dtype: torch.dtype,
+                 fmt: MemoryFormat = MemoryFormat.KV_2LTD) -> Optional[MemoryObj]:
+        shape = torch.Size(shape)
+        nbytes = max(1, math.prod(shape) * dtype.itemsize)
+        with self._lock:
+            off = self._extents.allocate(nbytes)
+            if off is None:
+                return None
+            obj = MemoryObj(self, off, self._extents.allocated_size(off), shape, dtype, fmt)
+            self._live[off] = obj
+        return obj
+
+    def free(self, obj: MemoryObj) -> None:
+        with self._lock:
+            self._release(obj)
+
+    def _release(self, obj: MemoryObj) -> None:
+        if self._live.get(obj.offset) is not obj:
+            raise ValueError(f"{obj!r} is not live in this allocator (double free?)")
+        del self._live[obj.offset]
+        self._extents.free_extent(obj.offset)
+        obj._refs = 0
+        obj._tensor = None
+
+    def _ref_up(self, obj: MemoryObj) -> None:
+        with self._lock:
+            if obj._refs <= 0:
+                raise ValueError(f"ref_count_up on a freed object {obj!r}")
+            obj._refs += 1
+
+    def _ref_down(self, obj: MemoryObj) -> None:
+        with self._lock:
+            if obj._refs <= 0:
+                raise ValueError(f"ref_count_down on a freed object {obj!r}")
+            obj._refs -= 1
+            if obj._refs == 0:
+                self._release(obj)
+
+    def live_objects(self) -> int:
+        return len(self._live)
+
+    def memcheck(self) -> bool:
+        with self._lock:
+            self._extents.memcheck()
+            ext = self._extents.extents()
+            assert set(ext) == set(self._live), "live objects and allocated extents disagree"
+            for off, obj in self._live.items():
+                assert obj._refs > 0, f"live object with ref count {obj._refs} at {off}"
+                assert ext[off] == obj.phys_size >= obj.nbytes, f"size mismatch at {off}"
+        return True
+
+    def close(self) -> None:
+        self.buffer.close()

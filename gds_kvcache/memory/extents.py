@@ -1,0 +1,196 @@
+"""Offset-space allocator: 4 KiB-aligned extents of one big region.
+
+Used twice: for the memory slab and for the disk pool file. It hands out
+byte offsets, never touches memory itself, and is not thread-safe (callers
+hold their own lock around it).
+
+Free extents live in power-of-two size classes (a two-level scheme in the
+spirit of TLSF) with a bitmap of non-empty classes, and are coalesced with
+their neighbours on free through start/end maps. Allocation and free are
+O(1) apart from the rare fallback scan of one size class, well inside the
+O(log n) budget.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ..units import PAGE, align_up
+
+__all__ = ["ExtentAllocator"]
+
+
+class ExtentAllocator:
+    """Best-effort good-fit allocator over ``[0, capacity)`` in ``align``-sized units.
+
+    Parameters
+    ----------
+    capacity
+        Bytes managed; rounded down to ``align``.
+    align
+        Granularity of every offset and size (default 4 KiB).
+    """
+
+    __slots__ = ("align", "capacity", "_free_start", "_free_end", "_bins", "_bitmap",
+                 "_used", "_allocated")
+
+    def __init__(self, capacity: int, align: int = PAGE):
+        if align <= 0 or align & (align - 1):
+            raise ValueError(f"align must be a power of two, got {align}")
+        self.align = align
+        self.capacity = capacity // align * align
+        self._free_start: dict[int, int] = {}   # start -> size
+        self._free_end: dict[int, int] = {}     # end -> start
+        self._bins: list[dict[int, None]] = [dict() for _ in range(64)]
+        self._bitmap = 0
+        self._used = 0
+        self._allocated: dict[int, int] = {}    # start -> size
+        if self.capacity:
+            self._insert(0, self.capacity)
+
+    # -- free-list plumbing ---------------------------------------------
+    def _cls(self, size: int) -> int:
+        return (size // self.align).bit_length() - 1
+
+    def _insert(self, start: int, size: int) -> None:
+        self._free_start[start] = size
+        self._free_end[start + size] = start
+        c = self._cls(size)
+        self._bins[c][start] = None
+        self._bitmap |= 1 << c
+
+    def _remove(self, start: int, size: int) -> None:
+        del self._free_start[start]
+        del self._free_end[start + size]
+        c = self._cls(size)
+        b = self._bins[c]
+        del b[start]
+        if not b:
+            self._bitmap &= ~(1 << c)
+
+    # -- public API -------------------------------------------------------
+    @property
+    def used(self) -> int:
+        return self._used
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self._used
+
+    def __len__(self) -> int:
+        return len(self._allocated)
+
+    def allocate(self, nbytes: int) -> Optional[int]:
+        """Reserve ``nbytes`` (rounded up to ``align``); return the offset or None if full."""
+        if nbytes <= 0:
+            raise ValueError(f"nbytes must be > 0, got {nbytes}")
+        size = align_up(nbytes, self.align)
+        units = size // self.align
+        # Any extent in class ceil(log2(units)) or above is large enough.
+        c = units.bit_length() - 1
+        if units & (units - 1):
+            c += 1
+        candidates = self._bitmap >> c << c
+        start = None
+        if candidates:
+            cls = (candidates & -candidates).bit_length() - 1
+            start = next(iter(self._bins[cls]))
+        elif c > 0 and self._bitmap >> (c - 1) & 1:
+            # Fallback: the class just below may still hold a big-enough extent.
+            for s in self._bins[c - 1]:
+                if self._free_start[s] >= size:
+                    start = s
+                    break
+        if start is None:
+            return None
+        ext = self._free_start[start]
+        self._remove(start, ext)
+        if ext > size:
+            self._insert(start + size, ext - size)
+        self._allocated[start] = size
+        self._used += size
+        return start
+
+    def free_extent(self, start: int) -> int:
+        """Release the extent at ``start``; return its size. Coalesces with neighbours."""
+        size = self._allocated.pop(start, None)
+        if size is None:
+            raise KeyError(f"offset {start} is not an allocated extent")
+        self._used -= size
+        freed = size
+        end = start + size
+        prev_start = self._free_end.get(start)
+        if prev_start is not None:
+            prev_size = self._free_start[prev_start]
+            self._remove(prev_start, prev_size)
+            start, size = prev_start, size + prev_size
+        next_size = self._free_start.get(end)
+        if next_size is not None:
+            self._remove(end, next_size)
+            size += next_size
+        self._insert(start, size)
+        return freed
+
+    def reserve(self, start: int, nbytes: int) -> None:
+        """Mark ``[start, start+nbytes)`` allocated (used to rebuild state at start-up).
+
+        Raises ``ValueError`` if any part of the range is not free.
+        """
+        size = align_up(nbytes, self.align)
+        if start % self.align or start < 0 or start + size > self.capacity:
+            raise ValueError(f"extent [{start}, {start + size}) is misaligned or out of range")
+        # O(free extents): only used while rebuilding state at start-up.
+        host = self._containing_free(start, size)
+        if host is None:
+            raise ValueError(f"extent [{start}, {start + size}) overlaps an allocated extent")
+        hs, hsize = host
+        self._remove(hs, hsize)
+        if start > hs:
+            self._insert(hs, start - hs)
+        if hs + hsize > start + size:
+            self._insert(start + size, hs + hsize - start - size)
+        self._allocated[start] = size
+        self._used += size
+
+    def _containing_free(self, start: int, size: int) -> Optional[tuple[int, int]]:
+        for s, n in self._free_start.items():
+            if s <= start and start + size <= s + n:
+                return s, n
+        return None
+
+    def allocated_size(self, start: int) -> int:
+        return self._allocated[start]
+
+    def extents(self) -> dict[int, int]:
+        """Allocated extents, ``{start: size}`` (a copy)."""
+        return dict(self._allocated)
+
+    def free_extents(self) -> dict[int, int]:
+        return dict(self._free_start)
+
+    def largest_free(self) -> int:
+        return max(self._free_start.values(), default=0)
+
+    def memcheck(self) -> bool:
+        """Check every invariant; raise ``AssertionError`` naming the first broken one."""
+        spans = sorted([(s, n, "free") for s, n in self._free_start.items()]
+                       + [(s, n, "used") for s, n in self._allocated.items()])
+        pos = 0
+        prev_kind = None
+        for s, n, kind in spans:
+            assert s == pos, f"gap or overlap at offset {pos} (next extent starts at {s})"
+            assert n > 0 and s % self.align == 0 and n % self.align == 0, f"misaligned extent {s}+{n}"
+            assert not (kind == "free" and prev_kind == "free"), f"uncoalesced free extents at {s}"
+            pos, prev_kind = s + n, kind
+        assert pos == self.capacity, f"extents cover {pos} of {self.capacity} bytes"
+        assert self._used == sum(self._allocated.values()), "used-bytes counter drifted"
+        for s, n in self._free_start.items():
+            assert self._free_end[s + n] == s, f"end map wrong for free extent {s}"
+            assert s in self._bins[self._cls(n)], f"free extent {s} missing from its size class"
+        assert len(self._free_end) == len(self._free_start), "end map has stale entries"
+        for c, b in enumerate(self._bins):
+            assert bool(b) == bool(self._bitmap >> c & 1), f"bitmap wrong for class {c}"
+            for s in b:
+                assert s in self._free_start and self._cls(self._free_start[s]) == c, \
+                    f"class {c} holds a stale extent {s}"
+        return True

@@ -1,0 +1,155 @@
+"""Chunk checksum: an order-independent 64-bit hash, on CPU and on GPU.
+
+``sum_i mix(word_i, i) + mix(nbytes, n_words)`` modulo 2**64, where ``word_i``
+is the i-th little-endian 8-byte word (the tail zero-padded) and ``mix`` is a
+bijection of the word for a fixed index. A changed word therefore always
+changes its term, so any single corrupted word, and any truncation, changes
+the sum. The sum is order-independent, so GPU blocks and CPU threads reduce
+in any order and still agree bit for bit.
+
+It runs at memory speed on the GPU (no host round trip of the data: only the
+8-byte result comes back) and at several GB/s per core on the CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+__all__ = ["checksum_host", "checksum_cuda", "checksum"]
+
+_K1 = np.uint64(0x9E3779B97F4A7C15)
+_K2 = np.uint64(0xBF58476D1CE4E5B9)
+_S = np.uint64(31)
+_BLOCK = 1 << 15  # words per CPU task
+
+
+@njit(inline="always", cache=True)
+def _mix(w, i):
+    h = (w ^ (i * _K1)) * _K2
+    return h ^ (h >> _S)
+
+
+@njit(cache=True)
+def _tail_word(b, start, n):
+    w = np.uint64(0)
+    for j in range(n - start):
+        w |= np.uint64(b[start + j]) << np.uint64(8 * j)
+    return w
+
+
+@njit(parallel=True, cache=True)
+def _checksum_cpu(words, b, nbytes):
+    nw = words.shape[0]
+    nblocks = (nw + _BLOCK - 1) // _BLOCK
+    total = np.uint64(0)
+    for blk in prange(nblocks):
+        s = np.uint64(0)
+        lo = blk * _BLOCK
+        hi = min(lo + _BLOCK, nw)
+        for i in range(lo, hi):
+            s += _mix(words[i], np.uint64(i))
+        total += s
+    full = nw * 8
+    if full < nbytes:
+        total += _mix(_tail_word(b, full, nbytes), np.uint64(nw))
+        nw += 1
+    return total + _mix(np.uint64(nbytes), np.uint64(nw) + np.uint64(0x5157))
+
+
+def checksum_host(buf) -> int:
+    """Checksum of a host buffer (anything ``np.frombuffer`` or a uint8 NumPy array takes)."""
+    b = buf if isinstance(buf, np.ndarray) else np.frombuffer(buf, dtype=np.uint8)
+    b = b.reshape(-1).view(np.uint8)
+    n = b.shape[0]
+    words = b[: n // 8 * 8].view(np.uint64) if b.ctypes.data % 8 == 0 else \
+        np.ascontiguousarray(b[: n // 8 * 8]).view(np.uint64)
+    return int(_checksum_cpu(words, b, n))
+
+
+_cuda_kernel = None
+
+
+def _build_cuda_kernel():
+    from numba import cuda, uint64
+
+    threads = 256
+
+    @cuda.jit(device=True, inline=True)
+    def mix(w, i):
+        h = (w ^ (i * uint64(0x9E3779B97F4A7C15))) * uint64(0xBF58476D1CE4E5B9)
+        return h ^ (h >> uint64(31))
+
+    @cuda.jit
+    def kernel(words, nw, tail, ntail, nbytes, out):
+        sm = cuda.shared.array(threads, dtype=uint64)
+        tid = cuda.threadIdx.x
+        s = uint64(0)
+        i = cuda.blockIdx.x * threads + tid
+        stride = cuda.gridDim.x * threads
+        while i < nw:
+            s += mix(words[i], uint64(i))
+            i += stride
+        if cuda.blockIdx.x == 0 and tid == 0:
+            n = nw
+            if ntail > 0:
+                w = uint64(0)
+                for j in range(ntail):
+                    w |= uint64(tail[j]) << uint64(8 * j)
+                s += mix(w, uint64(nw))
+                n += 1
+            s += mix(uint64(nbytes), uint64(n) + uint64(0x5157))
+        sm[tid] = s
+        cuda.syncthreads()
+        step = threads // 2
+        while step > 0:
+            if tid < step:
+                sm[tid] += sm[tid + step]
+            cuda.syncthreads()
+            step //= 2
+        if tid == 0:
+            cuda.atomic.add(out, 0, sm[0])
+
+    return kernel, threads
+
+
+def checksum_cuda(t) -> int:
+    """Checksum of a contiguous CUDA ``uint8`` tensor, computed on its device.
+
+    The kernel runs on the tensor's current torch stream; only the 8-byte
+    result is copied back.
+    """
+    global _cuda_kernel
+    import torch
+    from numba import cuda
+
+    if _cuda_kernel is None:
+        _cuda_kernel = _build_cuda_kernel()
+    kernel, threads = _cuda_kernel
+    t = t.reshape(-1)
+    n = t.numel()
+    full = n // 8 * 8
+    nw = full // 8
+    out = torch.zeros(2, dtype=torch.int64, device=t.device)
+    # Empty tensors have no usable device pointer, so stand-ins keep every
+    # argument at least one element long; nw and ntail say what is real.
+    if nw:
+        words = t[:full].view(torch.int64) if t.data_ptr() % 8 == 0 else t[:full].clone().view(torch.int64)
+    else:
+        words = out[1:]
+    tail = t[full:] if n > full else t[:1] if n else out.view(torch.uint8)[8:9]
+    stream = cuda.external_stream(torch.cuda.current_stream(t.device).cuda_stream)
+    blocks = max(1, min((nw + threads - 1) // threads, 4096))
+    kernel[blocks, threads, stream](cuda.as_cuda_array(words).view(np.uint64), nw, cuda.as_cuda_array(tail),
+                                    n - full, n, cuda.as_cuda_array(out[:1]).view(np.uint64))
+    return int(out[0].item()) & 0xFFFFFFFFFFFFFFFF
+
+
+def checksum(t) -> int:
+    """Checksum of a contiguous torch tensor's bytes, on whatever device it lives."""
+    import torch
+
+    t = t.reshape(-1).view(torch.uint8)
+    if t.is_cuda:
+        return checksum_cuda(t)
+    return checksum_host(t.numpy())

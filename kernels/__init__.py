@@ -1,5 +1,17 @@
 """Numba kernels shipped as ``gds_kvcache.kernels``: checksums and paged-KV pack/unpack."""
 
 from .checksum import checksum, checksum_cuda, checksum_host
+from .layouts import LAYOUTS, PagedGeometry, chunk_shape, describe
+from .paged import pack, unpack
 
-__all__ = ["checksum", "checksum_cuda", "checksum_host"]
+__all__ = [
+    "LAYOUTS",
+    "PagedGeometry",
+    "checksum",
+    "checksum_cuda",
+    "checksum_host",
+    "chunk_shape",
+    "describe",
+    "pack",
+    "unpack",
+]

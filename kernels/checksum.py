@@ -67,65 +67,16 @@ def checksum_host(buf) -> int:
     return int(_checksum_cpu(words, b, n))
 
 
-_cuda_kernel = None
-
-
-def _build_cuda_kernel():
-    from numba import cuda, uint64
-
-    threads = 256
-
-    @cuda.jit(device=True, inline=True)
-    def mix(w, i):
-        h = (w ^ (i * uint64(0x9E3779B97F4A7C15))) * uint64(0xBF58476D1CE4E5B9)
-        return h ^ (h >> uint64(31))
-
-    @cuda.jit
-    def kernel(words, nw, tail, ntail, nbytes, out):
-        sm = cuda.shared.array(threads, dtype=uint64)
-        tid = cuda.threadIdx.x
-        s = uint64(0)
-        i = cuda.blockIdx.x * threads + tid
-        stride = cuda.gridDim.x * threads
-        while i < nw:
-            s += mix(words[i], uint64(i))
-            i += stride
-        if cuda.blockIdx.x == 0 and tid == 0:
-            n = nw
-            if ntail > 0:
-                w = uint64(0)
-                for j in range(ntail):
-                    w |= uint64(tail[j]) << uint64(8 * j)
-                s += mix(w, uint64(nw))
-                n += 1
-            s += mix(uint64(nbytes), uint64(n) + uint64(0x5157))
-        sm[tid] = s
-        cuda.syncthreads()
-        step = threads // 2
-        while step > 0:
-            if tid < step:
-                sm[tid] += sm[tid + step]
-            cuda.syncthreads()
-            step //= 2
-        if tid == 0:
-            cuda.atomic.add(out, 0, sm[0])
-
-    return kernel, threads
-
-
 def checksum_cuda(t) -> int:
     """Checksum of a contiguous CUDA ``uint8`` tensor, computed on its device.
 
     The kernel runs on the tensor's current torch stream; only the 8-byte
     result is copied back.
     """
-    global _cuda_kernel
     import torch
     from numba import cuda
 
-    if _cuda_kernel is None:
-        _cuda_kernel = _build_cuda_kernel()
-    kernel, threads = _cuda_kernel
+    from .checksum_cuda import THREADS as threads, checksum_kernel as kernel
     t = t.reshape(-1)
     n = t.numel()
     full = n // 8 * 8

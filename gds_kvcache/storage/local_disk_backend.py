@@ -389,6 +389,18 @@ class LocalDiskBackend(StorageBackendInterface):
             except Exception:
                 pass  # already logged; the future's owner sees it
 
+    def wait_for_oldest_put(self, timeout: Optional[float] = None) -> bool:
+        """Wait for the oldest in-flight put; False if none was in flight."""
+        with self._lock:
+            fut = next(iter(self._put_tasks.values()), None)
+        if fut is None:
+            return False
+        try:
+            fut.result(timeout)
+        except Exception:
+            pass  # already logged; the future's owner sees it
+        return True
+
     def memcheck(self) -> bool:
         with self._lock:
             self._space.memcheck()

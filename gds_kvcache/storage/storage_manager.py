@@ -29,11 +29,18 @@ log = logging.getLogger(__name__)
 
 
 class EvictingAllocator(MemoryAllocatorInterface):
-    """An allocator that, when full, drops unused hot-tier chunks and tries again."""
+    """An allocator that, when full, drops unused hot-tier chunks and tries again.
 
-    def __init__(self, inner: MemoryAllocatorInterface):
+    When nothing in the hot tier can go because every chunk is still being
+    written to disk, it waits for the oldest disk write (backpressure) rather
+    than failing a store only because the disk is slower than the GPU.
+    """
+
+    def __init__(self, inner: MemoryAllocatorInterface, wait_s: float = 60.0):
         self.inner = inner
         self.hot: Optional[LocalCPUBackend] = None
+        self.disk: Optional[LocalDiskBackend] = None
+        self.wait_s = wait_s
 
     @property
     def device(self) -> torch.device:
@@ -45,9 +52,12 @@ class EvictingAllocator(MemoryAllocatorInterface):
 
     def allocate(self, shape, dtype, fmt=MemoryFormat.KV_2LTD, eviction: bool = True):
         obj = self.inner.allocate(shape, dtype, fmt)
-        while obj is None and eviction and self.hot is not None:
-            need = max(1, torch.Size(shape).numel() * dtype.itemsize)
-            if self.hot.evict_unused(need) == 0:
+        need = max(1, torch.Size(shape).numel() * dtype.itemsize)
+        if obj is not None or not eviction or need > getattr(self.inner, "capacity", need):
+            return obj
+        while obj is None:
+            freed = self.hot.evict_unused(need) if self.hot is not None else 0
+            if freed == 0 and not (self.disk is not None and self.disk.wait_for_oldest_put(self.wait_s)):
                 return None
             obj = self.inner.allocate(shape, dtype, fmt)
         return obj
@@ -67,7 +77,10 @@ def CreateStorageBackends(config: CacheEngineConfig, metadata: Optional[CacheEng
     """The backends ``config`` asks for, in lookup order: ``Hot`` then ``LocalDiskBackend``."""
     backends: OrderedDict[str, StorageBackendInterface] = OrderedDict()
     if config.local_cpu:
-        backends["Hot"] = LocalCPUBackend(config.hot_bytes, dst_device, lookup_server)
+        # With a disk tier the lookup server tracks the disk (the durable copy);
+        # hot-tier evictions would otherwise report keys gone that are still stored.
+        hot_lookup = lookup_server if config.local_disk is None else None
+        backends["Hot"] = LocalCPUBackend(config.hot_bytes, dst_device, hot_lookup)
     if config.local_disk is not None:
         backends["LocalDiskBackend"] = LocalDiskBackend(config, loop, memory_allocator, dst_device, lookup_server)
     return backends
@@ -118,6 +131,7 @@ class StorageManager:
         self.hot: Optional[LocalCPUBackend] = self.storage_backends.get("Hot")  # type: ignore[assignment]
         self.disk: Optional[LocalDiskBackend] = self.storage_backends.get("LocalDiskBackend")  # type: ignore
         self.allocator.hot = self.hot
+        self.allocator.disk = self.disk
         self._lock = threading.Lock()
         self._prefetching: dict[CacheEngineKey, Future] = {}
         self._closed = False

@@ -1,0 +1,123 @@
+"""``bench-kernels``: paged-KV pack/unpack against a device copy and torch index_select/index_copy_.
+
+On a GPU: a Llama-3-8B shape (32 layers, 8 KV heads, head size 128, bf16,
+block 16, 4096 tokens from a shuffled block table) by default. Bandwidth
+counts bytes read plus bytes written, the same for every row, so ratios
+compare like with like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from ..kernels import chunk_shape, describe, pack, unpack
+from .common import header, print_table, time_gpu, time_host, write_json
+
+__all__ = ["run", "main"]
+
+
+def _cache(layout, L, nb, bs, h, d, dtype, dev):
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randint(-30000, 30000, shape, dtype=torch.int16, device=dev, generator=g).view(dtype)
+
+    if layout == "cross_layer":
+        return rnd(nb, L, 2, bs, h, d)
+    per = {"vllm": (2, nb, bs, h, d), "flashinfer": (nb, 2, bs, h, d), "mla": (nb, bs, d)}[layout]
+    return [rnd(*per) for _ in range(L)]
+
+
+def run(layers=32, heads=8, head_size=128, block=16, tokens=4096, num_blocks=None, layouts=("vllm",),
+        device=None) -> dict:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = dev.type == "cuda"
+    dtype = torch.bfloat16
+    nb = num_blocks or max(tokens // block * 4, 64)
+    timer = time_gpu if on_gpu else time_host
+    rows = []
+    gen = torch.Generator().manual_seed(1)
+    blocks = torch.randperm(nb, generator=gen)[: tokens // block]
+    slots = (blocks[:, None] * block + torch.arange(block)).reshape(-1)[:tokens].to(dev)
+    copy_gbps = None
+    for layout in layouts:
+        kv = _cache(layout, layers, nb, block, heads, head_size, dtype, dev)
+        geom = describe(layout, kv)
+        shape = chunk_shape(geom, tokens)
+        chunk = torch.empty(shape, dtype=dtype, device=dev)
+        nbytes = chunk.numel() * chunk.element_size()
+        moved = 2 * nbytes  # read + write
+        if copy_gbps is None:
+            other = torch.empty_like(chunk)
+            t_copy = timer(lambda: other.copy_(chunk))
+            copy_gbps = moved / t_copy / 1e9
+            rows.append({"op": "device copy (ceiling)", "layout": "-", "ms": t_copy * 1e3, "GB/s": copy_gbps,
+                         "vs copy": 1.0, "vs torch": ""})
+            del other
+        t_pack = timer(lambda: pack(kv, layout, slots, chunk))
+        t_unpack = timer(lambda: unpack(chunk, kv, layout, slots))
+        # The same gather/scatter the way a torch user writes it, per layer.
+        if layout == "cross_layer":
+            flat = [kv[:, l].transpose(0, 1).reshape(geom.kv, nb * block, geom.row_elems) for l in range(layers)]
+            flat_is_view = False
+        else:
+            if layout == "flashinfer":
+                flat = [t.transpose(0, 1).reshape(2, nb * block, geom.row_elems) for t in kv]
+                flat_is_view = False
+            else:
+                flat = [t.view(geom.kv, nb * block, geom.row_elems) for t in kv]
+                flat_is_view = True
+        tmp = torch.empty((layers,) + (geom.kv, tokens, geom.row_elems), dtype=dtype, device=dev)
+
+        def t_select():
+            for l in range(layers):
+                torch.index_select(flat[l], 1, slots, out=tmp[l])
+
+        def t_copyback():
+            for l in range(layers):
+                flat[l].index_copy_(1, slots, tmp[l])
+
+        ts = timer(t_select)
+        tc = timer(t_copyback) if flat_is_view else float("nan")
+        # Byte check: the kernel's chunk against torch's gather.
+        pack(kv, layout, slots, chunk)
+        t_select()
+        if on_gpu:
+            torch.cuda.synchronize()
+        exact = torch.equal(chunk.transpose(0, 1).contiguous().view(torch.int16), tmp.view(torch.int16))
+        for op, t, base in (("pack", t_pack, ts), ("unpack", t_unpack, tc)):
+            g = moved / t / 1e9
+            tb = moved / base / 1e9 if base == base else float("nan")
+            rows.append({"op": op, "layout": layout, "ms": t * 1e3, "GB/s": g, "vs copy": g / copy_gbps,
+                         "vs torch": g / tb if tb == tb else "n/a"})
+            rows.append({"op": "torch index_select" if op == "pack" else "torch index_copy_", "layout": layout,
+                         "ms": base * 1e3, "GB/s": tb, "vs copy": tb / copy_gbps, "vs torch": 1.0})
+        rows[-4]["exact"] = exact
+        del kv, chunk, tmp, flat
+        if on_gpu:
+            torch.cuda.empty_cache()
+    return {**header(), "shape": {"layers": layers, "kv_heads": heads, "head_size": head_size, "block": block,
+                                  "tokens": tokens, "num_blocks": nb, "dtype": "bfloat16"},
+            "rows": rows}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="gds-kvcache bench-kernels", description=__doc__)
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--tokens", type=int, default=None)
+    ap.add_argument("--layouts", default="vllm,flashinfer,mla,cross_layer")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, for CI")
+    ap.add_argument("--out", default="bench-out")
+    a = ap.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    layers = a.layers or (4 if a.smoke else 32 if gpu else 8)
+    tokens = a.tokens or (256 if a.smoke else 4096 if gpu else 1024)
+    r = run(layers=layers, tokens=tokens, layouts=tuple(a.layouts.split(",")))
+    print_table(r["rows"], ["op", "layout", "ms", "GB/s", "vs copy", "vs torch", "exact"],
+                f"bench-kernels on {r['device']}: {r['shape']}")
+    write_json(os.path.join(a.out, "bench_kernels.json"), r)
+    bad = [x for x in r["rows"] if x.get("exact") is False]
+    return 1 if bad else 0

@@ -1,0 +1,136 @@
+"""``pack`` (paged -> chunk) and ``unpack`` (chunk -> paged), on whatever device the tensors live.
+
+Both take a ``slot_mapping`` (``slot = block_id * block_size + offset``;
+negative slots are skipped) and a chunk tensor ``[K, L, T, row]`` that is
+usually an allocator ``MemoryObj.tensor``, so the KV goes straight between
+the serving engine's cache and the slab with no intermediate copy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import torch
+
+from gds_kvcache.errors import ShapeMismatchError
+
+from .layouts import PagedGeometry, chunk_shape, describe, word_bytes
+
+__all__ = ["pack", "unpack"]
+
+_WORD = {8: np.uint64, 4: np.uint32, 2: np.uint16, 1: np.uint8}
+
+
+class _DeviceSpan:
+    """A raw device address range seen as a 1-D array (CUDA array interface)."""
+
+    def __init__(self, ptr: int, n: int, w: int):
+        self.__cuda_array_interface__ = {"shape": (n,), "typestr": np.dtype(_WORD[w]).str, "data": (ptr, False),
+                                         "strides": None, "version": 3, "stream": None}
+
+
+def _host_span(ptr: int, nbytes: int, w: int) -> np.ndarray:
+    return np.frombuffer((ctypes.c_uint8 * nbytes).from_address(ptr), dtype=np.uint8).view(_WORD[w])
+
+
+def _span(ptr: int, nbytes: int, w: int, on_gpu: bool):
+    nbytes = (nbytes + w - 1) // w * w
+    if on_gpu:
+        from numba import cuda
+
+        return cuda.as_cuda_array(_DeviceSpan(ptr, nbytes // w, w))
+    return _host_span(ptr, nbytes, w)
+
+
+def _prepare(kv_caches, layout: str, slot_mapping, chunk: torch.Tensor):
+    geom = describe(layout, kv_caches)
+    slots = torch.as_tensor(slot_mapping)
+    if slots.dim() != 1 or slots.dtype.is_floating_point or slots.dtype == torch.bool:
+        raise ShapeMismatchError("slot_mapping must be a 1-D integer tensor")
+    nt = slots.numel()
+    want = chunk_shape(geom, nt)
+    if tuple(chunk.shape) != tuple(want) or chunk.dtype != geom.dtype:
+        raise ShapeMismatchError(f"chunk is {tuple(chunk.shape)} {chunk.dtype}; {layout} cache with {nt} slots "
+                                 f"needs {tuple(want)} {geom.dtype}")
+    if not chunk.is_contiguous() or chunk.device != geom.device:
+        raise ShapeMismatchError(f"chunk must be contiguous on {geom.device}")
+    slots = slots.to(device=geom.device, dtype=torch.int64).contiguous()
+    if nt and int(slots.max()) >= geom.num_slots:
+        raise ShapeMismatchError(f"slot {int(slots.max())} out of range for {geom.num_slots} slots")
+    return geom, slots, nt
+
+
+def _run(geom: PagedGeometry, slots: torch.Tensor, nt: int, chunk: torch.Tensor, unpack_: bool,
+         backend: str) -> None:
+    if nt == 0:
+        return
+    w = word_bytes(geom, chunk)
+    on_gpu = geom.device.type == "cuda"
+    paged = _span(geom.base_ptr, geom.span, w, on_gpu)
+    flat = _span(chunk.data_ptr(), chunk.numel() * chunk.element_size(), w, on_gpu)
+    offs = torch.tensor([o // w for o in geom.layer_offsets], dtype=torch.int64, device=geom.device)
+    args = (offs, geom.stride_kv // w, geom.stride_block // w, geom.stride_tok // w, geom.block_size, slots,
+            flat, geom.kv, geom.num_layers, nt, geom.row_bytes // w)
+    if backend == "cuda":
+        from numba import cuda
+
+        from .paged_cuda import pack_rows_cuda, unpack_rows_cuda
+
+        kern = unpack_rows_cuda if unpack_ else pack_rows_cuda
+        row = geom.row_bytes // w
+        threads = min(256, max(32, 1 << max(0, (row // 2 - 1).bit_length())))
+        nrows = geom.kv * geom.num_layers * nt
+        if on_gpu:
+            stream = cuda.external_stream(torch.cuda.current_stream(geom.device).cuda_stream)
+            sms = torch.cuda.get_device_properties(geom.device).multi_processor_count
+            blocks = min(nrows, sms * 32)
+            kern[blocks, threads, stream](paged, cuda.as_cuda_array(args[0]), *args[1:5],
+                                          cuda.as_cuda_array(slots), *args[6:])
+        else:  # Numba's CUDA simulator, on host arrays
+            kern[min(nrows, 4), threads](paged, offs.numpy(), *args[1:5], slots.numpy(), *args[6:])
+        return
+    from .paged_cpu import pack_rows_cpu, unpack_rows_cpu
+
+    kern = unpack_rows_cpu if unpack_ else pack_rows_cpu
+    kern(paged, offs.numpy(), *args[1:5], slots.numpy(), *args[6:])
+
+
+def _backend(device: torch.device, backend: str) -> str:
+    if backend == "auto":
+        return "cuda" if device.type == "cuda" else "cpu"
+    if backend == "cpu" and device.type == "cuda":
+        raise ShapeMismatchError("backend='cpu' needs host tensors")
+    return backend
+
+
+def pack(kv_caches, layout: str, slot_mapping, chunk: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Gather the rows of ``slot_mapping`` from the paged cache into ``chunk``; returns ``chunk``.
+
+    Parameters
+    ----------
+    kv_caches
+        The paged cache in ``layout`` (see ``kernels.layouts``).
+    layout
+        ``vllm``, ``flashinfer``, ``mla`` or ``cross_layer``.
+    slot_mapping
+        1-D integer tensor of ``T`` slots; rows of negative slots are left untouched.
+    chunk
+        Contiguous ``[K, L, T, row]`` tensor of the cache's dtype on its device.
+    backend
+        ``auto`` (by device), ``cpu`` or ``cuda`` (``cuda`` on host tensors runs
+        under Numba's CUDA simulator, for tests).
+
+    Notes
+    -----
+    GPU launches go on torch's current stream and return without waiting.
+    """
+    geom, slots, nt = _prepare(kv_caches, layout, slot_mapping, chunk)
+    _run(geom, slots, nt, chunk, False, _backend(geom.device, backend))
+    return chunk
+
+
+def unpack(chunk: torch.Tensor, kv_caches, layout: str, slot_mapping, backend: str = "auto") -> None:
+    """Scatter ``chunk``'s rows into the paged cache at ``slot_mapping``; negative slots are skipped."""
+    geom, slots, nt = _prepare(kv_caches, layout, slot_mapping, chunk)
+    _run(geom, slots, nt, chunk, True, _backend(geom.device, backend))

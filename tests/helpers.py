@@ -1,0 +1,15 @@
+"""Shared test helpers."""
+
+import numpy as np
+import torch
+
+def random_tensor(shape, dtype, device="cpu", gen=None):
+    """Random bits of ``dtype`` (never zeros): every byte pattern, NaNs included, is fair game."""
+    n = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    raw = torch.randint(0, 256, (max(n, 1),), dtype=torch.uint8, generator=gen)[:n]
+    return raw.view(dtype).reshape(shape).to(device)
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(
+        a.contiguous().view(torch.uint8).cpu(), b.contiguous().view(torch.uint8).cpu())

@@ -1,0 +1,98 @@
+"""GPU tests: run on the device machine (skipped without CUDA)."""
+
+import os
+
+import pytest
+import torch
+
+from gds_kvcache import CacheEngineConfig, CacheEngineKey, StorageManager
+from gds_kvcache.kernels import LAYOUTS, checksum, checksum_host
+from gds_kvcache.units import GB, MiB
+
+from .check_kernels import DTYPES, check_case
+from .conftest import require_kvikio
+from .helpers import random_tensor, same_bytes
+from .test_engine import run_e2e
+
+pytestmark = pytest.mark.gpu
+
+
+
+@pytest.mark.parametrize("engine", ["kvikio", "posix"])
+def test_gpu_slab_1gib_round_trip(tmp_path, engine):
+    if engine == "kvikio":
+        require_kvikio()
+    chunk = 64 * MiB
+    n = 17  # > 1 GiB
+    cfg = CacheEngineConfig(local_disk=str(tmp_path / "kv"), max_local_disk_size=(n + 2) * chunk / GB,
+                            local_cpu=False, slab_size=(n + 2) * chunk / GB, memory_device="cuda",
+                            io_engine=engine, io_threads=16)
+    keys = [CacheEngineKey("t", "m", 1, 0, i + 1) for i in range(n)]
+    refs = []
+    with StorageManager(cfg) as sm:
+        assert sm.allocator.device.type == "cuda"
+        assert sm.io_report().engine == engine
+        futs = []
+        for k in keys:
+            o = sm.allocate((chunk // 2 - 3,), torch.bfloat16)
+            o.tensor.view(torch.int16).copy_(torch.randint(-32768, 32767, o.shape, dtype=torch.int16, device="cuda"))
+            refs.append(checksum(o.tensor))
+            futs.append(sm.put(k, o))
+        for f in futs:
+            f.result()
+    with StorageManager(cfg) as sm:
+        total = 0
+        for k, ref in zip(keys, refs):
+            g = sm.get(k)
+            assert g is not None and g.device.type == "cuda"
+            host = g.tensor.cpu()
+            assert checksum(g.tensor) == ref == checksum_host(host.view(torch.uint8).numpy())
+            total += g.nbytes
+            g.ref_count_down()
+        assert total >= GB
+        sm.memcheck()
+
+
+def test_gpu_checksum_matches_host():
+    for n in (1, 7, 8, 4097, 10_000_019, 64 << 20):
+        t = random_tensor((n,), torch.uint8, "cuda")
+        assert checksum(t) == checksum_host(t.cpu().numpy())
+        u = t.clone()
+        u[n // 3] ^= 4
+        assert checksum(u) != checksum(t)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nt,negative", [(36, False), (13, True)])
+def test_gpu_kernels_match_torch_indexing(layout, dtype, nt, negative):
+    check_case(layout, dtype, nt, negative, device="cuda", seed=nt)
+
+
+@pytest.mark.parametrize("layout", ["vllm", "cross_layer"])
+def test_gpu_kernels_large(layout):
+    check_case(layout, torch.bfloat16, 1000, True, device="cuda", dims=(4, 300, 16, 8, 128), seed=5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("engine", ["kvikio", "posix"])
+def test_gpu_engine_end_to_end(tmp_path, layout, engine):
+    if engine == "kvikio":
+        require_kvikio()
+    run_e2e(tmp_path, layout, device="cuda", engine=engine)
+
+
+def test_gpu_posix_staging_same_bytes_as_kvikio(tmp_path):
+    require_kvikio()
+    cfg = dict(local_disk=str(tmp_path / "kv"), max_local_disk_size=0.25, local_cpu=False, slab_size=0.25,
+               memory_device="cuda")
+    k = CacheEngineKey("t", "m", 1, 0, 7)
+    with StorageManager(CacheEngineConfig(io_engine="posix", **cfg)) as sm:
+        o = sm.allocate((3, 1000, 333), torch.float16)
+        o.tensor.view(torch.int16).copy_(torch.randint(-32768, 32767, o.shape, dtype=torch.int16, device="cuda"))
+        ref = o.tensor.clone()
+        sm.put(k, o).result()
+    with StorageManager(CacheEngineConfig(io_engine="kvikio", **cfg)) as sm:
+        g = sm.get(k)
+        assert same_bytes(g.tensor, ref)
+        g.ref_count_down()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["checksum_host", "checksum_cuda", "checksum"]
+__all__ = ["checksum_host", "checksum_cuda", "checksum", "warmup_cuda"]
 
 _K1 = np.uint64(0x9E3779B97F4A7C15)
 _K2 = np.uint64(0xBF58476D1CE4E5B9)
@@ -94,6 +94,13 @@ def checksum_cuda(t) -> int:
     kernel[blocks, threads, stream](cuda.as_cuda_array(words).view(np.uint64), nw, cuda.as_cuda_array(tail),
                                     n - full, n, cuda.as_cuda_array(out[:1]).view(np.uint64))
     return int(out[0].item()) & 0xFFFFFFFFFFFFFFFF
+
+
+def warmup_cuda(device) -> None:
+    """Compile (or load from Numba's cache) the GPU checksum kernel now, not on the first put."""
+    import torch
+
+    checksum_cuda(torch.ones(16, dtype=torch.uint8, device=device))
 
 
 def checksum(t) -> int:

@@ -2,6 +2,8 @@
 
 from numba import cuda, uint64
 
+from . import _numba_compat  # noqa: F401  (before the first compile)
+
 __all__ = ["THREADS", "checksum_kernel"]
 
 THREADS = 256
@@ -13,7 +15,7 @@ def _mix(w, i):
     return h ^ (h >> uint64(31))
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def checksum_kernel(words, nw, tail, ntail, nbytes, out):
     """Add ``sum mix(word_i, i)`` (+ tail and length terms, block 0) into ``out[0]``."""
     sm = cuda.shared.array(THREADS, dtype=uint64)

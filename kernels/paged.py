@@ -61,6 +61,13 @@ def _prepare(kv_caches, layout: str, slot_mapping, chunk: torch.Tensor):
     return geom, slots, nt
 
 
+def launch_shape(row_words: int, kv_layers: int, nt: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """CUDA grid and block for ``row_words``-word rows: about four words per thread."""
+    tx = min(64, max(8, 1 << max(0, (-(-row_words // 4) - 1).bit_length())))
+    ty = 256 // tx
+    return (min(-(-nt // ty), 65535), kv_layers), (tx, ty)
+
+
 def _run(geom: PagedGeometry, slots: torch.Tensor, nt: int, chunk: torch.Tensor, unpack_: bool,
          backend: str) -> None:
     if nt == 0:
@@ -70,30 +77,30 @@ def _run(geom: PagedGeometry, slots: torch.Tensor, nt: int, chunk: torch.Tensor,
     paged = _span(geom.base_ptr, geom.span, w, on_gpu)
     flat = _span(chunk.data_ptr(), chunk.numel() * chunk.element_size(), w, on_gpu)
     offs = torch.tensor([o // w for o in geom.layer_offsets], dtype=torch.int64, device=geom.device)
-    args = (offs, geom.stride_kv // w, geom.stride_block // w, geom.stride_tok // w, geom.block_size, slots,
-            flat, geom.kv, geom.num_layers, nt, geom.row_bytes // w)
+    # Each token's row offset inside a layer, once per call, so kernels never divide.
+    blk = torch.div(slots, geom.block_size, rounding_mode="floor")
+    tok_off = torch.where(slots >= 0, blk * (geom.stride_block // w) + (slots - blk * geom.block_size) *
+                          (geom.stride_tok // w), -1)
+    row = geom.row_bytes // w
+    args = (geom.stride_kv // w, geom.kv, geom.num_layers, nt, row)
     if backend == "cuda":
         from numba import cuda
 
         from .paged_cuda import pack_rows_cuda, unpack_rows_cuda
 
         kern = unpack_rows_cuda if unpack_ else pack_rows_cuda
-        row = geom.row_bytes // w
-        threads = min(256, max(32, 1 << max(0, (row // 2 - 1).bit_length())))
-        nrows = geom.kv * geom.num_layers * nt
+        grid, block = launch_shape(row, geom.kv * geom.num_layers, nt)
         if on_gpu:
             stream = cuda.external_stream(torch.cuda.current_stream(geom.device).cuda_stream)
-            sms = torch.cuda.get_device_properties(geom.device).multi_processor_count
-            blocks = min(nrows, sms * 32)
-            kern[blocks, threads, stream](paged, cuda.as_cuda_array(args[0]), *args[1:5],
-                                          cuda.as_cuda_array(slots), *args[6:])
+            kern[grid, block, stream](paged, cuda.as_cuda_array(offs), args[0], cuda.as_cuda_array(tok_off), flat,
+                                      *args[1:])
         else:  # Numba's CUDA simulator, on host arrays
-            kern[min(nrows, 4), threads](paged, offs.numpy(), *args[1:5], slots.numpy(), *args[6:])
+            kern[grid, block](paged, offs.numpy(), args[0], tok_off.numpy(), flat, *args[1:])
         return
     from .paged_cpu import pack_rows_cpu, unpack_rows_cpu
 
     kern = unpack_rows_cpu if unpack_ else pack_rows_cpu
-    kern(paged, offs.numpy(), *args[1:5], slots.numpy(), *args[6:])
+    kern(paged, offs.numpy(), args[0], tok_off.numpy(), flat, *args[1:])
 
 
 def _backend(device: torch.device, backend: str) -> str:

@@ -1,7 +1,12 @@
-"""Pack/unpack of paged KV on the CPU: ``@njit(parallel=True)``, one row per iteration."""
+"""Pack/unpack of paged KV on the CPU: ``@njit(parallel=True)``, one row per iteration.
+
+Arguments are in copy words: ``src`` spans every layer from the lowest layer
+address, ``layer_off[l]`` is a layer's start in it, ``tok_off[t]`` the
+offset of token ``t``'s row inside a layer (-1 for a skipped slot), and
+``dst`` is the chunk ``[K, L, T, row]``.
+"""
 
 from __future__ import annotations
-
 
 from numba import njit, prange
 
@@ -9,36 +14,28 @@ __all__ = ["pack_rows_cpu", "unpack_rows_cpu"]
 
 
 @njit(parallel=True, cache=True)
-def pack_rows_cpu(src, layer_off, stride_kv, stride_blk, stride_tok, block_size, slots, dst, kv, nl, nt, row):
-    """``dst[(k*L + l)*T + t]`` row <- paged row of slot ``slots[t]``; all offsets in words."""
+def pack_rows_cpu(src, layer_off, stride_kv, tok_off, dst, kv, nl, nt, row):
     for r in prange(kv * nl * nt):
         t = r % nt
-        slot = slots[t]
-        if slot < 0:
+        off = tok_off[t]
+        if off < 0:
             continue
         kl = r // nt
-        l = kl % nl
         k = kl // nl
-        blk = slot // block_size
-        s = layer_off[l] + k * stride_kv + blk * stride_blk + (slot - blk * block_size) * stride_tok
+        s = layer_off[kl - k * nl] + k * stride_kv + off
         d = r * row
         dst[d:d + row] = src[s:s + row]
 
 
 @njit(parallel=True, cache=True)
-def unpack_rows_cpu(src, layer_off, stride_kv, stride_blk, stride_tok, block_size, slots, dst, kv, nl, nt, row):
-    """Paged row of slot ``slots[t]`` <- ``dst[(k*L + l)*T + t]`` row (``src`` is the paged side)."""
+def unpack_rows_cpu(src, layer_off, stride_kv, tok_off, dst, kv, nl, nt, row):
     for r in prange(kv * nl * nt):
         t = r % nt
-        slot = slots[t]
-        if slot < 0:
+        off = tok_off[t]
+        if off < 0:
             continue
         kl = r // nt
-        l = kl % nl
         k = kl // nl
-        blk = slot // block_size
-        s = layer_off[l] + k * stride_kv + blk * stride_blk + (slot - blk * block_size) * stride_tok
+        s = layer_off[kl - k * nl] + k * stride_kv + off
         d = r * row
         src[s:s + row] = dst[d:d + row]
-
-

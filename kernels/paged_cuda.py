@@ -1,69 +1,76 @@
 """Pack/unpack of paged KV on the GPU: ``@cuda.jit``, all layers in one launch.
 
-A block copies whole rows (one row = one token's K or V for one layer);
-threads stride over the row's words so loads and stores are coalesced, and
-each thread keeps two words in flight. Per-layer base addresses arrive as an
-offsets array from one base pointer, so a launch covers every layer.
+Grid: ``y`` = (kv, layer) pair, ``x`` = groups of tokens; block: ``x``
+threads stride over a row's words, ``y`` picks a token. Row offsets inside a
+layer come precomputed per token (``tok_off``, -1 for a skipped slot), so
+the loop does no integer division, and each thread issues four loads before
+its four stores to keep enough bytes in flight.
 """
 
 from __future__ import annotations
 
 from numba import cuda
 
+from . import _numba_compat  # noqa: F401  (before the first compile)
+
 __all__ = ["pack_rows_cuda", "unpack_rows_cuda"]
 
 
-@cuda.jit
-def pack_rows_cuda(src, layer_off, stride_kv, stride_blk, stride_tok, block_size, slots, dst, kv, nl, nt, row):
-    nrows = kv * nl * nt
-    tid = cuda.threadIdx.x
-    bd = cuda.blockDim.x
-    r = cuda.blockIdx.x
-    while r < nrows:
-        t = r % nt
-        slot = slots[t]
-        if slot >= 0:
-            kl = r // nt
-            l = kl % nl
-            k = kl // nl
-            blk = slot // block_size
-            s = layer_off[l] + k * stride_kv + blk * stride_blk + (slot - blk * block_size) * stride_tok
-            d = r * row
-            i = tid
-            while i + bd < row:
+@cuda.jit(cache=True)
+def pack_rows_cuda(src, layer_off, stride_kv, tok_off, dst, kv, nl, nt, row):
+    kl = cuda.blockIdx.y
+    k = kl // nl
+    base = layer_off[kl - k * nl] + k * stride_kv
+    bx = cuda.blockDim.x
+    t = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+    step = cuda.gridDim.x * cuda.blockDim.y
+    while t < nt:
+        off = tok_off[t]
+        if off >= 0:
+            s = base + off
+            d = (kl * nt + t) * row
+            i = cuda.threadIdx.x
+            while i + 3 * bx < row:
                 a = src[s + i]
-                b = src[s + i + bd]
+                b = src[s + i + bx]
+                c = src[s + i + 2 * bx]
+                e = src[s + i + 3 * bx]
                 dst[d + i] = a
-                dst[d + i + bd] = b
-                i += 2 * bd
-            if i < row:
+                dst[d + i + bx] = b
+                dst[d + i + 2 * bx] = c
+                dst[d + i + 3 * bx] = e
+                i += 4 * bx
+            while i < row:
                 dst[d + i] = src[s + i]
-        r += cuda.gridDim.x
+                i += bx
+        t += step
 
 
-@cuda.jit
-def unpack_rows_cuda(src, layer_off, stride_kv, stride_blk, stride_tok, block_size, slots, dst, kv, nl, nt, row):
-    nrows = kv * nl * nt
-    tid = cuda.threadIdx.x
-    bd = cuda.blockDim.x
-    r = cuda.blockIdx.x
-    while r < nrows:
-        t = r % nt
-        slot = slots[t]
-        if slot >= 0:
-            kl = r // nt
-            l = kl % nl
-            k = kl // nl
-            blk = slot // block_size
-            s = layer_off[l] + k * stride_kv + blk * stride_blk + (slot - blk * block_size) * stride_tok
-            d = r * row
-            i = tid
-            while i + bd < row:
+@cuda.jit(cache=True)
+def unpack_rows_cuda(src, layer_off, stride_kv, tok_off, dst, kv, nl, nt, row):
+    kl = cuda.blockIdx.y
+    k = kl // nl
+    base = layer_off[kl - k * nl] + k * stride_kv
+    bx = cuda.blockDim.x
+    t = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+    step = cuda.gridDim.x * cuda.blockDim.y
+    while t < nt:
+        off = tok_off[t]
+        if off >= 0:
+            s = base + off
+            d = (kl * nt + t) * row
+            i = cuda.threadIdx.x
+            while i + 3 * bx < row:
                 a = dst[d + i]
-                b = dst[d + i + bd]
+                b = dst[d + i + bx]
+                c = dst[d + i + 2 * bx]
+                e = dst[d + i + 3 * bx]
                 src[s + i] = a
-                src[s + i + bd] = b
-                i += 2 * bd
-            if i < row:
+                src[s + i + bx] = b
+                src[s + i + 2 * bx] = c
+                src[s + i + 3 * bx] = e
+                i += 4 * bx
+            while i < row:
                 src[s + i] = dst[d + i]
-        r += cuda.gridDim.x
+                i += bx
+        t += step

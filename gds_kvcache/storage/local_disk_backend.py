@@ -24,7 +24,7 @@ import torch
 from ..config import CacheEngineConfig
 from ..errors import CorruptChunkError, GdsKvCacheError, KeyFormatError, ShapeMismatchError, StorageFullError
 from ..io import IOEngine, IOPathReport, open_engine
-from ..kernels import checksum
+from ..kernels.checksum import checksum, checksum_host, warmup_cuda
 from ..key import CacheEngineKey
 from ..memory.allocator import MemoryAllocatorInterface
 from ..memory.extents import ExtentAllocator
@@ -98,6 +98,12 @@ class LocalDiskBackend(StorageBackendInterface):
             raise
         self._executor = ThreadPoolExecutor(config.io_threads, thread_name_prefix="gds-kvcache-disk")
         self._closed = False
+        # Compile (or load from Numba's cache) the checksum kernel now rather
+        # than inside the first put's timing.
+        if memory_allocator.device.type == "cuda":
+            warmup_cuda(memory_allocator.device)
+        else:
+            checksum_host(b"warm")
 
     # -- start-up ------------------------------------------------------------
     def _recover(self) -> None:

@@ -1,0 +1,386 @@
+"""``bench``: put/get GB/s through the library against the paths users could take instead.
+
+For each chunk size, the same random bytes go through:
+
+* ``library``: ``StorageManager`` + ``LocalDiskBackend`` (GPU slab on a GPU
+  node, host slab elsewhere), once per I/O engine;
+* ``raw O_DIRECT``: plain parallel ``pwritev``/``preadv`` of host memory with no
+  library logic (the ceiling of the disk and this thread count);
+* ``torch.save/load``: one file per chunk;
+* ``pinned bounce``: copy to a pinned buffer and ``write``, ``readinto`` and
+  copy back, one file per chunk (how LMCache's LocalDiskBackend moves bytes);
+* ``kvikio defaults``: ``kvikio.CuFile`` per chunk with KvikIO's default
+  settings (1 thread, 4 MiB tasks).
+
+Cold reads drop the page cache of the files involved first (tmpfs has none
+to drop: its "disk" is memory); hot reads repeat the read without dropping.
+Every read is compared byte for byte with what was written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from ..config import CacheEngineConfig
+from ..io.driver import kvikio_error
+from ..io.posix_engine import probe_direct_io
+from ..key import CacheEngineKey
+from ..memory.buffers import SlabBuffer
+from ..storage.storage_manager import StorageManager
+from ..units import GB, KiB, MiB
+from .common import header, print_table, write_json
+from .progress import Progress
+
+__all__ = ["run", "main"]
+
+ALL_PATHS = ("library-kvikio", "library-posix", "raw", "torch", "bounce", "kvikio-default")
+
+
+def _fs_type(path: str) -> str:
+    best, fstype = "", "?"
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and os.path.abspath(path).startswith(parts[1]) and len(parts[1]) > len(best):
+                    best, fstype = parts[1], parts[2]
+    except OSError:
+        pass
+    return fstype
+
+
+def _drop(paths) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _sync(dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _timed(fn, dev) -> float:
+    _sync(dev)
+    t = time.perf_counter()
+    fn()
+    _sync(dev)
+    return time.perf_counter() - t
+
+
+class Case:
+    """One chunk size: the source chunks and where their files go."""
+
+    def __init__(self, root: str, src: torch.Tensor, size: int, threads: int, task: int):
+        self.root = root
+        self.size = size
+        self.n = src.numel() // size
+        self.parts = [src[i * size:(i + 1) * size] for i in range(self.n)]
+        self.dev = src.device
+        self.threads = threads
+        self.task = task
+
+    def dir(self, name: str) -> str:
+        d = os.path.join(self.root, f"{name}-{self.size}")
+        os.makedirs(d, exist_ok=True)
+        return d
+
+    def same(self, i: int, t: torch.Tensor) -> bool:
+        return torch.equal(t.reshape(-1).view(torch.uint8), self.parts[i])
+
+
+def path_library(c: Case, engine: str, hot: bool, memory: str) -> dict:
+    d = c.dir(f"library-{engine}")
+    total = c.n * c.size
+    cfg = CacheEngineConfig(local_disk=d, max_local_disk_size=(total * 1.05 + 64 * MiB) / GB, local_cpu=False,
+                            slab_size=(2 * total + 64 * MiB) / GB, memory_device=memory, io_engine=engine,
+                            io_threads=c.threads, io_task_size=c.task)
+    keys = [CacheEngineKey("bench", "m", 1, 0, i + 1) for i in range(c.n)]
+    out = {}
+    with StorageManager(cfg) as sm:
+        out["io"] = sm.io_report().line()
+        objs = []
+        for p in c.parts:
+            o = sm.allocate((c.size,), torch.uint8)
+            o.tensor.copy_(p)
+            objs.append(o)
+
+        def put():
+            futs = [sm.put(k, o) for k, o in zip(keys, objs)]
+            for f in futs:
+                f.result()
+
+        out["put"] = _timed(put, c.dev)
+        got = []
+
+        def get():
+            futs = [sm.disk.submit_prefetch_task(k) for k in keys]
+            got.extend(f.result() for f in futs)
+
+        _drop([sm.disk.pool_path])
+        out["get"] = _timed(get, c.dev)
+        out["ok"] = all(g is not None and c.same(i, g.tensor) for i, g in enumerate(got))
+        for g in got:
+            if g is not None:
+                g.ref_count_down()
+        if hot:
+            got.clear()
+            out["hot"] = _timed(get, c.dev)
+            out["ok"] &= all(g is not None and c.same(i, g.tensor) for i, g in enumerate(got))
+            for g in got:
+                g.ref_count_down()
+    return out
+
+
+def path_raw(c: Case, hot: bool) -> dict:
+    total = c.n * c.size
+    src = SlabBuffer(total, "host")
+    src.tensor.copy_(torch.cat(c.parts).cpu() if c.dev.type == "cuda" else torch.cat(c.parts))
+    dst = SlabBuffer(total, "host")
+    path = os.path.join(c.dir("raw"), "raw.data")
+    with open(path, "wb") as f:
+        f.truncate(total)
+    fd, reason = probe_direct_io(path)
+    direct = fd is not None
+    if fd is None:
+        fd = os.open(path, os.O_RDWR)
+    sa, da = memoryview(src.host_array()), memoryview(dst.host_array())
+    pieces = [(o, min(c.task, total - o)) for o in range(0, total, c.task)]
+    pool = ThreadPoolExecutor(c.threads)
+
+    def io(op, mv):
+        list(pool.map(lambda p: op(fd, [mv[p[0]:p[0] + p[1]]], p[0]), pieces))
+
+    try:
+        out = {"put": _timed(lambda: io(os.pwritev, sa), torch.device("cpu")),
+               "io": "O_DIRECT" if direct else f"buffered ({reason})"}
+        _drop([path])
+        out["get"] = _timed(lambda: io(os.preadv, da), torch.device("cpu"))
+        out["ok"] = bool(np.array_equal(src.host_array(), dst.host_array()))
+        if hot:
+            out["hot"] = _timed(lambda: io(os.preadv, da), torch.device("cpu"))
+    finally:
+        pool.shutdown()
+        os.close(fd)
+    return out
+
+
+def path_torch(c: Case) -> dict:
+    d = c.dir("torch")
+    files = [os.path.join(d, f"{i}.pt") for i in range(c.n)]
+    owned = [p.clone() for p in c.parts]  # save() of a view would write the whole storage
+    out = {"put": _timed(lambda: [torch.save(t, f) for t, f in zip(owned, files)], c.dev)}
+    _drop(files)
+    got = []
+    out["get"] = _timed(lambda: got.extend(torch.load(f, map_location=c.dev, weights_only=True) for f in files), c.dev)
+    out["ok"] = all(c.same(i, g) for i, g in enumerate(got))
+    return out
+
+
+def path_bounce(c: Case) -> dict:
+    d = c.dir("bounce")
+    files = [os.path.join(d, f"{i}.bin") for i in range(c.n)]
+    staging = SlabBuffer(c.size, "pinned" if c.dev.type == "cuda" else "host")
+    st, sa = staging.tensor, staging.host_array()
+
+    def put():
+        for p, f in zip(c.parts, files):
+            st.copy_(p)
+            with open(f, "wb") as fh:
+                fh.write(sa)
+
+    outs = [torch.empty(c.size, dtype=torch.uint8, device=c.dev) for _ in range(c.n)]
+
+    def get():
+        for o, f in zip(outs, files):
+            with open(f, "rb") as fh:
+                fh.readinto(sa)
+            o.copy_(st)
+
+    out = {"put": _timed(put, c.dev)}
+    _drop(files)
+    out["get"] = _timed(get, c.dev)
+    out["ok"] = all(c.same(i, o) for i, o in enumerate(outs))
+    return out
+
+
+def path_kvikio_default(c: Case) -> dict:
+    err = kvikio_error()
+    if err is not None:
+        return {"skipped": err}
+    import kvikio
+    import kvikio.defaults
+
+    d = c.dir("kvikio")
+    files = [os.path.join(d, f"{i}.bin") for i in range(c.n)]
+    outs = [torch.empty(c.size, dtype=torch.uint8, device=c.dev) for _ in range(c.n)]
+
+    def buf(t):
+        return t if t.is_cuda else t.numpy()
+
+    def put():
+        for p, f in zip(c.parts, files):
+            with kvikio.CuFile(f, "w") as fh:
+                fh.write(buf(p))
+
+    def get():
+        for o, f in zip(outs, files):
+            with kvikio.CuFile(f, "r") as fh:
+                fh.read(buf(o))
+
+    with kvikio.defaults.set({"num_threads": 1, "task_size": 4 * MiB}):
+        out = {"put": _timed(put, c.dev)}
+        _drop(files)
+        out["get"] = _timed(get, c.dev)
+    out["ok"] = all(c.same(i, o) for i, o in enumerate(outs))
+    return out
+
+
+def h2d_ceiling(dev, nbytes: int) -> dict:
+    """Pinned host <-> GPU copy rates, the ceiling a get/put through host memory can reach."""
+    if dev.type != "cuda":
+        return {}
+    h = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    g = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    h2d = min(_timed(lambda: g.copy_(h, non_blocking=True), dev) for _ in range(3))
+    d2h = min(_timed(lambda: h.copy_(g, non_blocking=True), dev) for _ in range(3))
+    return {"h2d_gbps": nbytes / h2d / 1e9, "d2h_gbps": nbytes / d2h / 1e9}
+
+
+def run(directory: str | None, sizes, total: int, paths=ALL_PATHS, threads: int = 16, task: int = 4 * MiB,
+        hot: bool = True, memory: str = "auto") -> dict:
+    dev = torch.device("cuda" if (memory in ("auto", "cuda") and torch.cuda.is_available()) else "cpu")
+    memory = "cuda" if dev.type == "cuda" else "host"
+    root = tempfile.mkdtemp(prefix="gds_kvcache-bench-", dir=directory)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    src = torch.randint(0, 256, (total,), dtype=torch.uint8, device=dev, generator=gen)
+    rows = []
+    meta = {**header(), "directory": root, "fs_type": _fs_type(root), "total_bytes": total, "threads": threads,
+            "task_size": task, "memory": memory, **h2d_ceiling(dev, min(total, GB))}
+    steps = [(s, p) for s in sizes for p in paths]
+    try:
+        with Progress(len(steps), "bench") as bar:
+            for size in sizes:
+                c = Case(root, src[: total // size * size], size, threads, task)
+                for p in paths:
+                    if p.startswith("library-"):
+                        if p == "library-kvikio" and kvikio_error() is not None:
+                            r = {"skipped": kvikio_error()}
+                        else:
+                            r = path_library(c, p.split("-", 1)[1], hot, memory)
+                    elif p == "raw":
+                        r = path_raw(c, hot)
+                    elif p == "torch":
+                        r = path_torch(c)
+                    elif p == "bounce":
+                        r = path_bounce(c)
+                    else:
+                        r = path_kvikio_default(c)
+                    nbytes = c.n * c.size
+                    row = {"size": _size(size), "size_bytes": size, "path": p}
+                    if "skipped" in r:
+                        row["note"] = "skipped: " + r["skipped"]
+                    else:
+                        row.update({"put GB/s": nbytes / r["put"] / 1e9, "get GB/s": nbytes / r["get"] / 1e9,
+                                    "verified": r["ok"], "note": r.get("io", "")})
+                        if "hot" in r:
+                            row["get hot GB/s"] = nbytes / r["hot"] / 1e9
+                    rows.append(row)
+                    shutil.rmtree(c.dir(p if not p.startswith("library") else p), ignore_errors=True)
+                    bar.update()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    _ratios(rows)
+    return {**meta, "rows": rows}
+
+
+def _size(n: int) -> str:
+    return f"{n // MiB} MiB" if n >= MiB else f"{n // KiB} KiB"
+
+
+def _ratios(rows) -> None:
+    by = {(r["size_bytes"], r["path"]): r for r in rows}
+    for r in rows:
+        if not r["path"].startswith("library") or "put GB/s" not in r:
+            continue
+        for base, col in (("raw", "vs raw"), ("bounce", "vs bounce"), ("torch", "vs torch")):
+            b = by.get((r["size_bytes"], base))
+            if b and "put GB/s" in b:
+                r[col] = f"{r['put GB/s'] / b['put GB/s']:.2f}/{r['get GB/s'] / b['get GB/s']:.2f}"
+
+
+def plot(result: dict, path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no PNG (pip install 'gds_kvcache[bench]')")
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, col in zip(axes, ("put GB/s", "get GB/s")):
+        for p in sorted({r["path"] for r in result["rows"]}):
+            pts = [(r["size_bytes"], r[col]) for r in result["rows"] if r["path"] == p and col in r]
+            if pts:
+                ax.plot([x / MiB for x, _ in pts], [y for _, y in pts], marker="o", label=p)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("chunk size (MiB)")
+        ax.set_ylabel(col)
+        ax.set_title(f"{col.split()[0]} - {result['device']}, {result['fs_type']}")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+    return True
+
+
+def _parse_size(s: str) -> int:
+    s = s.strip().upper()
+    for suf, mul in (("KIB", KiB), ("K", KiB), ("MIB", MiB), ("M", MiB), ("GIB", GB), ("G", GB)):
+        if s.endswith(suf):
+            return int(float(s[: -len(suf)]) * mul)
+    return int(s)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="gds-kvcache bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default=None, help="where the files go (default: the system temp directory)")
+    ap.add_argument("--sizes", default="256K,1M,4M,16M,64M")
+    ap.add_argument("--total", default="1G", help="bytes per chunk size (default 1G)")
+    ap.add_argument("--paths", default=",".join(ALL_PATHS))
+    ap.add_argument("--threads", type=int, default=16)
+    ap.add_argument("--task", default="4M")
+    ap.add_argument("--memory", default="auto", choices=["auto", "cuda", "host"])
+    ap.add_argument("--no-hot", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="1 MiB chunks, 8 MiB in all (for CI)")
+    ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--tag", default="", help="suffix for the output file names")
+    a = ap.parse_args(argv)
+    sizes = [MiB] if a.smoke else [_parse_size(s) for s in a.sizes.split(",")]
+    total = 8 * MiB if a.smoke else _parse_size(a.total)
+    r = run(a.dir, sizes, total, tuple(a.paths.split(",")), a.threads, _parse_size(a.task), not a.no_hot, a.memory)
+    extra = f", pinned H2D {r['h2d_gbps']:.1f} / D2H {r['d2h_gbps']:.1f} GB/s" if "h2d_gbps" in r else ""
+    print_table(r["rows"], ["size", "path", "put GB/s", "get GB/s", "get hot GB/s", "verified", "vs raw",
+                            "vs bounce", "vs torch", "note"],
+                f"bench on {r['device']}: {r['fs_type']} at {r['directory']}, {r['total_bytes'] // MiB} MiB per size, "
+                f"{r['threads']} threads, slab in {r['memory']} memory{extra}\n"
+                "(vs columns: put/get ratios of the library row to that path)")
+    tag = f"_{a.tag}" if a.tag else ""
+    write_json(os.path.join(a.out, f"bench_storage{tag}.json"), r)
+    plot(r, os.path.join(a.out, f"bench_storage{tag}.png"))
+    return 0 if all(x.get("verified", True) for x in r["rows"]) else 1

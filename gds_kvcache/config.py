@@ -95,6 +95,13 @@ class CacheEngineConfig:
         CUDA device index for a ``cuda`` slab.
     verify_checksums
         Check every chunk read from disk against its stored checksum.
+    pool_files
+        Files the disk pool is striped over (1 .. 64); writes to different
+        files run in parallel where a file system locks a file per writer.
+    preallocate
+        Reserve the whole pool on disk up front (``posix_fallocate``): no
+        ENOSPC mid-put and no block allocation on the write path, at the cost
+        of taking ``max_local_disk_size`` at once.
 
     Notes
     -----
@@ -117,6 +124,8 @@ class CacheEngineConfig:
     slab_size: Optional[float] = None
     cuda_device: int = 0
     verify_checksums: bool = True
+    pool_files: int = 8
+    preallocate: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -159,6 +168,10 @@ class CacheEngineConfig:
         if self.cuda_device < 0:
             raise ConfigError("cuda_device", self.cuda_device, "an integer >= 0")
         self.verify_checksums = _parse_bool("verify_checksums", self.verify_checksums)
+        self.pool_files = _parse_number("pool_files", self.pool_files, int)
+        if not 1 <= self.pool_files <= 64:
+            raise ConfigError("pool_files", self.pool_files, "an integer in 1..64")
+        self.preallocate = _parse_bool("preallocate", self.preallocate)
         if not isinstance(self.extra, dict):
             raise ConfigError("extra", self.extra, "a mapping")
 

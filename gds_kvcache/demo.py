@@ -20,13 +20,14 @@ from .units import GB, MiB
 __all__ = ["run_demo", "main"]
 
 
-def _drop_page_cache(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+def _drop_page_cache(paths) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def _sync(dev: torch.device) -> None:
@@ -75,11 +76,12 @@ def run_demo(directory: str | None = None, total_mib: int = 384, chunk_mib: int 
         for f in futures:
             f.result()
         put_s = time.perf_counter() - t0
+        pool_files = sm.disk.pool_paths
         sm.close()
 
         # A new manager on the same directory: the disk index is recovered and
         # the hot tier starts empty, so every get reads the disk.
-        _drop_page_cache(os.path.join(directory, "kvcache.pool"))
+        _drop_page_cache(pool_files)
         sm = StorageManager(cfg)
         found = sum(sm.contains(k, ["LocalDiskBackend"]) for k in keys)
         _sync(dev)

@@ -8,20 +8,19 @@ the sum. The sum is order-independent, so GPU blocks and CPU threads reduce
 in any order and still agree bit for bit.
 
 It runs at memory speed on the GPU (no host round trip of the data: only the
-8-byte result comes back) and at several GB/s per core on the CPU.
+8-byte result comes back) and at several GB/s per core on the CPU (one core per call, GIL released).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 __all__ = ["checksum_host", "checksum_cuda", "checksum", "warmup_cuda"]
 
 _K1 = np.uint64(0x9E3779B97F4A7C15)
 _K2 = np.uint64(0xBF58476D1CE4E5B9)
 _S = np.uint64(31)
-_BLOCK = 1 << 15  # words per CPU task
 
 
 @njit(inline="always", cache=True)
@@ -38,18 +37,15 @@ def _tail_word(b, start, n):
     return w
 
 
-@njit(parallel=True, cache=True)
+# nogil and single-threaded on purpose: the I/O threads already run many
+# checksums at once, and Numba's parallel layer called from 16 threads at a
+# time serialises (measured: 0.6 GB/s for 16 MiB gets, against 12 for I/O alone).
+@njit(nogil=True, cache=True)
 def _checksum_cpu(words, b, nbytes):
     nw = words.shape[0]
-    nblocks = (nw + _BLOCK - 1) // _BLOCK
     total = np.uint64(0)
-    for blk in prange(nblocks):
-        s = np.uint64(0)
-        lo = blk * _BLOCK
-        hi = min(lo + _BLOCK, nw)
-        for i in range(lo, hi):
-            s += _mix(words[i], np.uint64(i))
-        total += s
+    for i in range(nw):
+        total += _mix(words[i], np.uint64(i))
     full = nw * 8
     if full < nbytes:
         total += _mix(_tail_word(b, full, nbytes), np.uint64(nw))

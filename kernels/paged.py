@@ -61,11 +61,13 @@ def _prepare(kv_caches, layout: str, slot_mapping, chunk: torch.Tensor):
     return geom, slots, nt
 
 
-def launch_shape(row_words: int, kv_layers: int, nt: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """CUDA grid and block for ``row_words``-word rows: about four words per thread."""
-    tx = min(64, max(8, 1 << max(0, (-(-row_words // 4) - 1).bit_length())))
+def launch_shape(row_words: int, kv_layers: int, nt: int, sms: int = 132) -> tuple[tuple[int, int], tuple[int, int]]:
+    """CUDA grid and block: a warp per row (fewer threads for short rows), 256 threads per
+    block, and about eight resident blocks per multiprocessor in all."""
+    tx = min(32, max(4, 1 << max(0, (-(-row_words // 8) - 1).bit_length())))
     ty = 256 // tx
-    return (min(-(-nt // ty), 65535), kv_layers), (tx, ty)
+    gx = max(1, min(-(-nt // ty), -(-sms * 8 // kv_layers), 65535))
+    return (gx, kv_layers), (tx, ty)
 
 
 def _run(geom: PagedGeometry, slots: torch.Tensor, nt: int, chunk: torch.Tensor, unpack_: bool,
@@ -89,12 +91,14 @@ def _run(geom: PagedGeometry, slots: torch.Tensor, nt: int, chunk: torch.Tensor,
         from .paged_cuda import pack_rows_cuda, unpack_rows_cuda
 
         kern = unpack_rows_cuda if unpack_ else pack_rows_cuda
-        grid, block = launch_shape(row, geom.kv * geom.num_layers, nt)
         if on_gpu:
+            sms = torch.cuda.get_device_properties(geom.device).multi_processor_count
+            grid, block = launch_shape(row, geom.kv * geom.num_layers, nt, sms)
             stream = cuda.external_stream(torch.cuda.current_stream(geom.device).cuda_stream)
             kern[grid, block, stream](paged, cuda.as_cuda_array(offs), args[0], cuda.as_cuda_array(tok_off), flat,
                                       *args[1:])
         else:  # Numba's CUDA simulator, on host arrays
+            grid, block = launch_shape(row, geom.kv * geom.num_layers, nt, 1)
             kern[grid, block](paged, offs.numpy(), args[0], tok_off.numpy(), flat, *args[1:])
         return
     from .paged_cpu import pack_rows_cpu, unpack_rows_cpu

@@ -1,10 +1,12 @@
 """Pack/unpack of paged KV on the GPU: ``@cuda.jit``, all layers in one launch.
 
-Grid: ``y`` = (kv, layer) pair, ``x`` = groups of tokens; block: ``x``
-threads stride over a row's words, ``y`` picks a token. Row offsets inside a
-layer come precomputed per token (``tok_off``, -1 for a skipped slot), so
-the loop does no integer division, and each thread issues four loads before
-its four stores to keep enough bytes in flight.
+Grid: ``y`` = (kv, layer) pair, ``x`` = a few blocks per pair that loop over
+tokens (a persistent grid sized to the GPU, so no block is launched for a
+handful of bytes). Block: ``x`` threads stride over a row's words, ``y``
+picks the token. Per-token row offsets come precomputed (``tok_off``, -1 for
+a skipped slot) so the loop does no integer division; the next token's
+offset is loaded before the current row is copied, and each thread issues
+eight loads before its eight stores, to keep enough bytes in flight for HBM.
 """
 
 from __future__ import annotations
@@ -13,7 +15,33 @@ from numba import cuda
 
 from . import _numba_compat  # noqa: F401  (before the first compile)
 
-__all__ = ["pack_rows_cuda", "unpack_rows_cuda"]
+__all__ = ["pack_rows_cuda", "unpack_rows_cuda", "copy_rows"]
+
+
+@cuda.jit(device=True, inline=True)
+def copy_rows(src, s, dst, d, row, i, bx):
+    """Copy words ``[i, row)`` with stride ``bx`` from ``src[s:]`` to ``dst[d:]``, eight in flight."""
+    while i + 7 * bx < row:
+        a0 = src[s + i]
+        a1 = src[s + i + bx]
+        a2 = src[s + i + 2 * bx]
+        a3 = src[s + i + 3 * bx]
+        a4 = src[s + i + 4 * bx]
+        a5 = src[s + i + 5 * bx]
+        a6 = src[s + i + 6 * bx]
+        a7 = src[s + i + 7 * bx]
+        dst[d + i] = a0
+        dst[d + i + bx] = a1
+        dst[d + i + 2 * bx] = a2
+        dst[d + i + 3 * bx] = a3
+        dst[d + i + 4 * bx] = a4
+        dst[d + i + 5 * bx] = a5
+        dst[d + i + 6 * bx] = a6
+        dst[d + i + 7 * bx] = a7
+        i += 8 * bx
+    while i < row:
+        dst[d + i] = src[s + i]
+        i += bx
 
 
 @cuda.jit(cache=True)
@@ -22,28 +50,17 @@ def pack_rows_cuda(src, layer_off, stride_kv, tok_off, dst, kv, nl, nt, row):
     k = kl // nl
     base = layer_off[kl - k * nl] + k * stride_kv
     bx = cuda.blockDim.x
-    t = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+    tx = cuda.threadIdx.x
     step = cuda.gridDim.x * cuda.blockDim.y
+    t = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+    off = tok_off[t] if t < nt else -1
     while t < nt:
-        off = tok_off[t]
+        nxt = t + step
+        off_next = tok_off[nxt] if nxt < nt else -1
         if off >= 0:
-            s = base + off
-            d = (kl * nt + t) * row
-            i = cuda.threadIdx.x
-            while i + 3 * bx < row:
-                a = src[s + i]
-                b = src[s + i + bx]
-                c = src[s + i + 2 * bx]
-                e = src[s + i + 3 * bx]
-                dst[d + i] = a
-                dst[d + i + bx] = b
-                dst[d + i + 2 * bx] = c
-                dst[d + i + 3 * bx] = e
-                i += 4 * bx
-            while i < row:
-                dst[d + i] = src[s + i]
-                i += bx
-        t += step
+            copy_rows(src, base + off, dst, (kl * nt + t) * row, row, tx, bx)
+        t = nxt
+        off = off_next
 
 
 @cuda.jit(cache=True)
@@ -52,25 +69,14 @@ def unpack_rows_cuda(src, layer_off, stride_kv, tok_off, dst, kv, nl, nt, row):
     k = kl // nl
     base = layer_off[kl - k * nl] + k * stride_kv
     bx = cuda.blockDim.x
-    t = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+    tx = cuda.threadIdx.x
     step = cuda.gridDim.x * cuda.blockDim.y
+    t = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+    off = tok_off[t] if t < nt else -1
     while t < nt:
-        off = tok_off[t]
+        nxt = t + step
+        off_next = tok_off[nxt] if nxt < nt else -1
         if off >= 0:
-            s = base + off
-            d = (kl * nt + t) * row
-            i = cuda.threadIdx.x
-            while i + 3 * bx < row:
-                a = dst[d + i]
-                b = dst[d + i + bx]
-                c = dst[d + i + 2 * bx]
-                e = dst[d + i + 3 * bx]
-                src[s + i] = a
-                src[s + i + bx] = b
-                src[s + i + 2 * bx] = c
-                src[s + i + 3 * bx] = e
-                i += 4 * bx
-            while i < row:
-                src[s + i] = dst[d + i]
-                i += bx
-        t += step
+            copy_rows(dst, (kl * nt + t) * row, src, base + off, row, tx, bx)
+        t = nxt
+        off = off_next

@@ -172,20 +172,20 @@ def test_damage_behind_our_back_is_a_miss_with_warning(tmp_path, caplog, damage)
         be.submit_put_task(key(i), o).result()
         o.ref_count_down()
     e1 = be.entry(key(1))
+    pool, local = be.locate(e1.offset)
     be.close()
-    pool = tmp_path / "disk" / "kvcache.pool"
     index = tmp_path / "disk" / "kvcache.index"
     if damage == "flip":
         with open(pool, "r+b") as f:
-            f.seek(e1.offset + 1000)
+            f.seek(local + 1000)
             b = f.read(1)
-            f.seek(e1.offset + 1000)
+            f.seek(local + 1000)
             f.write(bytes([b[0] ^ 0x10]))
     elif damage == "truncate":
-        os.truncate(pool, e1.offset + 100)
+        os.truncate(pool, local + 100)
     elif damage == "zero_pool":
         with open(pool, "r+b") as f:
-            f.seek(e1.offset)
+            f.seek(local)
             f.write(bytes(e1.phys_size))
     elif damage == "delete_index_line":
         lines = index.read_bytes().splitlines(keepends=True)

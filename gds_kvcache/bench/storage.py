@@ -83,7 +83,8 @@ def _timed(fn, dev) -> float:
 class Case:
     """One chunk size: the source chunks and where their files go."""
 
-    def __init__(self, root: str, src: torch.Tensor, size: int, threads: int, task: int):
+    def __init__(self, root: str, src: torch.Tensor, size: int, threads: int, task: int, files: int,
+                 preallocate: bool):
         self.root = root
         self.size = size
         self.n = src.numel() // size
@@ -91,6 +92,8 @@ class Case:
         self.dev = src.device
         self.threads = threads
         self.task = task
+        self.files = files
+        self.preallocate = preallocate
 
     def dir(self, name: str) -> str:
         d = os.path.join(self.root, f"{name}-{self.size}")
@@ -106,7 +109,8 @@ def path_library(c: Case, engine: str, hot: bool, memory: str) -> dict:
     total = c.n * c.size
     cfg = CacheEngineConfig(local_disk=d, max_local_disk_size=(total * 1.05 + 64 * MiB) / GB, local_cpu=False,
                             slab_size=(2 * total + 64 * MiB) / GB, memory_device=memory, io_engine=engine,
-                            io_threads=c.threads, io_task_size=c.task)
+                            io_threads=c.threads, io_task_size=c.task, pool_files=c.files,
+                            preallocate=c.preallocate)
     keys = [CacheEngineKey("bench", "m", 1, 0, i + 1) for i in range(c.n)]
     out = {}
     with StorageManager(cfg) as sm:
@@ -129,7 +133,7 @@ def path_library(c: Case, engine: str, hot: bool, memory: str) -> dict:
             futs = [sm.disk.submit_prefetch_task(k) for k in keys]
             got.extend(f.result() for f in futs)
 
-        _drop([sm.disk.pool_path])
+        _drop(sm.disk.pool_paths)
         out["get"] = _timed(get, c.dev)
         out["ok"] = all(g is not None and c.same(i, g.tensor) for i, g in enumerate(got))
         for g in got:
@@ -145,35 +149,49 @@ def path_library(c: Case, engine: str, hot: bool, memory: str) -> dict:
 
 
 def path_raw(c: Case, hot: bool) -> dict:
+    """Chunks round-robin over ``c.files`` files, task-sized pieces in parallel, O_DIRECT where allowed."""
     total = c.n * c.size
     src = SlabBuffer(total, "host")
     src.tensor.copy_(torch.cat(c.parts).cpu() if c.dev.type == "cuda" else torch.cat(c.parts))
     dst = SlabBuffer(total, "host")
-    path = os.path.join(c.dir("raw"), "raw.data")
-    with open(path, "wb") as f:
-        f.truncate(total)
-    fd, reason = probe_direct_io(path)
-    direct = fd is not None
-    if fd is None:
-        fd = os.open(path, os.O_RDWR)
+    k = max(1, min(c.files, c.n))
+    per_file = -(-c.n // k) * c.size
+    paths = [os.path.join(c.dir("raw"), f"raw.{i}") for i in range(k)]
+    fds = []
+    direct, reason = True, "ok"
+    for p in paths:
+        with open(p, "wb") as f:
+            f.truncate(per_file)
+            if c.preallocate:
+                os.posix_fallocate(f.fileno(), 0, per_file)
+        fd, why = probe_direct_io(p)
+        if fd is None:
+            direct, reason = False, why
+            fd = os.open(p, os.O_RDWR)
+        fds.append(fd)
     sa, da = memoryview(src.host_array()), memoryview(dst.host_array())
-    pieces = [(o, min(c.task, total - o)) for o in range(0, total, c.task)]
+    pieces = []
+    for i in range(c.n):
+        fd, base = fds[i % k], (i // k) * c.size
+        for o in range(0, c.size, c.task):
+            pieces.append((fd, base + o, i * c.size + o, min(c.task, c.size - o)))
     pool = ThreadPoolExecutor(c.threads)
 
     def io(op, mv):
-        list(pool.map(lambda p: op(fd, [mv[p[0]:p[0] + p[1]]], p[0]), pieces))
+        list(pool.map(lambda p: op(p[0], [mv[p[2]:p[2] + p[3]]], p[1]), pieces))
 
     try:
         out = {"put": _timed(lambda: io(os.pwritev, sa), torch.device("cpu")),
-               "io": "O_DIRECT" if direct else f"buffered ({reason})"}
-        _drop([path])
+               "io": ("O_DIRECT" if direct else f"buffered ({reason})") + f", {k} files"}
+        _drop(paths)
         out["get"] = _timed(lambda: io(os.preadv, da), torch.device("cpu"))
         out["ok"] = bool(np.array_equal(src.host_array(), dst.host_array()))
         if hot:
             out["hot"] = _timed(lambda: io(os.preadv, da), torch.device("cpu"))
     finally:
         pool.shutdown()
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
     return out
 
 
@@ -260,7 +278,7 @@ def h2d_ceiling(dev, nbytes: int) -> dict:
 
 
 def run(directory: str | None, sizes, total: int, paths=ALL_PATHS, threads: int = 16, task: int = 4 * MiB,
-        hot: bool = True, memory: str = "auto") -> dict:
+        hot: bool = True, memory: str = "auto", files: int = 8, preallocate: bool = True) -> dict:
     dev = torch.device("cuda" if (memory in ("auto", "cuda") and torch.cuda.is_available()) else "cpu")
     memory = "cuda" if dev.type == "cuda" else "host"
     root = tempfile.mkdtemp(prefix="gds_kvcache-bench-", dir=directory)
@@ -268,12 +286,13 @@ def run(directory: str | None, sizes, total: int, paths=ALL_PATHS, threads: int 
     src = torch.randint(0, 256, (total,), dtype=torch.uint8, device=dev, generator=gen)
     rows = []
     meta = {**header(), "directory": root, "fs_type": _fs_type(root), "total_bytes": total, "threads": threads,
-            "task_size": task, "memory": memory, **h2d_ceiling(dev, min(total, GB))}
+            "task_size": task, "memory": memory, "pool_files": files, "preallocate": preallocate,
+            **h2d_ceiling(dev, min(total, GB))}
     steps = [(s, p) for s in sizes for p in paths]
     try:
         with Progress(len(steps), "bench") as bar:
             for size in sizes:
-                c = Case(root, src[: total // size * size], size, threads, task)
+                c = Case(root, src[: total // size * size], size, threads, task, files, preallocate)
                 for p in paths:
                     if p.startswith("library-"):
                         if p == "library-kvikio" and kvikio_error() is not None:
@@ -367,18 +386,23 @@ def main(argv=None) -> int:
     ap.add_argument("--task", default="4M")
     ap.add_argument("--memory", default="auto", choices=["auto", "cuda", "host"])
     ap.add_argument("--no-hot", action="store_true")
+    ap.add_argument("--pool-files", type=int, default=8, help="files the library pool and the raw path spread over")
+    ap.add_argument("--no-preallocate", action="store_true",
+                    help="leave pool files sparse (measures first-write block allocation too)")
     ap.add_argument("--smoke", action="store_true", help="1 MiB chunks, 8 MiB in all (for CI)")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--tag", default="", help="suffix for the output file names")
     a = ap.parse_args(argv)
     sizes = [MiB] if a.smoke else [_parse_size(s) for s in a.sizes.split(",")]
     total = 8 * MiB if a.smoke else _parse_size(a.total)
-    r = run(a.dir, sizes, total, tuple(a.paths.split(",")), a.threads, _parse_size(a.task), not a.no_hot, a.memory)
+    r = run(a.dir, sizes, total, tuple(a.paths.split(",")), a.threads, _parse_size(a.task), not a.no_hot, a.memory,
+            a.pool_files, not a.no_preallocate)
     extra = f", pinned H2D {r['h2d_gbps']:.1f} / D2H {r['d2h_gbps']:.1f} GB/s" if "h2d_gbps" in r else ""
     print_table(r["rows"], ["size", "path", "put GB/s", "get GB/s", "get hot GB/s", "verified", "vs raw",
                             "vs bounce", "vs torch", "note"],
                 f"bench on {r['device']}: {r['fs_type']} at {r['directory']}, {r['total_bytes'] // MiB} MiB per size, "
-                f"{r['threads']} threads, slab in {r['memory']} memory{extra}\n"
+                f"{r['threads']} threads, {r['pool_files']} files, preallocated={r['preallocate']}, "
+                f"slab in {r['memory']} memory{extra}\n"
                 "(vs columns: put/get ratios of the library row to that path)")
     tag = f"_{a.tag}" if a.tag else ""
     write_json(os.path.join(a.out, f"bench_storage{tag}.json"), r)

@@ -29,11 +29,12 @@ class IOPathReport:
     threads: int
     task_size: int
     memory: str
+    files: int = 1
 
     def line(self) -> str:
         d = "O_DIRECT" if self.direct_io else f"buffered ({self.direct_io_reason})"
         return (f"engine={self.engine} path={self.path} io={d} threads={self.threads} "
-                f"task={self.task_size >> 10} KiB memory={self.memory}")
+                f"task={self.task_size >> 10} KiB files={self.files} memory={self.memory}")
 
 
 def gather(futures: list[Future], expect: int, what: str) -> Future:
@@ -98,9 +99,12 @@ class IOEngine(abc.ABC):
     def close(self) -> None:
         """Finish nothing new; close the file."""
 
-    def _check(self, obj: MemoryObj, nbytes: int) -> None:
+    @staticmethod
+    def _check(obj: MemoryObj, nbytes: int, file_offset: int, stripe: int) -> None:
         if nbytes > obj.phys_size or nbytes <= 0:
             raise IOEngineError(f"cannot move {nbytes} bytes through {obj!r}")
+        if file_offset < 0 or file_offset // stripe != (file_offset + nbytes - 1) // stripe:
+            raise IOEngineError(f"[{file_offset}, +{nbytes}) crosses a file boundary (stripe {stripe})")
 
     def __enter__(self):
         return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..errors import IOEngineError
@@ -46,25 +47,28 @@ class KvikIOEngine(IOEngine):
 
     name = "kvikio"
 
-    def __init__(self, path: str, threads: int, task_size: int, direct_io: bool, memory: str = "host"):
+    def __init__(self, paths, threads: int, task_size: int, direct_io: bool, memory: str = "host",
+                 stripe_bytes: int | None = None):
         err = kvikio_error()
         if err is not None:
             raise IOEngineError(f"KvikIO engine cannot run here: {err}")
         import kvikio
 
+        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         configure_kvikio(threads, task_size, direct_io)
-        self._file = kvikio.CuFile(path, "r+")
+        self._files = [kvikio.CuFile(p, "r+") for p in paths]
+        self._stripe = stripe_bytes or (1 << 62)
         self._task = task_size
         self._threads = threads
         self._memory = memory
-        self._direct = direct_io and self._file.is_direct_io_supported()
+        self._direct = direct_io and all(f.is_direct_io_supported() for f in self._files)
         self._reason = "ok" if self._direct else (
             "disabled in config" if not direct_io else "file system refuses O_DIRECT")
         self._path = kvikio_path()
         # KvikIO's IOFuture blocks in get(); these threads only wait on it.
         self._waiters = ThreadPoolExecutor(max(8, 2 * threads), thread_name_prefix="gds-kvcache-kvikio")
         self._closed = False
-        log.info("KvikIO engine on %s: %s", path, self.report().line())
+        log.info("KvikIO engine on %s: %s", paths[0], self.report().line())
 
     @staticmethod
     def _buffer(obj: MemoryObj):
@@ -83,10 +87,11 @@ class KvikIOEngine(IOEngine):
     def _submit(self, write: bool, obj: MemoryObj, file_offset: int, nbytes: int) -> Future:
         if self._closed:
             raise IOEngineError("engine is closed")
-        self._check(obj, nbytes)
+        self._check(obj, nbytes, file_offset, self._stripe)
+        i, local = divmod(file_offset, self._stripe)
         buf = self._buffer(obj)
-        op = self._file.pwrite if write else self._file.pread
-        fut = op(buf, nbytes, file_offset, self._task)
+        op = self._files[i].pwrite if write else self._files[i].pread
+        fut = op(buf, nbytes, local, self._task)
         return self._waiters.submit(self._wait, fut, nbytes, "pwrite" if write else "pread")
 
     def submit_read(self, obj: MemoryObj, file_offset: int, nbytes: int) -> Future:
@@ -96,12 +101,13 @@ class KvikIOEngine(IOEngine):
         return self._submit(True, obj, file_offset, nbytes)
 
     def report(self) -> IOPathReport:
-        return IOPathReport("kvikio", self._path, self._direct, self._reason, self._threads,
-                            self._task, self._memory)
+        return IOPathReport("kvikio", self._path, self._direct, self._reason, self._threads, self._task,
+                            self._memory, len(self._files))
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._waiters.shutdown(wait=True)
-        self._file.close()
+        for f in self._files:
+            f.close()

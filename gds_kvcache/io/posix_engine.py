@@ -45,12 +45,15 @@ def probe_direct_io(path: str) -> tuple[int | None, str]:
 
 
 class PosixEngine(IOEngine):
-    """Parallel pread/pwrite on one file.
+    """Parallel pread/pwrite over one or more files (stripes of one pool).
 
     Parameters
     ----------
-    path
-        An existing file at least one page long.
+    paths
+        Existing files, each at least one page long; a path or a list.
+    stripe_bytes
+        Bytes per file: logical offset ``o`` is byte ``o % stripe_bytes`` of
+        file ``o // stripe_bytes``. None for a single file.
     threads
         Worker threads.
     task_size
@@ -61,12 +64,25 @@ class PosixEngine(IOEngine):
 
     name = "posix"
 
-    def __init__(self, path: str, threads: int, task_size: int, direct_io: bool, memory: str = "host"):
-        self._fd = os.open(path, os.O_RDWR)
-        self._dfd, reason = probe_direct_io(path) if direct_io else (None, "disabled in config")
-        if direct_io and self._dfd is None:
-            log.warning("O_DIRECT unavailable for %s (%s); using buffered I/O", path, reason)
-        self._reason = reason
+    def __init__(self, paths, threads: int, task_size: int, direct_io: bool, memory: str = "host",
+                 stripe_bytes: int | None = None):
+        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        self._stripe = stripe_bytes or (1 << 62)
+        self._fds = [os.open(p, os.O_RDWR) for p in paths]
+        self._dfds: list = []
+        reason = "disabled in config"
+        if direct_io:
+            for p in paths:
+                dfd, reason = probe_direct_io(p)
+                if dfd is None:
+                    log.warning("O_DIRECT unavailable for %s (%s); using buffered I/O", p, reason)
+                    for fd in self._dfds:
+                        os.close(fd)
+                    self._dfds = []
+                    break
+                self._dfds.append(dfd)
+        self._direct = bool(self._dfds)
+        self._reason = "ok" if self._direct else reason
         self._task = task_size
         self._threads = threads
         self._memory = memory
@@ -84,10 +100,12 @@ class PosixEngine(IOEngine):
             self._local.staging = st
         return st
 
-    def _fd_for(self, addr: int, off: int, n: int) -> int:
-        if self._dfd is not None and addr % PAGE == 0 and off % PAGE == 0 and n % PAGE == 0:
-            return self._dfd
-        return self._fd
+    def _fd_for(self, addr: int, off: int, n: int) -> tuple[int, int]:
+        """(descriptor, offset in that file) for logical ``off``."""
+        i, local = divmod(off, self._stripe)
+        if self._direct and addr % PAGE == 0 and off % PAGE == 0 and n % PAGE == 0:
+            return self._dfds[i], local
+        return self._fds[i], local
 
     @staticmethod
     def _full(op, fd: int, mv: memoryview, off: int, what: str) -> int:
@@ -103,9 +121,8 @@ class PosixEngine(IOEngine):
         arr = obj._alloc.buffer.host_array()
         start = obj.offset + lo
         mv = memoryview(arr[start:start + n])
-        fd = self._fd_for(arr.ctypes.data + start, file_off, n)
-        return self._full(os.pwritev if write else os.preadv, fd, mv, file_off,
-                          "pwrite" if write else "pread")
+        fd, local = self._fd_for(arr.ctypes.data + start, file_off, n)
+        return self._full(os.pwritev if write else os.preadv, fd, mv, local, "pwrite" if write else "pread")
 
     def _cuda_task(self, write: bool, obj: MemoryObj, lo: int, n: int, file_off: int) -> int:
         import torch
@@ -114,13 +131,13 @@ class PosixEngine(IOEngine):
         host = buf.tensor[:n]
         gpu = obj.raw_data[lo:lo + n]
         mv = memoryview(buf.host_array()[:n])
-        fd = self._fd_for(buf.tensor.data_ptr(), file_off, n)
+        fd, local = self._fd_for(buf.tensor.data_ptr(), file_off, n)
         with torch.cuda.stream(stream):
             if write:
                 host.copy_(gpu, non_blocking=True)
                 stream.synchronize()
-                return self._full(os.pwritev, fd, mv, file_off, "pwrite")
-            self._full(os.preadv, fd, mv, file_off, "pread")
+                return self._full(os.pwritev, fd, mv, local, "pwrite")
+            self._full(os.preadv, fd, mv, local, "pread")
             gpu.copy_(host, non_blocking=True)
             stream.synchronize()
         return n
@@ -128,7 +145,7 @@ class PosixEngine(IOEngine):
     def _submit(self, write: bool, obj: MemoryObj, file_offset: int, nbytes: int) -> Future:
         if self._closed:
             raise IOEngineError("engine is closed")
-        self._check(obj, nbytes)
+        self._check(obj, nbytes, file_offset, self._stripe)
         task = self._cuda_task if obj.device.type == "cuda" else self._host_task
         parts = [self._pool.submit(task, write, obj, lo, min(self._task, nbytes - lo), file_offset + lo)
                  for lo in range(0, nbytes, self._task)]
@@ -141,14 +158,13 @@ class PosixEngine(IOEngine):
         return self._submit(True, obj, file_offset, nbytes)
 
     def report(self) -> IOPathReport:
-        return IOPathReport("posix", "posix", self._dfd is not None, self._reason, self._threads,
-                            self._task, self._memory)
+        return IOPathReport("posix", "posix", self._direct, self._reason, self._threads, self._task, self._memory,
+                            len(self._fds))
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._pool.shutdown(wait=True)
-        for fd in (self._fd, self._dfd):
-            if fd is not None:
-                os.close(fd)
+        for fd in self._fds + self._dfds:
+            os.close(fd)

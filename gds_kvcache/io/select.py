@@ -30,8 +30,9 @@ def choose_engine(requested: str) -> tuple[str, str]:
     return "kvikio", "auto: KvikIO and the CUDA driver are available"
 
 
-def open_engine(path: str, config: CacheEngineConfig, memory: str) -> IOEngine:
+def open_engine(paths, config: CacheEngineConfig, memory: str, stripe_bytes: int | None = None) -> IOEngine:
+    """The engine ``config.io_engine`` asks for, over ``paths`` (one file or the stripes of a pool)."""
     name, why = choose_engine(config.io_engine)
     cls = KvikIOEngine if name == "kvikio" else PosixEngine
-    log.info("I/O engine %s for %s (%s)", name, path, why)
-    return cls(path, config.io_threads, config.io_task_size, config.direct_io, memory)
+    log.info("I/O engine %s (%s)", name, why)
+    return cls(paths, config.io_threads, config.io_task_size, config.direct_io, memory, stripe_bytes)

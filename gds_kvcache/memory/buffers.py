@@ -56,7 +56,9 @@ class SlabBuffer:
         elif kind == "pinned":
             raw = torch.empty(self.nbytes + PAGE, dtype=torch.uint8, pin_memory=True)
         elif kind == "host":
-            raw = torch.empty(self.nbytes + PAGE, dtype=torch.uint8)
+            # Touch every page now: first-touch faults on the read path cost
+            # more than the copy itself and stall all I/O threads on mm locks.
+            raw = torch.zeros(self.nbytes + PAGE, dtype=torch.uint8)
         else:
             raise ConfigError("memory_device", kind, "cuda | pinned | host")
         skew = (-raw.data_ptr()) % PAGE

@@ -1,11 +1,12 @@
 """``LocalDiskBackend``: KV chunks in one preallocated pool file, indexed by a crash-safe log.
 
-Layout: ``kvcache.pool`` (a sparse file of ``max_local_disk_size`` minus the
-index reserve) holds chunks at 4 KiB-aligned extents handed out by the same
-extent allocator as the memory slab; ``kvcache.index`` records each chunk's
-extent, shape, dtype and checksum once its bytes are fully written. The
-pool file is opened once per backend, so no per-chunk open, create or cuFile
-registration sits on the put/get path.
+Layout: ``kvcache.pool.<i>`` (sparse files, together ``max_local_disk_size``
+minus the index reserve) hold chunks at 4 KiB-aligned extents handed out by
+the same extent allocator as the memory slab; ``kvcache.index`` records each
+chunk's extent, shape, dtype and checksum once its bytes are fully written.
+The pool files are opened once per backend, so no per-chunk open, create or
+cuFile registration sits on the put/get path, and consecutive chunks go to
+different files so writes proceed in parallel.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ from ..io import IOEngine, IOPathReport, open_engine
 from ..kernels.checksum import checksum, checksum_host, warmup_cuda
 from ..key import CacheEngineKey
 from ..memory.allocator import MemoryAllocatorInterface
-from ..memory.extents import ExtentAllocator
 from ..memory.format import MemoryFormat, dtype_to_str, str_to_dtype
 from ..memory.obj import MemoryObj
 from .abstract_backend import StorageBackendInterface
 from .disk_index import DiskEntry, IndexLog
 from .lookup_server import LookupServerInterface
 from .pool_file import PoolDirectory, index_reserve, punch_hole
+from .striped_space import StripedSpace
 
 __all__ = ["LocalDiskBackend"]
 
@@ -79,19 +80,19 @@ class LocalDiskBackend(StorageBackendInterface):
         self.memory_allocator = memory_allocator
         self.lookup_server = lookup_server
         self.verify = config.verify_checksums
-        self._dir = PoolDirectory(config.local_disk, config.disk_bytes)
+        self._dir = PoolDirectory(config.local_disk, config.disk_bytes, config.pool_files, config.preallocate)
         self._lock = threading.Lock()
         self._entries: OrderedDict[CacheEngineKey, DiskEntry] = OrderedDict()
         self._put_tasks: dict[CacheEngineKey, Future] = {}
         self._cancelled: set[CacheEngineKey] = set()
-        self._space = ExtentAllocator(self._dir.pool_bytes)
+        self._space = StripedSpace(self._dir.stripes, self._dir.stripe_bytes)
         self._index = IndexLog(self._dir.index_path)
         self._reserve = index_reserve(config.disk_bytes)
         self.stats = {"puts": 0, "gets": 0, "hits": 0, "evictions": 0, "corrupt": 0, "put_errors": 0}
         try:
             self._recover()
             memory = getattr(memory_allocator, "kind", str(memory_allocator.device))
-            self._engine: IOEngine = open_engine(self._dir.pool_path, config, memory)
+            self._engine: IOEngine = open_engine(self._dir.pool_paths, config, memory, self._dir.stripe_bytes)
         except BaseException:
             self._index.close()
             self._dir.release()
@@ -127,12 +128,14 @@ class LocalDiskBackend(StorageBackendInterface):
         self._index.rewrite(kept)
         # Free pool space may hold bytes of writes a crash interrupted: give
         # the blocks back so disk usage tracks live chunks.
-        fd = os.open(self._dir.pool_path, os.O_RDWR)
+        fds = [os.open(p, os.O_RDWR) for p in self._dir.pool_paths]
         try:
             for start, size in self._space.free_extents().items():
-                punch_hole(fd, start, size)
+                i, local = divmod(start, self._dir.stripe_bytes)
+                punch_hole(fds[i], local, size)
         finally:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
         if bad:
             log.warning("index of %s: %d unusable record(s) skipped", self._dir.path, bad)
         log.info("disk tier %s: %d chunk(s) recovered, %d of %d pool bytes used",
@@ -369,8 +372,12 @@ class LocalDiskBackend(StorageBackendInterface):
         return self._dir.path
 
     @property
-    def pool_path(self) -> str:
-        return self._dir.pool_path
+    def pool_paths(self) -> list[str]:
+        return list(self._dir.pool_paths)
+
+    def locate(self, offset: int) -> tuple[str, int]:
+        """(pool file, offset in it) of a chunk's logical offset (``entry(key).offset``)."""
+        return self._dir.locate(offset)
 
     @property
     def used_bytes(self) -> int:

@@ -1,0 +1,77 @@
+"""Free space of a pool striped over several files, as one logical offset range.
+
+Logical offset ``off`` lives in file ``off // stripe_bytes`` at
+``off % stripe_bytes``; no extent crosses a stripe. Spreading chunks over
+files lets writes run in parallel where a file system serialises writers of
+one file (tmpfs and ext4 buffered writes hold the inode lock).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ..memory.extents import ExtentAllocator
+
+__all__ = ["StripedSpace"]
+
+
+class StripedSpace:
+    """Same interface as ``ExtentAllocator``, over ``stripes`` equal files."""
+
+    def __init__(self, stripes: int, stripe_bytes: int):
+        assert stripes >= 1 and stripe_bytes > 0
+        self.stripe_bytes = stripe_bytes
+        self.parts = [ExtentAllocator(stripe_bytes) for _ in range(stripes)]
+        self._next = 0
+
+    @property
+    def capacity(self) -> int:
+        return sum(p.capacity for p in self.parts)
+
+    @property
+    def used(self) -> int:
+        return sum(p.used for p in self.parts)
+
+    def _split(self, off: int) -> tuple[ExtentAllocator, int]:
+        return self.parts[off // self.stripe_bytes], off % self.stripe_bytes
+
+    def allocate(self, nbytes: int) -> Optional[int]:
+        # Round-robin start so consecutive puts land in different files.
+        k = len(self.parts)
+        for j in range(k):
+            i = (self._next + j) % k
+            off = self.parts[i].allocate(nbytes)
+            if off is not None:
+                self._next = (i + 1) % k
+                return i * self.stripe_bytes + off
+        return None
+
+    def free_extent(self, off: int) -> int:
+        part, local = self._split(off)
+        return part.free_extent(local)
+
+    def reserve(self, off: int, nbytes: int) -> None:
+        if off < 0:
+            raise ValueError(f"negative offset {off}")
+        if off // self.stripe_bytes >= len(self.parts):
+            raise ValueError(f"offset {off} is past the last stripe")
+        part, local = self._split(off)
+        part.reserve(local, nbytes)
+
+    def allocated_size(self, off: int) -> int:
+        part, local = self._split(off)
+        return part.allocated_size(local)
+
+    def extents(self) -> dict[int, int]:
+        return {i * self.stripe_bytes + o: n for i, p in enumerate(self.parts) for o, n in p.extents().items()}
+
+    def free_extents(self) -> dict[int, int]:
+        return {i * self.stripe_bytes + o: n for i, p in enumerate(self.parts) for o, n in p.free_extents().items()}
+
+    def largest_free(self) -> int:
+        return max(p.largest_free() for p in self.parts)
+
+    def memcheck(self) -> bool:
+        for p in self.parts:
+            p.memcheck()
+        return True

@@ -10,7 +10,7 @@ import torch
 
 from .config import CacheEngineConfig, CacheEngineMetadata
 from .errors import ShapeMismatchError
-from .kernels import LAYOUTS, pack, unpack
+from .kernels import LAYOUTS, describe, pack, unpack
 from .key import CacheEngineKey
 from .memory.format import MemoryFormat
 from .storage.storage_manager import StorageManager
@@ -75,11 +75,15 @@ class CacheEngine:
         return [(CacheEngineKey(m.fmt, m.model_name, m.world_size, m.worker_id, h), s, e)
                 for h, (s, e) in zip(prefix_hashes(tokens, self.config.chunk_size), bounds)]
 
-    def _check_slots(self, tokens, slot_mapping) -> torch.Tensor:
+    def _check_slots(self, tokens, kv_caches, slot_mapping) -> torch.Tensor:
+        """The mapping, checked once against the cache, so per-chunk kernels need not sync."""
         slots = torch.as_tensor(slot_mapping)
         if slots.dim() != 1 or slots.numel() < len(tokens):
             raise ShapeMismatchError(f"slot_mapping needs one slot per token ({len(tokens)}), got "
                                      f"{tuple(slots.shape)}")
+        geom = describe(self.layout, kv_caches)
+        if len(tokens) and int(slots[: len(tokens)].max()) >= geom.num_slots:
+            raise ShapeMismatchError(f"slot_mapping holds a slot past the cache's {geom.num_slots} slots")
         return slots
 
     def store(self, tokens, kv_caches, slot_mapping) -> StoreResult:
@@ -87,7 +91,7 @@ class CacheEngine:
 
         Returns the number of tokens newly stored; ``.futures`` holds the disk puts.
         """
-        slots = self._check_slots(tokens, slot_mapping)
+        slots = self._check_slots(tokens, kv_caches, slot_mapping)
         stored = 0
         futures: list[Future] = []
         for key, s, e in self._keys(tokens):
@@ -100,7 +104,7 @@ class CacheEngine:
                 log.warning("no slab room to store chunk %s; stopping this store", key.to_string())
                 break
             try:
-                pack(kv_caches, self.layout, slots[s:e], obj.tensor)
+                pack(kv_caches, self.layout, slots[s:e], obj.tensor, check=False)
             except BaseException:
                 obj.ref_count_down()
                 raise
@@ -134,7 +138,7 @@ class CacheEngine:
         Returns once the KV is in ``kv_caches`` (the copy kernels are
         synchronized before slab memory is released).
         """
-        slots = self._check_slots(tokens, slot_mapping)
+        slots = self._check_slots(tokens, kv_caches, slot_mapping)
         keys = self._keys(tokens)
         # Start every disk read of the prefix at once so they overlap; each
         # get below then waits only for its own chunk.
@@ -155,7 +159,7 @@ class CacheEngine:
                     log.warning("chunk %s holds %s %s, not this model's; stopping", key.to_string(),
                                 tuple(obj.shape), obj.dtype)
                     break
-                unpack(obj.tensor, kv_caches, self.layout, slots[s:e])
+                unpack(obj.tensor, kv_caches, self.layout, slots[s:e], check=False)
                 loaded = e
         finally:
             if held and held[0].device.type == "cuda":

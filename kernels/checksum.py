@@ -63,33 +63,58 @@ def checksum_host(buf) -> int:
     return int(_checksum_cpu(words, b, n))
 
 
+_K1_S = int(_K1) - (1 << 64)  # the same constants as signed int64, for torch
+_K2_S = int(_K2) - (1 << 64)
+_arange_cache: dict = {}
+
+
+def _mix_int(w: int, i: int) -> int:
+    m = (1 << 64) - 1
+    h = ((w ^ (i * int(_K1))) * int(_K2)) & m
+    return h ^ (h >> 31)
+
+
+def _arange(n: int, device):
+    a = _arange_cache.get(device)
+    if a is None or a.numel() < n:
+        import torch
+
+        a = torch.arange(max(n, 1 << 20), dtype=torch.int64, device=device)
+        _arange_cache[device] = a
+    return a[:n]
+
+
 def checksum_cuda(t) -> int:
     """Checksum of a contiguous CUDA ``uint8`` tensor, computed on its device.
 
-    The kernel runs on the tensor's current torch stream; only the 8-byte
-    result is copied back.
+    Torch element-wise ops in int64 (two's-complement wrap-around gives the
+    same bits as the uint64 arithmetic of the host version), then one copy of
+    two words back: the data never leaves the GPU. A handful of fused-free
+    launches costs about 10x less than one Numba kernel launch from Python.
     """
     import torch
-    from numba import cuda
 
-    from .checksum_cuda import THREADS as threads, checksum_kernel as kernel
     t = t.reshape(-1)
     n = t.numel()
     full = n // 8 * 8
     nw = full // 8
-    out = torch.zeros(2, dtype=torch.int64, device=t.device)
-    # Empty tensors have no usable device pointer, so stand-ins keep every
-    # argument at least one element long; nw and ntail say what is real.
     if nw:
-        words = t[:full].view(torch.int64) if t.data_ptr() % 8 == 0 else t[:full].clone().view(torch.int64)
+        w = t[:full].view(torch.int64) if t.data_ptr() % 8 == 0 else t[:full].clone().view(torch.int64)
+        h = torch.bitwise_xor(w, _arange(nw, t.device) * _K1_S)
+        h.mul_(_K2_S)
+        h.bitwise_xor_(torch.bitwise_and(h >> 31, (1 << 33) - 1))  # logical shift of the uint64 bits
+        body = h.sum()
     else:
-        words = out[1:]
-    tail = t[full:] if n > full else t[:1] if n else out.view(torch.uint8)[8:9]
-    stream = cuda.external_stream(torch.cuda.current_stream(t.device).cuda_stream)
-    blocks = max(1, min((nw + threads - 1) // threads, 4096))
-    kernel[blocks, threads, stream](cuda.as_cuda_array(words).view(np.uint64), nw, cuda.as_cuda_array(tail),
-                                    n - full, n, cuda.as_cuda_array(out[:1]).view(np.uint64))
-    return int(out[0].item()) & 0xFFFFFFFFFFFFFFFF
+        body = torch.zeros((), dtype=torch.int64, device=t.device)
+    tail = t[full:].to(torch.int64)
+    tail_word = (tail << (8 * torch.arange(n - full, device=t.device))).sum() if n > full else body * 0
+    total, tw = torch.stack([body, tail_word]).tolist()
+    total &= (1 << 64) - 1
+    if n > full:
+        total += _mix_int(tw & ((1 << 64) - 1), nw)
+        nw += 1
+    total += _mix_int(n, nw + 0x5157)
+    return total & ((1 << 64) - 1)
 
 
 def warmup_cuda(device) -> None:

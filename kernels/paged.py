@@ -43,8 +43,28 @@ def _span(ptr: int, nbytes: int, w: int, on_gpu: bool):
     return _host_span(ptr, nbytes, w)
 
 
-def _prepare(kv_caches, layout: str, slot_mapping, chunk: torch.Tensor):
-    geom = describe(layout, kv_caches)
+_GEOMS: dict = {}
+
+
+def _geometry(layout: str, kv_caches) -> PagedGeometry:
+    """``describe`` once per cache: serving engines pass the same tensors on every call."""
+    layers = (kv_caches,) if isinstance(kv_caches, torch.Tensor) else tuple(kv_caches)
+    try:
+        key = (layout, tuple(t.data_ptr() for t in layers), tuple(layers[0].shape), layers[0].stride(),
+               layers[0].dtype)
+    except (AttributeError, IndexError):
+        return describe(layout, kv_caches)
+    geom = _GEOMS.get(key)
+    if geom is None:
+        geom = describe(layout, kv_caches)
+        if len(_GEOMS) > 64:
+            _GEOMS.clear()
+        _GEOMS[key] = geom
+    return geom
+
+
+def _prepare(kv_caches, layout: str, slot_mapping, chunk: torch.Tensor, check: bool):
+    geom = _geometry(layout, kv_caches)
     slots = torch.as_tensor(slot_mapping)
     if slots.dim() != 1 or slots.dtype.is_floating_point or slots.dtype == torch.bool:
         raise ShapeMismatchError("slot_mapping must be a 1-D integer tensor")
@@ -56,7 +76,7 @@ def _prepare(kv_caches, layout: str, slot_mapping, chunk: torch.Tensor):
     if not chunk.is_contiguous() or chunk.device != geom.device:
         raise ShapeMismatchError(f"chunk must be contiguous on {geom.device}")
     slots = slots.to(device=geom.device, dtype=torch.int64).contiguous()
-    if nt and int(slots.max()) >= geom.num_slots:
+    if check and nt and int(slots.max()) >= geom.num_slots:
         raise ShapeMismatchError(f"slot {int(slots.max())} out of range for {geom.num_slots} slots")
     return geom, slots, nt
 
@@ -81,8 +101,9 @@ def _run(geom: PagedGeometry, slots: torch.Tensor, nt: int, chunk: torch.Tensor,
     offs = torch.tensor([o // w for o in geom.layer_offsets], dtype=torch.int64, device=geom.device)
     # Each token's row offset inside a layer, once per call, so kernels never divide.
     blk = torch.div(slots, geom.block_size, rounding_mode="floor")
-    tok_off = torch.where(slots >= 0, blk * (geom.stride_block // w) + (slots - blk * geom.block_size) *
-                          (geom.stride_tok // w), -1)
+    # Out-of-range slots (possible only with check=False) are never touched.
+    tok_off = torch.where((slots >= 0) & (slots < geom.num_slots), blk * (geom.stride_block // w) +
+                          (slots - blk * geom.block_size) * (geom.stride_tok // w), -1)
     row = geom.row_bytes // w
     args = (geom.stride_kv // w, geom.kv, geom.num_layers, nt, row)
     if backend == "cuda":
@@ -115,7 +136,8 @@ def _backend(device: torch.device, backend: str) -> str:
     return backend
 
 
-def pack(kv_caches, layout: str, slot_mapping, chunk: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def pack(kv_caches, layout: str, slot_mapping, chunk: torch.Tensor, backend: str = "auto",
+         check: bool = True) -> torch.Tensor:
     """Gather the rows of ``slot_mapping`` from the paged cache into ``chunk``; returns ``chunk``.
 
     Parameters
@@ -131,17 +153,26 @@ def pack(kv_caches, layout: str, slot_mapping, chunk: torch.Tensor, backend: str
     backend
         ``auto`` (by device), ``cpu`` or ``cuda`` (``cuda`` on host tensors runs
         under Numba's CUDA simulator, for tests).
+    check
+        Raise ``ShapeMismatchError`` for a slot past the cache. On a GPU this
+        reads ``max(slot_mapping)`` back, a sync; pass False after checking the
+        whole mapping once (out-of-range slots are then skipped, never accessed).
 
     Notes
     -----
     GPU launches go on torch's current stream and return without waiting.
+    The cache geometry is worked out once per set of cache tensors.
     """
-    geom, slots, nt = _prepare(kv_caches, layout, slot_mapping, chunk)
+    geom, slots, nt = _prepare(kv_caches, layout, slot_mapping, chunk, check)
     _run(geom, slots, nt, chunk, False, _backend(geom.device, backend))
     return chunk
 
 
-def unpack(chunk: torch.Tensor, kv_caches, layout: str, slot_mapping, backend: str = "auto") -> None:
-    """Scatter ``chunk``'s rows into the paged cache at ``slot_mapping``; negative slots are skipped."""
-    geom, slots, nt = _prepare(kv_caches, layout, slot_mapping, chunk)
+def unpack(chunk: torch.Tensor, kv_caches, layout: str, slot_mapping, backend: str = "auto",
+           check: bool = True) -> None:
+    """Scatter ``chunk``'s rows into the paged cache at ``slot_mapping``; negative slots are skipped.
+
+    Arguments as for ``pack``.
+    """
+    geom, slots, nt = _prepare(kv_caches, layout, slot_mapping, chunk, check)
     _run(geom, slots, nt, chunk, True, _backend(geom.device, backend))

@@ -51,3 +51,12 @@ def test_checksum_detects_any_single_change(n):
         z = torch.cat([t[:-1], torch.zeros(1, dtype=torch.uint8)])
         if not torch.equal(z, t):
             assert checksum(z) != c
+
+
+def test_torch_checksum_path_equals_host_kernel():
+    # The GPU path is torch int64 ops; on CPU tensors the same ops must give the same bits.
+    from gds_kvcache.kernels import checksum_cuda
+
+    for n in (1, 7, 8, 9, 4096, 100_003, 5 << 20):
+        t = random_tensor((n,), torch.uint8)
+        assert checksum_cuda(t) == checksum_host(t.numpy())

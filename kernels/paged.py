@@ -44,6 +44,30 @@ def _span(ptr: int, nbytes: int, w: int, on_gpu: bool):
 
 
 _GEOMS: dict = {}
+_VIEWS: dict = {}
+
+
+def _layer_views(geom: PagedGeometry, w: int, on_gpu: bool):
+    """(paged span, layer offsets) as kernel arguments, made once per geometry and word size.
+
+    Building them per call would copy the offsets to the GPU with a blocking
+    copy that waits for the previous kernel, serialising back-to-back calls.
+    """
+    key = (geom, w, on_gpu)
+    v = _VIEWS.get(key)
+    if v is None:
+        offs = torch.tensor([o // w for o in geom.layer_offsets], dtype=torch.int64, device=geom.device)
+        paged = _span(geom.base_ptr, geom.span, w, on_gpu)
+        if on_gpu:
+            from numba import cuda
+
+            v = (paged, cuda.as_cuda_array(offs), offs)
+        else:
+            v = (paged, offs.numpy(), offs)
+        if len(_VIEWS) > 64:
+            _VIEWS.clear()
+        _VIEWS[key] = v
+    return v[0], v[1]
 
 
 def _geometry(layout: str, kv_caches) -> PagedGeometry:
@@ -96,9 +120,8 @@ def _run(geom: PagedGeometry, slots: torch.Tensor, nt: int, chunk: torch.Tensor,
         return
     w = word_bytes(geom, chunk)
     on_gpu = geom.device.type == "cuda"
-    paged = _span(geom.base_ptr, geom.span, w, on_gpu)
+    paged, offs = _layer_views(geom, w, on_gpu)
     flat = _span(chunk.data_ptr(), chunk.numel() * chunk.element_size(), w, on_gpu)
-    offs = torch.tensor([o // w for o in geom.layer_offsets], dtype=torch.int64, device=geom.device)
     # Each token's row offset inside a layer, once per call, so kernels never divide.
     blk = torch.div(slots, geom.block_size, rounding_mode="floor")
     # Out-of-range slots (possible only with check=False) are never touched.
@@ -113,19 +136,28 @@ def _run(geom: PagedGeometry, slots: torch.Tensor, nt: int, chunk: torch.Tensor,
 
         kern = unpack_rows_cuda if unpack_ else pack_rows_cuda
         if on_gpu:
-            sms = torch.cuda.get_device_properties(geom.device).multi_processor_count
+            sms = _sm_count(geom.device)
             grid, block = launch_shape(row, geom.kv * geom.num_layers, nt, sms)
             stream = cuda.external_stream(torch.cuda.current_stream(geom.device).cuda_stream)
-            kern[grid, block, stream](paged, cuda.as_cuda_array(offs), args[0], cuda.as_cuda_array(tok_off), flat,
-                                      *args[1:])
+            kern[grid, block, stream](paged, offs, args[0], cuda.as_cuda_array(tok_off), flat, *args[1:])
         else:  # Numba's CUDA simulator, on host arrays
             grid, block = launch_shape(row, geom.kv * geom.num_layers, nt, 1)
-            kern[grid, block](paged, offs.numpy(), args[0], tok_off.numpy(), flat, *args[1:])
+            kern[grid, block](paged, offs, args[0], tok_off.numpy(), flat, *args[1:])
         return
     from .paged_cpu import pack_rows_cpu, unpack_rows_cpu
 
     kern = unpack_rows_cpu if unpack_ else pack_rows_cpu
-    kern(paged, offs.numpy(), args[0], tok_off.numpy(), flat, *args[1:])
+    kern(paged, offs, args[0], tok_off.numpy(), flat, *args[1:])
+
+
+_SMS: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    n = _SMS.get(device)
+    if n is None:
+        n = _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n
 
 
 def _backend(device: torch.device, backend: str) -> str:

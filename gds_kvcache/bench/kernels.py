@@ -32,7 +32,7 @@ def _cache(layout, L, nb, bs, h, d, dtype, dev):
 
 
 def run(layers=32, heads=8, head_size=128, block=16, tokens=4096, num_blocks=None, layouts=("vllm",),
-        device=None) -> dict:
+        device=None, block_order: str = "shuffled") -> dict:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = dev.type == "cuda"
     dtype = torch.bfloat16
@@ -40,7 +40,10 @@ def run(layers=32, heads=8, head_size=128, block=16, tokens=4096, num_blocks=Non
     timer = time_gpu if on_gpu else time_host
     rows = []
     gen = torch.Generator().manual_seed(1)
-    blocks = torch.randperm(nb, generator=gen)[: tokens // block]
+    if block_order == "sequential":
+        blocks = torch.arange(tokens // block)
+    else:
+        blocks = torch.randperm(nb, generator=gen)[: tokens // block]
     slots = (blocks[:, None] * block + torch.arange(block)).reshape(-1)[:tokens].to(dev)
     copy_gbps = None
     for layout in layouts:
@@ -105,7 +108,8 @@ def run(layers=32, heads=8, head_size=128, block=16, tokens=4096, num_blocks=Non
         if on_gpu:
             torch.cuda.empty_cache()
     return {**header(), "shape": {"layers": layers, "kv_heads": heads, "head_size": head_size, "block": block,
-                                  "tokens": tokens, "num_blocks": nb, "dtype": "bfloat16"},
+                                  "tokens": tokens, "num_blocks": nb, "dtype": "bfloat16",
+                                  "block_order": block_order},
             "rows": rows}
 
 
@@ -115,14 +119,17 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=None)
     ap.add_argument("--layouts", default="vllm,flashinfer,mla,cross_layer")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, for CI")
+    ap.add_argument("--block-order", default="shuffled", choices=["shuffled", "sequential"],
+                    help="block table: a random permutation (default) or blocks 0, 1, 2, ...")
+    ap.add_argument("--tag", default="")
     ap.add_argument("--out", default="bench-out")
     a = ap.parse_args(argv)
     gpu = torch.cuda.is_available()
     layers = a.layers or (4 if a.smoke else 32 if gpu else 8)
     tokens = a.tokens or (256 if a.smoke else 4096 if gpu else 1024)
-    r = run(layers=layers, tokens=tokens, layouts=tuple(a.layouts.split(",")))
+    r = run(layers=layers, tokens=tokens, layouts=tuple(a.layouts.split(",")), block_order=a.block_order)
     print_table(r["rows"], ["op", "layout", "ms", "GB/s", "vs copy", "vs torch", "exact"],
                 f"bench-kernels on {r['device']}: {r['shape']}")
-    write_json(os.path.join(a.out, "bench_kernels.json"), r)
+    write_json(os.path.join(a.out, f"bench_kernels{'_' + a.tag if a.tag else ''}.json"), r)
     bad = [x for x in r["rows"] if x.get("exact") is False]
     return 1 if bad else 0

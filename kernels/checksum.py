@@ -13,6 +13,8 @@ It runs at memory speed on the GPU (no host round trip of the data: only the
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from numba import njit
 
@@ -66,6 +68,21 @@ def checksum_host(buf) -> int:
 _K1_S = int(_K1) - (1 << 64)  # the same constants as signed int64, for torch
 _K2_S = int(_K2) - (1 << 64)
 _arange_cache: dict = {}
+_local = threading.local()
+
+
+def _side_stream(device):
+    """This thread's own non-blocking stream: work on the legacy default stream would
+    wait for, and make wait, every I/O copy of every other thread."""
+    import torch
+
+    streams = getattr(_local, "streams", None)
+    if streams is None:
+        streams = _local.streams = {}
+    s = streams.get(device)
+    if s is None:
+        s = streams[device] = torch.cuda.Stream(device)
+    return s
 
 
 def _mix_int(w: int, i: int) -> int:
@@ -80,6 +97,8 @@ def _arange(n: int, device):
         import torch
 
         a = torch.arange(max(n, 1 << 20), dtype=torch.int64, device=device)
+        if a.is_cuda:
+            torch.cuda.synchronize(device)  # made on one thread's stream, read on all of them
         _arange_cache[device] = a
     return a[:n]
 
@@ -92,6 +111,18 @@ def checksum_cuda(t) -> int:
     two words back: the data never leaves the GPU. A handful of fused-free
     launches costs about 10x less than one Numba kernel launch from Python.
     """
+    import torch
+
+    if t.is_cuda:
+        stream = _side_stream(t.device)
+        # The caller's stream may still be writing t (a pack kernel): order after it.
+        stream.wait_stream(torch.cuda.current_stream(t.device))
+        with torch.cuda.stream(stream):
+            return _checksum_torch(t)
+    return _checksum_torch(t)
+
+
+def _checksum_torch(t) -> int:
     import torch
 
     t = t.reshape(-1)

@@ -94,6 +94,22 @@ class KvikIOEngine(IOEngine):
         fut = op(buf, nbytes, local, self._task)
         return self._waiters.submit(self._wait, fut, nbytes, "pwrite" if write else "pread")
 
+    def _blocking(self, write: bool, obj: MemoryObj, file_offset: int, nbytes: int) -> int:
+        # In the caller's thread: no hand-off to a waiter thread per chunk.
+        if self._closed:
+            raise IOEngineError("engine is closed")
+        self._check(obj, nbytes, file_offset, self._stripe)
+        i, local = divmod(file_offset, self._stripe)
+        f = self._files[i]
+        fut = (f.pwrite if write else f.pread)(self._buffer(obj), nbytes, local, self._task)
+        return self._wait(fut, nbytes, "pwrite" if write else "pread")
+
+    def read(self, obj: MemoryObj, file_offset: int, nbytes: int) -> int:
+        return self._blocking(False, obj, file_offset, nbytes)
+
+    def write(self, obj: MemoryObj, file_offset: int, nbytes: int) -> int:
+        return self._blocking(True, obj, file_offset, nbytes)
+
     def submit_read(self, obj: MemoryObj, file_offset: int, nbytes: int) -> Future:
         return self._submit(False, obj, file_offset, nbytes)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from ..errors import IOEngineError
 from ..memory.buffers import SlabBuffer
@@ -150,6 +150,31 @@ class PosixEngine(IOEngine):
         parts = [self._pool.submit(task, write, obj, lo, min(self._task, nbytes - lo), file_offset + lo)
                  for lo in range(0, nbytes, self._task)]
         return gather(parts, nbytes, "write" if write else "read")
+
+    def _blocking(self, write: bool, obj: MemoryObj, file_offset: int, nbytes: int) -> int:
+        # The first task runs in the caller's thread, the rest in the pool: a
+        # chunk of one task needs no hand-off at all.
+        if self._closed:
+            raise IOEngineError("engine is closed")
+        self._check(obj, nbytes, file_offset, self._stripe)
+        task = self._cuda_task if obj.device.type == "cuda" else self._host_task
+        rest = [self._pool.submit(task, write, obj, lo, min(self._task, nbytes - lo), file_offset + lo)
+                for lo in range(self._task, nbytes, self._task)]
+        try:
+            done = task(write, obj, 0, min(self._task, nbytes), file_offset)
+        finally:
+            # Never return (or raise) while a pool task may still touch obj.
+            wait(rest)
+        done += sum(f.result() for f in rest)
+        if done != nbytes:
+            raise IOEngineError(f"{'write' if write else 'read'}: moved {done} of {nbytes} bytes")
+        return done
+
+    def read(self, obj: MemoryObj, file_offset: int, nbytes: int) -> int:
+        return self._blocking(False, obj, file_offset, nbytes)
+
+    def write(self, obj: MemoryObj, file_offset: int, nbytes: int) -> int:
+        return self._blocking(True, obj, file_offset, nbytes)
 
     def submit_read(self, obj: MemoryObj, file_offset: int, nbytes: int) -> Future:
         return self._submit(False, obj, file_offset, nbytes)

@@ -103,7 +103,7 @@ def _arange(n: int, device):
     return a[:n]
 
 
-def checksum_cuda(t) -> int:
+def checksum_cuda(t, ordered: bool = True) -> int:
     """Checksum of a contiguous CUDA ``uint8`` tensor, computed on its device.
 
     Torch element-wise ops in int64 (two's-complement wrap-around gives the
@@ -115,8 +115,12 @@ def checksum_cuda(t) -> int:
 
     if t.is_cuda:
         stream = _side_stream(t.device)
-        # The caller's stream may still be writing t (a pack kernel): order after it.
-        stream.wait_stream(torch.cuda.current_stream(t.device))
+        if ordered:
+            # The caller's stream may still be writing t (a pack kernel): order after it.
+            # The disk tier passes ordered=False: it has synchronised the producer already,
+            # and waiting on an I/O thread's legacy default stream would wait for every
+            # other thread's copies too.
+            stream.wait_stream(torch.cuda.current_stream(t.device))
         with torch.cuda.stream(stream):
             return _checksum_torch(t)
     return _checksum_torch(t)
@@ -155,11 +159,15 @@ def warmup_cuda(device) -> None:
     checksum_cuda(torch.ones(16, dtype=torch.uint8, device=device))
 
 
-def checksum(t) -> int:
-    """Checksum of a contiguous torch tensor's bytes, on whatever device it lives."""
+def checksum(t, ordered: bool = True) -> int:
+    """Checksum of a contiguous torch tensor's bytes, on whatever device it lives.
+
+    ``ordered=False`` skips waiting for the current CUDA stream: only for
+    callers that know the bytes are complete.
+    """
     import torch
 
     t = t.reshape(-1).view(torch.uint8)
     if t.is_cuda:
-        return checksum_cuda(t)
+        return checksum_cuda(t, ordered)
     return checksum_host(t.numpy())

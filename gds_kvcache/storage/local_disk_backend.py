@@ -175,11 +175,14 @@ class LocalDiskBackend(StorageBackendInterface):
             self._index.rewrite(self._entries.values())
 
     @staticmethod
-    def _sync_producer(obj: MemoryObj) -> None:
-        # Bytes written by kernels on the caller's stream must land before an
-        # I/O thread copies them out.
-        if obj.device.type == "cuda":
-            torch.cuda.current_stream(obj.device).synchronize()
+    def _producer_done(obj: MemoryObj):
+        """An event the I/O thread waits on: bytes written by kernels queued on the caller's
+        stream (a pack) must land before they are copied out. None for host memory."""
+        if obj.device.type != "cuda":
+            return None
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(obj.device))
+        return ev
 
     # -- puts ----------------------------------------------------------------
     def contains(self, key: CacheEngineKey) -> bool:
@@ -216,13 +219,14 @@ class LocalDiskBackend(StorageBackendInterface):
                 return fut
             memory_obj.ref_count_up()
             self._put_tasks[key] = fut
-        self._sync_producer(memory_obj)
-        self._executor.submit(self._do_put, key, memory_obj, off, fut)
+        self._executor.submit(self._do_put, key, memory_obj, off, fut, self._producer_done(memory_obj))
         return fut
 
-    def _do_put(self, key: CacheEngineKey, obj: MemoryObj, off: int, fut: Future) -> None:
+    def _do_put(self, key: CacheEngineKey, obj: MemoryObj, off: int, fut: Future, ready) -> None:
         try:
-            csum = checksum(obj.byte_array, ordered=False)  # producer synced in submit_put_task
+            if ready is not None:
+                ready.synchronize()
+            csum = checksum(obj.byte_array, ordered=False)  # ready: the producer's work is done
             self._engine.write(obj, off, obj.phys_size)
             e = DiskEntry(key, off, obj.nbytes, obj.phys_size, tuple(obj.shape), dtype_to_str(obj.dtype),
                           obj.fmt.name, csum)

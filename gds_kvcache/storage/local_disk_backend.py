@@ -12,6 +12,7 @@ different files so writes proceed in parallel.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import math
 import os
@@ -39,6 +40,13 @@ from .striped_space import StripedSpace
 __all__ = ["LocalDiskBackend"]
 
 log = logging.getLogger(__name__)
+
+
+def _is_no_space(exc: BaseException) -> bool:
+    # KvikIO reports POSIX errors as RuntimeError with the strerror text.
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc)
 
 
 class LocalDiskBackend(StorageBackendInterface):
@@ -127,7 +135,10 @@ class LocalDiskBackend(StorageBackendInterface):
                 self.lookup_server.insert(e.key)
         self._index.rewrite(kept)
         # Free pool space may hold bytes of writes a crash interrupted: give
-        # the blocks back so disk usage tracks live chunks.
+        # the blocks back so disk usage tracks live chunks (unless the pool is
+        # preallocated on purpose).
+        if self.config.preallocate:
+            return self._log_recovered(kept, bad)
         fds = [os.open(p, os.O_RDWR) for p in self._dir.pool_paths]
         try:
             for start, size in self._space.free_extents().items():
@@ -136,6 +147,9 @@ class LocalDiskBackend(StorageBackendInterface):
         finally:
             for fd in fds:
                 os.close(fd)
+        self._log_recovered(kept, bad)
+
+    def _log_recovered(self, kept: list, bad: int) -> None:
         if bad:
             log.warning("index of %s: %d unusable record(s) skipped", self._dir.path, bad)
         log.info("disk tier %s: %d chunk(s) recovered, %d of %d pool bytes used",
@@ -153,7 +167,7 @@ class LocalDiskBackend(StorageBackendInterface):
             self._drop_locked(victim, "evicted")
             self.stats["evictions"] += 1
 
-    def _drop_locked(self, key: CacheEngineKey, why: str) -> Optional[DiskEntry]:
+    def _drop_locked(self, key: CacheEngineKey, why: str, punch: bool = False) -> Optional[DiskEntry]:
         e = self._entries.pop(key, None)
         if e is None:
             return None
@@ -163,6 +177,13 @@ class LocalDiskBackend(StorageBackendInterface):
         if e.readers > 0:
             e.doomed = True
         else:
+            if punch and not self.config.preallocate:  # before the extent can be handed out again
+                path, local = self._dir.locate(e.offset)
+                fd = os.open(path, os.O_RDWR)
+                try:
+                    punch_hole(fd, local, e.phys_size)
+                finally:
+                    os.close(fd)
             self._space.free_extent(e.offset)
         if self.lookup_server is not None:
             self.lookup_server.remove(key)
@@ -227,7 +248,7 @@ class LocalDiskBackend(StorageBackendInterface):
             if ready is not None:
                 ready.synchronize()
             csum = checksum(obj.byte_array, ordered=False)  # ready: the producer's work is done
-            self._engine.write(obj, off, obj.phys_size)
+            self._write_making_room(obj, off)
             e = DiskEntry(key, off, obj.nbytes, obj.phys_size, tuple(obj.shape), dtype_to_str(obj.dtype),
                           obj.fmt.name, csum)
             with self._lock:
@@ -254,6 +275,25 @@ class LocalDiskBackend(StorageBackendInterface):
             fut.set_exception(exc)
         finally:
             obj.ref_count_down()
+
+    def _write_making_room(self, obj: MemoryObj, off: int) -> None:
+        """Write; when the file system is full, evict LRU chunks (giving their blocks back)
+        and retry, until the write fits or nothing is left to evict."""
+        while True:
+            try:
+                self._engine.write(obj, off, obj.phys_size)
+                return
+            except (OSError, RuntimeError) as exc:
+                if not _is_no_space(exc):
+                    raise
+                with self._lock:
+                    victim = next((k for k, e in self._entries.items() if e.readers == 0), None)
+                    if victim is None:
+                        raise
+                    self._drop_locked(victim, "evicted: file system full", punch=True)
+                    self.stats["evictions"] += 1
+                log.warning("file system of %s full: evicted %s to make room", self._dir.path,
+                            victim.to_string())
 
     def insert_key(self, key: CacheEngineKey, memory_obj: MemoryObj) -> None:
         """Store ``memory_obj`` under ``key`` and return once it is on disk and indexed."""
@@ -362,7 +402,8 @@ class LocalDiskBackend(StorageBackendInterface):
             if key in self._put_tasks:
                 self._cancelled.add(key)
                 return True
-            return self._drop_locked(key, "removed") is not None
+            # An explicit remove gives the blocks back to the file system too.
+            return self._drop_locked(key, "removed", punch=True) is not None
 
     def keys(self) -> list[CacheEngineKey]:
         with self._lock:

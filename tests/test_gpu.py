@@ -96,3 +96,68 @@ def test_gpu_posix_staging_same_bytes_as_kvikio(tmp_path):
         g = sm.get(k)
         assert same_bytes(g.tensor, ref)
         g.ref_count_down()
+
+
+@pytest.mark.parametrize("engine", ["kvikio", "posix"])
+def test_gpu_slab_races(tmp_path, engine):
+    """Threads put/get/prefetch/remove overlapping keys through a GPU slab under a tight pool."""
+    import random
+    import threading
+    import time
+
+    from gds_kvcache import GdsKvCacheError, LocalDiskBackend, SlabMemoryAllocator
+
+    from .reliability_common import chunk_data, record, rkey
+
+    if engine == "kvikio":
+        require_kvikio()
+    cfg = CacheEngineConfig(local_disk=str(tmp_path / "g"), max_local_disk_size=3 * MiB / GB, io_engine=engine,
+                            io_threads=8, memory_device="cuda")
+    alloc = SlabMemoryAllocator(64 * MiB, "cuda")
+    be = LocalDiskBackend(cfg, None, alloc)
+    refs = {i: chunk_data(i) for i in range(30)}
+    stop = time.monotonic() + 8
+    errors, wrong, checked = [], [0], [0]
+
+    def worker(seed):
+        rnd = random.Random(seed)
+        try:
+            while time.monotonic() < stop:
+                i = rnd.randrange(30)
+                r = rnd.random()
+                if r < 0.4:
+                    o = alloc.allocate(refs[i].shape, torch.uint8)
+                    if o is None:
+                        continue
+                    o.tensor.copy_(refs[i].to("cuda", non_blocking=False))
+                    f = be.submit_put_task(rkey(i), o)
+                    o.ref_count_down()
+                    if f is not None:
+                        try:
+                            f.result(30)
+                        except GdsKvCacheError:
+                            pass
+                elif r < 0.9:
+                    g = be.get_blocking(rkey(i))
+                    if g is not None:
+                        wrong[0] += int((g.tensor.cpu() != refs[i]).sum())
+                        checked[0] += 1
+                        g.ref_count_down()
+                else:
+                    be.remove(rkey(i))
+        except Exception as e:  # pragma: no cover
+            errors.append(repr(e))
+
+    ts = [threading.Thread(target=worker, args=(s,)) for s in range(6)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(120)
+    assert not any(t.is_alive() for t in ts) and errors == [] and wrong[0] == 0
+    be.wait_for_puts(30)
+    be.memcheck()
+    be.close()
+    alloc.memcheck()
+    assert alloc.used == 0
+    record(f"races with the GPU slab ({engine} engine, device)", "6 threads, 8 s, 30 keys, 3 MiB pool, "
+           "GPU checksums", 6, checked[0], wrong[0], 0)

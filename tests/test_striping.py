@@ -48,6 +48,7 @@ TestStriped.settings = settings(max_examples=100, stateful_step_count=50, deadli
 
 def test_layout():
     assert pool_layout(64 * MiB, 8)[0] == 1
+    assert pool_layout(1900 * MiB, 8)[0] == 1
     stripes, size = pool_layout(10 * GB, 8)
     assert stripes == 8 and size % PAGE == 0 and stripes * size <= 10 * GB
 
@@ -58,7 +59,7 @@ def cfg(d, cap_mib, files=8):
 
 
 def test_chunks_spread_over_files_and_survive_restart(tmp_path, engine_name):
-    c = cfg(tmp_path, 600).replace(io_engine=engine_name)
+    c = cfg(tmp_path, 4300).replace(io_engine=engine_name)  # sparse: 4 stripes of ~1 GiB
     alloc = SlabMemoryAllocator(64 * MiB, "host")
     be = LocalDiskBackend(c, None, alloc)
     assert len(be.pool_paths) == 4
@@ -82,13 +83,13 @@ def test_chunks_spread_over_files_and_survive_restart(tmp_path, engine_name):
 
 def test_changed_layout_starts_afresh_with_a_warning(tmp_path, caplog):
     alloc = SlabMemoryAllocator(8 * MiB, "host")
-    be = LocalDiskBackend(cfg(tmp_path, 600), None, alloc)
+    be = LocalDiskBackend(cfg(tmp_path, 4300), None, alloc)
     o = alloc.allocate((MiB,), torch.uint8)
     be.submit_put_task(CacheEngineKey("s", "m", 1, 0, 1), o).result()
     o.ref_count_down()
     be.close()
     with caplog.at_level(logging.WARNING):
-        be = LocalDiskBackend(cfg(tmp_path, 600, files=2), None, alloc)
+        be = LocalDiskBackend(cfg(tmp_path, 4300, files=2), None, alloc)
     assert any("layout" in r.message for r in caplog.records)
     assert be.keys() == [] and len(be.pool_paths) == 2
     assert sorted(p.name for p in tmp_path.glob("kvcache.pool.*")) == ["kvcache.pool.0", "kvcache.pool.1"]

@@ -107,7 +107,10 @@ class Case:
 def path_library(c: Case, engine: str, hot: bool, memory: str) -> dict:
     d = c.dir(f"library-{engine}")
     total = c.n * c.size
-    cfg = CacheEngineConfig(local_disk=d, max_local_disk_size=(total * 1.05 + 64 * MiB) / GB, local_cpu=False,
+    # A cache larger than one run's data, as in service (the pool is striped
+    # over c.files files of at least 1 GiB each).
+    cfg = CacheEngineConfig(local_disk=d, max_local_disk_size=max(2 * total, c.files * GB + GB // 8) / GB,
+                            local_cpu=False,
                             slab_size=(2 * total + 64 * MiB) / GB, memory_device=memory, io_engine=engine,
                             io_threads=c.threads, io_task_size=c.task, pool_files=c.files,
                             preallocate=c.preallocate)

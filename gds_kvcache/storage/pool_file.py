@@ -21,8 +21,10 @@ POOL_NAME = "kvcache.pool"
 INDEX_NAME = "kvcache.index"
 LOCK_NAME = "kvcache.lock"
 LAYOUT_NAME = "kvcache.layout"
-#: Stripes are at least this big, so a large chunk always fits in one.
-MIN_STRIPE = 128 * MiB
+#: Stripes are at least this big. A chunk never spans two stripes, so each
+#: stripe can leave up to one chunk's worth unused: with 1 GiB stripes that is
+#: at most ~3% for 32 MiB chunks, and pools under 2 GiB are one file.
+MIN_STRIPE = 1024 * MiB
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _FALLOC_FL_KEEP_SIZE = 1

@@ -11,12 +11,14 @@ from .errors import (ConfigError, CorruptChunkError, DirectoryLockedError, GdsKv
 from .io import IOPathReport
 from .key import CacheEngineKey
 from .memory import MemoryAllocatorInterface, MemoryFormat, MemoryObj, SlabMemoryAllocator
+from .engine import CacheEngine, StoreResult
 from .storage import (CreateStorageBackends, LocalCPUBackend, LocalDiskBackend, LookupServerInterface,
                       StorageBackendInterface, StorageManager)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CacheEngine",
     "CacheEngineConfig",
     "CacheEngineKey",
     "CacheEngineMetadata",
@@ -42,5 +44,6 @@ __all__ = [
     "StorageFullError",
     "StorageManager",
     "StorageUnavailableError",
+    "StoreResult",
     "__version__",
 ]

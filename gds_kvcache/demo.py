@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -12,22 +11,13 @@ import time
 import torch
 
 from .config import CacheEngineConfig
+from .io.page_cache import drop_page_cache
 from .key import CacheEngineKey
 from .memory.format import MemoryFormat
 from .storage.storage_manager import StorageManager
 from .units import GB, MiB
 
 __all__ = ["run_demo", "main"]
-
-
-def _drop_page_cache(paths) -> None:
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def _sync(dev: torch.device) -> None:
@@ -81,7 +71,7 @@ def run_demo(directory: str | None = None, total_mib: int = 384, chunk_mib: int 
 
         # A new manager on the same directory: the disk index is recovered and
         # the hot tier starts empty, so every get reads the disk.
-        _drop_page_cache(pool_files)
+        drop_page_cache(pool_files)
         sm = StorageManager(cfg)
         found = sum(sm.contains(k, ["LocalDiskBackend"]) for k in keys)
         _sync(dev)

@@ -128,13 +128,12 @@ def _run(geom: PagedGeometry, slots: torch.Tensor, nt: int, chunk: torch.Tensor,
     tok_off = torch.where((slots >= 0) & (slots < geom.num_slots), blk * (geom.stride_block // w) +
                           (slots - blk * geom.block_size) * (geom.stride_tok // w), -1)
     row = geom.row_bytes // w
-    args = (geom.stride_kv // w, geom.kv, geom.num_layers, nt, row)
+    args = (geom.stride_kv // w, geom.kv, geom.num_layers, nt, row, not unpack_)
     if backend == "cuda":
         from numba import cuda
 
-        from .paged_cuda import pack_rows_cuda, unpack_rows_cuda
+        from .paged_cuda import move_rows_cuda as kern
 
-        kern = unpack_rows_cuda if unpack_ else pack_rows_cuda
         if on_gpu:
             sms = _sm_count(geom.device)
             grid, block = launch_shape(row, geom.kv * geom.num_layers, nt, sms)
@@ -144,10 +143,9 @@ def _run(geom: PagedGeometry, slots: torch.Tensor, nt: int, chunk: torch.Tensor,
             grid, block = launch_shape(row, geom.kv * geom.num_layers, nt, 1)
             kern[grid, block](paged, offs, args[0], tok_off.numpy(), flat, *args[1:])
         return
-    from .paged_cpu import pack_rows_cpu, unpack_rows_cpu
+    from .paged_cpu import move_rows_cpu
 
-    kern = unpack_rows_cpu if unpack_ else pack_rows_cpu
-    kern(paged, offs, args[0], tok_off.numpy(), flat, *args[1:])
+    move_rows_cpu(paged, offs, args[0], tok_off.numpy(), flat, *args[1:])
 
 
 _SMS: dict = {}

@@ -15,7 +15,7 @@ from numba import cuda
 
 from . import _numba_compat  # noqa: F401  (before the first compile)
 
-__all__ = ["pack_rows_cuda", "unpack_rows_cuda", "copy_rows"]
+__all__ = ["move_rows_cuda", "copy_rows"]
 
 
 @cuda.jit(device=True, inline=True)
@@ -45,7 +45,8 @@ def copy_rows(src, s, dst, d, row, i, bx):
 
 
 @cuda.jit(cache=True)
-def pack_rows_cuda(src, layer_off, stride_kv, tok_off, dst, kv, nl, nt, row):
+def move_rows_cuda(paged, layer_off, stride_kv, tok_off, chunk, kv, nl, nt, row, to_chunk):
+    """Pack (``to_chunk``: paged rows -> chunk) or unpack (chunk -> paged rows)."""
     kl = cuda.blockIdx.y
     k = kl // nl
     base = layer_off[kl - k * nl] + k * stride_kv
@@ -58,25 +59,9 @@ def pack_rows_cuda(src, layer_off, stride_kv, tok_off, dst, kv, nl, nt, row):
         nxt = t + step
         off_next = tok_off[nxt] if nxt < nt else -1
         if off >= 0:
-            copy_rows(src, base + off, dst, (kl * nt + t) * row, row, tx, bx)
-        t = nxt
-        off = off_next
-
-
-@cuda.jit(cache=True)
-def unpack_rows_cuda(src, layer_off, stride_kv, tok_off, dst, kv, nl, nt, row):
-    kl = cuda.blockIdx.y
-    k = kl // nl
-    base = layer_off[kl - k * nl] + k * stride_kv
-    bx = cuda.blockDim.x
-    tx = cuda.threadIdx.x
-    step = cuda.gridDim.x * cuda.blockDim.y
-    t = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
-    off = tok_off[t] if t < nt else -1
-    while t < nt:
-        nxt = t + step
-        off_next = tok_off[nxt] if nxt < nt else -1
-        if off >= 0:
-            copy_rows(dst, (kl * nt + t) * row, src, base + off, row, tx, bx)
+            if to_chunk:
+                copy_rows(paged, base + off, chunk, (kl * nt + t) * row, row, tx, bx)
+            else:
+                copy_rows(chunk, (kl * nt + t) * row, paged, base + off, row, tx, bx)
         t = nxt
         off = off_next

@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from gds_kvcache import (CacheEngineConfig, CacheEngineKey, DirectoryLockedError, LocalDiskBackend,
+from gds_kvcache import (CacheEngineConfig, CacheEngineKey, LocalDiskBackend,
                          ShapeMismatchError, SlabMemoryAllocator, StorageFullError, StorageUnavailableError)
 from gds_kvcache.memory import MemoryFormat
 from gds_kvcache.units import GB, MiB, PAGE

@@ -1,6 +1,5 @@
 """GPU tests: run on the device machine (skipped without CUDA)."""
 
-import os
 
 import pytest
 import torch

@@ -27,19 +27,8 @@ def header() -> dict:
 
 
 def time_gpu(fn: Callable[[], None], warmup: int = 3, reps: int = 20) -> float:
-    """Median seconds of ``fn`` timed with CUDA events after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(times)
+    """Median seconds of one ``fn`` call, timed with CUDA events after ``warmup`` runs."""
+    return time_gpu_batch(fn, 1, warmup, reps)
 
 
 def time_gpu_batch(fn: Callable[[], None], batch: int = 10, warmup: int = 3, reps: int = 5) -> float:

@@ -31,6 +31,7 @@ import torch
 
 from ..config import CacheEngineConfig
 from ..io.driver import kvikio_error
+from ..io.page_cache import drop_page_cache
 from ..io.posix_engine import probe_direct_io
 from ..key import CacheEngineKey
 from ..memory.buffers import SlabBuffer
@@ -55,16 +56,6 @@ def _fs_type(path: str) -> str:
     except OSError:
         pass
     return fstype
-
-
-def _drop(paths) -> None:
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def _sync(dev) -> None:
@@ -136,7 +127,7 @@ def path_library(c: Case, engine: str, hot: bool, memory: str) -> dict:
             futs = [sm.disk.submit_prefetch_task(k) for k in keys]
             got.extend(f.result() for f in futs)
 
-        _drop(sm.disk.pool_paths)
+        drop_page_cache(sm.disk.pool_paths)
         out["get"] = _timed(get, c.dev)
         out["ok"] = all(g is not None and c.same(i, g.tensor) for i, g in enumerate(got))
         for g in got:
@@ -186,7 +177,7 @@ def path_raw(c: Case, hot: bool) -> dict:
     try:
         out = {"put": _timed(lambda: io(os.pwritev, sa), torch.device("cpu")),
                "io": ("O_DIRECT" if direct else f"buffered ({reason})") + f", {k} files"}
-        _drop(paths)
+        drop_page_cache(paths)
         out["get"] = _timed(lambda: io(os.preadv, da), torch.device("cpu"))
         out["ok"] = bool(np.array_equal(src.host_array(), dst.host_array()))
         if hot:
@@ -203,7 +194,7 @@ def path_torch(c: Case) -> dict:
     files = [os.path.join(d, f"{i}.pt") for i in range(c.n)]
     owned = [p.clone() for p in c.parts]  # save() of a view would write the whole storage
     out = {"put": _timed(lambda: [torch.save(t, f) for t, f in zip(owned, files)], c.dev)}
-    _drop(files)
+    drop_page_cache(files)
     got = []
     out["get"] = _timed(lambda: got.extend(torch.load(f, map_location=c.dev, weights_only=True) for f in files), c.dev)
     out["ok"] = all(c.same(i, g) for i, g in enumerate(got))
@@ -231,7 +222,7 @@ def path_bounce(c: Case) -> dict:
             o.copy_(st)
 
     out = {"put": _timed(put, c.dev)}
-    _drop(files)
+    drop_page_cache(files)
     out["get"] = _timed(get, c.dev)
     out["ok"] = all(c.same(i, o) for i, o in enumerate(outs))
     return out
@@ -263,7 +254,7 @@ def path_kvikio_default(c: Case) -> dict:
 
     with kvikio.defaults.set({"num_threads": 1, "task_size": 4 * MiB}):
         out = {"put": _timed(put, c.dev)}
-        _drop(files)
+        drop_page_cache(files)
         out["get"] = _timed(get, c.dev)
     out["ok"] = all(c.same(i, o) for i, o in enumerate(outs))
     return out

@@ -78,18 +78,28 @@ class IOEngine(abc.ABC):
     """
 
     @abc.abstractmethod
-    def submit_read(self, obj: MemoryObj, file_offset: int, nbytes: int) -> Future:
-        """Start reading ``nbytes`` at ``file_offset`` into ``obj``; the future gives the count."""
+    def _submit(self, write: bool, obj: MemoryObj, file_offset: int, nbytes: int) -> Future:
+        """Start the transfer; the future gives the byte count."""
 
     @abc.abstractmethod
+    def _blocking(self, write: bool, obj: MemoryObj, file_offset: int, nbytes: int) -> int:
+        """The transfer, in the caller's thread as far as possible; the byte count."""
+
+    def submit_read(self, obj: MemoryObj, file_offset: int, nbytes: int) -> Future:
+        """Start reading ``nbytes`` at ``file_offset`` into ``obj``; the future gives the count."""
+        return self._submit(False, obj, file_offset, nbytes)
+
     def submit_write(self, obj: MemoryObj, file_offset: int, nbytes: int) -> Future:
         """Start writing ``nbytes`` of ``obj`` at ``file_offset``; the future gives the count."""
+        return self._submit(True, obj, file_offset, nbytes)
 
     def read(self, obj: MemoryObj, file_offset: int, nbytes: int) -> int:
-        return self.submit_read(obj, file_offset, nbytes).result()
+        """Read and return once the bytes are in ``obj`` (GPU copies included)."""
+        return self._blocking(False, obj, file_offset, nbytes)
 
     def write(self, obj: MemoryObj, file_offset: int, nbytes: int) -> int:
-        return self.submit_write(obj, file_offset, nbytes).result()
+        """Write and return once the bytes are in the file."""
+        return self._blocking(True, obj, file_offset, nbytes)
 
     @abc.abstractmethod
     def report(self) -> IOPathReport:

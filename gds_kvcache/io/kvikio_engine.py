@@ -84,37 +84,21 @@ class KvikIOEngine(IOEngine):
             raise IOEngineError(f"{what}: moved {n} of {nbytes} bytes")
         return n
 
-    def _submit(self, write: bool, obj: MemoryObj, file_offset: int, nbytes: int) -> Future:
-        if self._closed:
-            raise IOEngineError("engine is closed")
-        self._check(obj, nbytes, file_offset, self._stripe)
-        i, local = divmod(file_offset, self._stripe)
-        buf = self._buffer(obj)
-        op = self._files[i].pwrite if write else self._files[i].pread
-        fut = op(buf, nbytes, local, self._task)
-        return self._waiters.submit(self._wait, fut, nbytes, "pwrite" if write else "pread")
-
-    def _blocking(self, write: bool, obj: MemoryObj, file_offset: int, nbytes: int) -> int:
-        # In the caller's thread: no hand-off to a waiter thread per chunk.
+    def _start(self, write: bool, obj: MemoryObj, file_offset: int, nbytes: int):
         if self._closed:
             raise IOEngineError("engine is closed")
         self._check(obj, nbytes, file_offset, self._stripe)
         i, local = divmod(file_offset, self._stripe)
         f = self._files[i]
-        fut = (f.pwrite if write else f.pread)(self._buffer(obj), nbytes, local, self._task)
-        return self._wait(fut, nbytes, "pwrite" if write else "pread")
+        return (f.pwrite if write else f.pread)(self._buffer(obj), nbytes, local, self._task)
 
-    def read(self, obj: MemoryObj, file_offset: int, nbytes: int) -> int:
-        return self._blocking(False, obj, file_offset, nbytes)
+    def _submit(self, write: bool, obj: MemoryObj, file_offset: int, nbytes: int) -> Future:
+        fut = self._start(write, obj, file_offset, nbytes)
+        return self._waiters.submit(self._wait, fut, nbytes, "pwrite" if write else "pread")
 
-    def write(self, obj: MemoryObj, file_offset: int, nbytes: int) -> int:
-        return self._blocking(True, obj, file_offset, nbytes)
-
-    def submit_read(self, obj: MemoryObj, file_offset: int, nbytes: int) -> Future:
-        return self._submit(False, obj, file_offset, nbytes)
-
-    def submit_write(self, obj: MemoryObj, file_offset: int, nbytes: int) -> Future:
-        return self._submit(True, obj, file_offset, nbytes)
+    def _blocking(self, write: bool, obj: MemoryObj, file_offset: int, nbytes: int) -> int:
+        # Waits in the caller's thread: no hand-off to a waiter thread per chunk.
+        return self._wait(self._start(write, obj, file_offset, nbytes), nbytes, "pwrite" if write else "pread")
 
     def report(self) -> IOPathReport:
         return IOPathReport("kvikio", self._path, self._direct, self._reason, self._threads, self._task,

@@ -170,18 +170,6 @@ class PosixEngine(IOEngine):
             raise IOEngineError(f"{'write' if write else 'read'}: moved {done} of {nbytes} bytes")
         return done
 
-    def read(self, obj: MemoryObj, file_offset: int, nbytes: int) -> int:
-        return self._blocking(False, obj, file_offset, nbytes)
-
-    def write(self, obj: MemoryObj, file_offset: int, nbytes: int) -> int:
-        return self._blocking(True, obj, file_offset, nbytes)
-
-    def submit_read(self, obj: MemoryObj, file_offset: int, nbytes: int) -> Future:
-        return self._submit(False, obj, file_offset, nbytes)
-
-    def submit_write(self, obj: MemoryObj, file_offset: int, nbytes: int) -> Future:
-        return self._submit(True, obj, file_offset, nbytes)
-
     def report(self) -> IOPathReport:
         return IOPathReport("posix", "posix", self._direct, self._reason, self._threads, self._task, self._memory,
                             len(self._fds))

@@ -152,6 +152,31 @@ class ExtentAllocator:
         self._allocated[start] = size
         self._used += size
 
+    def rebuild(self, allocated: dict[int, int]) -> None:
+        """Reset to exactly ``allocated`` (``{start: nbytes}``) in O(n log n); the rest is free.
+
+        Raises ``ValueError`` for a misaligned, out-of-range or overlapping extent.
+        """
+        spans = sorted((s, align_up(n, self.align)) for s, n in allocated.items())
+        self._free_start.clear()
+        self._free_end.clear()
+        for b in self._bins:
+            b.clear()
+        self._bitmap = 0
+        self._allocated = {}
+        self._used = 0
+        pos = 0
+        for s, n in spans:
+            if s % self.align or s < pos or s + n > self.capacity or n <= 0:
+                raise ValueError(f"extent [{s}, {s + n}) is misaligned, out of range or overlaps another")
+            if s > pos:
+                self._insert(pos, s - pos)
+            self._allocated[s] = n
+            self._used += n
+            pos = s + n
+        if pos < self.capacity:
+            self._insert(pos, self.capacity - pos)
+
     def _containing_free(self, start: int, size: int) -> Optional[tuple[int, int]]:
         for s, n in self._free_start.items():
             if s <= start and start + size <= s + n:

@@ -31,6 +31,7 @@ from ..key import CacheEngineKey
 from ..memory.allocator import MemoryAllocatorInterface
 from ..memory.format import MemoryFormat, dtype_to_str, str_to_dtype
 from ..memory.obj import MemoryObj
+from ..units import PAGE
 from .abstract_backend import StorageBackendInterface
 from .disk_index import DiskEntry, IndexLog
 from .lookup_server import LookupServerInterface
@@ -117,17 +118,9 @@ class LocalDiskBackend(StorageBackendInterface):
     # -- start-up ------------------------------------------------------------
     def _recover(self) -> None:
         entries, bad = self._index.replay()
-        kept = []
-        # Newest first: where extents overlap, only the newest can own the bytes.
-        for e in sorted(entries, key=lambda e: e.seq, reverse=True):
-            try:
-                self._space.reserve(e.offset, e.phys_size)
-            except ValueError:
-                log.warning("dropping index entry %s: extent [%d, +%d) is out of the pool or taken",
-                            e.key.to_string(), e.offset, e.phys_size)
-                bad += 1
-                continue
-            kept.append(e)
+        kept = self._resolve_extents(entries)
+        bad += len(entries) - len(kept)
+        self._space.rebuild({e.offset: e.phys_size for e in kept})
         kept.sort(key=lambda e: e.seq)
         for e in kept:
             self._entries[e.key] = e
@@ -148,6 +141,29 @@ class LocalDiskBackend(StorageBackendInterface):
             for fd in fds:
                 os.close(fd)
         self._log_recovered(kept, bad)
+
+    def _resolve_extents(self, entries: list[DiskEntry]) -> list[DiskEntry]:
+        """Entries whose extents fit the pool and overlap no other, in one sweep by offset.
+
+        Where two claim overlapping bytes only the newer (higher seq) can own them:
+        the older one's delete record was lost or altered.
+        """
+        stripe = self._dir.stripe_bytes
+        kept: list[DiskEntry] = []
+        for e in sorted(entries, key=lambda e: e.offset):
+            i, local = divmod(e.offset, stripe)
+            if e.offset % PAGE or i >= self._dir.stripes or local + e.phys_size > stripe:
+                log.warning("dropping index entry %s: extent [%d, +%d) is outside the pool",
+                            e.key.to_string(), e.offset, e.phys_size)
+                continue
+            if kept and kept[-1].offset + kept[-1].phys_size > e.offset:
+                loser = kept[-1] if kept[-1].seq < e.seq else e
+                log.warning("dropping index entry %s: its extent overlaps a newer chunk's", loser.key.to_string())
+                if loser is e:
+                    continue
+                kept.pop()
+            kept.append(e)
+        return kept
 
     def _log_recovered(self, kept: list, bad: int) -> None:
         if bad:
@@ -191,8 +207,14 @@ class LocalDiskBackend(StorageBackendInterface):
         return e
 
     def _maybe_compact_locked(self) -> None:
-        dead = self._index.records - len(self._entries)
-        if self._index.bytes > self._reserve // 2 or dead > len(self._entries) + 1024:
+        # Only dead records are worth a rewrite: compacting on size alone would
+        # rewrite (and fsync) the whole live index on every put once the live
+        # index outgrows the threshold. Amortised: each rewrite follows at least
+        # max(1024, live/4) dead records.
+        live = len(self._entries)
+        dead = self._index.records - live
+        over = self._index.bytes > self._reserve // 2
+        if dead > max(1024, live) or (over and dead > max(1024, live // 4)):
             self._index.rewrite(self._entries.values())
 
     @staticmethod

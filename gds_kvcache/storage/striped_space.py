@@ -58,6 +58,17 @@ class StripedSpace:
         part, local = self._split(off)
         part.reserve(local, nbytes)
 
+    def rebuild(self, allocated: dict[int, int]) -> None:
+        """Reset every stripe to exactly ``allocated`` (logical ``{offset: nbytes}``)."""
+        per = [dict() for _ in self.parts]
+        for off, n in allocated.items():
+            i, local = divmod(off, self.stripe_bytes)
+            if off < 0 or i >= len(self.parts):
+                raise ValueError(f"offset {off} is outside the pool")
+            per[i][local] = n
+        for part, extents in zip(self.parts, per):
+            part.rebuild(extents)
+
     def allocated_size(self, off: int) -> int:
         part, local = self._split(off)
         return part.allocated_size(local)

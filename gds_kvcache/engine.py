@@ -10,7 +10,7 @@ import torch
 
 from .config import CacheEngineConfig, CacheEngineMetadata
 from .errors import ShapeMismatchError
-from .kernels import LAYOUTS, describe, pack, unpack
+from .kernels import LAYOUTS, geometry, pack, unpack
 from .key import CacheEngineKey
 from .memory.format import MemoryFormat
 from .storage.storage_manager import StorageManager
@@ -81,7 +81,7 @@ class CacheEngine:
         if slots.dim() != 1 or slots.numel() < len(tokens):
             raise ShapeMismatchError(f"slot_mapping needs one slot per token ({len(tokens)}), got "
                                      f"{tuple(slots.shape)}")
-        geom = describe(self.layout, kv_caches)
+        geom = geometry(self.layout, kv_caches)
         if len(tokens) and int(slots[: len(tokens)].max()) >= geom.num_slots:
             raise ShapeMismatchError(f"slot_mapping holds a slot past the cache's {geom.num_slots} slots")
         return slots

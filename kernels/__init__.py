@@ -2,7 +2,7 @@
 
 from .checksum import checksum, checksum_cuda, checksum_host
 from .layouts import LAYOUTS, PagedGeometry, chunk_shape, describe
-from .paged import pack, unpack
+from .paged import geometry, pack, unpack
 
 __all__ = [
     "LAYOUTS",
@@ -12,6 +12,7 @@ __all__ = [
     "checksum_host",
     "chunk_shape",
     "describe",
+    "geometry",
     "pack",
     "unpack",
 ]

@@ -17,7 +17,7 @@ from gds_kvcache.errors import ShapeMismatchError
 
 from .layouts import PagedGeometry, chunk_shape, describe, word_bytes
 
-__all__ = ["pack", "unpack"]
+__all__ = ["geometry", "pack", "unpack"]
 
 _WORD = {8: np.uint64, 4: np.uint32, 2: np.uint16, 1: np.uint8}
 
@@ -70,7 +70,7 @@ def _layer_views(geom: PagedGeometry, w: int, on_gpu: bool):
     return v[0], v[1]
 
 
-def _geometry(layout: str, kv_caches) -> PagedGeometry:
+def geometry(layout: str, kv_caches) -> PagedGeometry:
     """``describe`` once per cache: serving engines pass the same tensors on every call."""
     layers = (kv_caches,) if isinstance(kv_caches, torch.Tensor) else tuple(kv_caches)
     try:
@@ -88,7 +88,7 @@ def _geometry(layout: str, kv_caches) -> PagedGeometry:
 
 
 def _prepare(kv_caches, layout: str, slot_mapping, chunk: torch.Tensor, check: bool):
-    geom = _geometry(layout, kv_caches)
+    geom = geometry(layout, kv_caches)
     slots = torch.as_tensor(slot_mapping)
     if slots.dim() != 1 or slots.dtype.is_floating_point or slots.dtype == torch.bool:
         raise ShapeMismatchError("slot_mapping must be a 1-D integer tensor")

@@ -118,16 +118,10 @@ class StorageManager:
         else:
             self._own_allocator = None
         self.allocator = EvictingAllocator(allocator)
-        self.loop = asyncio.new_event_loop()
-        self._loop_thread = threading.Thread(target=self.loop.run_forever, name="gds-kvcache-loop", daemon=True)
-        self._loop_thread.start()
-        dst = str(allocator.device)
-        try:
-            self.storage_backends = CreateStorageBackends(config, metadata, self.loop, self.allocator, dst,
-                                                          lookup_server)
-        except BaseException:
-            self._stop_loop()
-            raise
+        # No event loop: the disk tier's puts and prefetches run on its own
+        # executor, and its coroutine API uses whatever loop awaits it.
+        self.storage_backends = CreateStorageBackends(config, metadata, None, self.allocator,
+                                                      str(allocator.device), lookup_server)
         self.hot: Optional[LocalCPUBackend] = self.storage_backends.get("Hot")  # type: ignore[assignment]
         self.disk: Optional[LocalDiskBackend] = self.storage_backends.get("LocalDiskBackend")  # type: ignore
         self.allocator.hot = self.hot
@@ -222,11 +216,6 @@ class StorageManager:
             self.disk.memcheck()
         return True
 
-    def _stop_loop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._loop_thread.join()
-        self.loop.close()
-
     def close(self) -> None:
         """Drain pending writes and prefetches, then release every tier and the slab."""
         if self._closed:
@@ -241,7 +230,6 @@ class StorageManager:
                 pass
         for backend in reversed(self.storage_backends.values()):
             backend.close()
-        self._stop_loop()
         if self._own_allocator is not None:
             self._own_allocator.close()
 

@@ -50,14 +50,6 @@ class StripedSpace:
         part, local = self._split(off)
         return part.free_extent(local)
 
-    def reserve(self, off: int, nbytes: int) -> None:
-        if off < 0:
-            raise ValueError(f"negative offset {off}")
-        if off // self.stripe_bytes >= len(self.parts):
-            raise ValueError(f"offset {off} is past the last stripe")
-        part, local = self._split(off)
-        part.reserve(local, nbytes)
-
     def rebuild(self, allocated: dict[int, int]) -> None:
         """Reset every stripe to exactly ``allocated`` (logical ``{offset: nbytes}``)."""
         per = [dict() for _ in self.parts]

@@ -2,7 +2,7 @@
 
 from .checksum import checksum, checksum_cuda, checksum_host
 from .layouts import LAYOUTS, PagedGeometry, chunk_shape, describe
-from .paged import geometry, pack, unpack
+from .paged import geometry, launch_path, pack, unpack
 
 __all__ = [
     "LAYOUTS",
@@ -13,6 +13,7 @@ __all__ = [
     "chunk_shape",
     "describe",
     "geometry",
+    "launch_path",
     "pack",
     "unpack",
 ]

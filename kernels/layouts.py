@@ -131,13 +131,19 @@ def chunk_shape(geom: PagedGeometry, num_tokens: int) -> torch.Size:
     return torch.Size((geom.kv, geom.num_layers, num_tokens, geom.row_elems))
 
 
+_GCD: dict = {}
+
+
 def word_bytes(geom: PagedGeometry, chunk: torch.Tensor) -> int:
     """Widest copy unit (8, 4, 2 or 1 bytes) that divides every address, stride and row."""
-    vals = [geom.row_bytes, geom.stride_kv, geom.stride_block, geom.stride_tok, geom.base_ptr,
-            chunk.data_ptr(), *geom.layer_offsets]
-    g = 0
-    for v in vals:
-        g = math.gcd(g, v)
+    g = _GCD.get(geom)
+    if g is None:
+        g = math.gcd(geom.row_bytes, geom.stride_kv, geom.stride_block, geom.stride_tok, geom.base_ptr,
+                     *geom.layer_offsets)
+        if len(_GCD) > 64:
+            _GCD.clear()
+        _GCD[geom] = g
+    g = math.gcd(g, chunk.data_ptr())
     for w in (8, 4, 2, 1):
         if g % w == 0:
             return w

@@ -17,57 +17,33 @@ from gds_kvcache.errors import ShapeMismatchError
 
 from .layouts import PagedGeometry, chunk_shape, describe, word_bytes
 
-__all__ = ["geometry", "pack", "unpack"]
+__all__ = ["geometry", "launch_path", "pack", "unpack"]
 
 _WORD = {8: np.uint64, 4: np.uint32, 2: np.uint16, 1: np.uint8}
-
-
-class _DeviceSpan:
-    """A raw device address range seen as a 1-D array (CUDA array interface)."""
-
-    def __init__(self, ptr: int, n: int, w: int):
-        self.__cuda_array_interface__ = {"shape": (n,), "typestr": np.dtype(_WORD[w]).str, "data": (ptr, False),
-                                         "strides": None, "version": 3, "stream": None}
 
 
 def _host_span(ptr: int, nbytes: int, w: int) -> np.ndarray:
     return np.frombuffer((ctypes.c_uint8 * nbytes).from_address(ptr), dtype=np.uint8).view(_WORD[w])
 
 
-def _span(ptr: int, nbytes: int, w: int, on_gpu: bool):
-    nbytes = (nbytes + w - 1) // w * w
-    if on_gpu:
-        from numba import cuda
-
-        return cuda.as_cuda_array(_DeviceSpan(ptr, nbytes // w, w))
-    return _host_span(ptr, nbytes, w)
-
-
 _GEOMS: dict = {}
 _VIEWS: dict = {}
 
 
-def _layer_views(geom: PagedGeometry, w: int, on_gpu: bool):
-    """(paged span, layer offsets) as kernel arguments, made once per geometry and word size.
+def _layer_offsets(geom: PagedGeometry, w: int) -> torch.Tensor:
+    """Per-layer start offsets in words on the cache's device, made once per geometry and word size.
 
     Building them per call would copy the offsets to the GPU with a blocking
     copy that waits for the previous kernel, serialising back-to-back calls.
     """
-    key = (geom, w, on_gpu)
+    key = (geom, w)
     v = _VIEWS.get(key)
     if v is None:
-        offs = torch.tensor([o // w for o in geom.layer_offsets], dtype=torch.int64, device=geom.device)
-        paged = _span(geom.base_ptr, geom.span, w, on_gpu)
-        if on_gpu:
-            from numba import cuda
-
-            v = (paged, cuda.as_cuda_array(offs), offs)
-        else:
-            v = (paged, offs.numpy(), offs)
+        v = torch.tensor([o // w for o in geom.layer_offsets], dtype=torch.int64, device=geom.device)
         if len(_VIEWS) > 64:
             _VIEWS.clear()
         _VIEWS[key] = v
-    return v[0], v[1]
+    return v
 
 
 def geometry(layout: str, kv_caches) -> PagedGeometry:
@@ -105,13 +81,26 @@ def _prepare(kv_caches, layout: str, slot_mapping, chunk: torch.Tensor, check: b
     return geom, slots, nt
 
 
-def launch_shape(row_words: int, kv_layers: int, nt: int, sms: int = 132) -> tuple[tuple[int, int], tuple[int, int]]:
-    """CUDA grid and block: a warp per row (fewer threads for short rows), 256 threads per
-    block, and about eight resident blocks per multiprocessor in all."""
-    tx = min(32, max(4, 1 << max(0, (-(-row_words // 8) - 1).bit_length())))
-    ty = 256 // tx
-    gx = max(1, min(-(-nt // ty), -(-sms * 8 // kv_layers), 65535))
-    return (gx, kv_layers), (tx, ty)
+_KERNELS: dict = {}
+
+
+def _cuda_kernel(w: int):
+    """The GPU kernel compiled for ``w``-byte words, with its launcher (one per word size)."""
+    k = _KERNELS.get(w)
+    if k is None:
+        from .launch import DeviceSpan, PreparedKernel
+        from .paged_cuda import move_rows_cuda
+
+        span = DeviceSpan(0, 1, _WORD[w])
+        offs = DeviceSpan(0, 1, np.int64)
+        k = _KERNELS[w] = PreparedKernel(move_rows_cuda, (span, offs, offs, span) + (0,) * 9 + (True,))
+    return k
+
+
+def launch_path() -> str:
+    """How GPU pack/unpack launch: ``prepared`` (raw arguments straight to cuda.core) or
+    ``numba-launch`` (Numba's per-call argument handling; slower, same results)."""
+    return _cuda_kernel(8).path
 
 
 def _run(geom: PagedGeometry, slots: torch.Tensor, nt: int, chunk: torch.Tensor, unpack_: bool,
@@ -120,42 +109,34 @@ def _run(geom: PagedGeometry, slots: torch.Tensor, nt: int, chunk: torch.Tensor,
         return
     w = word_bytes(geom, chunk)
     on_gpu = geom.device.type == "cuda"
-    paged, offs = _layer_views(geom, w, on_gpu)
-    flat = _span(chunk.data_ptr(), chunk.numel() * chunk.element_size(), w, on_gpu)
-    # Each token's row offset inside a layer, once per call, so kernels never divide.
-    blk = torch.div(slots, geom.block_size, rounding_mode="floor")
-    # Out-of-range slots (possible only with check=False) are never touched.
-    tok_off = torch.where((slots >= 0) & (slots < geom.num_slots), blk * (geom.stride_block // w) +
-                          (slots - blk * geom.block_size) * (geom.stride_tok // w), -1)
+    offs = _layer_offsets(geom, w)
     row = geom.row_bytes // w
-    args = (geom.stride_kv // w, geom.kv, geom.num_layers, nt, row, not unpack_)
-    if backend == "cuda":
-        from numba import cuda
+    nrows = geom.kv * geom.num_layers * nt
+    scal = (geom.stride_kv // w, geom.num_layers, nt, row, geom.block_size, geom.stride_block // w,
+            geom.stride_tok // w, geom.num_slots, nrows, not unpack_)
+    if on_gpu:
+        from .paged_cuda import launch_block, launch_grid
 
-        from .paged_cuda import move_rows_cuda as kern
+        block = launch_block(row)
+        kern = _cuda_kernel(w)
+        span = -(-geom.span // w)
+        gx = launch_grid(nrows, block)
+        kern((gx, 1, 1), block + (1,), torch.cuda.current_stream(geom.device).cuda_stream,
+             ((geom.base_ptr, span), (offs.data_ptr(), offs.numel()), (slots.data_ptr(), nt),
+              (chunk.data_ptr(), chunk.numel() * chunk.element_size() // w)) + scal)
+        return
+    paged = _host_span(geom.base_ptr, -(-geom.span // w) * w, w)
+    flat = _host_span(chunk.data_ptr(), chunk.numel() * chunk.element_size(), w)
+    host_args = (paged, offs.numpy(), slots.numpy(), flat) + scal
+    if backend == "cuda":  # Numba's CUDA simulator, on host arrays
+        from .paged_cuda import launch_block, launch_grid, move_rows_cuda
 
-        if on_gpu:
-            sms = _sm_count(geom.device)
-            grid, block = launch_shape(row, geom.kv * geom.num_layers, nt, sms)
-            stream = cuda.external_stream(torch.cuda.current_stream(geom.device).cuda_stream)
-            kern[grid, block, stream](paged, offs, args[0], cuda.as_cuda_array(tok_off), flat, *args[1:])
-        else:  # Numba's CUDA simulator, on host arrays
-            grid, block = launch_shape(row, geom.kv * geom.num_layers, nt, 1)
-            kern[grid, block](paged, offs, args[0], tok_off.numpy(), flat, *args[1:])
+        block = launch_block(row)
+        move_rows_cuda[launch_grid(nrows, block, 2), block](*host_args)
         return
     from .paged_cpu import move_rows_cpu
 
-    move_rows_cpu(paged, offs, args[0], tok_off.numpy(), flat, *args[1:])
-
-
-_SMS: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    n = _SMS.get(device)
-    if n is None:
-        n = _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return n
+    move_rows_cpu(*host_args)
 
 
 def _backend(device: torch.device, backend: str) -> str:

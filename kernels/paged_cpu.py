@@ -1,9 +1,7 @@
 """Pack/unpack of paged KV on the CPU: ``@njit(parallel=True)``, one row per iteration.
 
-Arguments are in copy words: ``paged`` spans every layer from the lowest
-layer address, ``layer_off[l]`` is a layer's start in it, ``tok_off[t]`` the
-offset of token ``t``'s row inside a layer (-1 for a skipped slot), and
-``chunk`` is the chunk ``[K, L, T, row]``.
+Same arguments as ``paged_cuda.move_rows_cuda`` (all in copy words), so the
+two targets are driven by one argument tuple.
 """
 
 from __future__ import annotations
@@ -14,18 +12,19 @@ __all__ = ["move_rows_cpu"]
 
 
 @njit(parallel=True, cache=True)
-def move_rows_cpu(paged, layer_off, stride_kv, tok_off, chunk, kv, nl, nt, row, to_chunk):
+def move_rows_cpu(paged, layer_off, slots, chunk, stride_kv, nl, nt, row, bs, sblk, stok, nslots, nrows,
+                  to_chunk):
     """Pack (``to_chunk``: paged rows -> chunk) or unpack (chunk -> paged rows)."""
-    for r in prange(kv * nl * nt):
-        t = r % nt
-        off = tok_off[t]
-        if off < 0:
+    for r in prange(nrows):
+        s = slots[r % nt]
+        if s < 0 or s >= nslots:
             continue
+        b = s // bs
         kl = r // nt
         k = kl // nl
-        s = layer_off[kl - k * nl] + k * stride_kv + off
+        p = layer_off[kl - k * nl] + k * stride_kv + b * sblk + (s - b * bs) * stok
         d = r * row
         if to_chunk:
-            chunk[d:d + row] = paged[s:s + row]
+            chunk[d:d + row] = paged[p:p + row]
         else:
-            paged[s:s + row] = chunk[d:d + row]
+            paged[p:p + row] = chunk[d:d + row]

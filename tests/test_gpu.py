@@ -73,6 +73,41 @@ def test_gpu_kernels_large(layout):
     check_case(layout, torch.bfloat16, 1000, True, device="cuda", dims=(4, 300, 16, 8, 128), seed=5)
 
 
+@pytest.mark.parametrize("max_grid", [None, 37])
+@pytest.mark.parametrize("layout", ["vllm", "flashinfer", "mla"])
+def test_gpu_kernels_llama_scale(monkeypatch, layout, max_grid):
+    # 32 layers x 4000 tokens; with a 37-block grid cap every warp loops over many rows.
+    from gds_kvcache.kernels import paged_cuda
+
+    if max_grid is not None:
+        monkeypatch.setattr(paged_cuda, "MAX_GRID", max_grid)
+    check_case(layout, torch.bfloat16, 4000, True, device="cuda", dims=(32, 300, 16, 8, 128), seed=6)
+
+
+def test_gpu_prepared_launch_in_use():
+    from numba.cuda import dispatcher
+
+    from gds_kvcache.kernels import launch_path
+
+    try:
+        from cuda.core import launch
+    except ImportError:
+        pytest.skip("numba-cuda without cuda.core")
+    if getattr(dispatcher, "launch", None) is not launch:
+        pytest.skip("this numba-cuda does not launch through cuda.core")
+    assert launch_path() == "prepared"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gpu_numba_launch_fallback_same_bytes(monkeypatch, layout):
+    from gds_kvcache.kernels import paged
+
+    for w in (1, 2, 4, 8):
+        monkeypatch.setattr(paged._cuda_kernel(w), "path", "numba-launch")
+    for dtype in (torch.bfloat16, torch.int8, torch.float32):
+        check_case(layout, dtype, 29, True, device="cuda", seed=11)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("engine", ["kvikio", "posix"])
 def test_gpu_engine_end_to_end(tmp_path, layout, engine):

@@ -28,21 +28,28 @@ def header() -> dict:
 
 def time_gpu(fn: Callable[[], None], warmup: int = 3, reps: int = 20) -> float:
     """Median seconds of one ``fn`` call, timed with CUDA events after ``warmup`` runs."""
-    return time_gpu_batch(fn, 1, warmup, reps)
+    return time_gpu_batch(fn, 1, warmup, reps, prefill=False)
 
 
-def time_gpu_batch(fn: Callable[[], None], batch: int = 10, warmup: int = 3, reps: int = 5) -> float:
-    """Median seconds per call of ``batch`` back-to-back calls between two CUDA events.
+def time_gpu_batch(fn: Callable[[], None], batch: int = 10, warmup: int = 3, reps: int = 5,
+                   prefill: bool = True) -> float:
+    """Median seconds per call of ``batch`` back-to-back calls between two CUDA events: device time.
 
-    Launches queue up while the GPU works, so host-side call overhead shorter
-    than the kernel does not show: this is the device throughput.
+    With ``prefill`` a GPU-side sleep (about 25 ms) is queued before the first
+    event, so the host has queued all ``batch`` calls before the GPU reaches
+    them and host-side call overhead does not show even where it exceeds the
+    kernel's time. Without it, the figure is whichever of host and device is
+    slower.
     """
+    sleep = getattr(torch.cuda, "_sleep", None) if prefill else None
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if sleep is not None:
+            sleep(50_000_000)
         a.record()
         for _ in range(batch):
             fn()

@@ -88,6 +88,17 @@ def _gds_blockers(directory: str) -> list[str]:
     return why
 
 
+def _kernel_launch() -> str:
+    """How pack/unpack kernels launch on a GPU here (see ``kernels.launch``)."""
+    try:
+        from ..kernels.launch import prepared_launch_available
+
+        fast = prepared_launch_available()
+    except Exception as e:  # a broken numba-cuda install should not stop the report
+        return f"unknown ({type(e).__name__}: {e})"
+    return "prepared (raw arguments to cuda.core)" if fast else "numba-launch (Numba's per-call launch)"
+
+
 def collect(directory: str | None = None, config: CacheEngineConfig | None = None) -> dict:
     config = config or CacheEngineConfig()
     directory = os.path.abspath(directory or tempfile.gettempdir())
@@ -118,7 +129,7 @@ def collect(directory: str | None = None, config: CacheEngineConfig | None = Non
         "kvikio": kv, "gds_available": not blockers and path == "gds", "gds_blockers": blockers,
         "engine": engine, "engine_reason": why, "io_path": path,
         "io_threads": config.io_threads, "io_task_size": config.io_task_size, "direct_io": config.direct_io,
-        "pool_files": config.pool_files,
+        "pool_files": config.pool_files, "kernel_launch": _kernel_launch(),
     }
 
 
@@ -147,6 +158,7 @@ def main(argv=None) -> int:
     lines += [
         ("engine", f"{r['engine']} ({r['engine_reason']})"),
         ("I/O path", r["io_path"]),
+        ("kernel launch", r["kernel_launch"] + ("" if r["gpus"] else "; no GPU: host kernels")),
         ("settings", f"io_threads={r['io_threads']} io_task_size={r['io_task_size'] >> 10} KiB "
                      f"direct_io={r['direct_io']} pool_files={r['pool_files']}"),
     ]

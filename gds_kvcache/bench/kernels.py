@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import torch
 
@@ -38,6 +39,9 @@ def run(layers=32, heads=8, head_size=128, block=16, tokens=4096, num_blocks=Non
     dtype = torch.bfloat16
     nb = num_blocks or max(tokens // block * 4, 64)
     timer = time_gpu if on_gpu else time_host
+    # Device throughput: calls queued back to back behind a GPU sleep, so host
+    # overhead does not hide in the figure (it has its own column).
+    batch = time_gpu_batch if on_gpu else timer
     rows = []
     gen = torch.Generator().manual_seed(1)
     if block_order == "sequential":
@@ -55,17 +59,18 @@ def run(layers=32, heads=8, head_size=128, block=16, tokens=4096, num_blocks=Non
         moved = 2 * nbytes  # read + write
         if copy_gbps is None:
             other = torch.empty_like(chunk)
-            t_copy = timer(lambda: other.copy_(chunk))
+            t_copy = batch(lambda: other.copy_(chunk))
             copy_gbps = moved / t_copy / 1e9
             rows.append({"op": "device copy (ceiling)", "layout": "-", "ms": t_copy * 1e3, "GB/s": copy_gbps,
                          "vs copy": 1.0, "vs torch": ""})
             del other
-        # Device throughput (calls queued back to back, no per-call slot check),
-        # and one full call with its slot check, as a single pack() costs a user.
-        batch = time_gpu_batch if on_gpu else timer
+        # Device throughput (no per-call slot check), host time per call, and one
+        # full call with its slot check, timed alone: what a single pack() costs a user.
         t_pack = batch(lambda: pack(kv, layout, slots, chunk, check=False))
         t_unpack = batch(lambda: unpack(chunk, kv, layout, slots, check=False))
         t_call = timer(lambda: pack(kv, layout, slots, chunk))
+        host = {"pack": _host_us(lambda: pack(kv, layout, slots, chunk, check=False), on_gpu),
+                "unpack": _host_us(lambda: unpack(chunk, kv, layout, slots, check=False), on_gpu)}
         # The same gather/scatter the way a torch user writes it, per layer.
         if layout == "cross_layer":
             flat = [kv[:, l].transpose(0, 1).reshape(geom.kv, nb * block, geom.row_elems) for l in range(layers)]
@@ -87,8 +92,8 @@ def run(layers=32, heads=8, head_size=128, block=16, tokens=4096, num_blocks=Non
             for l in range(layers):
                 flat[l].index_copy_(1, slots, tmp[l])
 
-        ts = timer(t_select)
-        tc = timer(t_copyback) if flat_is_view else float("nan")
+        ts = batch(t_select)
+        tc = batch(t_copyback) if flat_is_view else float("nan")
         # Byte check: the kernel's chunk against torch's gather.
         pack(kv, layout, slots, chunk)
         t_select()
@@ -99,7 +104,7 @@ def run(layers=32, heads=8, head_size=128, block=16, tokens=4096, num_blocks=Non
             g = moved / t / 1e9
             tb = moved / base / 1e9 if base == base else float("nan")
             rows.append({"op": op, "layout": layout, "ms": t * 1e3, "GB/s": g, "vs copy": g / copy_gbps,
-                         "vs torch": g / tb if tb == tb else "n/a"})
+                         "vs torch": g / tb if tb == tb else "n/a", "host us/call": host.get(op, "")})
             if op != "pack, one checked call":
                 rows.append({"op": "torch index_select" if op == "pack" else "torch index_copy_", "layout": layout,
                              "ms": base * 1e3, "GB/s": tb, "vs copy": tb / copy_gbps, "vs torch": 1.0})
@@ -107,10 +112,39 @@ def run(layers=32, heads=8, head_size=128, block=16, tokens=4096, num_blocks=Non
         del kv, chunk, tmp, flat
         if on_gpu:
             torch.cuda.empty_cache()
-    return {**header(), "shape": {"layers": layers, "kv_heads": heads, "head_size": head_size, "block": block,
+    return {**header(), "launch": _launch_info() if on_gpu else "host", "shape": {"layers": layers, "kv_heads": heads, "head_size": head_size, "block": block,
                                   "tokens": tokens, "num_blocks": nb, "dtype": "bfloat16",
                                   "block_order": block_order},
             "rows": rows}
+
+
+def _host_us(fn, on_gpu: bool, n: int = 20) -> float:
+    """Host microseconds per call while the GPU is busy (so no call waits for the device)."""
+    if not on_gpu:
+        return ""
+    fn()
+    torch.cuda.synchronize()
+    sleep = getattr(torch.cuda, "_sleep", None)
+    if sleep is not None:
+        sleep(50_000_000)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    dt = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return dt / n * 1e6
+
+
+def _launch_info() -> dict:
+    from ..kernels import paged
+
+    k = paged._cuda_kernel(8)
+    info = {"path": k.path}
+    try:
+        info["regs_per_thread"] = int(k.kernel.regs_per_thread)
+    except Exception:  # attribute names differ across numba-cuda releases
+        pass
+    return info
 
 
 def main(argv=None) -> int:
@@ -128,8 +162,8 @@ def main(argv=None) -> int:
     layers = a.layers or (4 if a.smoke else 32 if gpu else 8)
     tokens = a.tokens or (256 if a.smoke else 4096 if gpu else 1024)
     r = run(layers=layers, tokens=tokens, layouts=tuple(a.layouts.split(",")), block_order=a.block_order)
-    print_table(r["rows"], ["op", "layout", "ms", "GB/s", "vs copy", "vs torch", "exact"],
-                f"bench-kernels on {r['device']}: {r['shape']}")
+    print_table(r["rows"], ["op", "layout", "ms", "GB/s", "vs copy", "vs torch", "host us/call", "exact"],
+                f"bench-kernels on {r['device']}: {r['shape']}, launch {r['launch']}")
     write_json(os.path.join(a.out, f"bench_kernels{'_' + a.tag if a.tag else ''}.json"), r)
     bad = [x for x in r["rows"] if x.get("exact") is False]
     return 1 if bad else 0

@@ -1,5 +1,6 @@
 """GPU tests: run on the device machine (skipped without CUDA)."""
 
+import importlib
 
 import pytest
 import torch
@@ -52,13 +53,41 @@ def test_gpu_slab_1gib_round_trip(tmp_path, engine):
         sm.memcheck()
 
 
-def test_gpu_checksum_matches_host():
+@pytest.mark.parametrize("impl", ["numba", "torch"])
+def test_gpu_checksum_matches_host(monkeypatch, impl):
+    mod = importlib.import_module("gds_kvcache.kernels.checksum")  # the package's `checksum` is the function
+    monkeypatch.setattr(mod, "_NUMBA_GPU", impl == "numba")
     for n in (1, 7, 8, 4097, 10_000_019, 64 << 20):
         t = random_tensor((n,), torch.uint8, "cuda")
         assert checksum(t) == checksum_host(t.cpu().numpy())
         u = t.clone()
         u[n // 3] ^= 4
         assert checksum(u) != checksum(t)
+        # A misaligned view takes the torch path whatever the setting.
+        if n > 9:
+            assert checksum(t[1:]) == checksum_host(t[1:].cpu().numpy())
+
+
+def test_gpu_checksum_uses_the_kernel_with_prepared_launch():
+    from gds_kvcache.kernels.launch import prepared_launch_available
+
+    mod = importlib.import_module("gds_kvcache.kernels.checksum")
+
+    if not prepared_launch_available():
+        pytest.skip("numba-cuda without the prepared launch: torch ops are the faster choice")
+    checksum(random_tensor((4096,), torch.uint8, "cuda"))
+    assert mod._NUMBA_GPU is True
+
+
+def test_gpu_checksum_from_many_threads():
+    # I/O threads checksum concurrently, each on its own stream and result buffer.
+    from concurrent.futures import ThreadPoolExecutor
+
+    ts = [random_tensor((1 << 20 | 3 * i,), torch.uint8, "cuda") for i in range(32)]
+    want = [checksum_host(t.cpu().numpy()) for t in ts]
+    with ThreadPoolExecutor(16) as pool:
+        for _ in range(3):
+            assert list(pool.map(checksum, ts)) == want
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

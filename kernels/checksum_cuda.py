@@ -53,20 +53,25 @@ def checksum_words_cuda(words, nw, out):
 
 
 _lock = threading.Lock()
-_kernel = None
+_kernels: dict = {}
 _local = threading.local()
 
 
-def _prepared():
-    global _kernel
-    if _kernel is None:
+def _prepared(device):
+    """The launcher for ``device`` (a compiled kernel is loaded into one device's context)."""
+    k = _kernels.get(device.index)
+    if k is None:
+        import torch
+
         with _lock:
-            if _kernel is None:
+            k = _kernels.get(device.index)
+            if k is None:
                 from .launch import DeviceSpan, PreparedKernel
 
                 span = DeviceSpan(0, 1, np.uint64)
-                _kernel = PreparedKernel(checksum_words_cuda, (span, 0, span))
-    return _kernel
+                with torch.cuda.device(device):
+                    k = _kernels[device.index] = PreparedKernel(checksum_words_cuda, (span, 0, span))
+    return k
 
 
 def word_sum(ptr: int, nw: int, device, stream) -> int:
@@ -82,7 +87,7 @@ def word_sum(ptr: int, nw: int, device, stream) -> int:
         out = outs[device] = torch.empty(1, dtype=torch.int64, device=device)
     out.zero_()
     grid = max(1, min(-(-nw // (_THREADS * 8)), 1024))
-    _prepared()((grid, 1, 1), (_THREADS, 1, 1), stream.cuda_stream, ((ptr, nw), nw, (out.data_ptr(), 1)))
+    _prepared(out.device)((grid, 1, 1), (_THREADS, 1, 1), stream.cuda_stream, ((ptr, nw), nw, (out.data_ptr(), 1)))
     return int(out.item()) & ((1 << 64) - 1)
 
 

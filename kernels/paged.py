@@ -9,6 +9,7 @@ the serving engine's cache and the slab with no intermediate copy.
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ def _host_span(ptr: int, nbytes: int, w: int) -> np.ndarray:
 
 
 _GEOMS: dict = {}
-_VIEWS: dict = {}
+_OFFSETS: dict = {}
 
 
 def _layer_offsets(geom: PagedGeometry, w: int) -> torch.Tensor:
@@ -37,12 +38,12 @@ def _layer_offsets(geom: PagedGeometry, w: int) -> torch.Tensor:
     copy that waits for the previous kernel, serialising back-to-back calls.
     """
     key = (geom, w)
-    v = _VIEWS.get(key)
+    v = _OFFSETS.get(key)
     if v is None:
         v = torch.tensor([o // w for o in geom.layer_offsets], dtype=torch.int64, device=geom.device)
-        if len(_VIEWS) > 64:
-            _VIEWS.clear()
-        _VIEWS[key] = v
+        if len(_OFFSETS) > 64:
+            _OFFSETS.clear()
+        _OFFSETS[key] = v
     return v
 
 
@@ -82,24 +83,33 @@ def _prepare(kv_caches, layout: str, slot_mapping, chunk: torch.Tensor, check: b
 
 
 _KERNELS: dict = {}
+_KERNELS_LOCK = threading.Lock()
 
 
-def _cuda_kernel(w: int):
-    """The GPU kernel compiled for ``w``-byte words, with its launcher (one per word size)."""
-    k = _KERNELS.get(w)
+def _cuda_kernel(w: int, device=None):
+    """The GPU kernel for ``w``-byte words with its launcher, one per word size and GPU
+    (a compiled kernel is loaded into one device's context)."""
+    dev = torch.device("cuda", torch.cuda.current_device()) if device is None else device
+    key = (w, dev.index)
+    k = _KERNELS.get(key)
     if k is None:
-        from .launch import DeviceSpan, PreparedKernel
-        from .paged_cuda import move_rows_cuda
+        with _KERNELS_LOCK:
+            k = _KERNELS.get(key)
+            if k is None:
+                from .launch import DeviceSpan, PreparedKernel
+                from .paged_cuda import move_rows_cuda
 
-        span = DeviceSpan(0, 1, _WORD[w])
-        offs = DeviceSpan(0, 1, np.int64)
-        k = _KERNELS[w] = PreparedKernel(move_rows_cuda, (span, offs, offs, span) + (0,) * 9 + (True,))
+                span = DeviceSpan(0, 1, _WORD[w])
+                offs = DeviceSpan(0, 1, np.int64)
+                with torch.cuda.device(dev):
+                    k = PreparedKernel(move_rows_cuda, (span, offs, offs, span) + (0,) * 9 + (True,))
+                _KERNELS[key] = k
     return k
 
 
 def launch_path() -> str:
-    """How GPU pack/unpack launch: ``prepared`` (raw arguments straight to cuda.core) or
-    ``numba-launch`` (Numba's per-call argument handling; slower, same results)."""
+    """How GPU pack/unpack launch on the current GPU: ``prepared`` (raw arguments straight to
+    cuda.core) or ``numba-launch`` (Numba's per-call argument handling; slower, same results)."""
     return _cuda_kernel(8).path
 
 
@@ -118,12 +128,17 @@ def _run(geom: PagedGeometry, slots: torch.Tensor, nt: int, chunk: torch.Tensor,
         from .paged_cuda import launch_block, launch_grid
 
         block = launch_block(row)
-        kern = _cuda_kernel(w)
+        kern = _cuda_kernel(w, geom.device)
         span = -(-geom.span // w)
         gx = launch_grid(nrows, block)
-        kern((gx, 1, 1), block + (1,), torch.cuda.current_stream(geom.device).cuda_stream,
-             ((geom.base_ptr, span), (offs.data_ptr(), offs.numel()), (slots.data_ptr(), nt),
-              (chunk.data_ptr(), chunk.numel() * chunk.element_size() // w)) + scal)
+        args = ((geom.base_ptr, span), (offs.data_ptr(), offs.numel()), (slots.data_ptr(), nt),
+                (chunk.data_ptr(), chunk.numel() * chunk.element_size() // w)) + scal
+        stream = torch.cuda.current_stream(geom.device).cuda_stream
+        if geom.device.index == torch.cuda.current_device():
+            kern((gx, 1, 1), block + (1,), stream, args)
+        else:  # launch from the cache's own device context
+            with torch.cuda.device(geom.device):
+                kern((gx, 1, 1), block + (1,), stream, args)
         return
     paged = _host_span(geom.base_ptr, -(-geom.span // w) * w, w)
     flat = _host_span(chunk.data_ptr(), chunk.numel() * chunk.element_size(), w)

@@ -224,3 +224,14 @@ def test_gpu_slab_races(tmp_path, engine):
     assert alloc.used == 0
     record(f"races with the GPU slab ({engine} engine, device)", "6 threads, 8 s, 30 keys, 3 MiB pool, "
            "GPU checksums", 6, checked[0], wrong[0], 0)
+
+
+def test_gpu_kernels_and_checksum_on_a_second_gpu():
+    # Compiled kernels are loaded per device context: each GPU gets its own launcher.
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    for dev in ("cuda:1", "cuda:0"):  # cuda:1 first, while cuda:0 is the current device
+        for layout in ("vllm", "mla"):
+            check_case(layout, torch.bfloat16, 29, True, device=dev, seed=12)
+        t = random_tensor((1 << 20,), torch.uint8, dev)
+        assert checksum(t) == checksum_host(t.cpu().numpy())

@@ -17,6 +17,7 @@ from numba import cuda
 
 from . import _numba_compat  # noqa: F401  (before the first compile)
 from .checksum import _K1, _K2, _S
+from .launch import DeviceSpan, prepared
 
 __all__ = ["checksum_words_cuda", "word_sum"]
 
@@ -52,26 +53,12 @@ def checksum_words_cuda(words, nw, out):
         cuda.atomic.add(out, 0, part[0])
 
 
-_lock = threading.Lock()
-_kernels: dict = {}
 _local = threading.local()
 
 
-def _prepared(device):
-    """The launcher for ``device`` (a compiled kernel is loaded into one device's context)."""
-    k = _kernels.get(device.index)
-    if k is None:
-        import torch
-
-        with _lock:
-            k = _kernels.get(device.index)
-            if k is None:
-                from .launch import DeviceSpan, PreparedKernel
-
-                span = DeviceSpan(0, 1, np.uint64)
-                with torch.cuda.device(device):
-                    k = _kernels[device.index] = PreparedKernel(checksum_words_cuda, (span, 0, span))
-    return k
+def _example():
+    span = DeviceSpan(0, 1, np.uint64)
+    return (span, 0, span)
 
 
 def word_sum(ptr: int, nw: int, device, stream) -> int:
@@ -87,7 +74,8 @@ def word_sum(ptr: int, nw: int, device, stream) -> int:
         out = outs[device] = torch.empty(1, dtype=torch.int64, device=device)
     out.zero_()
     grid = max(1, min(-(-nw // (_THREADS * 8)), 1024))
-    _prepared(out.device)((grid, 1, 1), (_THREADS, 1, 1), stream.cuda_stream, ((ptr, nw), nw, (out.data_ptr(), 1)))
+    kern = prepared(checksum_words_cuda, out.device, _example)
+    kern((grid, 1, 1), (_THREADS, 1, 1), stream.cuda_stream, ((ptr, nw), nw, (out.data_ptr(), 1)))
     return int(out.item()) & ((1 << 64) - 1)
 
 

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 
 import numpy as np
 
-__all__ = ["DeviceSpan", "PreparedKernel", "prepared_launch_available"]
+__all__ = ["DeviceSpan", "PreparedKernel", "prepared", "prepared_launch_available"]
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,10 @@ log = logging.getLogger(__name__)
 class DeviceSpan:
     """A raw 1-D device range ``(ptr, n)`` of ``dtype``, seen through the CUDA array interface."""
 
-    __slots__ = ("ptr", "n", "dtype", "__cuda_array_interface__")
+    __slots__ = ("__cuda_array_interface__",)
 
     def __init__(self, ptr: int, n: int, dtype):
-        self.ptr, self.n, self.dtype = ptr, n, np.dtype(dtype)
-        self.__cuda_array_interface__ = {"shape": (n,), "typestr": self.dtype.str, "data": (ptr, False),
+        self.__cuda_array_interface__ = {"shape": (n,), "typestr": np.dtype(dtype).str, "data": (ptr, False),
                                          "strides": None, "version": 3, "stream": None}
 
 
@@ -84,7 +84,6 @@ class PreparedKernel:
         core = _core_launch()
         self._configs: dict = {}
         self._streams: dict = {}
-        self._resident: dict = {}
         if core is not None:
             try:
                 self._cu = self.kernel._codelibrary.get_cufunc().kernel
@@ -95,14 +94,7 @@ class PreparedKernel:
         if core is None:
             self.path = "numba-launch"
             log.info("numba-cuda does not launch through cuda.core; %s uses Numba's per-call launch",
-                     dispatcher.__name__ if hasattr(dispatcher, "__name__") else dispatcher)
-
-    def resident_blocks(self, block: tuple) -> int:
-        """Blocks of ``block`` threads the whole GPU keeps resident at once for this kernel."""
-        n = self._resident.get(block)
-        if n is None:
-            n = self._resident[block] = int(self.kernel.max_cooperative_grid_blocks(block))
-        return n
+                     getattr(dispatcher, "__name__", dispatcher))
 
     def _stream(self, handle: int):
         """The stream object the launcher takes: cuda.core's own where Numba launches through
@@ -148,3 +140,27 @@ class PreparedKernel:
         if cfg is None:
             cfg = self._configs[key] = self._LaunchConfig(grid=grid, block=block, shmem_size=0)
         self._launch(stream, cfg, self._cu, *flat)
+
+
+_PREPARED: dict = {}
+_PREPARED_LOCK = threading.Lock()
+
+
+def prepared(dispatcher, device, example, tag=None) -> PreparedKernel:
+    """The ``PreparedKernel`` of ``dispatcher`` on the torch ``device``, made once per ``tag``.
+
+    ``example()`` returns the arguments whose types it is compiled for; it is
+    called only the first time (the lookup runs on every launch). Each GPU gets
+    its own: a compiled kernel is loaded into one device's context.
+    """
+    key = (dispatcher, tag, device.index)
+    k = _PREPARED.get(key)
+    if k is None:
+        import torch
+
+        with _PREPARED_LOCK:
+            k = _PREPARED.get(key)
+            if k is None:
+                with torch.cuda.device(device):
+                    k = _PREPARED[key] = PreparedKernel(dispatcher, example())
+    return k

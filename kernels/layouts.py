@@ -108,7 +108,8 @@ def describe(layout: str, kv_caches) -> PagedGeometry:
         skv, sblk, stok = t0.stride(1), t0.stride(0), t0.stride(2)
     else:  # mla
         if t0.dim() != 3:
-            raise ShapeMismatchError(f"mla expects [num_blocks, block_size, head_size] per layer, got {tuple(t0.shape)}")
+            raise ShapeMismatchError(
+                f"mla expects [num_blocks, block_size, head_size] per layer, got {tuple(t0.shape)}")
         _row_contiguous(t0, 1, "mla")
         kv, nb, bs, rows = 1, t0.size(0), t0.size(1), t0.size(2)
         skv, sblk, stok = 0, t0.stride(0), t0.stride(1)

@@ -9,7 +9,6 @@ the serving engine's cache and the slab with no intermediate copy.
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import numpy as np
 import torch
@@ -82,29 +81,32 @@ def _prepare(kv_caches, layout: str, slot_mapping, chunk: torch.Tensor, check: b
     return geom, slots, nt
 
 
-_KERNELS: dict = {}
-_KERNELS_LOCK = threading.Lock()
-
-
 def _cuda_kernel(w: int, device=None):
-    """The GPU kernel for ``w``-byte words with its launcher, one per word size and GPU
-    (a compiled kernel is loaded into one device's context)."""
-    dev = torch.device("cuda", torch.cuda.current_device()) if device is None else device
-    key = (w, dev.index)
-    k = _KERNELS.get(key)
-    if k is None:
-        with _KERNELS_LOCK:
-            k = _KERNELS.get(key)
-            if k is None:
-                from .launch import DeviceSpan, PreparedKernel
-                from .paged_cuda import move_rows_cuda
+    """The GPU kernel for ``w``-byte words with its launcher, on ``device`` (default: the current GPU)."""
+    from .launch import DeviceSpan, prepared
+    from .paged_cuda import move_rows_cuda
 
-                span = DeviceSpan(0, 1, _WORD[w])
-                offs = DeviceSpan(0, 1, np.int64)
-                with torch.cuda.device(dev):
-                    k = PreparedKernel(move_rows_cuda, (span, offs, offs, span) + (0,) * 9 + (True,))
-                _KERNELS[key] = k
-    return k
+    def example():
+        span, offs = DeviceSpan(0, 1, _WORD[w]), DeviceSpan(0, 1, np.int64)
+        return (span, offs, offs, span) + (0,) * 9 + (True,)
+
+    dev = torch.device("cuda", torch.cuda.current_device()) if device is None else device
+    return prepared(move_rows_cuda, dev, example, tag=w)
+
+
+def _scalar_args(geom: PagedGeometry, w: int, nt: int, unpack_: bool) -> tuple:
+    """The kernels' arguments after the four arrays (in ``w``-byte words), in their order."""
+    return (geom.stride_kv // w, geom.num_layers, nt, geom.row_bytes // w, geom.block_size,
+            geom.stride_block // w, geom.stride_tok // w, geom.num_slots, geom.kv * geom.num_layers * nt,
+            not unpack_)
+
+
+def _device_args(geom: PagedGeometry, w: int, slots: torch.Tensor, nt: int, chunk: torch.Tensor,
+                 unpack_: bool) -> tuple:
+    """The GPU kernel's arguments: the four arrays as ``(ptr, n)`` pairs, then ``_scalar_args``."""
+    offs = _layer_offsets(geom, w)
+    return ((geom.base_ptr, -(-geom.span // w)), (offs.data_ptr(), offs.numel()), (slots.data_ptr(), nt),
+            (chunk.data_ptr(), chunk.numel() * chunk.element_size() // w)) + _scalar_args(geom, w, nt, unpack_)
 
 
 def launch_path() -> str:
@@ -118,31 +120,25 @@ def _run(geom: PagedGeometry, slots: torch.Tensor, nt: int, chunk: torch.Tensor,
     if nt == 0:
         return
     w = word_bytes(geom, chunk)
-    on_gpu = geom.device.type == "cuda"
-    offs = _layer_offsets(geom, w)
     row = geom.row_bytes // w
     nrows = geom.kv * geom.num_layers * nt
-    scal = (geom.stride_kv // w, geom.num_layers, nt, row, geom.block_size, geom.stride_block // w,
-            geom.stride_tok // w, geom.num_slots, nrows, not unpack_)
-    if on_gpu:
+    if geom.device.type == "cuda":
         from .paged_cuda import launch_block, launch_grid
 
-        block = launch_block(row)
+        block = launch_block(row) + (1,)
+        grid = (launch_grid(nrows, block), 1, 1)
         kern = _cuda_kernel(w, geom.device)
-        span = -(-geom.span // w)
-        gx = launch_grid(nrows, block)
-        args = ((geom.base_ptr, span), (offs.data_ptr(), offs.numel()), (slots.data_ptr(), nt),
-                (chunk.data_ptr(), chunk.numel() * chunk.element_size() // w)) + scal
+        args = _device_args(geom, w, slots, nt, chunk, unpack_)
         stream = torch.cuda.current_stream(geom.device).cuda_stream
         if geom.device.index == torch.cuda.current_device():
-            kern((gx, 1, 1), block + (1,), stream, args)
+            kern(grid, block, stream, args)
         else:  # launch from the cache's own device context
             with torch.cuda.device(geom.device):
-                kern((gx, 1, 1), block + (1,), stream, args)
+                kern(grid, block, stream, args)
         return
     paged = _host_span(geom.base_ptr, -(-geom.span // w) * w, w)
     flat = _host_span(chunk.data_ptr(), chunk.numel() * chunk.element_size(), w)
-    host_args = (paged, offs.numpy(), slots.numpy(), flat) + scal
+    host_args = (paged, _layer_offsets(geom, w).numpy(), slots.numpy(), flat) + _scalar_args(geom, w, nt, unpack_)
     if backend == "cuda":  # Numba's CUDA simulator, on host arrays
         from .paged_cuda import launch_block, launch_grid, move_rows_cuda
 

@@ -42,18 +42,13 @@ def main() -> int:
     rows = [{"variant": "device copy", "grid": "-", "block": "-", "GB/s": moved / t_copy / 1e9, "vs copy": 1.0}]
     w = word_bytes(geom, chunk)
     kern = paged._cuda_kernel(w)
-    offs = paged._layer_offsets(geom, w)
-    row = geom.row_bytes // w
     nrows = geom.kv * L * nt
-    args = ((geom.base_ptr, -(-geom.span // w)), (offs.data_ptr(), L), (slots.data_ptr(), nt),
-            (chunk.data_ptr(), chunk.numel() * chunk.element_size() // w),
-            geom.stride_kv // w, L, nt, row, bs, geom.stride_block // w, geom.stride_tok // w, geom.num_slots,
-            nrows, True)
+    args = paged._device_args(geom, w, slots, nt, chunk, False)
     ref = torch.empty_like(chunk)
     paged.pack(kv, "vllm", slots, ref)
     for tx, ty in ((32, 8), (32, 4), (32, 16), (32, 32)):
         block = (tx, ty, 1)
-        res = kern.resident_blocks(block)
+        res = int(kern.kernel.max_cooperative_grid_blocks(block))  # blocks resident at once
         for label, gx in (("resident", res), ("resident/2", max(1, res // 2)), ("resident-1", res - 1),
                           ("resident+1", res + 1), ("one block per group", -(-nrows // ty))):
             stream = torch.cuda.current_stream().cuda_stream

@@ -1,5 +1,7 @@
 """Shared test helpers."""
 
+import threading
+
 import numpy as np
 import torch
 
@@ -13,3 +15,14 @@ def random_tensor(shape, dtype, device="cpu", gen=None):
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(
         a.contiguous().view(torch.uint8).cpu(), b.contiguous().view(torch.uint8).cpu())
+
+
+def run_threads(worker, n: int, timeout: float = 120.0) -> list:
+    """Run ``worker(i)`` for ``i < n`` on ``n`` threads and join each for up to ``timeout`` s;
+    returns the threads, so the caller can assert none is still alive."""
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout)
+    return ts

@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from gds_kvcache import CacheEngineKey
+from gds_kvcache import CacheEngineKey, GdsKvCacheError
 from gds_kvcache.units import KiB
 
 
@@ -34,3 +34,14 @@ def record(name: str, injected: str, trials: int, chunks_checked: int, wrong_byt
     with open(out, "a") as f:
         f.write(json.dumps({"test": name, "injected": injected, "trials": trials, "chunks_checked": chunks_checked,
                             "wrong_bytes_served": wrong_bytes, "lost_chunks": lost}) + "\n")
+
+
+def settle_put(fut) -> None:
+    """Wait up to 30 s for a racing put. A refusal (``StorageFullError`` while every chunk is being
+    read) is a legal outcome under races; a put that never completes raises the timeout."""
+    if fut is None:
+        return
+    try:
+        fut.result(30)
+    except GdsKvCacheError:
+        pass

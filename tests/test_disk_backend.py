@@ -11,7 +11,7 @@ from gds_kvcache import (CacheEngineConfig, CacheEngineKey, LocalDiskBackend,
 from gds_kvcache.memory import MemoryFormat
 from gds_kvcache.units import GB, MiB, PAGE
 
-from .helpers import random_tensor, same_bytes
+from .helpers import random_tensor, run_threads, same_bytes
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.int8]
 if hasattr(torch, "float8_e4m3fn"):
@@ -306,11 +306,7 @@ def test_threads_put_and_get_at_once(tmp_path):
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    ts = [threading.Thread(target=worker, args=(t,)) for t in range(6)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(120)
+    run_threads(worker, 6)
     assert not errors
     be.memcheck()
     be.close()

@@ -11,7 +11,7 @@ from gds_kvcache.units import GB, MiB
 
 from .check_kernels import DTYPES, check_case
 from .conftest import require_kvikio
-from .helpers import random_tensor, same_bytes
+from .helpers import random_tensor, run_threads, same_bytes
 from .test_engine import run_e2e
 
 pytestmark = pytest.mark.gpu
@@ -165,12 +165,11 @@ def test_gpu_posix_staging_same_bytes_as_kvikio(tmp_path):
 def test_gpu_slab_races(tmp_path, engine):
     """Threads put/get/prefetch/remove overlapping keys through a GPU slab under a tight pool."""
     import random
-    import threading
     import time
 
-    from gds_kvcache import GdsKvCacheError, LocalDiskBackend, SlabMemoryAllocator
+    from gds_kvcache import LocalDiskBackend, SlabMemoryAllocator
 
-    from .reliability_common import chunk_data, record, rkey
+    from .reliability_common import chunk_data, record, rkey, settle_put
 
     if engine == "kvikio":
         require_kvikio()
@@ -195,11 +194,7 @@ def test_gpu_slab_races(tmp_path, engine):
                     o.tensor.copy_(refs[i].to("cuda", non_blocking=False))
                     f = be.submit_put_task(rkey(i), o)
                     o.ref_count_down()
-                    if f is not None:
-                        try:
-                            f.result(30)
-                        except GdsKvCacheError:
-                            pass
+                    settle_put(f)
                 elif r < 0.9:
                     g = be.get_blocking(rkey(i))
                     if g is not None:
@@ -211,11 +206,7 @@ def test_gpu_slab_races(tmp_path, engine):
         except Exception as e:  # pragma: no cover
             errors.append(repr(e))
 
-    ts = [threading.Thread(target=worker, args=(s,)) for s in range(6)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(120)
+    ts = run_threads(worker, 6)
     assert not any(t.is_alive() for t in ts) and errors == [] and wrong[0] == 0
     be.wait_for_puts(30)
     be.memcheck()

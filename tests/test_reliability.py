@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -21,12 +20,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from gds_kvcache import (CacheEngineConfig, CacheEngineKey, ConfigError, GdsKvCacheError, KeyFormatError,
+from gds_kvcache import (CacheEngineConfig, CacheEngineKey, ConfigError, KeyFormatError,
                          LocalDiskBackend, ShapeMismatchError, SlabMemoryAllocator, StorageManager)
 from gds_kvcache.units import GB, MiB
 
 from .conftest import ON_CI
-from .reliability_common import chunk_data, key_id, record, rkey
+from .helpers import run_threads
+from .reliability_common import chunk_data, key_id, record, rkey, settle_put
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -250,11 +250,7 @@ def test_threads_race_on_overlapping_keys_under_tight_capacity(tmp_path):
                 op = rnd.random()
                 if op < 0.35:
                     f = put(be, alloc, i, wait=False)
-                    if f is not None:
-                        try:
-                            f.result(30)
-                        except GdsKvCacheError:
-                            pass  # StorageFullError while every chunk is being read
+                    settle_put(f)
                 elif op < 0.7:
                     g = be.get_blocking(rkey(i))
                     if g is not None:
@@ -278,20 +274,13 @@ def test_threads_race_on_overlapping_keys_under_tight_capacity(tmp_path):
                         big.tensor.fill_(7)
                         f = be.submit_put_task(CacheEngineKey("rel", "big", 1, 0, rnd.randrange(10**6)), big)
                         big.ref_count_down()
-                        try:
-                            f.result(30)
-                        except GdsKvCacheError:
-                            pass
+                        settle_put(f)
         except FutureTimeout:
             errors.append("deadlock: a future did not complete in 30 s")
         except Exception as e:  # pragma: no cover - reported below
             errors.append(repr(e))
 
-    ts = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(120)
+    ts = run_threads(worker, 8)
     assert not any(t.is_alive() for t in ts), "deadlock: a worker never finished"
     assert errors == [] and wrong[0] == 0
     be.wait_for_puts(30)
@@ -324,11 +313,7 @@ def test_manager_races_with_hot_tier(tmp_path):
                         continue
                     o.tensor.copy_(data)
                     f = sm.put(rkey(i), o)
-                    if f is not None:
-                        try:
-                            f.result(30)
-                        except GdsKvCacheError:
-                            pass
+                    settle_put(f)
                 elif r < 0.85:
                     g = sm.get(rkey(i))
                     if g is not None:
@@ -342,11 +327,7 @@ def test_manager_races_with_hot_tier(tmp_path):
         except Exception as e:  # pragma: no cover
             errors.append(repr(e))
 
-    ts = [threading.Thread(target=worker, args=(s,)) for s in range(6)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(120)
+    ts = run_threads(worker, 6)
     assert not any(t.is_alive() for t in ts) and errors == [] and wrong[0] == 0
     sm.memcheck()
     sm.close()

@@ -8,7 +8,7 @@ from gds_kvcache import (CacheEngineConfig, CacheEngineKey, CreateStorageBackend
                          LocalDiskBackend, LookupServerInterface, SlabMemoryAllocator, StorageManager)
 from gds_kvcache.units import GB, MiB
 
-from .helpers import random_tensor, same_bytes
+from .helpers import random_tensor, run_threads, same_bytes
 
 
 def key(i):
@@ -152,11 +152,7 @@ def test_many_threads_share_a_manager(tmp_path):
                     if g is not None:
                         g.ref_count_down()
 
-        ts = [threading.Thread(target=worker, args=(t,)) for t in range(6)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join(180)
+        ts = run_threads(worker, 6, 180)
         assert not any(t.is_alive() for t in ts), "deadlock"
         assert errors == []
         sm.memcheck()

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["device_name", "time_gpu", "time_gpu_batch", "time_host", "print_table", "write_json", "header"]
+__all__ = ["busy_gpu", "device_name", "time_gpu", "time_gpu_batch", "time_host", "print_table", "write_json", "header"]
 
 
 def device_name() -> str:
@@ -31,6 +31,13 @@ def time_gpu(fn: Callable[[], None], warmup: int = 3, reps: int = 20) -> float:
     return time_gpu_batch(fn, 1, warmup, reps, prefill=False)
 
 
+def busy_gpu() -> None:
+    """Queue about 25 ms of GPU sleep, so host calls made next are queued before the GPU reaches them."""
+    sleep = getattr(torch.cuda, "_sleep", None)  # private but long-standing; without it, no prefill
+    if sleep is not None:
+        sleep(50_000_000)
+
+
 def time_gpu_batch(fn: Callable[[], None], batch: int = 10, warmup: int = 3, reps: int = 5,
                    prefill: bool = True) -> float:
     """Median seconds per call of ``batch`` back-to-back calls between two CUDA events: device time.
@@ -41,15 +48,14 @@ def time_gpu_batch(fn: Callable[[], None], batch: int = 10, warmup: int = 3, rep
     kernel's time. Without it, the figure is whichever of host and device is
     slower.
     """
-    sleep = getattr(torch.cuda, "_sleep", None) if prefill else None
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        if sleep is not None:
-            sleep(50_000_000)
+        if prefill:
+            busy_gpu()
         a.record()
         for _ in range(batch):
             fn()

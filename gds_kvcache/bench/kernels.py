@@ -15,7 +15,7 @@ import time
 import torch
 
 from ..kernels import chunk_shape, describe, pack, unpack
-from .common import header, print_table, time_gpu, time_gpu_batch, time_host, write_json
+from .common import busy_gpu, header, print_table, time_gpu, time_gpu_batch, time_host, write_json
 
 __all__ = ["run", "main"]
 
@@ -112,10 +112,9 @@ def run(layers=32, heads=8, head_size=128, block=16, tokens=4096, num_blocks=Non
         del kv, chunk, tmp, flat
         if on_gpu:
             torch.cuda.empty_cache()
-    return {**header(), "launch": _launch_info() if on_gpu else "host", "shape": {"layers": layers, "kv_heads": heads, "head_size": head_size, "block": block,
-                                  "tokens": tokens, "num_blocks": nb, "dtype": "bfloat16",
-                                  "block_order": block_order},
-            "rows": rows}
+    shape = {"layers": layers, "kv_heads": heads, "head_size": head_size, "block": block, "tokens": tokens,
+             "num_blocks": nb, "dtype": "bfloat16", "block_order": block_order}
+    return {**header(), "launch": _launch_info() if on_gpu else "host", "shape": shape, "rows": rows}
 
 
 def _host_us(fn, on_gpu: bool, n: int = 20) -> float:
@@ -124,9 +123,7 @@ def _host_us(fn, on_gpu: bool, n: int = 20) -> float:
         return ""
     fn()
     torch.cuda.synchronize()
-    sleep = getattr(torch.cuda, "_sleep", None)
-    if sleep is not None:
-        sleep(50_000_000)
+    busy_gpu()
     t0 = time.perf_counter()
     for _ in range(n):
         fn()

@@ -14,6 +14,9 @@ __all__ = [
     "CorruptChunkError",
     "IOEngineError",
     "DirectoryLockedError",
+    "ClosedError",
+    "IndexFormatError",
+    "LayoutChangedError",
 ]
 
 
@@ -57,3 +60,15 @@ class IOEngineError(GdsKvCacheError, OSError):
 
 class DirectoryLockedError(GdsKvCacheError):
     """Another process already serves this cache directory."""
+
+
+class ClosedError(GdsKvCacheError):
+    """The engine, manager or backend was closed; no further calls are taken."""
+
+
+class IndexFormatError(GdsKvCacheError):
+    """The on-disk index is of a format or version this library does not read (it is left untouched)."""
+
+
+class LayoutChangedError(GdsKvCacheError):
+    """A cache directory was written with a layout that cannot hold its chunks under the new config."""

@@ -26,7 +26,7 @@ __all__ = [
     "MEMORY_DEVICES",
 ]
 
-IO_ENGINES = ("auto", "kvikio", "posix")
+IO_ENGINES = ("auto", "kvikio", "posix", "mapped")
 MEMORY_DEVICES = ("auto", "cuda", "pinned", "host")
 _ENV_PREFIXES = ("GDS_KVCACHE_", "LMCACHE_")
 
@@ -77,8 +77,9 @@ class CacheEngineConfig:
         Disk budget in GB (> 0 when ``local_disk`` is set). Bytes on disk,
         data and index together, never exceed it.
     io_engine
-        ``auto`` (KvikIO where the CUDA driver loads, POSIX otherwise),
-        ``kvikio`` or ``posix``.
+        ``auto`` (the mapped path on a RAM-backed file system, else KvikIO
+        where the CUDA driver loads, else POSIX), ``mapped``, ``kvikio`` or
+        ``posix``.
     io_threads
         I/O threads (1 .. 256). Also KvikIO's thread pool size.
     io_task_size

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import tempfile
@@ -10,7 +9,8 @@ import time
 
 import torch
 
-from .config import CacheEngineConfig
+from .cli import ArgumentParser, creatable_dir, int_range, writable_file
+from .config import IO_ENGINES, MEMORY_DEVICES, CacheEngineConfig
 from .io.page_cache import drop_page_cache
 from .key import CacheEngineKey
 from .memory.format import MemoryFormat
@@ -18,6 +18,10 @@ from .storage.storage_manager import StorageManager
 from .units import GB, MiB
 
 __all__ = ["run_demo", "main"]
+
+#: Largest --chunk-mib: one chunk is already a GiB of KV (and 8 tokens per MiB
+#: keeps chunk_size far inside its limit).
+MAX_CHUNK_MIB = 1024
 
 
 def _sync(dev: torch.device) -> None:
@@ -99,14 +103,17 @@ def run_demo(directory: str | None = None, total_mib: int = 384, chunk_mib: int 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="gds-kvcache demo", description=__doc__)
-    ap.add_argument("--dir", default=None, help="cache directory (default: a new temporary directory)")
-    ap.add_argument("--total-mib", type=int, default=384)
-    ap.add_argument("--chunk-mib", type=int, default=8)
-    ap.add_argument("--io-engine", default="auto", choices=["auto", "kvikio", "posix"])
-    ap.add_argument("--memory", default="auto", choices=["auto", "cuda", "pinned", "host"])
-    ap.add_argument("--json", default=None, help="also write the result here")
+    ap = ArgumentParser(prog="gds-kvcache demo", description=__doc__)
+    ap.add_argument("--dir", type=creatable_dir, default=None,
+                    help="cache directory, created if missing (default: a new temporary directory)")
+    ap.add_argument("--total-mib", type=int_range(1), default=384, help="MiB of chunks to store (default 384)")
+    ap.add_argument("--chunk-mib", type=int_range(1, MAX_CHUNK_MIB), default=8, help="MiB per chunk (default 8)")
+    ap.add_argument("--io-engine", default="auto", choices=IO_ENGINES)
+    ap.add_argument("--memory", default="auto", choices=MEMORY_DEVICES)
+    ap.add_argument("--json", type=writable_file, default=None, help="also write the result here")
     a = ap.parse_args(argv)
+    if a.total_mib < a.chunk_mib:
+        ap.error(f"--total-mib ({a.total_mib}) must be at least --chunk-mib ({a.chunk_mib})")
     r = run_demo(a.dir, a.total_mib, a.chunk_mib, a.io_engine, a.memory)
     print(f"gds_kvcache demo: {r['chunks']} chunks x {r['chunk_bytes'] / MiB:.1f} MiB = "
           f"{r['total_bytes'] / MiB:.0f} MiB through StorageManager (slab on {r['memory']})")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 from concurrent.futures import Future
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .config import CacheEngineConfig, CacheEngineMetadata
@@ -14,7 +16,7 @@ from .kernels import LAYOUTS, geometry, pack, unpack
 from .key import CacheEngineKey
 from .memory.format import MemoryFormat
 from .storage.storage_manager import StorageManager
-from .token_hash import chunk_bounds, prefix_hashes
+from .token_hash import chunk_bounds, geometry_seed, prefix_hashes, token_ids
 
 __all__ = ["CacheEngine", "StoreResult"]
 
@@ -45,8 +47,20 @@ class CacheEngine:
     -----
     Tokens are cut into ``chunk_size`` chunks keyed by a prefix hash chained
     over every earlier token, so a chunk is reused only after the same
-    prefix. Chunks already stored are skipped. ``retrieve`` returns a prefix:
-    it stops at the first missing chunk.
+    prefix. The chain is seeded with the chunk geometry (layout, dtype,
+    layers, kv, heads, head size, chunk size), so an engine of another
+    geometry misses instead of reading KV of the wrong shape, and engines of
+    different geometries can share one directory. Chunks already stored are
+    skipped. ``retrieve`` returns a prefix: it stops at the first missing chunk.
+
+    ``tokens`` are a 1-D integer tensor, NumPy array or list of non-negative
+    ids; ``slot_mapping`` a 1-D integer tensor (CPU or CUDA), NumPy array or
+    list with at least one slot per token (extra slots are ignored). Anything
+    else raises ``ShapeMismatchError`` before any work starts. A negative slot
+    (vLLM pads with -1) means the token has no KV in the paged cache: ``store``
+    keeps only the whole chunks before the first one, ``retrieve`` loads only
+    the tokens before it, and neither touches that slot. The mapping is
+    checked with one device-to-host transfer per call.
     """
 
     def __init__(self, config: CacheEngineConfig, metadata: CacheEngineMetadata, layout: str = "vllm",
@@ -68,107 +82,170 @@ class CacheEngine:
         self._row = d if layout == "mla" else h * d
         self._kv = kv
         self._layers = L
+        # The chunk format, not the paged layout, goes into the seed: vllm,
+        # flashinfer and cross_layer caches pack identical chunk bytes, so they share chunks.
+        self._seed = geometry_seed(self.fmt.name, metadata.kv_dtype, metadata.kv_shape)
 
-    def _keys(self, tokens) -> list[tuple[CacheEngineKey, int, int]]:
+    def _keys(self, tokens: np.ndarray) -> list[tuple[CacheEngineKey, int, int]]:
         m = self.metadata
         bounds = chunk_bounds(len(tokens), self.config.chunk_size)
         return [(CacheEngineKey(m.fmt, m.model_name, m.world_size, m.worker_id, h), s, e)
-                for h, (s, e) in zip(prefix_hashes(tokens, self.config.chunk_size), bounds)]
+                for h, (s, e) in zip(prefix_hashes(tokens, self.config.chunk_size, self._seed), bounds)]
 
-    def _check_slots(self, tokens, kv_caches, slot_mapping) -> torch.Tensor:
-        """The mapping, checked once against the cache, so per-chunk kernels need not sync."""
-        slots = torch.as_tensor(slot_mapping)
-        if slots.dim() != 1 or slots.numel() < len(tokens):
-            raise ShapeMismatchError(f"slot_mapping needs one slot per token ({len(tokens)}), got "
-                                     f"{tuple(slots.shape)}")
+    def _check_cache(self, kv_caches):
+        """The paged cache's geometry, checked against ``metadata`` (a cache of another head split
+        with the same row size would otherwise pack and unpack without complaint)."""
         geom = geometry(self.layout, kv_caches)
-        if len(tokens) and int(slots[: len(tokens)].max()) >= geom.num_slots:
-            raise ShapeMismatchError(f"slot_mapping holds a slot past the cache's {geom.num_slots} slots")
-        return slots
+        t = kv_caches if isinstance(kv_caches, torch.Tensor) else kv_caches[0]
+        L, kv, _, h, d = self.metadata.kv_shape
+        heads, size = (h, t.shape[-1]) if self.layout == "mla" else (t.shape[-2], t.shape[-1])
+        if (geom.num_layers, geom.kv, heads, size, geom.dtype) != (L, kv, h, d, self.metadata.kv_dtype):
+            raise ShapeMismatchError(
+                f"kv_caches hold {geom.num_layers} layers x {geom.kv} x {heads} heads x {size} {geom.dtype}; "
+                f"metadata.kv_shape {self.metadata.kv_shape} {self.metadata.kv_dtype} needs {L} layers x {kv} x "
+                f"{h} heads x {d}")
+        return geom
+
+    def _check_slots(self, n: int, kv_caches, slot_mapping) -> tuple[torch.Tensor, int]:
+        """The mapping as int64 on the cache's device, and how many leading tokens have a slot.
+
+        Checked once per call (one device-to-host transfer), so the per-chunk
+        kernels need not sync.
+        """
+        geom = self._check_cache(kv_caches)
+        slots = _slot_tensor(slot_mapping)
+        if slots.numel() < n:
+            raise ShapeMismatchError(f"slot_mapping needs one slot per token ({n}), got {slots.numel()}")
+        slots = slots.to(device=geom.device, dtype=torch.int64)
+        if n == 0:
+            return slots, 0
+        head = slots[:n]
+        # Leading slots >= 0 (a running product of "valid" is 1 until the
+        # first -1) and the largest slot, read back together.
+        valid, top = torch.stack(((head >= 0).to(torch.int64).cumprod(0).sum(), head.max())).tolist()
+        if top >= geom.num_slots:
+            raise ShapeMismatchError(f"slot_mapping holds slot {top}, past the cache's {geom.num_slots} slots "
+                                     f"(allowed: 0..{geom.num_slots - 1}, or negative for no slot)")
+        return slots, valid
 
     def store(self, tokens, kv_caches, slot_mapping) -> StoreResult:
         """Pack each chunk not yet stored into the slab and hand it to storage (non-blocking).
 
         Returns the number of tokens newly stored; ``.futures`` holds the disk puts.
+        Only whole chunks before the first negative slot are stored: a token
+        without a slot has no KV, and the chunk's slab rows would hold stale
+        bytes; later chunks' keys chain over it.
         """
-        slots = self._check_slots(tokens, kv_caches, slot_mapping)
-        stored = 0
-        futures: list[Future] = []
-        for key, s, e in self._keys(tokens):
-            if self.storage.contains(key) or (self.storage.disk is not None
-                                              and self.storage.disk.exists_in_put_tasks(key)):
-                continue
-            obj = self.storage.allocate((self._kv, self._layers, e - s, self._row), self.metadata.kv_dtype,
-                                        fmt=self.fmt)
-            if obj is None:
-                log.warning("no slab room to store chunk %s; stopping this store", key.to_string())
-                break
-            try:
+        toks = token_ids(tokens)
+        slots, valid = self._check_slots(len(toks), kv_caches, slot_mapping)
+        disk = self.storage.disk
+        todo = [(k, s, e) for k, s, e in self._keys(toks) if e <= valid
+                and not self.storage.contains(k) and not (disk is not None and disk.exists_in_put_tasks(k))]
+        result = StoreResult(0)
+        result.futures = []
+        if not todo:
+            return result
+        objs = self.storage.batched_allocate([self._shape(e - s) for _, s, e in todo], self.metadata.kv_dtype,
+                                             fmt=self.fmt)
+        if len(objs) < len(todo):
+            log.warning("no slab room to store %d of %d chunk(s); storing the first %d", len(todo) - len(objs),
+                        len(todo), len(objs))
+            todo = todo[: len(objs)]
+        try:
+            for obj, (_, s, e) in zip(objs, todo):
                 pack(kv_caches, self.layout, slots[s:e], obj.tensor, check=False)
-            except BaseException:
+        except BaseException:
+            for obj in objs:
                 obj.ref_count_down()
-                raise
-            fut = self.storage.put(key, obj)
-            if fut is not None:
-                futures.append(fut)
-            stored += e - s
-        result = StoreResult(stored)
-        result.futures = futures
+            raise
+        futs = self.storage.batched_submit_put_task([k for k, _, _ in todo], objs)
+        result = StoreResult(sum(e - s for _, s, e in todo))
+        result.futures = [f for f in futs if f is not None]
         return result
+
+    def _shape(self, tokens: int) -> tuple:
+        return (self._kv, self._layers, tokens, self._row)
 
     def lookup(self, tokens) -> int:
         """Tokens of the longest stored prefix (whole chunks, plus a stored partial last chunk)."""
-        n = 0
-        for key, s, e in self._keys(tokens):
-            if not self.storage.contains(key):
-                break
-            n = e
-        return n
+        keys = self._keys(token_ids(tokens))
+        n = self.storage.batched_contains([k for k, _, _ in keys])
+        return keys[n - 1][2] if n else 0
 
     def prefetch(self, tokens) -> None:
-        """Start moving the stored prefix's chunks from disk into the hot tier."""
-        for key, _, _ in self._keys(tokens):
-            if not self.storage.contains(key):
-                break
-            self.storage.prefetch(key)
+        """Start moving the stored prefix's chunks from disk into the hot tier, as one batch."""
+        keys = [k for k, _, _ in self._keys(token_ids(tokens))]
+        n = self.storage.batched_contains(keys)
+        if n:
+            self.storage.batched_submit_prefetch_task(keys[:n])
 
     def retrieve(self, tokens, kv_caches, slot_mapping) -> int:
         """Load the stored prefix into the paged cache at ``slot_mapping``; tokens loaded.
 
         Returns once the KV is in ``kv_caches`` (the copy kernels are
-        synchronized before slab memory is released).
+        synchronized before slab memory is released). Stops before the first
+        negative slot: nothing is written for it or for any token after it.
+
+        Notes
+        -----
+        The prefix is read in batches of up to a quarter of the slab (one
+        batched read each, few large transfers), so a prompt larger than the
+        slab still loads whole.
         """
-        slots = self._check_slots(tokens, kv_caches, slot_mapping)
-        keys = self._keys(tokens)
-        # Start every disk read of the prefix at once so they overlap; each
-        # get below then waits only for its own chunk.
-        for key, _, _ in keys:
-            if not self.storage.contains(key):
-                break
-            self.storage.prefetch(key)
-        held = []
+        toks = token_ids(tokens)
+        slots, valid = self._check_slots(len(toks), kv_caches, slot_mapping)
+        keys = [k for k in self._keys(toks) if k[1] < valid]
+        keys = keys[: self.storage.batched_contains([k for k, _, _ in keys])]
+        itemsize = self.metadata.kv_dtype.itemsize
+        budget = max(1, getattr(self.storage.allocator, "capacity", 1 << 62) // 4)
         loaded = 0
+        i = 0
+        while i < len(keys):
+            j, size = i, 0
+            while j < len(keys) and (j == i or size + self._bytes(keys[j], itemsize) <= budget):
+                size += self._bytes(keys[j], itemsize)
+                j += 1
+            got, ok = self._retrieve_batch(keys[i:j], kv_caches, slots, valid)
+            loaded = got or loaded
+            if not ok:
+                break
+            i = j
+        return loaded
+
+    def _bytes(self, k, itemsize: int) -> int:
+        return math.prod(self._shape(k[2] - k[1])) * itemsize
+
+    def _retrieve_batch(self, keys, kv_caches, slots, valid) -> tuple[int, bool]:
+        """Unpack one batch; (tokens loaded up to, whether every chunk of it loaded)."""
+        held = self.storage.batched_get_blocking([k for k, _, _ in keys])
+        loaded, ok = 0, True
         try:
-            for key, s, e in keys:
-                obj = self.storage.get(key)
+            for obj, (key, s, e) in zip(held, keys):
                 if obj is None:
+                    ok = False
                     break
-                held.append(obj)
-                if tuple(obj.shape) != (self._kv, self._layers, e - s, self._row) or \
-                        obj.dtype != self.metadata.kv_dtype:
+                if tuple(obj.shape) != self._shape(e - s) or obj.dtype != self.metadata.kv_dtype:
                     log.warning("chunk %s holds %s %s, not this model's; stopping", key.to_string(),
                                 tuple(obj.shape), obj.dtype)
+                    ok = False
                     break
-                unpack(obj.tensor, kv_caches, self.layout, slots[s:e], check=False)
-                loaded = e
+                chunk_slots = slots[s:e]
+                if e > valid:
+                    # The chunk holding the first slotless token: keep its
+                    # valid rows, write none after (device-side, no sync).
+                    chunk_slots = chunk_slots.clone()
+                    chunk_slots[valid - s:] = -1
+                unpack(obj.tensor, kv_caches, self.layout, chunk_slots, check=False)
+                loaded = min(e, valid)
         finally:
-            if held and held[0].device.type == "cuda":
+            live = [o for o in held if o is not None]
+            if live and live[0].device.type == "cuda":
                 # The slab extent may be reused (even by a DMA from another
                 # thread) as soon as it is released: the copies must be done.
-                torch.cuda.current_stream(held[0].device).synchronize()
-            for obj in held:
+                torch.cuda.current_stream(live[0].device).synchronize()
+            for obj in live:
                 obj.ref_count_down()
-        return loaded
+        return loaded, ok
 
     def close(self) -> None:
         if self._own_storage:
@@ -179,3 +256,29 @@ class CacheEngine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _slot_tensor(slot_mapping) -> torch.Tensor:
+    """``slot_mapping`` as a 1-D integer tensor on its own device, or ``ShapeMismatchError`` saying why not."""
+    allowed = "allowed: a 1-D integer tensor (CPU or CUDA), integer NumPy array or list of ints"
+    if isinstance(slot_mapping, torch.Tensor):
+        slots = slot_mapping
+        if slots.dtype in (torch.bool, torch.complex64, torch.complex128) or slots.dtype.is_floating_point:
+            raise ShapeMismatchError(f"slot_mapping is a {slots.dtype} tensor; {allowed}")
+    elif isinstance(slot_mapping, (np.ndarray, list, tuple)):
+        if isinstance(slot_mapping, (list, tuple)) and len(slot_mapping) == 0:
+            return torch.zeros(0, dtype=torch.int64)
+        try:
+            arr = np.asarray(slot_mapping)
+        except (ValueError, OverflowError) as e:
+            raise ShapeMismatchError(f"slot_mapping is not a flat sequence of ints ({e}); {allowed}") from None
+        if arr.dtype.kind not in "iu":
+            raise ShapeMismatchError(f"slot_mapping holds {arr.dtype} values; {allowed}")
+        if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+            raise ShapeMismatchError(f"slot_mapping holds slot {int(arr.max())}, past any cache; {allowed}")
+        slots = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64))
+    else:
+        raise ShapeMismatchError(f"slot_mapping is a {type(slot_mapping).__name__}; {allowed}")
+    if slots.dim() != 1:
+        raise ShapeMismatchError(f"slot_mapping has shape {tuple(slots.shape)}; it must be 1-D ({allowed})")
+    return slots

@@ -13,7 +13,11 @@ __all__ = ["CacheEngineKey", "MAX_KEY_STRING"]
 #: Longest key string; also a safe file-name length on every common file system.
 MAX_KEY_STRING = 240
 _SAFE = re.compile(r"[A-Za-z0-9._-]")
-_HASH = re.compile(r"[0-9a-f]{1,64}")
+# Ints with this many digits cannot fit in a key string (and str() of very
+# long ints raises ValueError).
+_INT_LIMIT = 10 ** MAX_KEY_STRING
+_HASH_DIGITS = 64
+_HASH = re.compile(rf"[0-9a-f]{{1,{_HASH_DIGITS}}}")
 _ESCAPED = re.compile(r"(?:[A-Za-z0-9._-]|%[0-9A-F]{2})+")
 
 
@@ -50,6 +54,14 @@ class CacheEngineKey:
     unsigned 64-bit prefix hash, say). ``to_string()`` gives
     ``fmt@model@world_size@worker_id@hash`` with every unsafe character
     percent-encoded, so the string is a valid file name.
+
+    Notes
+    -----
+    Construction refuses (``KeyFormatError``) every key whose string would not
+    parse back to the same key, so nothing can be stored under a key that a
+    restart then drops as invalid: hashes of more than 256 bits (64 hex
+    digits), text holding lone surrogates, and keys whose string would exceed
+    ``MAX_KEY_STRING`` characters.
     """
 
     fmt: str
@@ -63,17 +75,32 @@ class CacheEngineKey:
         if isinstance(h, int) and not isinstance(h, bool):
             if h < 0:
                 raise KeyFormatError(f"chunk_hash must be non-negative, got {h}")
+            if h.bit_length() > 4 * _HASH_DIGITS:
+                raise KeyFormatError(f"chunk_hash must be below 2**{4 * _HASH_DIGITS} ({_HASH_DIGITS} hex digits), "
+                                     f"got an int of {h.bit_length()} bits")
             object.__setattr__(self, "chunk_hash", format(h, "x"))
         elif not isinstance(h, str) or not _HASH.fullmatch(h):
-            raise KeyFormatError(f"chunk_hash must be an int or 1-64 lowercase hex digits, got {h!r}")
+            raise KeyFormatError(f"chunk_hash must be an int or 1-{_HASH_DIGITS} lowercase hex digits, got {h!r}")
+        else:
+            object.__setattr__(self, "chunk_hash", str(h))
         for name in ("fmt", "model_name"):
             v = getattr(self, name)
             if not isinstance(v, str) or not v:
                 raise KeyFormatError(f"{name} must be a non-empty string, got {v!r}")
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise KeyFormatError(f"{name} {v!r} is not valid Unicode text (it holds a lone surrogate), "
+                                     "so it cannot be part of a key") from None
+            object.__setattr__(self, name, str(v))
         for name in ("world_size", "worker_id"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise KeyFormatError(f"{name} must be a non-negative int, got {v!r}")
+            if v >= _INT_LIMIT:
+                raise KeyFormatError(f"{name} has more than {MAX_KEY_STRING} digits")
+            # An int subclass (an IntEnum, say) could print as something other than digits.
+            object.__setattr__(self, name, int(v))
         if len(self.to_string()) > MAX_KEY_STRING:
             raise KeyFormatError(
                 f"key string would be {len(self.to_string())} characters (max {MAX_KEY_STRING}); "

@@ -1,6 +1,6 @@
 """Numba kernels shipped as ``gds_kvcache.kernels``: checksums and paged-KV pack/unpack."""
 
-from .checksum import checksum, checksum_cuda, checksum_host
+from .checksum import checksum, checksum_batch, checksum_cuda, checksum_host
 from .layouts import LAYOUTS, PagedGeometry, chunk_shape, describe
 from .paged import geometry, launch_path, pack, unpack
 
@@ -8,6 +8,7 @@ __all__ = [
     "LAYOUTS",
     "PagedGeometry",
     "checksum",
+    "checksum_batch",
     "checksum_cuda",
     "checksum_host",
     "chunk_shape",

@@ -9,16 +9,21 @@ in any order and still agree bit for bit.
 
 It runs at memory speed on the GPU (no host round trip of the data: only the
 8-byte result comes back) and at several GB/s per core on the CPU (one core per call, GIL released).
+
+``checksum_batch`` hashes many spans of one buffer (a slab) with one kernel
+launch and one sync on the GPU, or one compiled call on the CPU, instead of
+one of each per chunk.
 """
 
 from __future__ import annotations
 
 import threading
+from typing import Sequence
 
 import numpy as np
 from numba import njit
 
-__all__ = ["checksum_host", "checksum_cuda", "checksum", "warmup_cuda"]
+__all__ = ["checksum_host", "checksum_cuda", "checksum", "checksum_batch", "warmup_cuda"]
 
 _K1 = np.uint64(0x9E3779B97F4A7C15)
 _K2 = np.uint64(0xBF58476D1CE4E5B9)
@@ -103,6 +108,21 @@ def _arange(n: int, device):
     return a[:n]
 
 
+def _gpu_module():
+    """``kernels.checksum_cuda``, the module (imported on first GPU use: it loads numba.cuda)."""
+    import importlib
+    import sys
+
+    name = f"{__package__}.checksum_cuda"
+    mod = sys.modules.get(name)
+    if mod is None:
+        mod = importlib.import_module(name)
+        # A first import binds the submodule on the package, over the function
+        # checksum_cuda the package exports; put the function back.
+        setattr(sys.modules[__package__], "checksum_cuda", checksum_cuda)
+    return mod
+
+
 _NUMBA_GPU = None  # None: decide on first use (kernel with the prepared launch, else torch ops)
 
 
@@ -110,9 +130,7 @@ def _use_numba_gpu() -> bool:
     global _NUMBA_GPU
     if _NUMBA_GPU is None:
         try:
-            from .checksum_cuda import available
-
-            _NUMBA_GPU = available()
+            _NUMBA_GPU = _gpu_module().available()
         except Exception as exc:  # no usable numba-cuda: the torch version computes the same value
             import logging
 
@@ -148,8 +166,7 @@ def checksum_cuda(t, ordered: bool = True) -> int:
 
 
 def _checksum_numba(t, stream) -> int:
-    from .checksum_cuda import word_sum
-
+    word_sum = _gpu_module().word_sum
     t = t.reshape(-1)
     n = t.numel()
     nw = n // 8
@@ -206,3 +223,147 @@ def checksum(t, ordered: bool = True) -> int:
     if t.is_cuda:
         return checksum_cuda(t, ordered)
     return checksum_host(t.numpy())
+
+
+# ---------------------------------------------------------------------------
+# Many spans of one buffer at once.
+
+
+@njit(nogil=True, cache=True)
+def _checksum_misaligned(b, nbytes):
+    # Words assembled from bytes: the same little-endian words checksum_host
+    # gets from its aligned copy, without the copy.
+    nw = nbytes // 8
+    total = np.uint64(0)
+    for i in range(nw):
+        total += _mix(_tail_word(b, 8 * i, 8 * i + 8), np.uint64(i))
+    full = nw * 8
+    if full < nbytes:
+        total += _mix(_tail_word(b, full, nbytes), np.uint64(nw))
+        nw += 1
+    return total + _mix(np.uint64(nbytes), np.uint64(nw) + np.uint64(0x5157))
+
+
+# Single-threaded for the same reason as _checksum_cpu. Measured on the 2-core
+# CI machine (scripts/bench_checksum.py --parallel): a prange over spans was
+# within noise of this from one caller (64 x 1 MiB: 3.7-5.9 against 5.6-7.0 GB/s)
+# and no better from 4 callers at once, so the threads stay the I/O pool's.
+@njit(nogil=True, cache=True)
+def _checksum_batch_cpu(words, b, offs, lens, woffs, out):
+    """``out[s]`` = checksum of ``b[offs[s]:offs[s] + lens[s]]``; ``woffs[s]`` is that span's
+    first index in ``words`` (a uint64 view of ``b``), or -1 where the span is not 8-byte aligned."""
+    for s in range(offs.shape[0]):
+        off = offs[s]
+        n = lens[s]
+        w0 = woffs[s]
+        if w0 >= 0:
+            out[s] = _checksum_cpu(words[w0:w0 + n // 8], b[off:off + n], n)
+        else:
+            out[s] = _checksum_misaligned(b[off:off + n], n)
+
+
+def _span_arrays(spans, size: int):
+    """``(offs, lens)`` as int64 arrays, checked against a buffer of ``size`` bytes."""
+    from gds_kvcache.errors import ShapeMismatchError
+
+    a = np.asarray(spans, dtype=np.int64) if len(spans) else np.zeros((0, 2), np.int64)
+    if a.ndim != 2 or a.shape[1] != 2:
+        raise ShapeMismatchError(f"checksum spans must be (offset, nbytes) pairs, got an array of shape {a.shape}")
+    offs, lens = np.ascontiguousarray(a[:, 0]), np.ascontiguousarray(a[:, 1])
+    bad = (offs < 0) | (lens <= 0) | (offs > size - lens)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ShapeMismatchError(
+            f"checksum span {i} (offset {int(offs[i])}, length {int(lens[i])}) is not inside the "
+            f"{size}-byte buffer; each span needs offset >= 0, length > 0 and offset + length <= {size}")
+    return offs, lens
+
+
+def _checksum_batch_host(b: np.ndarray, offs, lens) -> list:
+    addr = b.ctypes.data
+    s0 = -addr % 8  # first 8-byte aligned byte of b
+    nwords = max(b.shape[0] - s0, 0) // 8
+    words = b[s0:s0 + nwords * 8].view(np.uint64)
+    aligned = (addr + offs) % 8 == 0
+    woffs = np.where(aligned, (offs - s0) // 8, -1)
+    out = np.empty(offs.shape[0], dtype=np.uint64)
+    _checksum_batch_cpu(words, b, offs, lens, woffs, out)
+    return out.tolist()
+
+
+def checksum_batch(buf, spans: Sequence[tuple[int, int]], ordered: bool = True) -> list[int]:
+    """Checksums of ``buf[off:off + n]`` for each ``(off, n)``; each equals ``checksum_host`` of its slice.
+
+    Parameters
+    ----------
+    buf
+        A contiguous 1-D ``uint8`` torch tensor (a slab: CUDA, pinned or host
+        memory) or NumPy array.
+    spans
+        ``(offset, nbytes)`` pairs with ``nbytes > 0`` inside ``buf``; they may
+        overlap and come in any order.
+    ordered
+        CUDA only: wait for the current stream first (as ``checksum``). Pass
+        False only where the bytes are known to be complete.
+
+    Returns
+    -------
+    list of int
+        One unsigned 64-bit checksum per span, in the order given.
+
+    Notes
+    -----
+    On the GPU the whole batch is one kernel launch on this thread's side
+    stream, one upload of descriptors (32 bytes a span) and one download of
+    the results: the ~100 us fixed cost of a ``checksum`` call is paid once
+    per batch, not once per chunk. Spans whose address is not 8-byte aligned
+    (slab chunks are 4 KiB aligned, so only odd callers) are hashed one by
+    one with torch ops after the batch. On the CPU it is one GIL-free,
+    single-threaded compiled call: run batches from several threads to use
+    several cores.
+    """
+    import torch
+
+    from gds_kvcache.errors import ShapeMismatchError
+
+    if isinstance(buf, np.ndarray):
+        b = buf
+    else:
+        if not isinstance(buf, torch.Tensor) or buf.dtype != torch.uint8 or buf.dim() != 1 \
+                or not buf.is_contiguous():
+            what = f"{tuple(buf.shape)} {buf.dtype}" if isinstance(buf, torch.Tensor) else type(buf).__name__
+            raise ShapeMismatchError(f"checksum_batch needs a contiguous 1-D uint8 buffer, got {what}")
+        if buf.is_cuda:
+            offs, lens = _span_arrays(spans, buf.numel())
+            return _checksum_batch_cuda(buf, offs, lens, ordered)
+        b = buf.numpy()
+    if b.dtype != np.uint8 or b.ndim != 1 or not b.flags.c_contiguous:
+        raise ShapeMismatchError(f"checksum_batch needs a contiguous 1-D uint8 buffer, got {b.shape} {b.dtype}")
+    offs, lens = _span_arrays(spans, b.shape[0])
+    return _checksum_batch_host(b, offs, lens)
+
+
+def _checksum_batch_cuda(buf, offs, lens, ordered: bool) -> list:
+    import torch
+
+    if offs.shape[0] == 0:
+        return []
+    stream = _side_stream(buf.device)
+    if ordered:
+        stream.wait_stream(torch.cuda.current_stream(buf.device))
+    with torch.cuda.stream(stream):
+        if not _use_numba_gpu():
+            # Without the prepared launch a Numba launch costs more than torch ops (see checksum_cuda).
+            return [_checksum_torch(buf[o:o + n]) for o, n in zip(offs.tolist(), lens.tolist())]
+        batch_sums = _gpu_module().batch_sums
+        ptr = buf.data_ptr()
+        aligned = (ptr + offs) % 8 == 0
+        out = [0] * offs.shape[0]
+        idx = np.flatnonzero(aligned)
+        if idx.shape[0]:
+            for i, v in zip(idx.tolist(), batch_sums(buf, offs[idx], lens[idx], stream)):
+                out[i] = v
+        for i in np.flatnonzero(~aligned).tolist():
+            o, n = int(offs[i]), int(lens[i])
+            out[i] = _checksum_torch(buf[o:o + n])
+        return out

@@ -2,6 +2,7 @@
 # Install gds_kvcache with its test extra and run the test suite.
 # On a machine without a CUDA driver library, fetch one (scripts/fetch-libcuda.sh)
 # so the KvikIO engine is tested in compat mode too. Extra arguments go to pytest.
+# Any CUDA or CPU build of torch will do; where none is installed yet, the CPU one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! python -c 'import torch' 2>/dev/null; then
@@ -14,4 +15,13 @@ if ! python -c 'import ctypes; ctypes.CDLL("libcuda.so.1")' 2>/dev/null; then
 fi
 # CI has no nvidia-fs: resolve KvikIO to compat mode up front (AUTO elsewhere).
 if [ "${CI:-}" = "true" ]; then export KVIKIO_COMPAT_MODE=ON; fi
-exec python -m pytest "$@"
+status=0
+python -m pytest "$@" || status=$?
+# Say loudly why a run that tested nothing failed: its last lines may be far up.
+case $status in
+  0 | 1) ;;
+  5) echo "run-tests: FAILED: pytest ran no test (exit 5: none collected, or on CI none passed)" >&2 ;;
+  *) echo "run-tests: FAILED: pytest stopped with exit $status (collection error, bad option" \
+          "or interrupt): see its errors above" >&2 ;;
+esac
+exit "$status"

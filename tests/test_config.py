@@ -1,4 +1,8 @@
+import os
+import pickle
+
 import pytest
+import torch
 
 from gds_kvcache import CacheEngineConfig, CacheEngineMetadata, ConfigError, LMCacheEngineConfig
 from gds_kvcache.units import GB
@@ -7,7 +11,11 @@ from gds_kvcache.units import GB
 def test_defaults_and_alias():
     c = LMCacheEngineConfig()
     assert isinstance(c, CacheEngineConfig)
-    assert c.slab_bytes == int(c.max_local_cpu_size * GB)
+    # The default slab is LMCache's 5 GB, bounded by this machine (issue 9 item 17).
+    assert c.max_local_cpu_size == 5.0 and c.cpu_size_is_default
+    assert c.slab_bytes == c.hot_bytes == c.cpu_bytes <= int(c.max_local_cpu_size * GB)
+    explicit = LMCacheEngineConfig(max_local_cpu_size=5.0)
+    assert not explicit.cpu_size_is_default and explicit.slab_bytes == 5 * GB
 
 
 @pytest.mark.parametrize("field,value", [
@@ -68,3 +76,133 @@ def test_metadata_validation(kw, field):
     with pytest.raises(ConfigError) as e:
         CacheEngineMetadata(**base)
     assert e.value.field == field
+
+
+# -- machine-sized defaults (issue 9 item 17) -------------------------------------------
+def _fake_machine(monkeypatch, phys_bytes, gpu_free=None):
+    import gds_kvcache.config as config
+
+    monkeypatch.setattr(config, "physical_memory", lambda: phys_bytes)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu_free is not None)
+    if gpu_free is not None:
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=0: (gpu_free, 8 * gpu_free))
+
+
+def test_physical_memory_reads_the_machine(monkeypatch):
+    from gds_kvcache.config import physical_memory
+
+    real = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda name: 2 * 1024 ** 2 if name == "SC_PHYS_PAGES" else (
+        4096 if name == "SC_PAGE_SIZE" else real(name)))
+    assert 0 < physical_memory() <= 8 * GB  # a cgroup limit may make it smaller still
+
+
+def test_default_host_slab_is_bounded_by_physical_memory(monkeypatch):
+    _fake_machine(monkeypatch, 8 * GB)
+    c = CacheEngineConfig()
+    assert c.slab_bytes <= GB and c.hot_bytes == c.slab_bytes  # 1/8 of 8 GiB; 5 GiB before the fix
+    assert "max_local_cpu_size" in c.describe_defaults() and "physical memory" in \
+        c.describe_defaults()["max_local_cpu_size"]
+    assert CacheEngineConfig(memory_device="pinned").slab_bytes <= GB
+    # Values the user sets are taken as given, and slab_size still wins.
+    assert CacheEngineConfig(max_local_cpu_size=5).slab_bytes == 5 * GB
+    assert CacheEngineConfig(max_local_cpu_size=5.0).cpu_bytes == 5 * GB
+    assert CacheEngineConfig(slab_size=3).slab_bytes == 3 * GB
+    assert CacheEngineConfig.from_env({"GDS_KVCACHE_MAX_LOCAL_CPU_SIZE": "5"}).slab_bytes == 5 * GB
+    # The default survives replace() of other fields and a pickle round trip.
+    assert CacheEngineConfig().replace(chunk_size=64).slab_bytes <= GB
+    assert pickle.loads(pickle.dumps(CacheEngineConfig())).cpu_size_is_default
+
+
+def test_default_on_a_big_machine_is_lmcache_5gb(monkeypatch):
+    _fake_machine(monkeypatch, 1024 * GB)
+    assert CacheEngineConfig().slab_bytes == 5 * GB
+
+
+def test_default_cuda_slab_is_bounded_by_free_gpu_memory(monkeypatch):
+    _fake_machine(monkeypatch, 1024 * GB, gpu_free=8 * GB)
+    c = CacheEngineConfig()  # memory_device=auto -> cuda
+    assert c.slab_bytes == 2 * GB and c.hot_bytes == 2 * GB
+    d = c.describe_defaults()
+    assert "cuda" in d["memory_device"] and "free on cuda:0" in d["max_local_cpu_size"]
+    # A host slab on the same machine is bounded by RAM, not by the GPU.
+    assert CacheEngineConfig(memory_device="host").slab_bytes == 5 * GB
+
+
+# -- clear errors (issue 9 item 18) ------------------------------------------------------
+def test_number_messages_read_as_english():
+    with pytest.raises(ConfigError) as e:
+        CacheEngineConfig(chunk_size="abc")
+    assert "allowed: an integer" in str(e.value) and "a int" not in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        CacheEngineConfig(max_local_cpu_size="lots")
+    assert "allowed: a number" in str(e.value) and "a float" not in str(e.value)
+
+
+@pytest.mark.parametrize("value", ["file://", "file://   ", "", "  ", "a\x00b", b"/tmp"])
+def test_empty_local_disk_names_the_field(value):
+    with pytest.raises(ConfigError) as e:
+        CacheEngineConfig(local_disk=value, max_local_disk_size=1)
+    assert e.value.field == "local_disk"
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("chunk_size: 128\nio_engine: [posix\n")
+    with pytest.raises(ConfigError) as e:
+        CacheEngineConfig.from_file(p)
+    assert str(p) in str(e.value) and "line" in str(e.value)
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+
+
+@pytest.mark.parametrize("name", ["missing.yaml", "."])
+def test_missing_config_file_is_a_config_error(tmp_path, name):
+    with pytest.raises(ConfigError) as e:
+        CacheEngineConfig.from_file(tmp_path / name)
+    assert str(tmp_path) in str(e.value)
+
+
+def test_config_file_with_odd_keys_or_bytes(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("1: 2\nchunk_size: 64\n")
+    with pytest.raises(ConfigError, match="chunk_size"):  # lists the known fields
+        CacheEngineConfig.from_file(p)
+    p.write_bytes(b"chunk_size: \xff\xfe\n")
+    with pytest.raises(ConfigError):
+        CacheEngineConfig.from_file(p)
+
+
+def test_env_values_are_stripped_for_every_field(tmp_path):
+    env = {"GDS_KVCACHE_IO_ENGINE": " posix\n", "GDS_KVCACHE_MEMORY_DEVICE": "host ",
+           "GDS_KVCACHE_LOCAL_DISK": f"  {tmp_path}\t", "GDS_KVCACHE_MAX_LOCAL_DISK_SIZE": " 1 ",
+           "GDS_KVCACHE_CHUNK_SIZE": " 64", "GDS_KVCACHE_DIRECT_IO": " off "}
+    c = CacheEngineConfig.from_env(env)
+    assert (c.io_engine, c.memory_device, c.local_disk, c.chunk_size, c.direct_io) == (
+        "posix", "host", str(tmp_path), 64, False)
+
+
+def test_env_error_names_the_variable():
+    with pytest.raises(ConfigError) as e:
+        CacheEngineConfig.from_env({"GDS_KVCACHE_IO_THREADS": "abc"})
+    assert e.value.field == "io_threads" and "GDS_KVCACHE_IO_THREADS" in str(e.value)
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(kv_dtype="bfloat16"), "kv_dtype"), (dict(kv_dtype=None), "kv_dtype"),
+    (dict(world_size=True), "world_size"), (dict(worker_id=False), "worker_id"), (dict(world_size=2.0), "world_size"),
+    (dict(kv_shape=(32, 2, True, 8, 128)), "kv_shape"), (dict(kv_shape=(32, 2, 256, 8, 128.0)), "kv_shape"),
+    (dict(kv_shape=5), "kv_shape"), (dict(model_name="m\ud800"), "model_name"), (dict(fmt="v\udcff"), "fmt"),
+    (dict(model_name=b"m"), "model_name"),
+])
+def test_metadata_types_name_the_field(kw, field):
+    base = dict(model_name="m", world_size=4, worker_id=0, fmt="vllm", kv_dtype=torch.bfloat16,
+                kv_shape=(32, 2, 256, 8, 128))
+    base.update(kw)
+    with pytest.raises(ConfigError) as e:
+        CacheEngineMetadata(**base)
+    assert e.value.field == field
+
+
+def test_metadata_accepts_torch_size():
+    md = CacheEngineMetadata("org/m", 2, 1, "vllm", torch.float16, torch.Size((4, 1, 16, 1, 64)))
+    assert md.kv_shape == (4, 1, 16, 1, 64) and type(md.kv_shape) is tuple

@@ -9,6 +9,7 @@ import torch
 from gds_kvcache import (CacheEngineConfig, CacheEngineKey, LocalDiskBackend,
                          ShapeMismatchError, SlabMemoryAllocator, StorageFullError, StorageUnavailableError)
 from gds_kvcache.memory import MemoryFormat
+from gds_kvcache.storage.index_log import SLOT
 from gds_kvcache.units import GB, MiB, PAGE
 
 from .helpers import random_tensor, run_threads, same_bytes
@@ -174,7 +175,7 @@ def test_damage_behind_our_back_is_a_miss_with_warning(tmp_path, caplog, damage)
     e1 = be.entry(key(1))
     pool, local = be.locate(e1.offset)
     be.close()
-    index = tmp_path / "disk" / "kvcache.index"
+    index = tmp_path / "disk" / "kvcache.index.snap"
     if damage == "flip":
         with open(pool, "r+b") as f:
             f.seek(local + 1000)
@@ -187,13 +188,15 @@ def test_damage_behind_our_back_is_a_miss_with_warning(tmp_path, caplog, damage)
         with open(pool, "r+b") as f:
             f.seek(local)
             f.write(bytes(e1.phys_size))
-    elif damage == "delete_index_line":
-        lines = index.read_bytes().splitlines(keepends=True)
-        index.write_bytes(b"".join(l for l in lines if key(1).to_string().encode() not in l))
     else:
+        # Put records are fixed 64-byte slots tagged b"P", in put order: key(1)'s is the second.
         data = bytearray(index.read_bytes())
-        pos = data.index(key(1).to_string().encode())
-        data[pos + 3] ^= 0x01
+        puts = [i for i in range(SLOT, len(data), SLOT) if data[i] == ord("P")]
+        at = puts[1]
+        if damage == "delete_index_line":
+            del data[at:at + SLOT]
+        else:
+            data[at + 20] ^= 0x01
         index.write_bytes(bytes(data))
     caplog.set_level(logging.WARNING)
     be2, alloc2 = make(tmp_path)
@@ -220,9 +223,7 @@ def test_reader_keeps_chunk_alive_during_eviction(tmp_path):
     ref = o.tensor.clone()
     be.submit_put_task(key(0), o).result()
     o.ref_count_down()
-    e = be.entry(key(0))
-    with be._lock:
-        e.readers += 1  # a read in progress
+    e, = be.index.begin_read([key(0)])  # a read in progress
     for i in range(1, 8):
         o = put_obj(alloc, (MiB,), torch.uint8)
         f = be.submit_put_task(key(i), o)
@@ -232,8 +233,7 @@ def test_reader_keeps_chunk_alive_during_eviction(tmp_path):
             pass
         o.ref_count_down()
     assert be.contains(key(0)), "a chunk being read was evicted"
-    with be._lock:
-        e.readers -= 1
+    be.index.end_read([e])
     got = be.get_blocking(key(0))
     assert same_bytes(got.tensor, ref)
     got.ref_count_down()
@@ -316,8 +316,7 @@ def test_threads_put_and_get_at_once(tmp_path):
 
 def test_recovery_gives_overlapping_extents_to_the_newer_chunk(tmp_path):
     """A lost delete record leaves two index entries on one extent: only the newer may own it."""
-    import json
-    import zlib
+    from gds_kvcache.storage.index_log import DiskEntry, IndexLog
 
     be, alloc = make(tmp_path)
     o = put_obj(alloc, (3, PAGE), torch.uint8)
@@ -326,14 +325,14 @@ def test_recovery_gives_overlapping_extents_to_the_newer_chunk(tmp_path):
     o.ref_count_down()
     e = be.entry(key(1))
     be.close()
-    # Forge an older entry for key 2 claiming the same bytes.
-    rec = dict(e.record(), key=key(2).to_string(), seq=e.seq - 1)
-    payload = json.dumps(rec, separators=(",", ":")).encode()
-    with open(tmp_path / "disk" / "kvcache.index", "ab") as f:
-        f.write(payload + b"\t" + format(zlib.crc32(payload), "08x").encode() + b"\n")
+    # Forge a newer entry for key 2 claiming the same bytes (key 1's delete record lost).
+    log_ = IndexLog(str(tmp_path / "disk"))
+    log_.load()
+    log_.append(puts=[DiskEntry(key(2), e.offset, e.nbytes, e.phys_size, e.shape, e.dtype, e.fmt, e.checksum)])
+    log_.close()
     be, alloc = make(tmp_path)
-    assert be.contains(key(1)) and not be.contains(key(2))
-    g = be.get_blocking(key(1))
+    assert be.contains(key(2)) and not be.contains(key(1))
+    g = be.get_blocking(key(2))
     assert same_bytes(g.tensor, ref)
     g.ref_count_down()
     be.memcheck()

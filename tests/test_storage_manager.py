@@ -74,7 +74,7 @@ def test_put_get_hot_then_disk(tmp_path, engine_name):
         assert sm.get(key(1000)) is None
         assert lk.lookup(key(3))
         sm.memcheck()
-    assert sm.allocator.inner.used == 0
+    assert sm.allocator.used == 0
 
 
 def test_allocate_evicts_unused_hot_entries_only(tmp_path):

@@ -47,7 +47,8 @@ TestStriped.settings = settings(max_examples=100, stateful_step_count=50, deadli
 
 def test_layout():
     assert pool_layout(64 * MiB, 8)[0] == 1
-    assert pool_layout(1900 * MiB, 8)[0] == 1
+    assert pool_layout(300 * MiB, 8)[0] == 4  # stripes of at least 64 MiB
+    assert pool_layout(1900 * MiB, 8)[0] == 8
     stripes, size = pool_layout(10 * GB, 8)
     assert stripes == 8 and size % PAGE == 0 and stripes * size <= 10 * GB
 
@@ -58,7 +59,7 @@ def cfg(d, cap_mib, files=8):
 
 
 def test_chunks_spread_over_files_and_survive_restart(tmp_path, engine_name):
-    c = cfg(tmp_path, 4300).replace(io_engine=engine_name)  # sparse: 4 stripes of ~1 GiB
+    c = cfg(tmp_path, 4300, files=4).replace(io_engine=engine_name)  # sparse: 4 stripes of ~1 GiB
     alloc = SlabMemoryAllocator(64 * MiB, "host")
     be = LocalDiskBackend(c, None, alloc)
     assert len(be.pool_paths) == 4
@@ -80,18 +81,30 @@ def test_chunks_spread_over_files_and_survive_restart(tmp_path, engine_name):
     be.close()
 
 
-def test_changed_layout_starts_afresh_with_a_warning(tmp_path, caplog):
+def test_changed_layout_keeps_the_chunks_that_fit(tmp_path, caplog):
     alloc = SlabMemoryAllocator(8 * MiB, "host")
     be = LocalDiskBackend(cfg(tmp_path, 4300), None, alloc)
-    o = alloc.allocate((MiB,), torch.uint8)
-    be.submit_put_task(CacheEngineKey("s", "m", 1, 0, 1), o).result()
-    o.ref_count_down()
+    refs = {}
+    for i in range(8):  # one per stripe file (round robin)
+        o = alloc.allocate((MiB,), torch.uint8)
+        o.tensor.copy_(random_tensor(o.shape, torch.uint8))
+        refs[i] = o.tensor.clone()
+        be.submit_put_task(CacheEngineKey("s", "m", 1, 0, i + 1), o).result()
+        o.ref_count_down()
+    files = {i: be.locate(be.entry(CacheEngineKey("s", "m", 1, 0, i + 1)).offset)[0] for i in range(8)}
     be.close()
     with caplog.at_level(logging.WARNING):
         be = LocalDiskBackend(cfg(tmp_path, 4300, files=2), None, alloc)
     assert any("layout" in r.message for r in caplog.records)
-    assert be.keys() == [] and len(be.pool_paths) == 2
+    assert len(be.pool_paths) == 2
     assert sorted(p.name for p in tmp_path.glob("kvcache.pool.*")) == ["kvcache.pool.0", "kvcache.pool.1"]
+    for i, ref in refs.items():
+        g = be.get_blocking(CacheEngineKey("s", "m", 1, 0, i + 1))
+        kept = files[i].endswith((".pool.0", ".pool.1"))
+        assert (g is not None) == kept, f"chunk {i} in {files[i]}"
+        if g is not None:
+            assert same_bytes(g.tensor, ref)
+            g.ref_count_down()
     be.close()
 
 

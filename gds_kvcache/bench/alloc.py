@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import time
 
 import torch
 
+from ..cli import ArgumentParser, creatable_dir, int_range
 from ..memory import ExtentAllocator, SlabMemoryAllocator
 from ..units import MiB
 from .common import header, print_table, write_json
@@ -55,10 +55,11 @@ def run(pairs: int = 200_000, slab_mib: int = 1024) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="gds-kvcache bench-alloc", description=__doc__)
-    ap.add_argument("--pairs", type=int, default=200_000)
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", default="bench-out")
+    ap = ArgumentParser(prog="gds-kvcache bench-alloc", description=__doc__)
+    ap.add_argument("--pairs", type=int_range(1, 10**9), default=200_000,
+                    help="allocate+free pairs per case (default 200000)")
+    ap.add_argument("--smoke", action="store_true", help="2000 pairs on a 64 MiB slab (for CI)")
+    ap.add_argument("--out", type=creatable_dir, default="bench-out")
     a = ap.parse_args(argv)
     r = run(2_000 if a.smoke else a.pairs, 64 if a.smoke else 1024)
     print_table(r["rows"], ["case", "pairs/s", "target", "met"], f"bench-alloc on {r['device']} (one thread)")

@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from ..kernels import chunk_shape, describe, pack, unpack
+from ..cli import ArgumentParser, creatable_dir, int_range
+from ..kernels import LAYOUTS, chunk_shape, describe, pack, unpack
 from .common import busy_gpu, header, print_table, time_gpu, time_gpu_batch, time_host, write_json
 
 __all__ = ["run", "main"]
@@ -144,21 +145,44 @@ def _launch_info() -> dict:
     return info
 
 
+#: Tokens per paged-KV block in every case of this bench (vLLM's default).
+BLOCK = 16
+
+
+def _tokens_arg(text: str) -> int:
+    n = int_range(BLOCK, 1 << 20)(text)
+    if n % BLOCK:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a multiple of the block size {BLOCK}")
+    return n
+
+
+def _layouts_arg(text: str) -> list:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in names if t not in LAYOUTS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list from {', '.join(LAYOUTS)}")
+    return names
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="gds-kvcache bench-kernels", description=__doc__)
-    ap.add_argument("--layers", type=int, default=None)
-    ap.add_argument("--tokens", type=int, default=None)
-    ap.add_argument("--layouts", default="vllm,flashinfer,mla,cross_layer")
+    ap = ArgumentParser(prog="gds-kvcache bench-kernels", description=__doc__)
+    ap.add_argument("--layers", type=int_range(1, 1024), default=None,
+                    help="model layers (default 32 on a GPU, 8 on CPU, 4 with --smoke)")
+    ap.add_argument("--tokens", type=_tokens_arg, default=None,
+                    help=f"tokens per chunk, a multiple of the block size {BLOCK} "
+                         "(default 4096 on a GPU, 1024 on CPU, 256 with --smoke)")
+    ap.add_argument("--layouts", type=_layouts_arg, default=",".join(LAYOUTS),
+                    help=f"comma-separated, from {', '.join(LAYOUTS)} (default all)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, for CI")
     ap.add_argument("--block-order", default="shuffled", choices=["shuffled", "sequential"],
                     help="block table: a random permutation (default) or blocks 0, 1, 2, ...")
     ap.add_argument("--tag", default="")
-    ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--out", type=creatable_dir, default="bench-out")
     a = ap.parse_args(argv)
     gpu = torch.cuda.is_available()
     layers = a.layers or (4 if a.smoke else 32 if gpu else 8)
     tokens = a.tokens or (256 if a.smoke else 4096 if gpu else 1024)
-    r = run(layers=layers, tokens=tokens, layouts=tuple(a.layouts.split(",")), block_order=a.block_order)
+    r = run(layers=layers, tokens=tokens, block=BLOCK, layouts=tuple(a.layouts), block_order=a.block_order)
     print_table(r["rows"], ["op", "layout", "ms", "GB/s", "vs copy", "vs torch", "host us/call", "exact"],
                 f"bench-kernels on {r['device']}: {r['shape']}, launch {r['launch']}")
     write_json(os.path.join(a.out, f"bench_kernels{'_' + a.tag if a.tag else ''}.json"), r)

@@ -25,10 +25,12 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from ..cli import ArgumentParser, creatable_dir, existing_dir, int_range
 from ..config import CacheEngineConfig
 from ..io.driver import kvikio_error
 from ..io.page_cache import drop_page_cache
@@ -369,27 +371,73 @@ def _parse_size(s: str) -> int:
     return int(s)
 
 
+def _human(n: int) -> str:
+    for unit, m in (("TiB", 1 << 40), ("GiB", GB), ("MiB", MiB), ("KiB", KiB)):
+        if n >= m and n % m == 0:
+            return f"{n // m} {unit}"
+    return f"{n} bytes"
+
+
+def _size_arg(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse ``type``: a byte size like ``256K``, ``4M``, ``1G`` in ``lo..hi``, a 4 KiB multiple."""
+    def parse(text: str) -> int:
+        try:
+            n = _parse_size(text)
+        except (ValueError, OverflowError):
+            n = None
+        if n is None or not lo <= n <= hi or n % (4 * KiB):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a size in {_human(lo)}..{_human(hi)} that is a multiple of 4 KiB "
+                "(e.g. 256K, 4M, 1G)")
+        return n
+
+    return parse
+
+
+def _list_arg(item: Callable[[str], Any]) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        parts = [p for p in text.split(",") if p.strip()]
+        if not parts:
+            raise argparse.ArgumentTypeError(f"{text!r} is an empty list")
+        return [item(p) for p in parts]
+
+    return parse
+
+
+def _path_arg(text: str) -> str:
+    text = text.strip()
+    if text not in ALL_PATHS:
+        raise argparse.ArgumentTypeError(f"unknown path {text!r} (valid: {', '.join(ALL_PATHS)})")
+    return text
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="gds-kvcache bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dir", default=None, help="where the files go (default: the system temp directory)")
-    ap.add_argument("--sizes", default="256K,1M,4M,16M,64M")
-    ap.add_argument("--total", default="1G", help="bytes per chunk size (default 1G)")
-    ap.add_argument("--paths", default=",".join(ALL_PATHS))
-    ap.add_argument("--threads", type=int, default=16)
-    ap.add_argument("--task", default="4M")
+    ap = ArgumentParser(prog="gds-kvcache bench", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", type=existing_dir, default=None,
+                    help="an existing directory where the files go (default: the system temp directory)")
+    ap.add_argument("--sizes", type=_list_arg(_size_arg(4 * KiB, 4 * GB)), default="256K,1M,4M,16M,64M",
+                    help="chunk sizes, comma-separated (default 256K,1M,4M,16M,64M)")
+    ap.add_argument("--total", type=_size_arg(4 * KiB, 1 << 40), default="1G",
+                    help="bytes per chunk size, at least the largest size (default 1G)")
+    ap.add_argument("--paths", type=_list_arg(_path_arg), default=",".join(ALL_PATHS))
+    ap.add_argument("--threads", type=int_range(1, 256), default=16)
+    ap.add_argument("--task", type=_size_arg(64 * KiB, GB), default="4M", help="bytes per I/O task (default 4M)")
     ap.add_argument("--memory", default="auto", choices=["auto", "cuda", "host"])
     ap.add_argument("--no-hot", action="store_true")
-    ap.add_argument("--pool-files", type=int, default=8, help="files the library pool and the raw path spread over")
+    ap.add_argument("--pool-files", type=int_range(1, 64), default=8,
+                    help="files the library pool and the raw path spread over")
     ap.add_argument("--no-preallocate", action="store_true",
                     help="leave pool files sparse (measures first-write block allocation too)")
     ap.add_argument("--smoke", action="store_true", help="1 MiB chunks, 8 MiB in all (for CI)")
-    ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--out", type=creatable_dir, default="bench-out")
     ap.add_argument("--tag", default="", help="suffix for the output file names")
     a = ap.parse_args(argv)
-    sizes = [MiB] if a.smoke else [_parse_size(s) for s in a.sizes.split(",")]
-    total = 8 * MiB if a.smoke else _parse_size(a.total)
-    r = run(a.dir, sizes, total, tuple(a.paths.split(",")), a.threads, _parse_size(a.task), not a.no_hot, a.memory,
+    sizes = [MiB] if a.smoke else a.sizes
+    total = 8 * MiB if a.smoke else a.total
+    if total < max(sizes):
+        ap.error(f"--total ({_human(total)}) must be at least the largest of --sizes ({_human(max(sizes))})")
+    r = run(a.dir, sizes, total, tuple(a.paths), a.threads, a.task, not a.no_hot, a.memory,
             a.pool_files, not a.no_preallocate)
     extra = f", pinned H2D {r['h2d_gbps']:.1f} / D2H {r['d2h_gbps']:.1f} GB/s" if "h2d_gbps" in r else ""
     print_table(r["rows"], ["size", "path", "put GB/s", "get GB/s", "get hot GB/s", "verified", "vs raw",

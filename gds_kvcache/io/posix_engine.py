@@ -1,8 +1,8 @@
-"""POSIX engine: ``os.preadv``/``os.pwritev`` from a thread pool, O_DIRECT where allowed.
+"""POSIX engine: ``os.preadv``/``os.pwritev`` pieces on a thread pool, O_DIRECT where allowed.
 
-Runs everywhere, with no CUDA driver. GPU memory is staged through
-per-thread pinned buffers, one task at a time, so copies to and from the
-GPU overlap with file I/O of other tasks.
+Runs everywhere, with no CUDA driver. GPU memory is staged through two
+pinned buffers per thread, so each thread's disk I/O overlaps its own copies
+to and from the GPU.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Optional, Sequence
 
-from ..errors import IOEngineError
+from ..errors import ClosedError, IOEngineError
 from ..memory.buffers import SlabBuffer
-from ..memory.obj import MemoryObj
 from ..units import PAGE
-from .base import IOEngine, IOPathReport, gather
+from .base import IOEngine, IOPathReport, Span, check_span
 
 __all__ = ["PosixEngine", "probe_direct_io"]
 
@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 def probe_direct_io(path: str) -> tuple[int | None, str]:
     """Open ``path`` with O_DIRECT and read one aligned page; return (fd, reason).
 
-    Some file systems (tmpfs) refuse O_DIRECT at open, others only at the
-    first I/O, so both are tried. The file must be at least one page long.
+    Some file systems refuse O_DIRECT at open, others only at the first I/O,
+    so both are tried. The file must be at least one page long.
     """
     if not hasattr(os, "O_DIRECT"):
         return None, "O_DIRECT not defined on this platform"
@@ -41,7 +41,33 @@ def probe_direct_io(path: str) -> tuple[int | None, str]:
     except OSError as e:
         os.close(fd)
         return None, f"O_DIRECT read refused: {e.strerror}"
+    finally:
+        probe.close()
     return fd, "ok"
+
+
+class _Staging:
+    """One thread's GPU staging: two pinned buffers, their events and a stream, on one device.
+
+    Two buffers let a thread read piece k+1 from disk while piece k's
+    host-to-device copy runs (and copy piece k+1 off the GPU while piece k is
+    written). The stream is PyTorch's non-blocking kind, so the copies never
+    wait for kernels on the default stream.
+    """
+
+    def __init__(self, task_size: int, device):
+        import torch
+
+        self.bufs = [SlabBuffer(task_size, "pinned") for _ in range(2)]
+        self.tensors = [b.tensor for b in self.bufs]
+        self.views = [memoryview(b.host_array()) for b in self.bufs]
+        self.stream = torch.cuda.Stream(device=device)
+        self.events = [torch.cuda.Event(), torch.cuda.Event()]
+
+    def close(self) -> None:
+        self.views = self.tensors = []
+        for b in self.bufs:
+            b.close()
 
 
 class PosixEngine(IOEngine):
@@ -51,15 +77,26 @@ class PosixEngine(IOEngine):
     ----------
     paths
         Existing files, each at least one page long; a path or a list.
+    threads
+        Worker threads (the calling thread works too).
+    task_size
+        Bytes per piece; spans larger than this are split and the pieces run
+        on all threads at once.
+    direct_io
+        Try O_DIRECT for aligned pieces.
+    memory
+        The slab kind, for the report before ``attach``.
     stripe_bytes
         Bytes per file: logical offset ``o`` is byte ``o % stripe_bytes`` of
         file ``o // stripe_bytes``. None for a single file.
-    threads
-        Worker threads.
-    task_size
-        Bytes per task; large operations are split into tasks run in parallel.
-    direct_io
-        Try O_DIRECT for aligned tasks.
+
+    Notes
+    -----
+    A batch costs one hand-off per worker thread, not per span: the pieces of
+    all spans go into one queue that ``min(threads, pieces)`` workers drain,
+    the caller being one of them, so a batch of one small span never leaves
+    the calling thread. For a GPU slab each worker double-buffers, so a
+    transfer runs at about the slower of disk and PCIe, not their sum.
     """
 
     name = "posix"
@@ -67,117 +104,216 @@ class PosixEngine(IOEngine):
     def __init__(self, paths, threads: int, task_size: int, direct_io: bool, memory: str = "host",
                  stripe_bytes: int | None = None):
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        self._paths = [os.fspath(p) for p in paths]
         self._stripe = stripe_bytes or (1 << 62)
-        self._fds = [os.open(p, os.O_RDWR) for p in paths]
-        self._dfds: list = []
-        reason = "disabled in config"
+        self._fds = [os.open(p, os.O_RDWR) for p in self._paths]
+        self._dfds: list[Optional[int]] = [None] * len(self._paths)
+        self._file_io = ["buffered (disabled in config)"] * len(self._paths)
+        refused = []
         if direct_io:
-            for p in paths:
-                dfd, reason = probe_direct_io(p)
-                if dfd is None:
-                    log.warning("O_DIRECT unavailable for %s (%s); using buffered I/O", p, reason)
-                    for fd in self._dfds:
-                        os.close(fd)
-                    self._dfds = []
-                    break
-                self._dfds.append(dfd)
-        self._direct = bool(self._dfds)
-        self._reason = "ok" if self._direct else reason
+            for i, p in enumerate(self._paths):
+                self._dfds[i], why = probe_direct_io(p)
+                if self._dfds[i] is None:
+                    log.warning("O_DIRECT unavailable for %s (%s); buffered I/O for this file", p, why)
+                    refused.append(why)
+                self._file_io[i] = "O_DIRECT for aligned pieces" if self._dfds[i] is not None else f"buffered ({why})"
+        self._direct = any(fd is not None for fd in self._dfds)
+        self._reason = "disabled in config" if not direct_io else (
+            refused[0] if refused else "ok")
         self._task = task_size
         self._threads = threads
         self._memory = memory
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="gds-kvcache-posix")
-        self._local = threading.local()
+        self._stagings: dict[tuple[int, int], _Staging] = {}
+        self._lock = threading.Lock()
+        self._moved = {"posix/O_DIRECT": 0, "posix/buffered": 0}
         self._closed = False
 
-    # -- per-thread GPU staging -----------------------------------------------
-    def _staging(self):
-        st = getattr(self._local, "staging", None)
-        if st is None:
-            import torch
+    # -- setup ------------------------------------------------------------------------
+    def attach(self, buffer: SlabBuffer) -> None:
+        if self._closed:
+            raise ClosedError("the posix I/O engine is closed")
+        self._buffer = buffer
+        self._memory = buffer.kind
 
-            st = (SlabBuffer(self._task, "pinned"), torch.cuda.Stream())
-            self._local.staging = st
+    def _staging(self, device) -> _Staging:
+        key = (threading.get_ident(), device.index or 0)
+        st = self._stagings.get(key)
+        if st is None:
+            st = _Staging(self._task, device)
+            with self._lock:
+                self._stagings[key] = st
         return st
 
-    def _fd_for(self, addr: int, off: int, n: int) -> tuple[int, int]:
-        """(descriptor, offset in that file) for logical ``off``."""
-        i, local = divmod(off, self._stripe)
-        if self._direct and addr % PAGE == 0 and off % PAGE == 0 and n % PAGE == 0:
-            return self._dfds[i], local
-        return self._fds[i], local
+    # -- one piece -------------------------------------------------------------------
+    def _move(self, write: bool, fi: int, off: int, view: memoryview, aligned: bool) -> bool:
+        """The whole of ``view`` to/from file ``fi`` at ``off``; whether O_DIRECT carried it."""
+        dfd = self._dfds[fi]
+        direct = aligned and dfd is not None
+        fd = dfd if direct else self._fds[fi]
+        op = os.pwritev if write else os.preadv
+        n = len(view)
+        try:
+            done = op(fd, [view], off)
+            while done < n:
+                # A short transfer leaves an unaligned remainder: finish it buffered.
+                got = op(self._fds[fi], [view[done:]], off + done)
+                if got == 0:
+                    what = "write wrote nothing" if write else "short read: the pool file ends"
+                    raise IOEngineError(f"{what} at byte {off + done} of {self._paths[fi]}")
+                done += got
+        except IOEngineError:
+            raise
+        except OSError as e:
+            raise IOEngineError(e.errno, f"{'pwrite' if write else 'pread'} of {n} bytes at {off} of "
+                                         f"{self._paths[fi]}: {e.strerror}") from e
+        return direct
 
-    @staticmethod
-    def _full(op, fd: int, mv: memoryview, off: int, what: str) -> int:
-        done = 0
-        while done < len(mv):
-            n = op(fd, [mv[done:]], off + done)
-            if n <= 0:
-                raise IOEngineError(f"{what} at offset {off + done}: {'end of file' if n == 0 else n}")
-            done += n
-        return done
+    # -- workers: each drains the shared piece queue ----------------------------------
+    def _host_worker(self, write: bool, buffer: SlabBuffer, pieces, errs: list) -> list[int]:
+        mv = memoryview(buffer.host_array())
+        moved = [0, 0]  # O_DIRECT, buffered
+        for i, mo, fi, off, n in pieces:
+            if errs[i] is not None:
+                continue
+            try:
+                direct = self._move(write, fi, off, mv[mo:mo + n], (mo | off | n) % PAGE == 0)
+            except IOEngineError as e:
+                errs[i] = e
+                continue
+            moved[0 if direct else 1] += n
+        return moved
 
-    def _host_task(self, write: bool, obj: MemoryObj, lo: int, n: int, file_off: int) -> int:
-        arr = obj._alloc.buffer.host_array()
-        start = obj.offset + lo
-        mv = memoryview(arr[start:start + n])
-        fd, local = self._fd_for(arr.ctypes.data + start, file_off, n)
-        return self._full(os.pwritev if write else os.preadv, fd, mv, local, "pwrite" if write else "pread")
-
-    def _cuda_task(self, write: bool, obj: MemoryObj, lo: int, n: int, file_off: int) -> int:
+    def _cuda_worker(self, write: bool, buffer: SlabBuffer, pieces, errs: list) -> list[int]:
         import torch
 
-        buf, stream = self._staging()
-        host = buf.tensor[:n]
-        gpu = obj.raw_data[lo:lo + n]
-        mv = memoryview(buf.host_array()[:n])
-        fd, local = self._fd_for(buf.tensor.data_ptr(), file_off, n)
-        with torch.cuda.stream(stream):
-            if write:
-                host.copy_(gpu, non_blocking=True)
-                stream.synchronize()
-                return self._full(os.pwritev, fd, mv, local, "pwrite")
-            self._full(os.preadv, fd, mv, local, "pread")
-            gpu.copy_(host, non_blocking=True)
-            stream.synchronize()
-        return n
-
-    def _submit(self, write: bool, obj: MemoryObj, file_offset: int, nbytes: int) -> Future:
-        if self._closed:
-            raise IOEngineError("engine is closed")
-        self._check(obj, nbytes, file_offset, self._stripe)
-        task = self._cuda_task if obj.device.type == "cuda" else self._host_task
-        parts = [self._pool.submit(task, write, obj, lo, min(self._task, nbytes - lo), file_offset + lo)
-                 for lo in range(0, nbytes, self._task)]
-        return gather(parts, nbytes, "write" if write else "read")
-
-    def _blocking(self, write: bool, obj: MemoryObj, file_offset: int, nbytes: int) -> int:
-        # The first task runs in the caller's thread, the rest in the pool: a
-        # chunk of one task needs no hand-off at all.
-        if self._closed:
-            raise IOEngineError("engine is closed")
-        self._check(obj, nbytes, file_offset, self._stripe)
-        task = self._cuda_task if obj.device.type == "cuda" else self._host_task
-        rest = [self._pool.submit(task, write, obj, lo, min(self._task, nbytes - lo), file_offset + lo)
-                for lo in range(self._task, nbytes, self._task)]
+        st = self._staging(buffer.device)
+        gpu = buffer.tensor
+        moved = [0, 0]
+        touched: set[int] = set()
         try:
-            done = task(write, obj, 0, min(self._task, nbytes), file_offset)
+            with torch.cuda.stream(st.stream):
+                if write:
+                    self._cuda_puts(st, gpu, pieces, errs, moved, touched)
+                else:
+                    self._cuda_gets(st, gpu, pieces, errs, moved, touched)
+                st.stream.synchronize()
+        except RuntimeError as e:  # a failed CUDA copy: every span this worker touched is suspect
+            for i in touched:
+                if errs[i] is None:
+                    errs[i] = IOEngineError(f"GPU staging copy failed: {e}")
+        return moved
+
+    def _cuda_gets(self, st: _Staging, gpu, pieces, errs, moved, touched) -> None:
+        k = 0
+        for i, mo, fi, off, n in pieces:
+            if errs[i] is not None:
+                continue
+            touched.add(i)
+            b = k & 1
+            # Buffer b last fed the copy of piece k-2; it must be done before the disk overwrites it.
+            st.events[b].synchronize()
+            try:
+                direct = self._move(False, fi, off, st.views[b][:n], (off | n) % PAGE == 0)
+            except IOEngineError as e:
+                errs[i] = e
+                continue
+            gpu[mo:mo + n].copy_(st.tensors[b][:n], non_blocking=True)
+            st.events[b].record(st.stream)
+            moved[0 if direct else 1] += n
+            k += 1
+
+    def _cuda_puts(self, st: _Staging, gpu, pieces, errs, moved, touched) -> None:
+        pending = None
+
+        def flush(p) -> None:
+            b, i, fi, off, n = p
+            st.events[b].synchronize()
+            try:
+                direct = self._move(True, fi, off, st.views[b][:n], (off | n) % PAGE == 0)
+            except IOEngineError as e:
+                errs[i] = e
+                return
+            moved[0 if direct else 1] += n
+
+        k = 0
+        for i, mo, fi, off, n in pieces:
+            if errs[i] is not None:
+                continue
+            touched.add(i)
+            b = k & 1
+            k += 1
+            # Buffer b's last piece (k-2) was written out by the flush of the previous round.
+            st.tensors[b][:n].copy_(gpu[mo:mo + n], non_blocking=True)
+            st.events[b].record(st.stream)
+            if pending is not None:
+                flush(pending)  # runs while the copy just queued is in flight
+            pending = (b, i, fi, off, n)
+        if pending is not None:
+            flush(pending)
+
+    # -- batches ---------------------------------------------------------------------
+    def _transfer(self, write: bool, spans: Sequence[Span]) -> list[Optional[BaseException]]:
+        if self._closed:
+            raise ClosedError("the posix I/O engine is closed")
+        buffer = self._buffer
+        if buffer is None:
+            raise IOEngineError("no slab attached: call attach(buffer) before read_spans/write_spans")
+        errs: list[Optional[BaseException]] = [None] * len(spans)
+        pieces = []
+        task, stripe, nfiles, size = self._task, self._stripe, len(self._fds), buffer.nbytes
+        for i, s in enumerate(spans):
+            err = check_span(s, size, stripe, nfiles)
+            if err is not None:
+                errs[i] = err
+                continue
+            fi, local = divmod(s.file_offset, stripe)
+            if s.nbytes <= task:
+                pieces.append((i, s.mem_offset, fi, local, s.nbytes))
+                continue
+            for lo in range(0, s.nbytes, task):
+                pieces.append((i, s.mem_offset + lo, fi, local + lo, min(task, s.nbytes - lo)))
+        if not pieces:
+            return errs
+        worker = self._cuda_worker if buffer.kind == "cuda" else self._host_worker
+        # One queue shared by all workers (list_iterator.__next__ is atomic under the GIL).
+        queue = iter(pieces)
+        helpers = [self._pool.submit(worker, write, buffer, queue, errs)
+                   for _ in range(min(self._threads, len(pieces)) - 1)]
+        try:
+            results = [worker(write, buffer, queue, errs)]
         finally:
-            # Never return (or raise) while a pool task may still touch obj.
-            wait(rest)
-        done += sum(f.result() for f in rest)
-        if done != nbytes:
-            raise IOEngineError(f"{'write' if write else 'read'}: moved {done} of {nbytes} bytes")
-        return done
+            # Never return while a helper may still touch the slab.
+            wait(helpers)
+        results += [f.result() for f in helpers]
+        with self._lock:
+            self._moved["posix/O_DIRECT"] += sum(r[0] for r in results)
+            self._moved["posix/buffered"] += sum(r[1] for r in results)
+        return errs
+
+    def read_spans(self, spans: Sequence[Span]) -> list[Optional[BaseException]]:
+        return self._transfer(False, spans)
+
+    def write_spans(self, spans: Sequence[Span]) -> list[Optional[BaseException]]:
+        return self._transfer(True, spans)
 
     def report(self) -> IOPathReport:
+        with self._lock:
+            moved = dict(self._moved)
         return IOPathReport("posix", "posix", self._direct, self._reason, self._threads, self._task, self._memory,
-                            len(self._fds))
+                            len(self._fds), file_paths=("posix",) * len(self._fds),
+                            file_reasons=tuple(self._file_io), bytes_by_path=moved)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._close_submitter()
         self._pool.shutdown(wait=True)
-        for fd in self._fds + self._dfds:
+        with self._lock:
+            stagings, self._stagings = list(self._stagings.values()), {}
+        for st in stagings:
+            st.close()
+        for fd in self._fds + [fd for fd in self._dfds if fd is not None]:
             os.close(fd)
+        self._buffer = None

@@ -50,24 +50,23 @@ class SlabMemoryAllocator(MemoryAllocatorInterface):
         ``cuda``, ``pinned`` or ``host``.
     cuda_device
         Device index for ``cuda``.
-    register_gds
-        Register the CUDA slab with cuFile once (only where GDS, not compat
-        mode, will run).
 
     Notes
     -----
     Allocation never raises for "no room": it returns None and the caller
-    evicts or gives up. The lock is held only for the free-list update, never
-    across I/O or device work.
+    evicts or gives up; it never waits and never calls into a storage tier
+    (back-pressure is the storage manager's job). The lock is held only for
+    the free-list update, never across I/O or device work. Registration with
+    cuFile is the KvikIO engine's business (it knows whether GDS will run).
+    ``close()`` releases the slab memory at once.
     """
 
-    def __init__(self, nbytes: int, kind: str = "host", cuda_device: int = 0, register_gds: bool = True):
+    def __init__(self, nbytes: int, kind: str = "host", cuda_device: int = 0):
         self.buffer = SlabBuffer(nbytes, kind, cuda_device)
         self._extents = ExtentAllocator(self.buffer.nbytes)
         self._lock = threading.Lock()
         self._live: dict[int, MemoryObj] = {}
-        if register_gds:
-            self.buffer.register_gds()
+        self._closed = False
 
     @property
     def device(self) -> torch.device:
@@ -85,17 +84,45 @@ class SlabMemoryAllocator(MemoryAllocatorInterface):
     def used(self) -> int:
         return self._extents.used
 
+    @property
+    def free_bytes(self) -> int:
+        return self._extents.free
+
     def allocate(self, shape, dtype: torch.dtype,
                  fmt: MemoryFormat = MemoryFormat.KV_2LTD) -> Optional[MemoryObj]:
         shape = torch.Size(shape)
         nbytes = max(1, math.prod(shape) * dtype.itemsize)
         with self._lock:
+            if self._closed:
+                return None
             off = self._extents.allocate(nbytes)
             if off is None:
                 return None
             obj = MemoryObj(self, off, self._extents.allocated_size(off), shape, dtype, fmt)
             self._live[off] = obj
         return obj
+
+    def batched_allocate(self, shapes, dtypes, fmts) -> list[MemoryObj]:
+        """Objects for ``shapes``/``dtypes``/``fmts`` (parallel lists), adjacent in the slab where
+        one free region holds them all, so a batch moves as one transfer.
+
+        Returns a prefix: as many objects as fit, in order (empty when none does).
+        """
+        shapes = [torch.Size(s) for s in shapes]
+        sizes = [max(1, math.prod(s) * d.itemsize) for s, d in zip(shapes, dtypes)]
+        out: list[MemoryObj] = []
+        with self._lock:
+            if self._closed:
+                return out
+            offs = self._extents.allocate_run(sizes) if len(sizes) > 1 else None
+            for i, (shape, dtype, fmt) in enumerate(zip(shapes, dtypes, fmts)):
+                off = offs[i] if offs is not None else self._extents.allocate(sizes[i])
+                if off is None:
+                    break
+                obj = MemoryObj(self, off, self._extents.allocated_size(off), shape, dtype, fmt)
+                self._live[off] = obj
+                out.append(obj)
+        return out
 
     def free(self, obj: MemoryObj) -> None:
         with self._lock:
@@ -111,12 +138,16 @@ class SlabMemoryAllocator(MemoryAllocatorInterface):
 
     def _ref_up(self, obj: MemoryObj) -> None:
         with self._lock:
+            if self._closed:
+                raise ValueError(f"ref_count_up on {obj!r}: its slab was closed")
             if obj._refs <= 0:
                 raise ValueError(f"ref_count_up on a freed object {obj!r}")
             obj._refs += 1
 
     def _ref_down(self, obj: MemoryObj) -> None:
         with self._lock:
+            if self._closed:
+                return  # the slab is gone already; a late release is harmless
             if obj._refs <= 0:
                 raise ValueError(f"ref_count_down on a freed object {obj!r}")
             obj._refs -= 1
@@ -137,4 +168,11 @@ class SlabMemoryAllocator(MemoryAllocatorInterface):
         return True
 
     def close(self) -> None:
+        """Release the slab memory now; objects still held become invalid."""
+        with self._lock:
+            self._closed = True
+            for obj in self._live.values():
+                obj._refs = 0
+                obj._tensor = None
+            self._live.clear()
         self.buffer.close()

@@ -111,6 +111,29 @@ class ExtentAllocator:
         self._used += size
         return start
 
+    def allocate_run(self, sizes) -> Optional[list[int]]:
+        """Reserve adjacent extents of ``sizes`` bytes (each rounded up) in one free region.
+
+        Returns their offsets, or None when no single free region holds them all
+        (the caller then falls back to ``allocate`` per extent). Each extent is
+        freed on its own later, so a batch written as one transfer can still be
+        evicted chunk by chunk.
+        """
+        units = [align_up(n, self.align) for n in sizes]
+        if not units or min(units) <= 0:
+            raise ValueError(f"sizes must be > 0, got {list(sizes)}")
+        start = self.allocate(sum(units))
+        if start is None:
+            return None
+        del self._allocated[start]
+        offs = []
+        pos = start
+        for n in units:
+            self._allocated[pos] = n
+            offs.append(pos)
+            pos += n
+        return offs
+
     def free_extent(self, start: int) -> int:
         """Release the extent at ``start``; return its size. Coalesces with neighbours."""
         size = self._allocated.pop(start, None)

@@ -1,178 +1,439 @@
-"""Crash-safe index of the disk pool: an append-only log of put/delete records.
+"""``DiskIndex``: which chunk lives where in the pool, in LRU order; recovery and compaction.
 
-Each record is one line, ``<json>\\t<crc32 hex>\\n``, written with a single
-``write`` on an ``O_APPEND`` descriptor after the chunk's bytes are fully
-written, so a chunk becomes visible only once complete. Replay ignores torn
-or altered lines (their CRC fails), and when two live entries claim
-overlapping pool bytes the newer one wins, since only it can own them.
-The log is rewritten as a snapshot (temp file, fsync, rename) at start-up
-and whenever dead records pile up.
+The index side of the disk tier. It owns the in-memory map of keys to pool
+extents, the pool's free space, the puts in flight, the reader counts that
+keep an extent alive while it is read, eviction order, and the on-disk log
+(``IndexLog``, which alone owns the file format). It moves no chunk bytes and
+needs no GPU and no I/O engine, so a scheduler process can run it alone.
+
+Every method takes the index lock only for in-memory updates and, where a
+record must be down before the state changes, one ``write`` of the records of
+a whole batch (no fsync). Chunk I/O, hole punching and lookup-server calls
+happen outside it, in the disk backend.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import zlib
-from dataclasses import dataclass
-from typing import Iterable, Optional
+import threading
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
 
+from ..errors import ClosedError, StorageFullError
 from ..key import CacheEngineKey
+from ..units import PAGE
+from .index_log import DiskEntry, IndexLog
+from .pool_file import PoolDirectory
+from .striped_space import StripedSpace
 
-__all__ = ["DiskEntry", "IndexLog", "INDEX_MAGIC"]
+__all__ = ["DiskIndex", "Reservation", "DiskEntry"]
 
 log = logging.getLogger(__name__)
 
-INDEX_MAGIC = "gds_kvcache-index"
-INDEX_VERSION = 1
+#: Files of the directory besides pool and index (layout, lock), in blocks the
+#: budget must leave room for.
+_OTHER_FILES = 2 * PAGE
 
 
 @dataclass
-class DiskEntry:
-    """Where one chunk lives in the pool file, and what it is."""
+class Reservation:
+    """Pool extents handed to one batch of puts, before their bytes are written."""
 
-    key: CacheEngineKey
-    offset: int
-    nbytes: int
-    phys_size: int
-    shape: tuple
-    dtype: str
-    fmt: str
-    checksum: int
-    seq: int = 0
-    readers: int = 0
-    doomed: bool = False
-
-    def record(self) -> dict:
-        return {"op": "put", "key": self.key.to_string(), "off": self.offset, "n": self.nbytes,
-                "phys": self.phys_size, "shape": list(self.shape), "dtype": self.dtype,
-                "fmt": self.fmt, "csum": format(self.checksum, "016x"), "seq": self.seq}
-
-    @classmethod
-    def from_record(cls, r: dict) -> "DiskEntry":
-        shape = tuple(int(d) for d in r["shape"])
-        e = cls(CacheEngineKey.from_string(r["key"]), int(r["off"]), int(r["n"]), int(r["phys"]), shape,
-                str(r["dtype"]), str(r["fmt"]), int(r["csum"], 16), int(r["seq"]))
-        if e.offset < 0 or e.nbytes <= 0 or e.phys_size < e.nbytes or any(d < 0 for d in shape):
-            raise ValueError("impossible extent or shape")
-        return e
+    keys: list
+    offsets: list
+    sizes: list
+    errors: dict = field(default_factory=dict)   # key -> exception for keys refused outright
 
 
-def _encode(rec: dict) -> bytes:
-    payload = json.dumps(rec, separators=(",", ":")).encode()
-    return payload + b"\t" + format(zlib.crc32(payload), "08x").encode() + b"\n"
-
-
-def _decode(line: bytes) -> Optional[dict]:
-    payload, sep, crc = line.rstrip(b"\n").rpartition(b"\t")
-    if not sep or len(crc) != 8:
-        return None
-    try:
-        if int(crc, 16) != zlib.crc32(payload):
-            return None
-        rec = json.loads(payload)
-    except ValueError:
-        return None
-    return rec if isinstance(rec, dict) else None
-
-
-class IndexLog:
-    """The on-disk index of one pool file.
+class DiskIndex:
+    """Keys -> pool extents for one cache directory.
 
     Parameters
     ----------
-    path
-        The log file.
+    pool
+        The locked directory and its stripe layout.
+    reserve
+        Bytes of the disk budget the index files may take (the pool has the rest).
+
+    Notes
+    -----
+    Visibility: a key is visible (``contains``) only after its put record is
+    appended, which happens after its bytes are written. Removal: the delete
+    record is appended before the extent can be reused, so a crash can never
+    resurrect a key over another chunk's bytes. An extent being read is freed
+    only when its last reader is done.
     """
 
-    def __init__(self, path: str):
-        self.path = path
-        self._fd: Optional[int] = None
-        self.records = 0
-        self.bytes = 0
-        self.seq = 0
+    def __init__(self, pool: PoolDirectory, reserve: int):
+        self._pool = pool
+        self._reserve = reserve
+        self._log = IndexLog(pool.path)
+        self._space = StripedSpace(pool.stripes, pool.stripe_bytes)
+        self._entries: OrderedDict[CacheEngineKey, DiskEntry] = OrderedDict()
+        self._pending: dict[CacheEngineKey, int] = {}      # key -> extent of a put in flight
+        self._cancelled: set[CacheEngineKey] = set()       # removed while their put was in flight
+        self._lock = threading.Lock()
+        self._events: deque = deque()                      # ("insert" | "remove", key) for the lookup server
+        self._freed_after_compaction: list[int] = []
+        self._closed = False
+        self.stats = {"evictions": 0, "index_evictions": 0, "compactions": 0, "dropped_at_open": 0}
 
-    def replay(self) -> tuple[list[DiskEntry], int]:
-        """Live entries in log order, and how many bad lines were skipped."""
-        live: dict[CacheEngineKey, DiskEntry] = {}
-        bad = 0
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return [], 0
-        lines = data.split(b"\n")
-        if lines and lines[-1] == b"":
-            lines.pop()
-        elif lines:
-            bad += 1  # torn last record from a crash mid-append
-            lines.pop()
-        for i, line in enumerate(lines):
-            rec = _decode(line + b"\n")
-            if rec is None:
-                bad += 1
+    # -- start-up --------------------------------------------------------
+    def recover(self) -> list[tuple[int, int]]:
+        """Load the log, keep the entries that fit the pool, snapshot them.
+
+        Returns the free pool extents ``[(offset, size)]`` so the caller can
+        give interrupted writes' blocks back to the file system.
+
+        Raises
+        ------
+        IndexFormatError
+            The index is of a newer or foreign format (left untouched).
+        """
+        entries, bad = self._log.load()
+        old = self._pool.old_layout
+        if old is not None:
+            entries = self._translate(entries, old)
+        kept = self._resolve_extents(entries)
+        dropped = bad + len(entries) - len(kept)
+        self._space.rebuild({e.offset: e.phys_size for e in kept})
+        kept.sort(key=lambda e: e.seq)
+        for e in kept:
+            self._entries[e.key] = e
+            self._events.append(("insert", e.key))
+        self._log.snapshot(kept)
+        self.stats["dropped_at_open"] = dropped
+        if dropped:
+            log.warning("index of %s: %d unusable or out-of-pool record(s) dropped", self._pool.path, dropped)
+        log.info("disk tier %s: %d chunk(s) recovered, %d of %d pool bytes used",
+                 self._pool.path, len(kept), self._space.used, self._space.capacity)
+        return sorted(self._space.free_extents().items())
+
+    def _translate(self, entries: list[DiskEntry], old: tuple[int, int]) -> list[DiskEntry]:
+        """Offsets of an older layout mapped to this one (same stripe file, same place in it)."""
+        _, old_stripe = old
+        new_stripe = self._pool.stripe_bytes
+        for e in entries:
+            i, local = divmod(e.offset, old_stripe)
+            e.offset = i * new_stripe + local if local + e.phys_size <= new_stripe else -1
+        return [e for e in entries if e.offset >= 0]
+
+    def _resolve_extents(self, entries: list[DiskEntry]) -> list[DiskEntry]:
+        """Entries whose extents fit the pool and overlap no other, in one sweep by offset.
+
+        Where two claim overlapping bytes only the newer (higher seq) can own them.
+        """
+        stripe = self._pool.stripe_bytes
+        kept: list[DiskEntry] = []
+        for e in sorted(entries, key=lambda e: e.offset):
+            i, local = divmod(e.offset, stripe)
+            if e.offset % PAGE or i >= self._pool.stripes or local + e.phys_size > stripe:
                 continue
-            try:
-                op = rec.get("op")
-                if i == 0 and rec.get("magic") == INDEX_MAGIC:
-                    if rec.get("version") != INDEX_VERSION:
-                        raise ValueError(f"index version {rec.get('version')} (this library reads {INDEX_VERSION})")
+            if kept and kept[-1].offset + kept[-1].phys_size > e.offset:
+                loser = kept[-1] if kept[-1].seq < e.seq else e
+                log.warning("dropping index entry %s: its extent overlaps a newer chunk's", loser.key.to_string())
+                if loser is e:
                     continue
-                if op == "put":
-                    e = DiskEntry.from_record(rec)
-                    live[e.key] = e
-                    self.seq = max(self.seq, e.seq)
-                elif op == "del":
-                    live.pop(CacheEngineKey.from_string(rec["key"]), None)
-                    self.seq = max(self.seq, int(rec.get("seq", 0)))
-                else:
-                    bad += 1
-            except (ValueError, KeyError, TypeError) as e:
-                log.warning("index %s line %d unusable (%s); ignoring it", self.path, i + 1, e)
-                bad += 1
-        return sorted(live.values(), key=lambda e: e.seq), bad
+                kept.pop()
+            kept.append(e)
+        return kept
 
-    def rewrite(self, entries: Iterable[DiskEntry]) -> None:
-        """Replace the log by a snapshot of ``entries`` atomically, then reopen it for appends."""
-        tmp = self.path + ".tmp"
-        n = 0
-        with open(tmp, "wb") as f:
-            f.write(_encode({"magic": INDEX_MAGIC, "version": INDEX_VERSION}))
-            for e in entries:
-                f.write(_encode(e.record()))
+    # -- lookups -----------------------------------------------------------
+    def contains(self, key: CacheEngineKey) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def prefix_length(self, keys: Sequence[CacheEngineKey]) -> int:
+        """How many of ``keys``, from the first, are stored."""
+        with self._lock:
+            n = 0
+            for k in keys:
+                if k not in self._entries:
+                    break
                 n += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        dfd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-        self.close()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-        self.records = n
-        self.bytes = os.fstat(self._fd).st_size
+            return n
 
-    def next_seq(self) -> int:
-        self.seq += 1
-        return self.seq
+    def in_flight(self, key: CacheEngineKey) -> bool:
+        with self._lock:
+            return key in self._pending
 
-    def _append(self, rec: dict) -> None:
-        line = _encode(rec)
-        assert self._fd is not None, "index log not open"
-        os.write(self._fd, line)
-        self.records += 1
-        self.bytes += len(line)
+    def entry(self, key: CacheEngineKey) -> Optional[DiskEntry]:
+        with self._lock:
+            return self._entries.get(key)
 
-    def append_put(self, e: DiskEntry) -> None:
-        self._append(e.record())
+    def keys(self) -> list[CacheEngineKey]:
+        with self._lock:
+            return list(self._entries)
 
-    def append_del(self, key: CacheEngineKey) -> None:
-        self._append({"op": "del", "key": key.to_string(), "seq": self.next_seq()})
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def used(self) -> int:
+        return self._space.used
+
+    @property
+    def capacity(self) -> int:
+        return self._space.capacity
+
+    @property
+    def index_bytes(self) -> int:
+        return self._log.bytes
+
+    # -- puts --------------------------------------------------------------
+    def reserve(self, keys: Sequence[CacheEngineKey], sizes: Sequence[int], run_bytes: int) -> Reservation:
+        """Pool extents for the keys not yet stored or in flight (others are left out).
+
+        Chunks are grouped into runs of about ``run_bytes`` that get adjacent
+        extents in one stripe where free space allows (one transfer each);
+        consecutive runs go to different stripes. LRU chunks nobody reads are
+        evicted to make room, but only once it is known that room can be made:
+        a chunk that could never fit evicts nothing and is refused with the
+        reason.
+        """
+        res = Reservation([], [], [])
+        with self._lock:
+            if self._closed:
+                raise ClosedError("disk index is closed")
+            want: list[tuple[CacheEngineKey, int]] = []
+            seen = set()
+            for k, n in zip(keys, sizes):
+                if k in self._entries or k in self._pending or k in seen:
+                    continue
+                seen.add(k)
+                why = self._never_fits_locked(n)
+                if why is not None:
+                    res.errors[k] = StorageFullError(why)
+                    continue
+                want.append((k, n))
+            i = 0
+            while i < len(want):
+                j, total = i, 0
+                while j < len(want) and (j == i or total + want[j][1] <= run_bytes):
+                    total += want[j][1]
+                    j += 1
+                group = want[i:j]
+                offs = self._space.allocate_run([n for _, n in group]) if len(group) > 1 else None
+                if offs is None:
+                    offs = []
+                    for k, n in group:
+                        off = self._allocate_evicting_locked(n)
+                        if off is None:
+                            res.errors[k] = StorageFullError(
+                                f"no room for a {n}-byte chunk in the {self._space.capacity}-byte pool: the "
+                                "space is held by puts in flight and chunks being read")
+                            continue
+                        offs.append(off)
+                        res.keys.append(k)
+                        res.offsets.append(off)
+                        res.sizes.append(n)
+                else:
+                    for (k, n), off in zip(group, offs):
+                        res.keys.append(k)
+                        res.offsets.append(off)
+                        res.sizes.append(n)
+                i = j
+            for k, off in zip(res.keys, res.offsets):
+                self._pending[k] = off
+        return res
+
+    def _never_fits_locked(self, nbytes: int) -> Optional[str]:
+        stripe = self._space.stripe_bytes
+        if nbytes > stripe:
+            return (f"a {nbytes}-byte chunk cannot fit: the pool's files (stripes) hold {stripe} bytes each "
+                    f"(max_local_disk_size and pool_files set the stripe size)")
+        return None
+
+    def _allocate_evicting_locked(self, nbytes: int) -> Optional[int]:
+        off = self._space.allocate(nbytes)
+        if off is not None:
+            return off
+        # Evict only if that can work: some stripe must have a hole of nbytes
+        # once every chunk nobody reads is gone (in-flight puts and chunks
+        # being read stay where they are).
+        evictable = {e.offset: e.phys_size for e in self._entries.values() if e.readers == 0}
+        if not any(self._space.largest_hole_without(i, evictable) >= nbytes
+                   for i in range(len(self._space.parts))):
+            return None
+        for victim in [k for k, e in self._entries.items() if e.readers == 0]:
+            self._drop_locked(victim, free=True)
+            self.stats["evictions"] += 1
+            off = self._space.allocate(nbytes)
+            if off is not None:
+                return off
+        return None
+
+    def commit(self, done: Sequence[DiskEntry], failed: Sequence[CacheEngineKey]) -> list[CacheEngineKey]:
+        """Make written chunks visible (one index append for all); free failed ones' extents.
+
+        Returns the keys made visible (a key removed while in flight is not).
+        If the append fails, nothing changes and the caller calls ``abort``.
+        """
+        with self._lock:
+            for k in failed:
+                self._release_pending_locked(k)
+            visible = []
+            for e in done:
+                assert self._pending.get(e.key) == e.offset, f"commit of {e.key} without its reservation"
+                if e.key in self._cancelled:
+                    self._release_pending_locked(e.key)
+                else:
+                    visible.append(e)
+            if visible:
+                self._make_index_room_locked(len(visible))
+                self._log.append(puts=visible)
+                for e in visible:
+                    del self._pending[e.key]
+                    self._entries[e.key] = e
+                    self._events.append(("insert", e.key))
+            return [e.key for e in visible]
+
+    def abort(self, keys: Iterable[CacheEngineKey]) -> None:
+        """Give back the extents of puts that will not be committed."""
+        with self._lock:
+            for k in keys:
+                self._release_pending_locked(k)
+
+    def _release_pending_locked(self, key: CacheEngineKey) -> None:
+        off = self._pending.pop(key, None)
+        self._cancelled.discard(key)
+        if off is not None:
+            self._space.free_extent(off)
+
+    def _make_index_room_locked(self, adding: int) -> None:
+        """Keep index files within their reserve: compact when dead records pile up, and evict
+        LRU chunks when even the live index would not fit (many tiny chunks)."""
+        half = (self._reserve - _OTHER_FILES) // 2
+        # Two snapshots coexist for a moment during compaction, hence half.
+        if self._log.bytes + IndexLog.size_of(adding) + IndexLog.size_of(1) <= half:
+            return
+        live = len(self._entries)
+        while live and IndexLog.size_of(live + adding) + IndexLog.size_of(1) > half:
+            victim = next((k for k, e in self._entries.items() if e.readers == 0), None)
+            if victim is None:
+                break
+            # No delete record: the snapshot below leaves it out, and the
+            # extent is reused only after that snapshot is down.
+            e = self._entries.pop(victim)
+            self._events.append(("remove", victim))
+            self._freed_after_compaction.append(e.offset)
+            live -= 1
+            self.stats["index_evictions"] += 1
+        self._compact_locked()
+
+    def _compact_locked(self) -> None:
+        # Rare (after about as many dead records as live ones) and bounded by
+        # the reserve; it runs under the lock so no append can slip between
+        # the snapshot and the new log.
+        self._log.snapshot(self._entries.values())
+        self.stats["compactions"] += 1
+        for off in self._freed_after_compaction:
+            self._space.free_extent(off)
+        self._freed_after_compaction.clear()
+
+    # -- gets ---------------------------------------------------------------
+    def begin_read(self, keys: Sequence[CacheEngineKey]) -> list[Optional[DiskEntry]]:
+        """The entries of ``keys`` (None where absent), each pinned by one reader and marked recently used."""
+        out: list[Optional[DiskEntry]] = []
+        with self._lock:
+            if self._closed:
+                raise ClosedError("disk index is closed")
+            for k in keys:
+                e = self._entries.get(k)
+                if e is not None:
+                    e.readers += 1
+                    self._entries.move_to_end(k)
+                out.append(e)
+        return out
+
+    def end_read(self, entries: Iterable[DiskEntry], bad: Iterable[DiskEntry] = ()) -> None:
+        """Unpin ``entries``; drop those in ``bad`` (unreadable or corrupt) if still current."""
+        bad = list(bad)
+        with self._lock:
+            for e in bad:
+                if self._entries.get(e.key) is e:
+                    self._drop_locked(e.key, free=True)
+            for e in entries:
+                e.readers -= 1
+                assert e.readers >= 0, f"negative reader count on {e.key}"
+                if e.doomed and e.readers == 0:
+                    self._space.free_extent(e.offset)
+
+    # -- removal -------------------------------------------------------------
+    def _drop_locked(self, key: CacheEngineKey, free: bool) -> Optional[DiskEntry]:
+        """Forget ``key``: delete record first, then (unless read now, or ``free`` is False) free its extent."""
+        e = self._entries.pop(key, None)
+        if e is None:
+            return None
+        self._log.append(dels=[key])
+        self._events.append(("remove", key))
+        if e.readers > 0:
+            e.doomed = True
+        elif free:
+            self._space.free_extent(e.offset)
+        return e
+
+    def remove(self, key: CacheEngineKey) -> tuple[bool, Optional[tuple[int, int]]]:
+        """Forget ``key``. Returns (was there, extent to punch then ``free`` or None).
+
+        The extent to punch is not reusable until ``free(offset)``, so the
+        caller can give its blocks back to the file system outside the lock.
+        """
+        with self._lock:
+            if key in self._pending:
+                self._cancelled.add(key)
+                return True, None
+            e = self._drop_locked(key, free=False)
+            if e is None:
+                return False, None
+            if e.doomed:
+                return True, None
+            return True, (e.offset, e.phys_size)
+
+    def evict_one(self) -> Optional[tuple[CacheEngineKey, int, int]]:
+        """Drop the LRU chunk nobody reads (the file system is full); (key, offset, size) to punch then ``free``."""
+        with self._lock:
+            victim = next((k for k, e in self._entries.items() if e.readers == 0), None)
+            if victim is None:
+                return None
+            e = self._drop_locked(victim, free=False)
+            self.stats["evictions"] += 1
+            return victim, e.offset, e.phys_size
+
+    def free(self, offset: int) -> None:
+        with self._lock:
+            self._space.free_extent(offset)
+
+    # -- lookup-server events -------------------------------------------------
+    def drain_events(self) -> list[tuple[str, CacheEngineKey]]:
+        """Inserts and removals since the last call, in order (for the lookup server)."""
+        out = []
+        while True:
+            try:
+                out.append(self._events.popleft())
+            except IndexError:
+                return out
+
+    # -- shutdown --------------------------------------------------------------
+    def memcheck(self) -> bool:
+        with self._lock:
+            self._space.memcheck()
+            ext = self._space.extents()
+            for e in self._entries.values():
+                assert ext.get(e.offset) == e.phys_size, f"entry {e.key} extent not allocated"
+                assert e.readers >= 0, f"negative reader count on {e.key}"
+            for k, off in self._pending.items():
+                assert off in ext, f"pending put {k} extent not allocated"
+        return True
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Snapshot the live entries and close the log (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._log.snapshot(self._entries.values())
+            finally:
+                self._log.close()

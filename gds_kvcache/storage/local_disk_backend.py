@@ -1,12 +1,11 @@
-"""``LocalDiskBackend``: KV chunks in one preallocated pool file, indexed by a crash-safe log.
+"""``LocalDiskBackend``: LMCache's disk-tier API over the disk index and the transfer side.
 
-Layout: ``kvcache.pool.<i>`` (sparse files, together ``max_local_disk_size``
-minus the index reserve) hold chunks at 4 KiB-aligned extents handed out by
-the same extent allocator as the memory slab; ``kvcache.index`` records each
-chunk's extent, shape, dtype and checksum once its bytes are fully written.
-The pool files are opened once per backend, so no per-chunk open, create or
-cuFile registration sits on the put/get path, and consecutive chunks go to
-different files so writes proceed in parallel.
+A thin facade: ``DiskIndex`` decides which chunk lives where (and owns
+recovery, eviction and the index files); ``DiskTransfer`` moves a batch of
+chunks in few large transfers through an ``IOEngine`` and checksums them in
+one launch. This module adds what joins them: batching, the put and get
+thread pools, lifetime (``close`` drains every call in flight), hole punching
+and the lookup server, all outside the index lock.
 """
 
 from __future__ import annotations
@@ -17,37 +16,44 @@ import logging
 import math
 import os
 import threading
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from ..config import CacheEngineConfig
-from ..errors import CorruptChunkError, GdsKvCacheError, KeyFormatError, ShapeMismatchError, StorageFullError
-from ..io import IOEngine, IOPathReport, open_engine
-from ..kernels.checksum import checksum, checksum_host, warmup_cuda
+from ..errors import (ClosedError, CorruptChunkError, GdsKvCacheError, KeyFormatError, ShapeMismatchError)
+from ..io import IOPathReport, open_engine
+from ..kernels.checksum import checksum_host, warmup_cuda
 from ..key import CacheEngineKey
 from ..memory.allocator import MemoryAllocatorInterface
 from ..memory.format import MemoryFormat, dtype_to_str, str_to_dtype
 from ..memory.obj import MemoryObj
-from ..units import PAGE
+from ..units import MiB
 from .abstract_backend import StorageBackendInterface
-from .disk_index import DiskEntry, IndexLog
+from .disk_index import DiskEntry, DiskIndex
 from .lookup_server import LookupServerInterface
 from .pool_file import PoolDirectory, index_reserve, punch_hole
-from .striped_space import StripedSpace
+from .transfer import DiskTransfer
 
-__all__ = ["LocalDiskBackend"]
+__all__ = ["LocalDiskBackend", "check_keys"]
 
 log = logging.getLogger(__name__)
 
 
 def _is_no_space(exc: BaseException) -> bool:
-    # KvikIO reports POSIX errors as RuntimeError with the strerror text.
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
         return True
-    return "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc)
+    # An engine that gives no errno (a RuntimeError from a C++ layer) still says it in words.
+    return not isinstance(exc, OSError) and (
+        "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc))
+
+
+def check_keys(keys: Sequence) -> None:
+    """Raise ``KeyFormatError`` unless every key is a ``CacheEngineKey``."""
+    for k in keys:
+        if not isinstance(k, CacheEngineKey):
+            raise KeyFormatError(f"a key must be a CacheEngineKey, got {type(k).__name__} {k!r}")
 
 
 class LocalDiskBackend(StorageBackendInterface):
@@ -59,23 +65,26 @@ class LocalDiskBackend(StorageBackendInterface):
         ``local_disk`` and ``max_local_disk_size`` must be set.
     loop
         An asyncio loop; ``async_load_bytes_from_disk`` runs its read in this
-        backend's executor from whatever loop awaits it. Puts and prefetches
-        do not hop through the loop (one fewer thread switch per chunk), so
-        None is accepted.
+        backend's read pool from whatever loop awaits it. None is accepted.
     memory_allocator
-        Where chunks read back are allocated.
+        The slab allocator: chunks read back are allocated from it, and chunks
+        put must live in its slab. It is never asked to wait: a read that
+        finds no room is a miss.
     dst_device
         Kept for API compatibility; chunks land where the allocator's slab is.
     lookup_server
-        Told of every key stored and dropped; None for none.
+        Told of every key stored and dropped, outside every lock; its errors
+        are logged and counted (``stats["lookup_errors"]``) and never change
+        what this backend stores.
 
     Notes
     -----
     A chunk is visible (``contains``) only once its bytes are on disk and its
     index record is appended. A chunk being read is never evicted or freed
-    under the reader: its extent is released when the last reader finishes.
-    A new backend on the same directory finds every chunk written before.
-    Only one process may open a directory at a time.
+    under the reader. Puts and reads run on separate thread pools, so a read
+    never queues behind a write or the reverse. ``close()`` refuses new calls
+    (``ClosedError``), waits for those in flight, and always releases the
+    directory. Only one process may open a directory at a time.
     """
 
     def __init__(self, config: CacheEngineConfig, loop: Optional[asyncio.AbstractEventLoop],
@@ -89,25 +98,36 @@ class LocalDiskBackend(StorageBackendInterface):
         self.memory_allocator = memory_allocator
         self.lookup_server = lookup_server
         self.verify = config.verify_checksums
+        self._buffer = getattr(memory_allocator, "buffer", None)
         self._dir = PoolDirectory(config.local_disk, config.disk_bytes, config.pool_files, config.preallocate)
-        self._lock = threading.Lock()
-        self._entries: OrderedDict[CacheEngineKey, DiskEntry] = OrderedDict()
-        self._put_tasks: dict[CacheEngineKey, Future] = {}
-        self._cancelled: set[CacheEngineKey] = set()
-        self._space = StripedSpace(self._dir.stripes, self._dir.stripe_bytes)
-        self._index = IndexLog(self._dir.index_path)
-        self._reserve = index_reserve(config.disk_bytes)
-        self.stats = {"puts": 0, "gets": 0, "hits": 0, "evictions": 0, "corrupt": 0, "put_errors": 0}
+        self.index: Optional[DiskIndex] = None
+        self._engine = None
         try:
-            self._recover()
+            self.index = DiskIndex(self._dir, index_reserve(config.disk_bytes))
+            free = self.index.recover()
             memory = getattr(memory_allocator, "kind", str(memory_allocator.device))
-            self._engine: IOEngine = open_engine(self._dir.pool_paths, config, memory, self._dir.stripe_bytes)
+            self._engine = open_engine(self._dir.pool_paths, config, memory, self._dir.stripe_bytes)
+            if self._buffer is not None:
+                self._engine.attach(self._buffer)
+            self._punch_free(free)
         except BaseException:
-            self._index.close()
-            self._dir.release()
+            self._abort_open()
             raise
-        self._executor = ThreadPoolExecutor(config.io_threads, thread_name_prefix="gds-kvcache-disk")
+        self._transfer = DiskTransfer(self._engine, self._dir.stripe_bytes)
+        self._run_bytes = max(16 * MiB, 4 * config.io_task_size)
+        # Separate pools: a read waiting for slab room can never hold up the
+        # write that would free it, and the reverse.
+        self._writer = ThreadPoolExecutor(config.io_threads, thread_name_prefix="gds-kvcache-put")
+        self._reader = ThreadPoolExecutor(config.io_threads, thread_name_prefix="gds-kvcache-get")
+        self._cond = threading.Condition()
+        self._ops = 0
+        self._puts_in_flight = 0
+        self._put_generation = 0
+        self._closing = False
         self._closed = False
+        self._notify_lock = threading.Lock()
+        self._stats = {"puts": 0, "gets": 0, "hits": 0, "corrupt": 0, "put_errors": 0, "lookup_errors": 0}
+        self._notify()
         # Compile (or load from Numba's cache) the checksum kernel now rather
         # than inside the first put's timing.
         if memory_allocator.device.type == "cuda":
@@ -115,111 +135,160 @@ class LocalDiskBackend(StorageBackendInterface):
         else:
             checksum_host(b"warm")
 
-    # -- start-up ------------------------------------------------------------
-    def _recover(self) -> None:
-        entries, bad = self._index.replay()
-        kept = self._resolve_extents(entries)
-        bad += len(entries) - len(kept)
-        self._space.rebuild({e.offset: e.phys_size for e in kept})
-        kept.sort(key=lambda e: e.seq)
-        for e in kept:
-            self._entries[e.key] = e
-            if self.lookup_server is not None:
-                self.lookup_server.insert(e.key)
-        self._index.rewrite(kept)
-        # Free pool space may hold bytes of writes a crash interrupted: give
-        # the blocks back so disk usage tracks live chunks (unless the pool is
-        # preallocated on purpose).
-        if self.config.preallocate:
-            return self._log_recovered(kept, bad)
+    def _abort_open(self) -> None:
+        try:
+            if self._engine is not None:
+                self._engine.close()
+            if self.index is not None:
+                self.index.close()
+        except Exception as e:  # the original error is the one to report
+            log.warning("cleanup after a failed open of %s: %s", self._dir.path, e)
+        finally:
+            self._dir.release()
+
+    def _punch_free(self, free: list[tuple[int, int]]) -> None:
+        """Give blocks of interrupted writes back to the file system (unless preallocated)."""
+        if self.config.preallocate or not self._engine.punch_ok:
+            return
         fds = [os.open(p, os.O_RDWR) for p in self._dir.pool_paths]
         try:
-            for start, size in self._space.free_extents().items():
+            for start, size in free:
                 i, local = divmod(start, self._dir.stripe_bytes)
                 punch_hole(fds[i], local, size)
         finally:
             for fd in fds:
                 os.close(fd)
-        self._log_recovered(kept, bad)
 
-    def _resolve_extents(self, entries: list[DiskEntry]) -> list[DiskEntry]:
-        """Entries whose extents fit the pool and overlap no other, in one sweep by offset.
+    def _punch(self, offset: int, size: int) -> None:
+        if self.config.preallocate or not self._engine.punch_ok:
+            return
+        path, local = self._dir.locate(offset)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError as e:
+            log.warning("cannot punch %s: %s", path, e)
+            return
+        try:
+            punch_hole(fd, local, size)
+        finally:
+            os.close(fd)
 
-        Where two claim overlapping bytes only the newer (higher seq) can own them:
-        the older one's delete record was lost or altered.
-        """
-        stripe = self._dir.stripe_bytes
-        kept: list[DiskEntry] = []
-        for e in sorted(entries, key=lambda e: e.offset):
-            i, local = divmod(e.offset, stripe)
-            if e.offset % PAGE or i >= self._dir.stripes or local + e.phys_size > stripe:
-                log.warning("dropping index entry %s: extent [%d, +%d) is outside the pool",
-                            e.key.to_string(), e.offset, e.phys_size)
-                continue
-            if kept and kept[-1].offset + kept[-1].phys_size > e.offset:
-                loser = kept[-1] if kept[-1].seq < e.seq else e
-                log.warning("dropping index entry %s: its extent overlaps a newer chunk's", loser.key.to_string())
-                if loser is e:
-                    continue
-                kept.pop()
-            kept.append(e)
-        return kept
+    # -- lifetime -----------------------------------------------------------
+    def _enter(self, n: int = 1) -> None:
+        with self._cond:
+            if self._closing:
+                raise ClosedError(f"disk backend on {self._dir.path} is closed")
+            self._ops += n
 
-    def _log_recovered(self, kept: list, bad: int) -> None:
-        if bad:
-            log.warning("index of %s: %d unusable record(s) skipped", self._dir.path, bad)
-        log.info("disk tier %s: %d chunk(s) recovered, %d of %d pool bytes used",
-                 self._dir.path, len(kept), self._space.used, self._space.capacity)
+    def _exit(self, n: int = 1) -> None:
+        with self._cond:
+            self._ops -= n
+            if self._ops == 0:
+                self._cond.notify_all()
 
-    # -- helpers -------------------------------------------------------------
-    def _reserve_space_locked(self, nbytes: int) -> Optional[int]:
-        while True:
-            off = self._space.allocate(nbytes)
-            if off is not None:
-                return off
-            victim = next((k for k, e in self._entries.items() if e.readers == 0), None)
-            if victim is None:
-                return None
-            self._drop_locked(victim, "evicted")
-            self.stats["evictions"] += 1
-
-    def _drop_locked(self, key: CacheEngineKey, why: str, punch: bool = False) -> Optional[DiskEntry]:
-        e = self._entries.pop(key, None)
-        if e is None:
-            return None
-        # The delete record goes out before the extent can be reused, so a
-        # crash can never resurrect this key over another chunk's bytes.
-        self._index.append_del(key)
-        if e.readers > 0:
-            e.doomed = True
-        else:
-            if punch and not self.config.preallocate:  # before the extent can be handed out again
-                path, local = self._dir.locate(e.offset)
-                fd = os.open(path, os.O_RDWR)
+    def _notify(self) -> None:
+        """Pass index inserts/removals to the lookup server, in order, outside the index lock."""
+        if self.lookup_server is None:
+            self.index.drain_events()
+            return
+        with self._notify_lock:
+            for op, key in self.index.drain_events():
                 try:
-                    punch_hole(fd, local, e.phys_size)
-                finally:
-                    os.close(fd)
-            self._space.free_extent(e.offset)
-        if self.lookup_server is not None:
-            self.lookup_server.remove(key)
-        log.debug("disk tier: %s %s", why, key.to_string())
-        return e
+                    (self.lookup_server.insert if op == "insert" else self.lookup_server.remove)(key)
+                except Exception as e:  # advisory: never changes what is stored here
+                    self._stats["lookup_errors"] += 1
+                    log.warning("lookup server %s of %s failed: %s", op, key.to_string(), e)
 
-    def _maybe_compact_locked(self) -> None:
-        # Only dead records are worth a rewrite: compacting on size alone would
-        # rewrite (and fsync) the whole live index on every put once the live
-        # index outgrows the threshold. Amortised: each rewrite follows at least
-        # max(1024, live/4) dead records.
-        live = len(self._entries)
-        dead = self._index.records - live
-        over = self._index.bytes > self._reserve // 2
-        if dead > max(1024, live) or (over and dead > max(1024, live // 4)):
-            self._index.rewrite(self._entries.values())
+    @property
+    def stats(self) -> dict:
+        out = dict(self._stats)
+        out.update(self.index.stats)
+        out.update(self._transfer.stats)
+        return out
+
+    # -- puts ------------------------------------------------------------------
+    def contains(self, key: CacheEngineKey) -> bool:
+        return self.index.contains(key)
+
+    def batched_contains(self, keys: Sequence[CacheEngineKey]) -> int:
+        """How many of ``keys``, from the first, are stored (the hit prefix)."""
+        return self.index.prefix_length(keys)
+
+    def exists_in_put_tasks(self, key: CacheEngineKey) -> bool:
+        return self.index.in_flight(key)
+
+    def _check_objs(self, objs: Sequence[MemoryObj]) -> None:
+        for o in objs:
+            if not isinstance(o, MemoryObj):
+                raise GdsKvCacheError(f"a chunk must be a MemoryObj, got {type(o).__name__}")
+            if not o.valid:
+                raise GdsKvCacheError(f"{o!r} was already freed")
+            if o.nbytes <= 0:
+                raise ShapeMismatchError(f"cannot store an empty chunk (shape {tuple(o.shape)})")
+            if self._buffer is not None and o._alloc.buffer is not self._buffer:
+                raise GdsKvCacheError("the chunk was not allocated from this backend's memory_allocator")
+
+    def batched_submit_put_task(self, keys: Sequence[CacheEngineKey],
+                                objs: Sequence[MemoryObj]) -> list[Optional[Future]]:
+        """Write ``objs`` under ``keys`` in the background, as one batch.
+
+        Returns
+        -------
+        list of Future or None
+            Per key: None if it is stored or being stored (or repeats an
+            earlier key of the batch); else a future whose result is the bytes
+            written, or whose exception says why that put failed
+            (``StorageFullError``, an ``OSError`` such as ENOSPC). A failed put
+            leaves every other chunk in place.
+
+        Notes
+        -----
+        The batch's chunks get adjacent extents where free space allows, are
+        written in one transfer per run, checksummed in one launch and
+        recorded with one index append. The backend holds its own reference
+        on each object until its write is done.
+        """
+        keys, objs = list(keys), list(objs)
+        if len(keys) != len(objs):
+            raise GdsKvCacheError(f"{len(keys)} keys but {len(objs)} objects")
+        check_keys(keys)
+        self._check_objs(objs)
+        self._enter()
+        try:
+            res = self.index.reserve(keys, [o.phys_size for o in objs], self._run_bytes)
+            futs: dict[CacheEngineKey, Future] = {}
+            for k, exc in res.errors.items():
+                f: Future = Future()
+                f.set_exception(exc)
+                futs[k] = f
+                self._stats["put_errors"] += 1
+            if res.keys:
+                by_key = dict(zip(keys, objs))
+                batch = [by_key[k] for k in res.keys]
+                for o in batch:
+                    o.ref_count_up()
+                mine = [Future() for _ in res.keys]
+                futs.update(zip(res.keys, mine))
+                ready = self._producer_done(batch[0])
+                with self._cond:
+                    self._ops += 1
+                    self._puts_in_flight += 1
+                self._writer.submit(self._write_batch, res.keys, batch, res.offsets, mine, ready)
+        finally:
+            self._exit()
+        self._notify()
+        out: list[Optional[Future]] = []
+        for k in keys:
+            out.append(futs.pop(k, None))  # a repeated key gets None the second time
+        return out
+
+    def submit_put_task(self, key: CacheEngineKey, memory_obj: MemoryObj) -> Optional[Future]:
+        """``batched_submit_put_task`` for one chunk."""
+        return self.batched_submit_put_task([key], [memory_obj])[0]
 
     @staticmethod
     def _producer_done(obj: MemoryObj):
-        """An event the I/O thread waits on: bytes written by kernels queued on the caller's
+        """An event the put thread waits on: bytes written by kernels queued on the caller's
         stream (a pack) must land before they are copied out. None for host memory."""
         if obj.device.type != "cuda":
             return None
@@ -227,95 +296,66 @@ class LocalDiskBackend(StorageBackendInterface):
         ev.record(torch.cuda.current_stream(obj.device))
         return ev
 
-    # -- puts ----------------------------------------------------------------
-    def contains(self, key: CacheEngineKey) -> bool:
-        with self._lock:
-            return key in self._entries
-
-    def exists_in_put_tasks(self, key: CacheEngineKey) -> bool:
-        with self._lock:
-            return key in self._put_tasks
-
-    def submit_put_task(self, key: CacheEngineKey, memory_obj: MemoryObj) -> Optional[Future]:
-        """Write ``memory_obj`` under ``key`` in the background.
-
-        Returns
-        -------
-        Future or None
-            None if ``key`` is stored or being stored. Otherwise a future whose
-            result is the bytes written, or whose exception says why the put
-            failed (``StorageFullError`` when nothing can be evicted, an
-            ``OSError`` such as ENOSPC from the file system). A failed put
-            leaves every earlier chunk in place.
-        """
-        if self._closed:
-            raise GdsKvCacheError("backend is closed")
-        fut: Future = Future()
-        with self._lock:
-            if key in self._entries or key in self._put_tasks:
-                return None
-            off = self._reserve_space_locked(memory_obj.phys_size)
-            if off is None:
-                fut.set_exception(StorageFullError(
-                    f"no room for {memory_obj.phys_size} bytes in {self._space.capacity}-byte pool "
-                    "(every chunk is being read)"))
-                return fut
-            memory_obj.ref_count_up()
-            self._put_tasks[key] = fut
-        self._executor.submit(self._do_put, key, memory_obj, off, fut, self._producer_done(memory_obj))
-        return fut
-
-    def _do_put(self, key: CacheEngineKey, obj: MemoryObj, off: int, fut: Future, ready) -> None:
+    def _write_batch(self, keys, objs, offsets, futs, ready) -> None:
+        results: list = [None] * len(keys)
         try:
             if ready is not None:
                 ready.synchronize()
-            csum = checksum(obj.byte_array, ordered=False)  # ready: the producer's work is done
-            self._write_making_room(obj, off)
-            e = DiskEntry(key, off, obj.nbytes, obj.phys_size, tuple(obj.shape), dtype_to_str(obj.dtype),
-                          obj.fmt.name, csum)
-            with self._lock:
-                del self._put_tasks[key]
-                if key in self._cancelled:
-                    self._cancelled.discard(key)
-                    self._space.free_extent(off)
+            csums = self._transfer.checksums(objs)
+            errs = self._write_making_room(objs, offsets)
+            done, failed = [], []
+            for i, (k, o, off, err) in enumerate(zip(keys, objs, offsets, errs)):
+                if err is None:
+                    done.append(DiskEntry(k, off, o.nbytes, o.phys_size, tuple(o.shape), dtype_to_str(o.dtype),
+                                          o.fmt.name, csums[i]))
+                    results[i] = o.phys_size
                 else:
-                    e.seq = self._index.next_seq()
-                    self._index.append_put(e)
-                    self._entries[key] = e
-                    self.stats["puts"] += 1
-                    self._maybe_compact_locked()
-            if self.lookup_server is not None and not fut.cancelled():
-                self.lookup_server.insert(key)
-            fut.set_result(obj.phys_size)
-        except BaseException as exc:  # the future carries it; the process keeps serving
-            with self._lock:
-                self._put_tasks.pop(key, None)
-                self._cancelled.discard(key)
-                self._space.free_extent(off)
-                self.stats["put_errors"] += 1
-            log.warning("put of %s failed: %s", key.to_string(), exc)
-            fut.set_exception(exc)
+                    failed.append(k)
+                    results[i] = err
+            self.index.commit(done, failed)
+        except BaseException as exc:  # every future carries it; the process keeps serving
+            self.index.abort(keys)
+            results = [exc] * len(keys)
         finally:
-            obj.ref_count_down()
+            for o in objs:
+                o.ref_count_down()
+            with self._cond:
+                self._puts_in_flight -= 1
+                self._put_generation += 1
+                self._cond.notify_all()
+        n_ok = 0
+        for k, f, r in zip(keys, futs, results):
+            if isinstance(r, BaseException):
+                log.warning("put of %s failed: %s", k.to_string(), r)
+                f.set_exception(r)
+            else:
+                n_ok += 1
+                f.set_result(r)
+        self._stats["puts"] += n_ok
+        self._stats["put_errors"] += len(keys) - n_ok
+        try:
+            self._notify()
+        finally:
+            self._exit()
 
-    def _write_making_room(self, obj: MemoryObj, off: int) -> None:
+    def _write_making_room(self, objs, offsets) -> list[Optional[BaseException]]:
         """Write; when the file system is full, evict LRU chunks (giving their blocks back)
-        and retry, until the write fits or nothing is left to evict."""
+        and retry the writes that hit ENOSPC, until they fit or nothing is left to evict."""
+        errs = self._transfer.write(objs, offsets)
         while True:
-            try:
-                self._engine.write(obj, off, obj.phys_size)
-                return
-            except (OSError, RuntimeError) as exc:
-                if not _is_no_space(exc):
-                    raise
-                with self._lock:
-                    victim = next((k for k, e in self._entries.items() if e.readers == 0), None)
-                    if victim is None:
-                        raise
-                    self._drop_locked(victim, "evicted: file system full", punch=True)
-                    self.stats["evictions"] += 1
-                log.warning("file system of %s full: evicted %s to make room", self._dir.path,
-                            victim.to_string())
+            full = [i for i, e in enumerate(errs) if e is not None and _is_no_space(e)]
+            if not full:
+                return errs
+            victim = self.index.evict_one()
+            if victim is None:
+                return errs
+            key, off, size = victim
+            self._punch(off, size)
+            self.index.free(off)
+            log.warning("file system of %s full: evicted %s to make room", self._dir.path, key.to_string())
+            again = self._transfer.write([objs[i] for i in full], [offsets[i] for i in full])
+            for i, e in zip(full, again):
+                errs[i] = e
 
     def insert_key(self, key: CacheEngineKey, memory_obj: MemoryObj) -> None:
         """Store ``memory_obj`` under ``key`` and return once it is on disk and indexed."""
@@ -327,71 +367,150 @@ class LocalDiskBackend(StorageBackendInterface):
         """Start storing ``memory_obj``; completion shows in ``contains`` (fire and forget)."""
         self.submit_put_task(key, memory_obj)
 
-    # -- gets ----------------------------------------------------------------
-    def _read_entry(self, key: CacheEngineKey, want_dtype: Optional[torch.dtype] = None,
-                    want_shape=None) -> Optional[MemoryObj]:
-        with self._lock:
-            e = self._entries.get(key)
-            if e is None:
-                return None
-            self.stats["gets"] += 1
-            e.readers += 1
-            self._entries.move_to_end(key)
-        obj = None
+    # -- gets ---------------------------------------------------------------------
+    def batched_get_blocking(self, keys: Sequence[CacheEngineKey]) -> list[Optional[MemoryObj]]:
+        """Read ``keys`` as one batch; per key the object (one reference, the caller's) or None.
+
+        None means absent, unreadable or corrupt (dropped, with a warning), or
+        no slab room right now. Chunks stored together are read in one
+        transfer per run and verified in one checksum launch.
+        """
+        keys = list(keys)
+        check_keys(keys)
+        self._enter()
         try:
-            dtype = str_to_dtype(e.dtype)
-            shape = torch.Size(e.shape)
-            if want_dtype is not None and want_dtype != dtype:
-                raise ShapeMismatchError(f"chunk {key.to_string()} holds {e.dtype}, not {dtype_to_str(want_dtype)}")
-            if want_shape is not None:
-                want_shape = torch.Size(want_shape)
-                if math.prod(want_shape) != math.prod(shape):
-                    raise ShapeMismatchError(
-                        f"chunk {key.to_string()} holds shape {tuple(shape)} ({e.nbytes} bytes); "
-                        f"cannot load it as {tuple(want_shape)}")
-                shape = want_shape
-            obj = self.memory_allocator.allocate(shape, dtype, MemoryFormat[e.fmt])
-            if obj is None:
-                log.debug("no slab room to read %s", key.to_string())
-                return None
-            if obj.phys_size != e.phys_size:
-                raise CorruptChunkError(f"index size {e.phys_size} != {obj.phys_size} for {tuple(shape)}")
-            self._engine.read(obj, e.offset, e.phys_size)
-            # The engine returns only once the bytes have landed: no stream to wait for.
-            if self.verify and checksum(obj.byte_array, ordered=False) != e.checksum:
-                raise CorruptChunkError(f"checksum mismatch for chunk {key.to_string()}")
-            with self._lock:
-                self.stats["hits"] += 1
-            return obj
-        except ShapeMismatchError:
-            if obj is not None:
-                obj.ref_count_down()
-            raise
-        except (OSError, CorruptChunkError, KeyError, ValueError) as exc:
-            # Altered, truncated or unreadable bytes: a miss, never wrong data.
-            log.warning("dropping chunk %s from %s: %s", key.to_string(), self._dir.path, exc)
-            if obj is not None:
-                obj.ref_count_down()
-            with self._lock:
-                self.stats["corrupt"] += 1
-                if self._entries.get(key) is e:
-                    self._drop_locked(key, "corrupt")
-            return None
+            return self._read(keys)
         finally:
-            with self._lock:
-                e.readers -= 1
-                if e.doomed and e.readers == 0:
-                    self._space.free_extent(e.offset)
+            self._exit()
+            self._notify()
+
+    def _read(self, keys, want=None) -> list[Optional[MemoryObj]]:
+        entries = self.index.begin_read(keys)
+        out: list[Optional[MemoryObj]] = [None] * len(keys)
+        pinned = [e for e in entries if e is not None]
+        bad: list[DiskEntry] = []
+        objs: list[MemoryObj] = []
+        try:
+            self._stats["gets"] += len(keys)
+            hits = sorted((i for i, e in enumerate(entries) if e is not None), key=lambda i: entries[i].offset)
+            shapes, dtypes, fmts, idx = [], [], [], []
+            for i in hits:
+                e = entries[i]
+                try:
+                    dtype, shape, fmt = str_to_dtype(e.dtype), torch.Size(e.shape), MemoryFormat[e.fmt]
+                except (GdsKvCacheError, KeyError) as exc:
+                    log.warning("dropping chunk %s: %s", e.key.to_string(), exc)
+                    bad.append(e)
+                    continue
+                if want is not None:
+                    shape, dtype = self._wanted(e, shape, dtype, *want)
+                shapes.append(shape)
+                dtypes.append(dtype)
+                fmts.append(fmt)
+                idx.append(i)
+            objs = self._allocate(shapes, dtypes, fmts)
+            if len(objs) < len(idx):
+                log.debug("no slab room to read %d of %d chunk(s)", len(idx) - len(objs), len(idx))
+            idx = idx[: len(objs)]
+            errs = self._transfer.read(objs, [entries[i].offset for i in idx])
+            ok = []
+            for j, (i, err) in enumerate(zip(idx, errs)):
+                if err is None:
+                    ok.append(j)
+                    continue
+                log.warning("dropping chunk %s from %s: %s", entries[i].key.to_string(), self._dir.path, err)
+                bad.append(entries[i])
+            if self.verify and ok:
+                sums = self._transfer.checksums([objs[j] for j in ok])
+                good = []
+                for j, s in zip(ok, sums):
+                    e = entries[idx[j]]
+                    if s != e.checksum:
+                        log.warning("dropping chunk %s from %s: %s", e.key.to_string(), self._dir.path,
+                                    CorruptChunkError("checksum mismatch"))
+                        bad.append(e)
+                    else:
+                        good.append(j)
+                ok = good
+            for j in ok:
+                out[idx[j]] = objs[j]
+            self._stats["hits"] += len(ok)
+            self._stats["corrupt"] += len(bad)
+            for j, o in enumerate(objs):
+                if out[idx[j]] is not o:
+                    o.ref_count_down()
+            objs = []
+            return out
+        except BaseException:
+            for o in objs:
+                o.ref_count_down()
+            raise
+        finally:
+            self.index.end_read(pinned, bad)
+
+    @staticmethod
+    def _wanted(e: DiskEntry, shape, dtype, want_dtype, want_shape):
+        if want_dtype is not None and want_dtype != dtype:
+            raise ShapeMismatchError(f"chunk {e.key.to_string()} holds {e.dtype}, not {dtype_to_str(want_dtype)}")
+        if want_shape is not None:
+            want_shape = torch.Size(want_shape)
+            if any(d < 0 for d in want_shape) or math.prod(want_shape) != math.prod(shape):
+                raise ShapeMismatchError(
+                    f"chunk {e.key.to_string()} holds shape {tuple(shape)} ({e.nbytes} bytes); "
+                    f"cannot load it as {tuple(want_shape)}")
+            shape = want_shape
+        return shape, dtype
+
+    def _allocate(self, shapes, dtypes, fmts) -> list[MemoryObj]:
+        if not shapes:
+            return []
+        batched = getattr(self.memory_allocator, "batched_allocate", None)
+        if batched is not None:
+            return batched(shapes, dtypes, fmts)
+        out = []
+        for s, d, f in zip(shapes, dtypes, fmts):
+            o = self.memory_allocator.allocate(s, d, f)
+            if o is None:
+                break
+            out.append(o)
+        return out
 
     def get_blocking(self, key: CacheEngineKey) -> Optional[MemoryObj]:
         """Read ``key``; the object (one reference, the caller's) or None if absent or unreadable."""
-        return self._read_entry(key)
+        return self.batched_get_blocking([key])[0]
+
+    def batched_submit_prefetch_task(self, keys: Sequence[CacheEngineKey]) -> Optional[Future]:
+        """Start reading ``keys`` as one batch; None if none is stored, else a future of
+        ``batched_get_blocking``'s list."""
+        keys = list(keys)
+        check_keys(keys)
+        if not any(self.index.contains(k) for k in keys):
+            return None
+        return self._submit_read(keys, None)
 
     def submit_prefetch_task(self, key: CacheEngineKey) -> Optional[Future]:
         """Start reading ``key``; None if absent, else a future of ``MemoryObj | None``."""
-        if not self.contains(key):
+        check_keys([key])
+        if not self.index.contains(key):
             return None
-        return self._executor.submit(self._read_entry, key)
+        return self._submit_read([key], 0)
+
+    def _submit_read(self, keys, single: Optional[int]) -> Future:
+        self._enter()  # held until the read is done, so close() waits for it
+
+        def job():
+            try:
+                objs = self._read(keys)
+            finally:
+                self._exit()
+                self._notify()
+            return objs if single is None else objs[single]
+
+        try:
+            return self._reader.submit(job)
+        except BaseException:
+            self._exit()
+            raise
 
     def _key_from_path(self, path: str) -> CacheEngineKey:
         name = os.path.basename(str(path))
@@ -400,40 +519,61 @@ class LocalDiskBackend(StorageBackendInterface):
         except KeyFormatError as e:
             raise KeyFormatError(f"{path!r} names no chunk of this backend: {e}") from None
 
+    def _load(self, key, dtype, shape) -> Optional[MemoryObj]:
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise ShapeMismatchError(f"dtype must be a torch.dtype, got {dtype!r}")
+        if shape is not None:
+            try:
+                shape = torch.Size(shape)
+            except (TypeError, ValueError):
+                raise ShapeMismatchError(f"shape must be a sequence of ints, got {shape!r}") from None
+            if any(d < 0 for d in shape):
+                raise ShapeMismatchError(f"shape {tuple(shape)} has a negative dimension")
+        self._enter()
+        try:
+            return self._read([key], (dtype, shape))[0]
+        finally:
+            self._exit()
+            self._notify()
+
     def load_bytes_from_disk(self, path: str, dtype: torch.dtype, shape) -> Optional[MemoryObj]:
         """Load the chunk named ``path`` (its key string) as ``shape``/``dtype``.
 
         Raises ``ShapeMismatchError`` if they do not match the stored bytes.
         """
-        return self._read_entry(self._key_from_path(path), dtype, shape)
+        return self._load(self._key_from_path(path), dtype, shape)
 
     def load_disk(self, path: str, backend: str = "bytes", dtype: Optional[torch.dtype] = None,
                   shape=None) -> Optional[MemoryObj]:
         """Load the chunk named ``path``; ``backend`` must be ``bytes`` (the only on-disk format)."""
         if backend != "bytes":
             raise GdsKvCacheError(f"load_disk backend {backend!r} not supported; use 'bytes'")
-        return self._read_entry(self._key_from_path(path), dtype, shape)
+        return self._load(self._key_from_path(path), dtype, shape)
 
     async def async_load_bytes_from_disk(self, path: str, dtype: torch.dtype, shape) -> Optional[MemoryObj]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.load_bytes_from_disk, path, dtype, shape)
+        return await loop.run_in_executor(self._reader, self.load_bytes_from_disk, path, dtype, shape)
 
-    # -- management ----------------------------------------------------------
+    # -- management ------------------------------------------------------------------
     def remove(self, key: CacheEngineKey) -> bool:
-        with self._lock:
-            if key in self._put_tasks:
-                self._cancelled.add(key)
-                return True
-            # An explicit remove gives the blocks back to the file system too.
-            return self._drop_locked(key, "removed", punch=True) is not None
+        """Drop ``key`` (and give its blocks back to the file system); True if it was there."""
+        check_keys([key])
+        self._enter()
+        try:
+            was, extent = self.index.remove(key)
+            if extent is not None:
+                self._punch(*extent)  # before the extent can be handed out again
+                self.index.free(extent[0])
+            return was
+        finally:
+            self._exit()
+            self._notify()
 
     def keys(self) -> list[CacheEngineKey]:
-        with self._lock:
-            return list(self._entries)
+        return self.index.keys()
 
     def entry(self, key: CacheEngineKey) -> Optional[DiskEntry]:
-        with self._lock:
-            return self._entries.get(key)
+        return self.index.entry(key)
 
     @property
     def path(self) -> str:
@@ -449,11 +589,11 @@ class LocalDiskBackend(StorageBackendInterface):
 
     @property
     def used_bytes(self) -> int:
-        return self._space.used
+        return self.index.used
 
     @property
     def capacity_bytes(self) -> int:
-        return self._space.capacity
+        return self.index.capacity
 
     def disk_usage(self) -> int:
         return self._dir.disk_usage()
@@ -461,45 +601,38 @@ class LocalDiskBackend(StorageBackendInterface):
     def io_report(self) -> IOPathReport:
         return self._engine.report()
 
-    def wait_for_puts(self, timeout: Optional[float] = None) -> None:
-        with self._lock:
-            pending = list(self._put_tasks.values())
-        for f in pending:
-            try:
-                f.result(timeout)
-            except Exception:
-                pass  # already logged; the future's owner sees it
+    def wait_for_puts(self, timeout: Optional[float] = None) -> bool:
+        """Wait until no put is in flight; False if ``timeout`` passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._puts_in_flight == 0, timeout)
 
-    def wait_for_oldest_put(self, timeout: Optional[float] = None) -> bool:
-        """Wait for the oldest in-flight put; False if none was in flight."""
-        with self._lock:
-            fut = next(iter(self._put_tasks.values()), None)
-        if fut is None:
-            return False
-        try:
-            fut.result(timeout)
-        except Exception:
-            pass  # already logged; the future's owner sees it
-        return True
+    def wait_for_put_progress(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` s) until some put in flight finishes; False if none was in flight
+        or none finished in time. The storage manager's back-pressure for stores."""
+        with self._cond:
+            if self._puts_in_flight == 0:
+                return False
+            gen = self._put_generation
+            return self._cond.wait_for(lambda: self._put_generation != gen, timeout)
 
     def memcheck(self) -> bool:
-        with self._lock:
-            self._space.memcheck()
-            ext = self._space.extents()
-            live = {e.offset: e for e in self._entries.values()}
-            for off, e in live.items():
-                assert ext.get(off) == e.phys_size, f"entry {e.key} extent not allocated"
-                assert e.readers >= 0, f"negative reader count on {e.key}"
-        return True
+        return self.index.memcheck()
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self.wait_for_puts()
-        self._closed = True
-        self._executor.shutdown(wait=True)
-        self._engine.close()
-        with self._lock:
-            self._index.rewrite(self._entries.values())
-            self._index.close()
-        self._dir.release()
+        """Refuse new calls, finish those in flight (puts included), snapshot the index and
+        release the directory, which is released even if a step before fails."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closing = True
+            self._cond.wait_for(lambda: self._ops == 0)
+            self._closed = True
+        try:
+            self._writer.shutdown(wait=True)
+            self._reader.shutdown(wait=True)
+            try:
+                self._engine.close()
+            finally:
+                self.index.close()
+        finally:
+            self._dir.release()

@@ -9,6 +9,7 @@ import fcntl
 import json
 import logging
 import os
+from typing import Optional
 
 from ..errors import DirectoryLockedError, StorageUnavailableError
 from ..units import MiB, PAGE, align_down
@@ -22,9 +23,9 @@ INDEX_NAME = "kvcache.index"
 LOCK_NAME = "kvcache.lock"
 LAYOUT_NAME = "kvcache.layout"
 #: Stripes are at least this big. A chunk never spans two stripes, so each
-#: stripe can leave up to one chunk's worth unused: with 1 GiB stripes that is
-#: at most ~3% for 32 MiB chunks, and pools under 2 GiB are one file.
-MIN_STRIPE = 1024 * MiB
+#: stripe can leave up to one chunk's worth unused (at most half a 32 MiB MLA
+#: chunk per 64 MiB stripe); pools of 512 MiB and more use every file.
+MIN_STRIPE = 64 * MiB
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _FALLOC_FL_KEEP_SIZE = 1
@@ -46,8 +47,14 @@ def pool_layout(cap: int, pool_files: int) -> tuple[int, int]:
 
 
 def index_reserve(cap: int) -> int:
-    """Bytes of the disk budget kept for the index log (the rest is the pool)."""
-    return align_down(min(max(cap // 32, 64 * PAGE), 256 * MiB))
+    """Bytes of the disk budget kept for the index (the rest is the pool).
+
+    1/32 of the budget up to 1 GiB, then 1/256 (no fixed cap): at 64 bytes a
+    record and room for two snapshots, that indexes a full pool of 4 KiB chunks
+    under 32 GiB budgets and of 32 KiB chunks above. Past that the index tier
+    evicts LRU chunks rather than exceed the budget.
+    """
+    return align_down(max(64 * PAGE, min(cap // 32, max(1024 * MiB, cap // 256))))
 
 
 class PoolDirectory:
@@ -66,9 +73,12 @@ class PoolDirectory:
 
     Notes
     -----
-    The layout is fixed when a directory is first used. Opening it with a
-    ``max_local_disk_size`` or ``pool_files`` that gives another layout drops
-    the chunks stored there (with a warning) and starts afresh.
+    The lock is an ``flock`` on the directory itself, so deleting
+    ``kvcache.lock`` (which only names the holder's pid) cannot let a second
+    process in. Opening a directory with a ``max_local_disk_size`` or
+    ``pool_files`` that gives another layout resizes the stripe files in
+    place: chunks that still lie inside the new pool are kept, the rest are
+    dropped with a warning (``old_layout`` tells the index).
     """
 
     def __init__(self, path: str, cap_bytes: int, pool_files: int = 1, preallocate: bool = False):
@@ -81,7 +91,9 @@ class PoolDirectory:
             raise StorageUnavailableError(f"local_disk {path!r} is not a directory")
         if not os.access(self.path, os.W_OK | os.X_OK):
             raise StorageUnavailableError(f"local_disk {path!r} is not writable")
-        self._lock_fd = os.open(os.path.join(self.path, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+        # The lock is on the directory itself: a lock file can be unlinked
+        # under its holder (and a second process would then lock a new one).
+        self._lock_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -93,42 +105,82 @@ class PoolDirectory:
                     "(each tensor-parallel rank) its own directory") from None
             raise
         try:
-            os.ftruncate(self._lock_fd, 0)
-            os.write(self._lock_fd, f"{os.getpid()}\n".encode())
+            self._write_owner()
             self.index_path = os.path.join(self.path, INDEX_NAME)
             self.stripes, self.stripe_bytes = pool_layout(cap_bytes, pool_files)
             self.pool_paths = [os.path.join(self.path, f"{POOL_NAME}.{i}") for i in range(self.stripes)]
-            self._check_layout()
+            self.old_layout = self._check_layout()
+            self._warn_free_space(cap_bytes)
             for p in self.pool_paths:
                 self._open_stripe(p, preallocate)
         except BaseException:
             self.release()
             raise
 
-    def _check_layout(self) -> None:
-        layout_path = os.path.join(self.path, LAYOUT_NAME)
-        want = {"version": 1, "stripes": self.stripes, "stripe_bytes": self.stripe_bytes}
+    def _write_owner(self) -> None:
+        # Informational only (who holds the directory); the lock is the flock above.
         try:
-            with open(layout_path) as f:
+            with open(os.path.join(self.path, LOCK_NAME), "w") as f:
+                f.write(f"{os.getpid()}\n")
+        except OSError:
+            pass
+
+    def _existing_layout(self) -> tuple[Optional[tuple[int, int]], str]:
+        """(stripes, stripe_bytes) the directory was written with, and where that came from."""
+        try:
+            with open(os.path.join(self.path, LAYOUT_NAME)) as f:
                 have = json.load(f)
+            return (int(have["stripes"]), int(have["stripe_bytes"])), "layout file"
         except FileNotFoundError:
-            have = None
-        except ValueError:
-            have = {"unreadable": True}
-        if have == want:
+            pass
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s: unreadable %s; inferring the layout from the pool files", self.path, LAYOUT_NAME)
+        # No (readable) layout file: the pool files themselves say it, since
+        # every stripe file is created at exactly stripe_bytes.
+        sizes = []
+        while os.path.exists(os.path.join(self.path, f"{POOL_NAME}.{len(sizes)}")):
+            sizes.append(os.stat(os.path.join(self.path, f"{POOL_NAME}.{len(sizes)}")).st_size)
+        if sizes and len(set(sizes)) == 1 and sizes[0] > 0 and sizes[0] % PAGE == 0:
+            return (len(sizes), sizes[0]), "pool file sizes"
+        return None, "none"
+
+    def _check_layout(self) -> Optional[tuple[int, int]]:
+        """Make the pool files match the wanted layout; the old layout if it differed.
+
+        Pool files are resized in place, never wiped: a chunk keeps its stripe
+        file and offset, so the index keeps every chunk that still lies inside
+        the new pool (``DiskIndex`` translates their offsets).
+        """
+        want = (self.stripes, self.stripe_bytes)
+        have, source = self._existing_layout()
+        if have is not None and have != want:
+            log.warning("disk layout of %s changed from %d x %d to %d x %d bytes (%s): keeping the chunks "
+                        "that still fit", self.path, have[0], have[1], want[0], want[1], source)
+            for i in range(want[0], have[0]):
+                try:
+                    os.unlink(os.path.join(self.path, f"{POOL_NAME}.{i}"))
+                except FileNotFoundError:
+                    pass
+        layout_path = os.path.join(self.path, LAYOUT_NAME)
+        if have != want or source != "layout file":
+            tmp = layout_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"version": 1, "stripes": want[0], "stripe_bytes": want[1]}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, layout_path)
+        return have if have != want else None
+
+    def _warn_free_space(self, cap_bytes: int) -> None:
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
             return
-        if have is not None or os.path.exists(self.index_path):
-            log.warning("disk layout of %s changed (%s -> %s): dropping the chunks stored there",
-                        self.path, have, want)
-        for name in os.listdir(self.path):
-            if name.startswith(POOL_NAME) or name.startswith(INDEX_NAME):
-                os.unlink(os.path.join(self.path, name))
-        tmp = layout_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(want, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, layout_path)
+        free = st.f_bavail * st.f_frsize + self.disk_usage()
+        if cap_bytes > free:
+            log.warning("max_local_disk_size for %s is %.2f GB but its file system has only %.2f GB free "
+                        "(counting this cache's own files): puts will evict early or fail with ENOSPC",
+                        self.path, cap_bytes / (1 << 30), free / (1 << 30))
 
     def _open_stripe(self, path: str, preallocate: bool) -> None:
         try:
@@ -153,10 +205,10 @@ class PoolDirectory:
         return self.pool_paths[i], local
 
     def release(self) -> None:
-        if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        """Give the directory up; never raises, so a failing close cannot keep the lock."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # closing the last descriptor drops the flock
 
     def disk_usage(self) -> int:
         """Bytes the directory's files take on disk (allocated blocks)."""

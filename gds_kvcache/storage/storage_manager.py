@@ -4,69 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 
 from ..config import CacheEngineConfig, CacheEngineMetadata
+from ..errors import ClosedError, GdsKvCacheError, ShapeMismatchError
 from ..io import IOPathReport
 from ..key import CacheEngineKey
 from ..memory.allocator import MemoryAllocatorInterface, SlabMemoryAllocator
 from ..memory.buffers import resolve_memory_device
 from ..memory.format import MemoryFormat
 from ..memory.obj import MemoryObj
+from ..units import PAGE, align_up
 from .abstract_backend import StorageBackendInterface
 from .hot_backend import LocalCPUBackend
-from .local_disk_backend import LocalDiskBackend
+from .local_disk_backend import LocalDiskBackend, check_keys
 from .lookup_server import LookupServerInterface
 
-__all__ = ["StorageManager", "CreateStorageBackends", "EvictingAllocator"]
+__all__ = ["StorageManager", "CreateStorageBackends"]
 
 log = logging.getLogger(__name__)
-
-
-class EvictingAllocator(MemoryAllocatorInterface):
-    """An allocator that, when full, drops unused hot-tier chunks and tries again.
-
-    When nothing in the hot tier can go because every chunk is still being
-    written to disk, it waits for the oldest disk write (backpressure) rather
-    than failing a store only because the disk is slower than the GPU.
-    """
-
-    def __init__(self, inner: MemoryAllocatorInterface, wait_s: float = 60.0):
-        self.inner = inner
-        self.hot: Optional[LocalCPUBackend] = None
-        self.disk: Optional[LocalDiskBackend] = None
-        self.wait_s = wait_s
-
-    @property
-    def device(self) -> torch.device:
-        return self.inner.device
-
-    @property
-    def kind(self) -> str:
-        return getattr(self.inner, "kind", str(self.inner.device))
-
-    def allocate(self, shape, dtype, fmt=MemoryFormat.KV_2LTD, eviction: bool = True):
-        obj = self.inner.allocate(shape, dtype, fmt)
-        need = max(1, torch.Size(shape).numel() * dtype.itemsize)
-        if obj is not None or not eviction or need > getattr(self.inner, "capacity", need):
-            return obj
-        while obj is None:
-            freed = self.hot.evict_unused(need) if self.hot is not None else 0
-            if freed == 0 and not (self.disk is not None and self.disk.wait_for_oldest_put(self.wait_s)):
-                return None
-            obj = self.inner.allocate(shape, dtype, fmt)
-        return obj
-
-    def free(self, obj: MemoryObj) -> None:
-        self.inner.free(obj)
-
-    def memcheck(self) -> bool:
-        return self.inner.memcheck()
 
 
 def CreateStorageBackends(config: CacheEngineConfig, metadata: Optional[CacheEngineMetadata],
@@ -84,6 +47,18 @@ def CreateStorageBackends(config: CacheEngineConfig, metadata: Optional[CacheEng
     if config.local_disk is not None:
         backends["LocalDiskBackend"] = LocalDiskBackend(config, loop, memory_allocator, dst_device, lookup_server)
     return backends
+
+
+def _check_shape(shape, dtype) -> torch.Size:
+    if not isinstance(dtype, torch.dtype):
+        raise ShapeMismatchError(f"dtype must be a torch.dtype, got {dtype!r}")
+    try:
+        shape = torch.Size(shape)
+    except (TypeError, ValueError):
+        raise ShapeMismatchError(f"shape must be a sequence of ints, got {shape!r}") from None
+    if any(d < 0 for d in shape):
+        raise ShapeMismatchError(f"shape {tuple(shape)} has a negative dimension")
+    return shape
 
 
 class StorageManager:
@@ -104,96 +79,258 @@ class StorageManager:
     ``allocate`` gives the caller one reference; ``put`` takes it over (each
     tier keeps its own). ``get`` returns an object with one reference for the
     caller, who calls ``ref_count_down()`` when done with it.
+
+    Back-pressure lives here, not in the allocator: ``allocate`` (the store
+    side) first drops hot-tier chunks nobody holds, then waits for disk writes
+    in flight to finish, at most ``store_wait_s`` seconds in all, and returns
+    None after that. Reads never wait for room: a chunk that finds none is a
+    miss. ``remove`` wins over a prefetch or get racing it: a chunk read
+    before the remove is never put back into the hot tier after it.
     """
+
+    #: Longest a store waits for slab room held by disk writes in flight.
+    store_wait_s: float = 30.0
 
     def __init__(self, config: CacheEngineConfig, metadata: Optional[CacheEngineMetadata] = None,
                  allocator: Optional[MemoryAllocatorInterface] = None,
                  lookup_server: Optional[LookupServerInterface] = None):
         self.config = config
         self.metadata = metadata
+        self._own_allocator: Optional[SlabMemoryAllocator] = None
         if allocator is None:
             kind = resolve_memory_device(config.memory_device)
             allocator = SlabMemoryAllocator(config.slab_bytes, kind, config.cuda_device)
             self._own_allocator = allocator
-        else:
-            self._own_allocator = None
-        self.allocator = EvictingAllocator(allocator)
-        # No event loop: the disk tier's puts and prefetches run on its own
-        # executor, and its coroutine API uses whatever loop awaits it.
-        self.storage_backends = CreateStorageBackends(config, metadata, None, self.allocator,
-                                                      str(allocator.device), lookup_server)
+        self.allocator = allocator
+        try:
+            # No event loop: the disk tier's puts and prefetches run on its own
+            # pools, and its coroutine API uses whatever loop awaits it.
+            self.storage_backends = CreateStorageBackends(config, metadata, None, allocator,
+                                                          str(allocator.device), lookup_server)
+        except BaseException:
+            if self._own_allocator is not None:
+                self._own_allocator.close()
+            raise
         self.hot: Optional[LocalCPUBackend] = self.storage_backends.get("Hot")  # type: ignore[assignment]
         self.disk: Optional[LocalDiskBackend] = self.storage_backends.get("LocalDiskBackend")  # type: ignore
-        self.allocator.hot = self.hot
-        self.allocator.disk = self.disk
         self._lock = threading.Lock()
         self._prefetching: dict[CacheEngineKey, Future] = {}
+        self._removes = 0        # bumped by every remove: a read that saw another value is not cached
         self._closed = False
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("storage manager is closed")
+
+    # -- allocation (the store side's back-pressure) --------------------------
     def allocate(self, shape, dtype: torch.dtype, eviction: bool = True,
                  fmt: MemoryFormat = MemoryFormat.KV_2LTD) -> Optional[MemoryObj]:
         """A new slab object (one reference, the caller's), or None if no room even after eviction."""
-        return self.allocator.allocate(shape, dtype, fmt, eviction=eviction)
+        objs = self.batched_allocate([shape], dtype, eviction=eviction, fmt=fmt)
+        return objs[0] if objs else None
 
+    def batched_allocate(self, shapes: Sequence, dtype: torch.dtype, eviction: bool = True,
+                         fmt: MemoryFormat = MemoryFormat.KV_2LTD) -> list[MemoryObj]:
+        """Slab objects for ``shapes``, adjacent where possible (one transfer for the batch).
+
+        Returns a prefix of the objects asked for: all of them, or as many as
+        fit once hot-tier chunks were dropped and disk writes waited for (at
+        most ``store_wait_s``); an empty list when none fits.
+        """
+        self._check_open()
+        shapes = [_check_shape(s, dtype) for s in shapes]
+        if not shapes:
+            return []
+        dtypes, fmts = [dtype] * len(shapes), [fmt] * len(shapes)
+        need = sum(align_up(max(1, math.prod(s) * dtype.itemsize), PAGE) for s in shapes)
+        deadline = time.monotonic() + self.store_wait_s
+        while True:
+            objs = self._allocate(shapes, dtypes, fmts)
+            if len(objs) == len(shapes) or not eviction:
+                return objs
+            for o in objs:
+                o.ref_count_down()
+            if need > getattr(self.allocator, "capacity", need):
+                shapes = shapes[:1]  # the whole batch can never fit: settle for a prefix
+                need = align_up(max(1, math.prod(shapes[0]) * dtype.itemsize), PAGE)
+                dtypes, fmts = dtypes[:1], fmts[:1]
+                if need > getattr(self.allocator, "capacity", need):
+                    return []
+                continue
+            if self.hot is not None and self.hot.evict_unused(need) > 0:
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0 or self.disk is None or not self.disk.wait_for_put_progress(left):
+                return self._allocate(shapes, dtypes, fmts)
+
+    def _allocate(self, shapes, dtypes, fmts) -> list[MemoryObj]:
+        batched = getattr(self.allocator, "batched_allocate", None)
+        if batched is not None:
+            return batched(shapes, dtypes, fmts)
+        out = []
+        for s, d, f in zip(shapes, dtypes, fmts):
+            o = self.allocator.allocate(s, d, f)
+            if o is None:
+                break
+            out.append(o)
+        return out
+
+    def _room_for_reads(self, keys: Sequence[CacheEngineKey]) -> None:
+        """Drop unheld hot-tier chunks so the disk reads of ``keys`` find slab room (never waits)."""
+        if self.hot is None or self.disk is None:
+            return
+        need = 0
+        for k in keys:
+            e = self.disk.entry(k)
+            if e is not None:
+                need += e.phys_size
+        free = getattr(self.allocator, "free_bytes", None)
+        if free is not None and need > free:
+            self.hot.evict_unused(need - free)
+
+    # -- puts ------------------------------------------------------------------
     def put(self, key: CacheEngineKey, memory_obj: MemoryObj) -> Optional[Future]:
         """Store without blocking; consumes the caller's reference.
 
         Skips keys already stored or in flight. Returns the disk put's future
         (None when skipped or without a disk tier).
         """
-        try:
-            if self.contains(key) or (self.disk is not None and self.disk.exists_in_put_tasks(key)):
-                return None
-            if self.hot is not None:
-                self.hot.insert(key, memory_obj)
-            if self.disk is not None:
-                return self.disk.submit_put_task(key, memory_obj)
-            return None
-        finally:
-            memory_obj.ref_count_down()
+        return self.batched_submit_put_task([key], [memory_obj])[0]
 
+    def batched_submit_put_task(self, keys: Sequence[CacheEngineKey],
+                                objs: Sequence[MemoryObj]) -> list[Optional[Future]]:
+        """Store ``objs`` under ``keys`` as one batch; consumes the caller's references.
+
+        Returns per key the disk put's future, or None when the key was
+        skipped (stored or in flight already) or there is no disk tier.
+        """
+        keys, objs = list(keys), list(objs)
+        try:
+            self._check_open()
+            if len(keys) != len(objs):
+                raise GdsKvCacheError(f"{len(keys)} keys but {len(objs)} objects")
+            check_keys(keys)
+            for o in objs:
+                if not isinstance(o, MemoryObj) or not o.valid:
+                    raise GdsKvCacheError(f"a chunk must be a live MemoryObj, got {o!r}")
+            new = [i for i, k in enumerate(keys)
+                   if not self.contains(k) and not (self.disk is not None and self.disk.exists_in_put_tasks(k))]
+            out: list[Optional[Future]] = [None] * len(keys)
+            if self.hot is not None:
+                for i in new:
+                    self.hot.insert(keys[i], objs[i])
+            if self.disk is not None and new:
+                futs = self.disk.batched_submit_put_task([keys[i] for i in new], [objs[i] for i in new])
+                for i, f in zip(new, futs):
+                    out[i] = f
+            return out
+        finally:
+            for o in objs:
+                if isinstance(o, MemoryObj) and o.valid:
+                    o.ref_count_down()
+
+    # -- gets --------------------------------------------------------------------
     def get(self, key: CacheEngineKey) -> Optional[MemoryObj]:
         """Blocking: the hot tier, then the disk (filling the hot tier); None on a miss."""
-        if self.hot is not None:
-            obj = self.hot.get_blocking(key)
+        return self.batched_get_blocking([key])[0]
+
+    def batched_get_blocking(self, keys: Sequence[CacheEngineKey]) -> list[Optional[MemoryObj]]:
+        """Per key the chunk (one reference, the caller's) or None; disk reads go as one batch."""
+        self._check_open()
+        keys = list(keys)
+        check_keys(keys)
+        out: list[Optional[MemoryObj]] = [None] * len(keys)
+        rest = []
+        for i, k in enumerate(keys):
+            obj = self.hot.get_blocking(k) if self.hot is not None else None
             if obj is not None:
-                return obj
+                out[i] = obj
+            else:
+                rest.append(i)
+        if rest:
+            with self._lock:
+                pending = [self._prefetching.get(keys[i]) for i in rest]
+            if any(p is not None for p in pending):
+                for p in pending:
+                    if p is not None:
+                        try:
+                            p.result()
+                        except Exception:
+                            pass  # the disk read below decides
+                still = []
+                for i in rest:
+                    obj = self.hot.get_blocking(keys[i]) if self.hot is not None else None
+                    if obj is not None:
+                        out[i] = obj
+                    else:
+                        still.append(i)
+                rest = still
+        if rest and self.disk is not None:
+            want = [keys[i] for i in rest]
+            self._room_for_reads(want)
+            with self._lock:
+                epoch = self._removes
+            objs = self.disk.batched_get_blocking(want)
+            self._cache(want, objs, epoch)
+            for i, obj in zip(rest, objs):
+                out[i] = obj
+        return out
+
+    def _cache(self, keys, objs, epoch: int) -> None:
+        """Keep chunks read from disk in the hot tier, unless a remove ran since the read began."""
+        if self.hot is None:
+            return
         with self._lock:
-            pending = self._prefetching.get(key)
-        if pending is not None:
-            pending.result()
-            if self.hot is not None:
-                obj = self.hot.get_blocking(key)
-                if obj is not None:
-                    return obj
-        if self.disk is None:
-            return None
-        obj = self.disk.get_blocking(key)
-        if obj is not None and self.hot is not None:
-            self.hot.insert(key, obj)
-        return obj
+            if self._removes != epoch:
+                return
+            for k, o in zip(keys, objs):
+                if o is not None:
+                    self.hot.insert(k, o)
 
     def prefetch(self, key: CacheEngineKey) -> None:
         """Start moving ``key`` from disk into the hot tier; returns at once."""
-        if self.disk is None or self.hot is None or self.hot.contains(key):
-            return
+        self.batched_submit_prefetch_task([key])
+
+    def batched_submit_prefetch_task(self, keys: Sequence[CacheEngineKey]) -> Optional[Future]:
+        """Start moving ``keys`` from disk into the hot tier as one batch; returns at once.
+
+        Returns the disk read's future (its result is the list of chunks read,
+        already handed to the hot tier), or None when there is nothing to read.
+        """
+        self._check_open()
+        keys = list(keys)
+        check_keys(keys)
+        if self.disk is None or self.hot is None:
+            return None
         with self._lock:
-            if key in self._prefetching:
-                return
-            fut = self.disk.submit_prefetch_task(key)
+            want = [k for k in dict.fromkeys(keys) if k not in self._prefetching and not self.hot.contains(k)
+                    and self.disk.contains(k)]
+            if not want:
+                return None
+            self._room_for_reads(want)
+            epoch = self._removes
+            fut = self.disk.batched_submit_prefetch_task(want)
             if fut is None:
-                return
-            self._prefetching[key] = fut
+                return None
+            for k in want:
+                self._prefetching[k] = fut
 
         def landed(f: Future) -> None:
-            obj = None if f.cancelled() or f.exception() else f.result()
-            if obj is not None:
-                self.hot.insert(key, obj)
-                obj.ref_count_down()
-            with self._lock:
-                self._prefetching.pop(key, None)
+            objs = None if f.cancelled() or f.exception() else f.result()
+            try:
+                if objs is not None:
+                    self._cache(want, objs, epoch)
+            finally:
+                for o in objs or ():
+                    if o is not None:
+                        o.ref_count_down()
+                with self._lock:
+                    for k in want:
+                        if self._prefetching.get(k) is f:
+                            del self._prefetching[k]
 
         fut.add_done_callback(landed)
+        return fut
 
     def contains(self, key: CacheEngineKey, search_range: Optional[List[str]] = None) -> bool:
         """Whether ``key`` is stored in the named tiers (``Hot``, ``LocalDiskBackend``; None for all)."""
@@ -204,8 +341,29 @@ class StorageManager:
                 return True
         return False
 
+    def batched_contains(self, keys: Sequence[CacheEngineKey]) -> int:
+        """How many of ``keys``, from the first, are stored in some tier (the hit prefix)."""
+        n = 0
+        for k in keys:
+            if not self.contains(k):
+                break
+            n += 1
+        return n
+
     def remove(self, key: CacheEngineKey) -> bool:
-        return any([b.remove(key) for b in self.storage_backends.values()])
+        """Drop ``key`` from every tier; True if some tier had it."""
+        self._check_open()
+        check_keys([key])
+        # Bumped before and after: a read that began anywhere in between
+        # sees a changed count when it lands and is not cached.
+        with self._lock:
+            self._removes += 1
+        try:
+            found = [b.remove(key) for b in self.storage_backends.values()]
+        finally:
+            with self._lock:
+                self._removes += 1
+        return any(found)
 
     def io_report(self) -> Optional[IOPathReport]:
         return None if self.disk is None else self.disk.io_report()
@@ -221,17 +379,25 @@ class StorageManager:
         if self._closed:
             return
         self._closed = True
-        with self._lock:
-            pending = list(self._prefetching.values())
-        for f in pending:
-            try:
-                f.result()
-            except Exception:
-                pass
-        for backend in reversed(self.storage_backends.values()):
-            backend.close()
-        if self._own_allocator is not None:
-            self._own_allocator.close()
+        try:
+            with self._lock:
+                pending = list(self._prefetching.values())
+            for f in pending:
+                try:
+                    f.result()
+                except Exception:
+                    pass
+            errors = []
+            for backend in reversed(self.storage_backends.values()):
+                try:
+                    backend.close()
+                except Exception as e:  # close the others; report the first
+                    errors.append(e)
+            if errors:
+                raise errors[0]
+        finally:
+            if self._own_allocator is not None:
+                self._own_allocator.close()
 
     def __enter__(self):
         return self

@@ -46,6 +46,34 @@ class StripedSpace:
                 return i * self.stripe_bytes + off
         return None
 
+    def allocate_run(self, sizes) -> Optional[list[int]]:
+        """Adjacent extents for ``sizes`` in one stripe (the next in round-robin order that
+        holds them all), so they move as one transfer; None if no stripe does."""
+        k = len(self.parts)
+        for j in range(k):
+            i = (self._next + j) % k
+            offs = self.parts[i].allocate_run(sizes)
+            if offs is not None:
+                self._next = (i + 1) % k
+                base = i * self.stripe_bytes
+                return [base + o for o in offs]
+        return None
+
+    def stripe_of(self, off: int) -> int:
+        return off // self.stripe_bytes
+
+    def largest_hole_without(self, stripe: int, evictable: dict[int, int]) -> int:
+        """Largest free run ``stripe`` would have if the extents in ``evictable``
+        (logical ``{offset: size}``) were freed: whether evicting can ever make room."""
+        part = self.parts[stripe]
+        base = stripe * self.stripe_bytes
+        pinned = sorted((o, n) for o, n in part.extents().items() if base + o not in evictable)
+        best, pos = 0, 0
+        for o, n in pinned:
+            best = max(best, o - pos)
+            pos = o + n
+        return max(best, part.capacity - pos)
+
     def free_extent(self, off: int) -> int:
         part, local = self._split(off)
         return part.free_extent(local)

@@ -1,0 +1,229 @@
+"""Helpers for test_never_wrong.py: small configs, random chunks, bounded waits, a small tmpfs.
+
+Everything here uses the public API only (constructors, put/get/contains/remove/close,
+``MemoryObj.tensor``), so the tests keep working across rewrites of the disk tier.
+"""
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+
+import pytest
+import torch
+
+from gds_kvcache import (CacheEngineConfig, CacheEngineKey, LocalDiskBackend,
+                         LookupServerInterface, SlabMemoryAllocator, StorageManager)
+from gds_kvcache.units import GB, KiB, MiB
+
+from .conftest import ON_CI
+
+__all__ = ["ROOT", "gb", "disk_config", "open_backend", "manager_config", "key", "random_bytes", "put_bytes",
+           "wait_put", "read_exact", "bounded", "Hang", "RecordingLookup", "mount_tmpfs", "unmount",
+           "dir_footprint", "open_in_subprocess", "warnings_from_library", "OPENED", "LOCKED"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gb(nbytes: int) -> float:
+    """A byte count as the GB (2**30) figure the config takes."""
+    return nbytes / GB
+
+
+def disk_config(d, engine="posix", disk_mib=8.0, **kw) -> CacheEngineConfig:
+    kw.setdefault("io_threads", 4)
+    kw.setdefault("io_task_size", 64 * KiB)
+    return CacheEngineConfig(local_disk=str(d), max_local_disk_size=gb(int(disk_mib * MiB)), io_engine=engine, **kw)
+
+
+def open_backend(d, engine="posix", disk_mib=8.0, slab_mib=8.0, lookup_server=None, **kw):
+    """A ``LocalDiskBackend`` on ``d`` over its own host slab; returns (backend, allocator)."""
+    alloc = SlabMemoryAllocator(int(slab_mib * MiB), "host")
+    return LocalDiskBackend(disk_config(d, engine, disk_mib, **kw), None, alloc, "cpu", lookup_server), alloc
+
+
+def manager_config(d, engine="posix", disk_mib=8.0, slab_bytes=4 * MiB, hot_bytes=None, **kw) -> CacheEngineConfig:
+    """A ``StorageManager`` config with a host slab of ``slab_bytes`` and a hot tier of ``hot_bytes``."""
+    hot = slab_bytes if hot_bytes is None else hot_bytes
+    return disk_config(d, engine, disk_mib, memory_device="host", slab_size=gb(slab_bytes),
+                       max_local_cpu_size=gb(hot), **kw)
+
+
+def key(i: int, model: str = "org/model") -> CacheEngineKey:
+    return CacheEngineKey("vllm", model, 1, 0, i + 1)
+
+
+def random_bytes(n: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` random bytes, never all zeros (a zero-filled read must not pass for a hit)."""
+    t = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen)
+    t[0] = 1 + int(t[0]) % 255
+    return t
+
+
+def put_bytes(target, alloc, k, data: torch.Tensor):
+    """Copy ``data`` into a new slab object and hand it to ``target`` (a backend or a manager).
+
+    Returns the put's future (or None). The caller's reference is given up either way.
+    """
+    if isinstance(target, StorageManager):
+        o = target.allocate(data.shape, data.dtype)
+        assert o is not None, "test sizing: the slab must have room for this chunk"
+        o.tensor.copy_(data)
+        return target.put(k, o)  # takes over the reference
+    o = alloc.allocate(data.shape, data.dtype)
+    assert o is not None, "test sizing: the slab must have room for this chunk"
+    o.tensor.copy_(data)
+    try:
+        return target.submit_put_task(k, o)
+    finally:
+        o.ref_count_down()
+
+
+def wait_put(fut, timeout=30.0):
+    """The put's result; a put that never completes is a hang, not a stuck suite."""
+    if fut is None:
+        return None
+    try:
+        return fut.result(timeout)
+    except FutureTimeout:
+        raise Hang(f"hang: a put's future did not complete within {timeout:.0f} s") from None
+
+
+def read_exact(target, k, want: torch.Tensor):
+    """'hit' (bytes exact), 'miss', or 'wrong' for ``k`` read through ``target.get``/``get_blocking``."""
+    g = target.get(k) if isinstance(target, StorageManager) else target.get_blocking(k)
+    if g is None:
+        return "miss"
+    try:
+        same = (g.tensor.shape == want.shape and g.tensor.dtype == want.dtype
+                and torch.equal(g.tensor.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)))
+    finally:
+        g.ref_count_down()
+    return "hit" if same else "wrong"
+
+
+class Hang(AssertionError):
+    """A call that did not return within its bound."""
+
+
+def bounded(fn, timeout: float, what: str):
+    """Run ``fn()`` on a daemon thread; its result, its exception re-raised, or ``Hang`` after ``timeout`` s."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller below
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True, name=f"bounded: {what}")
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise Hang(f"hang: {what} did not return within {timeout:.0f} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+class RecordingLookup(LookupServerInterface):
+    """A lookup server that can fail or block on purpose.
+
+    ``fail_insert``: ``insert`` raises. ``gate``: when set to an Event, ``insert`` and ``remove``
+    of the keys in ``gate_keys`` (every key when None) wait on it (at most ``gate_s`` s),
+    signalling ``entered`` first.
+    """
+
+    def __init__(self, fail_insert=False, gate=None, gate_s=60.0, gate_keys=None):
+        self.fail_insert = fail_insert
+        self.gate = gate
+        self.gate_s = gate_s
+        self.gate_keys = gate_keys
+        self.entered = threading.Event()
+        self.keys = set()
+        self._lock = threading.Lock()
+
+    def _wait(self, k):
+        if self.gate is not None and (self.gate_keys is None or k in self.gate_keys):
+            self.entered.set()
+            self.gate.wait(self.gate_s)
+
+    def insert(self, k):
+        self._wait(k)
+        if self.fail_insert:
+            raise ConnectionError("lookup server unreachable (injected)")
+        with self._lock:
+            self.keys.add(k)
+
+    def remove(self, k):
+        self._wait(k)
+        with self._lock:
+            self.keys.discard(k)
+
+    def lookup(self, k):
+        with self._lock:
+            return k in self.keys
+
+
+def mount_tmpfs(path: Path, size: str) -> Path:
+    """Mount a tmpfs of ``size`` (e.g. ``"6m"``) at ``path``; skip where mounting is not allowed (fail on CI)."""
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if r.returncode != 0:
+        msg = f"cannot mount a small tmpfs: {r.stderr.decode().strip()}"
+        if ON_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+def unmount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def dir_footprint(d) -> tuple[int, int]:
+    """(allocated bytes of every file in ``d``, pool blocks + apparent size of every other file).
+
+    The second figure charges metadata (index, layout, lock) at its apparent size, so a sparse or
+    preallocated index cannot hide its length.
+    """
+    allocated = charged = 0
+    for name in os.listdir(d):
+        try:
+            st = os.stat(os.path.join(d, name))
+        except FileNotFoundError:
+            continue  # a temporary file renamed away between listdir and stat
+        blocks = st.st_blocks * 512
+        allocated += blocks
+        charged += blocks if name.startswith("kvcache.pool") else max(blocks, st.st_size)
+    return allocated, charged
+
+
+OPENED, LOCKED = 0, 2
+_OPEN_CHILD = """
+import sys
+from gds_kvcache import CacheEngineConfig, DirectoryLockedError, LocalDiskBackend, SlabMemoryAllocator
+cfg = CacheEngineConfig(local_disk=sys.argv[1], max_local_disk_size=float(sys.argv[2]), io_engine="posix",
+                        io_threads=2)
+try:
+    be = LocalDiskBackend(cfg, None, SlabMemoryAllocator(1 << 20, "host"), "cpu")
+except DirectoryLockedError:
+    sys.exit(2)
+print(len(be.keys()))
+be.close()
+"""
+
+
+def open_in_subprocess(d, disk_gb: float, timeout=120) -> subprocess.CompletedProcess:
+    """Open ``d`` as a disk tier in a fresh process: exit 0 (``OPENED``, prints the chunk count),
+    2 (``LOCKED``: ``DirectoryLockedError``), anything else is a crash."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-c", _OPEN_CHILD, str(d), repr(disk_gb)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def warnings_from_library(records) -> list:
+    return [r for r in records if r.levelno >= logging.WARNING and r.name.startswith("gds_kvcache")]

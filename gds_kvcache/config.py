@@ -343,8 +343,7 @@ class CacheEngineConfig:
             out["memory_device"] = f"auto -> {device} ({why_device})"
         if self.cpu_size_is_default:
             nbytes, why = self._machine_default()
-            out["max_local_cpu_size"] = (f"default {DEFAULT_CPU_SIZE_GB:g} GB -> {nbytes / GB:.2f} GB here "
-                                         f"({why})")
+            out["max_local_cpu_size"] = f"LMCache's {DEFAULT_CPU_SIZE_GB:g} GB -> {nbytes / GB:.2f} GB here ({why})"
         else:
             out["max_local_cpu_size"] = f"{self.max_local_cpu_size:g} GB (set)"
         if self.slab_size is None:

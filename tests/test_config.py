@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from gds_kvcache import CacheEngineConfig, CacheEngineMetadata, ConfigError, LMCacheEngineConfig
+from gds_kvcache.config import physical_memory
 from gds_kvcache.units import GB
 
 
@@ -89,8 +90,6 @@ def _fake_machine(monkeypatch, phys_bytes, gpu_free=None):
 
 
 def test_physical_memory_reads_the_machine(monkeypatch):
-    from gds_kvcache.config import physical_memory
-
     real = os.sysconf
     monkeypatch.setattr(os, "sysconf", lambda name: 2 * 1024 ** 2 if name == "SC_PHYS_PAGES" else (
         4096 if name == "SC_PAGE_SIZE" else real(name)))
@@ -206,3 +205,12 @@ def test_metadata_types_name_the_field(kw, field):
 def test_metadata_accepts_torch_size():
     md = CacheEngineMetadata("org/m", 2, 1, "vllm", torch.float16, torch.Size((4, 1, 16, 1, 64)))
     assert md.kv_shape == (4, 1, 16, 1, 64) and type(md.kv_shape) is tuple
+
+
+@pytest.mark.gpu
+def test_default_slab_on_a_real_gpu_fits_its_free_memory():
+    free, _ = torch.cuda.mem_get_info(0)
+    c = CacheEngineConfig()  # memory_device=auto -> cuda here
+    assert "cuda" in c.describe_defaults()["memory_device"]
+    assert 0 < c.slab_bytes <= max(free // 4, 64 * 2**20) and c.hot_bytes == c.slab_bytes
+    assert CacheEngineConfig(memory_device="pinned").slab_bytes <= max(physical_memory() // 8, 64 * 2**20)

@@ -22,10 +22,10 @@ from typing import Iterable, Optional, Sequence
 
 from ..errors import ClosedError, StorageFullError
 from ..key import CacheEngineKey
+from ..memory.extents import ExtentAllocator
 from ..units import PAGE
 from .index_log import DiskEntry, IndexLog
 from .pool_file import PoolDirectory
-from .striped_space import StripedSpace
 
 __all__ = ["DiskIndex", "Reservation", "DiskEntry"]
 
@@ -52,7 +52,7 @@ class DiskIndex:
     Parameters
     ----------
     pool
-        The locked directory and its stripe layout.
+        The locked directory and its file layout.
     reserve
         Bytes of the disk budget the index files may take (the pool has the rest).
 
@@ -69,7 +69,7 @@ class DiskIndex:
         self._pool = pool
         self._reserve = reserve
         self._log = IndexLog(pool.path)
-        self._space = StripedSpace(pool.stripes, pool.stripe_bytes)
+        self._space = ExtentAllocator(pool.capacity)
         self._entries: OrderedDict[CacheEngineKey, DiskEntry] = OrderedDict()
         self._pending: dict[CacheEngineKey, int] = {}      # key -> extent of a put in flight
         self._cancelled: set[CacheEngineKey] = set()       # removed while their put was in flight
@@ -110,25 +110,22 @@ class DiskIndex:
                  self._pool.path, len(kept), self._space.used, self._space.capacity)
         return sorted(self._space.free_extents().items())
 
-    def _translate(self, entries: list[DiskEntry], old: tuple[int, int]) -> list[DiskEntry]:
-        """Offsets of an older layout mapped to this one (same stripe file, same place in it)."""
-        _, old_stripe = old
-        new_stripe = self._pool.stripe_bytes
-        for e in entries:
-            i, local = divmod(e.offset, old_stripe)
-            e.offset = i * new_stripe + local if local + e.phys_size <= new_stripe else -1
-        return [e for e in entries if e.offset >= 0]
+    def _translate(self, entries: list[DiskEntry], old: tuple[int, int, int]) -> list[DiskEntry]:
+        """Entries that keep their place under this layout (same files and unit: a budget change)."""
+        files, _, unit = old
+        if (files, unit) != (self._pool.stripes, self._pool.unit):
+            return []
+        return entries
 
     def _resolve_extents(self, entries: list[DiskEntry]) -> list[DiskEntry]:
-        """Entries whose extents fit the pool and overlap no other, in one sweep by offset.
+        """Entries whose extents lie in the pool and overlap no other, in one sweep by offset.
 
         Where two claim overlapping bytes only the newer (higher seq) can own them.
         """
-        stripe = self._pool.stripe_bytes
+        cap = self._space.capacity
         kept: list[DiskEntry] = []
         for e in sorted(entries, key=lambda e: e.offset):
-            i, local = divmod(e.offset, stripe)
-            if e.offset % PAGE or i >= self._pool.stripes or local + e.phys_size > stripe:
+            if e.offset % PAGE or e.offset + e.phys_size > cap:
                 continue
             if kept and kept[-1].offset + kept[-1].phys_size > e.offset:
                 loser = kept[-1] if kept[-1].seq < e.seq else e
@@ -182,15 +179,14 @@ class DiskIndex:
         return self._log.bytes
 
     # -- puts --------------------------------------------------------------
-    def reserve(self, keys: Sequence[CacheEngineKey], sizes: Sequence[int], run_bytes: int) -> Reservation:
+    def reserve(self, keys: Sequence[CacheEngineKey], sizes: Sequence[int]) -> Reservation:
         """Pool extents for the keys not yet stored or in flight (others are left out).
 
-        Chunks are grouped into runs of about ``run_bytes`` that get adjacent
-        extents in one stripe where free space allows (one transfer each);
-        consecutive runs go to different stripes. LRU chunks nobody reads are
-        evicted to make room, but only once it is known that room can be made:
-        a chunk that could never fit evicts nothing and is refused with the
-        reason.
+        The batch gets adjacent extents where one free region holds it (one
+        transfer, interleaved over every pool file); otherwise each chunk its
+        own. LRU chunks nobody reads are evicted to make room, but only once
+        it is known that room can be made: a chunk that could never fit
+        evicts nothing and is refused with the reason.
         """
         res = Reservation([], [], [])
         with self._lock:
@@ -207,54 +203,52 @@ class DiskIndex:
                     res.errors[k] = StorageFullError(why)
                     continue
                 want.append((k, n))
-            i = 0
-            while i < len(want):
-                j, total = i, 0
-                while j < len(want) and (j == i or total + want[j][1] <= run_bytes):
-                    total += want[j][1]
-                    j += 1
-                group = want[i:j]
-                offs = self._space.allocate_run([n for _, n in group]) if len(group) > 1 else None
-                if offs is None:
-                    offs = []
-                    for k, n in group:
-                        off = self._allocate_evicting_locked(n)
-                        if off is None:
-                            res.errors[k] = StorageFullError(
-                                f"no room for a {n}-byte chunk in the {self._space.capacity}-byte pool: the "
-                                "space is held by puts in flight and chunks being read")
-                            continue
-                        offs.append(off)
-                        res.keys.append(k)
-                        res.offsets.append(off)
-                        res.sizes.append(n)
-                else:
-                    for (k, n), off in zip(group, offs):
-                        res.keys.append(k)
-                        res.offsets.append(off)
-                        res.sizes.append(n)
-                i = j
+            offs = self._space.allocate_run([n for _, n in want]) if len(want) > 1 else None
+            if offs is not None:
+                for (k, n), off in zip(want, offs):
+                    res.keys.append(k)
+                    res.offsets.append(off)
+                    res.sizes.append(n)
+            else:
+                for k, n in want:
+                    off = self._allocate_evicting_locked(n)
+                    if off is None:
+                        res.errors[k] = StorageFullError(
+                            f"no room for a {n}-byte chunk in the {self._space.capacity}-byte pool: the "
+                            "space is held by puts in flight and chunks being read")
+                        continue
+                    res.keys.append(k)
+                    res.offsets.append(off)
+                    res.sizes.append(n)
             for k, off in zip(res.keys, res.offsets):
                 self._pending[k] = off
         return res
 
+    def _largest_hole_without_evictable_locked(self) -> int:
+        """The largest free run the pool would have if every chunk nobody reads were evicted."""
+        evictable = {e.offset for e in self._entries.values() if e.readers == 0}
+        best, pos = 0, 0
+        for o, n in sorted(self._space.extents().items()):
+            if o in evictable:
+                continue
+            best = max(best, o - pos)
+            pos = o + n
+        return max(best, self._space.capacity - pos)
+
     def _never_fits_locked(self, nbytes: int) -> Optional[str]:
-        stripe = self._space.stripe_bytes
-        if nbytes > stripe:
-            return (f"a {nbytes}-byte chunk cannot fit: the pool's files (stripes) hold {stripe} bytes each "
-                    f"(max_local_disk_size and pool_files set the stripe size)")
+        if nbytes > self._space.capacity:
+            return (f"a {nbytes}-byte chunk can never fit the {self._space.capacity}-byte pool "
+                    "(max_local_disk_size less the index reserve)")
         return None
 
     def _allocate_evicting_locked(self, nbytes: int) -> Optional[int]:
         off = self._space.allocate(nbytes)
         if off is not None:
             return off
-        # Evict only if that can work: some stripe must have a hole of nbytes
+        # Evict only if that can work: the pool must have a hole of nbytes
         # once every chunk nobody reads is gone (in-flight puts and chunks
         # being read stay where they are).
-        evictable = {e.offset: e.phys_size for e in self._entries.values() if e.readers == 0}
-        if not any(self._space.largest_hole_without(i, evictable) >= nbytes
-                   for i in range(len(self._space.parts))):
+        if self._largest_hole_without_evictable_locked() < nbytes:
             return None
         for victim in [k for k, e in self._entries.items() if e.readers == 0]:
             self._drop_locked(victim, free=True)

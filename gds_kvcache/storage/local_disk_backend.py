@@ -29,7 +29,6 @@ from ..key import CacheEngineKey
 from ..memory.allocator import MemoryAllocatorInterface
 from ..memory.format import MemoryFormat, dtype_to_str, str_to_dtype
 from ..memory.obj import MemoryObj
-from ..units import MiB
 from .abstract_backend import StorageBackendInterface
 from .disk_index import DiskEntry, DiskIndex
 from .lookup_server import LookupServerInterface
@@ -113,8 +112,7 @@ class LocalDiskBackend(StorageBackendInterface):
         except BaseException:
             self._abort_open()
             raise
-        self._transfer = DiskTransfer(self._engine, self._dir.stripe_bytes)
-        self._run_bytes = max(16 * MiB, 4 * config.io_task_size)
+        self._transfer = DiskTransfer(self._engine, self._dir)
         # Separate pools: a read waiting for slab room can never hold up the
         # write that would free it, and the reverse.
         self._writer = ThreadPoolExecutor(config.io_threads, thread_name_prefix="gds-kvcache-put")
@@ -153,8 +151,8 @@ class LocalDiskBackend(StorageBackendInterface):
         fds = [os.open(p, os.O_RDWR) for p in self._dir.pool_paths]
         try:
             for start, size in free:
-                i, local = divmod(start, self._dir.stripe_bytes)
-                punch_hole(fds[i], local, size)
+                for f, local, _, n in self._dir.pieces(start, size):
+                    punch_hole(fds[f], local, n)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -162,16 +160,17 @@ class LocalDiskBackend(StorageBackendInterface):
     def _punch(self, offset: int, size: int) -> None:
         if self.config.preallocate or not self._engine.punch_ok:
             return
-        path, local = self._dir.locate(offset)
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except OSError as e:
-            log.warning("cannot punch %s: %s", path, e)
-            return
-        try:
-            punch_hole(fd, local, size)
-        finally:
-            os.close(fd)
+        for f, local, _, n in self._dir.pieces(offset, size):
+            path = self._dir.pool_paths[f]
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except OSError as e:
+                log.warning("cannot punch %s: %s", path, e)
+                return
+            try:
+                punch_hole(fd, local, n)
+            finally:
+                os.close(fd)
 
     # -- lifetime -----------------------------------------------------------
     def _enter(self, n: int = 1) -> None:
@@ -255,7 +254,7 @@ class LocalDiskBackend(StorageBackendInterface):
         self._check_objs(objs)
         self._enter()
         try:
-            res = self.index.reserve(keys, [o.phys_size for o in objs], self._run_bytes)
+            res = self.index.reserve(keys, [o.phys_size for o in objs])
             futs: dict[CacheEngineKey, Future] = {}
             for k, exc in res.errors.items():
                 f: Future = Future()

@@ -11,7 +11,7 @@ import logging
 import os
 from typing import Optional
 
-from ..errors import DirectoryLockedError, StorageUnavailableError
+from ..errors import DirectoryLockedError, LayoutChangedError, StorageUnavailableError
 from ..units import MiB, PAGE, align_down
 
 __all__ = ["PoolDirectory", "punch_hole", "index_reserve", "pool_layout"]
@@ -22,10 +22,12 @@ POOL_NAME = "kvcache.pool"
 INDEX_NAME = "kvcache.index"
 LOCK_NAME = "kvcache.lock"
 LAYOUT_NAME = "kvcache.layout"
-#: Stripes are at least this big. A chunk never spans two stripes, so each
-#: stripe can leave up to one chunk's worth unused (at most half a 32 MiB MLA
-#: chunk per 64 MiB stripe); pools of 512 MiB and more use every file.
-MIN_STRIPE = 64 * MiB
+#: The pool is interleaved over its files in units of this many bytes
+#: (RAID-0 style): logical unit ``u`` is unit ``u // files`` of file
+#: ``u % files``. Any transfer of more than one unit spreads over the files,
+#: and a chunk may span files, so no space is lost at file ends.
+UNIT = 4 * MiB
+LAYOUT_VERSION = 2
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _FALLOC_FL_KEEP_SIZE = 1
@@ -39,11 +41,29 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     return r == 0
 
 
-def pool_layout(cap: int, pool_files: int) -> tuple[int, int]:
-    """(stripes, bytes per stripe) for a disk budget of ``cap`` bytes."""
+def pool_layout(cap: int, pool_files: int) -> tuple[int, int, int]:
+    """(files, bytes per file, interleave unit) for a disk budget of ``cap`` bytes.
+
+    Every file gets at least one unit; pools smaller than a unit are one file
+    holding the whole pool as its single unit.
+    """
     pool = align_down(cap - index_reserve(cap))
-    stripes = max(1, min(pool_files, pool // MIN_STRIPE))
-    return stripes, align_down(pool // stripes)
+    if pool < UNIT:
+        return 1, pool, pool
+    files = max(1, min(pool_files, pool // UNIT))
+    return files, pool // files // UNIT * UNIT, UNIT
+
+
+def pieces(offset: int, nbytes: int, files: int, file_bytes: int, unit: int):
+    """``(file, offset in file, offset into the range, bytes)`` for logical ``[offset, +nbytes)``."""
+    out = []
+    pos, end = offset, offset + nbytes
+    while pos < end:
+        u, within = divmod(pos, unit)
+        n = min(unit - within, end - pos)
+        out.append((u % files, (u // files) * unit + within, pos - offset, n))
+        pos += n
+    return out
 
 
 def index_reserve(cap: int) -> int:
@@ -75,10 +95,10 @@ class PoolDirectory:
     -----
     The lock is an ``flock`` on the directory itself, so deleting
     ``kvcache.lock`` (which only names the holder's pid) cannot let a second
-    process in. Opening a directory with a ``max_local_disk_size`` or
-    ``pool_files`` that gives another layout resizes the stripe files in
-    place: chunks that still lie inside the new pool are kept, the rest are
-    dropped with a warning (``old_layout`` tells the index).
+    process in. The pool is interleaved over its files in ``unit``-byte
+    units. Opening a directory with another ``max_local_disk_size`` resizes
+    the files in place: chunks that still lie inside the new pool are kept,
+    the rest are dropped with a warning (``old_layout`` tells the index).
     """
 
     def __init__(self, path: str, cap_bytes: int, pool_files: int = 1, preallocate: bool = False):
@@ -107,9 +127,9 @@ class PoolDirectory:
         try:
             self._write_owner()
             self.index_path = os.path.join(self.path, INDEX_NAME)
-            self.stripes, self.stripe_bytes = pool_layout(cap_bytes, pool_files)
+            self.stripes, self.stripe_bytes, self.unit = pool_layout(cap_bytes, pool_files)
+            self.old_layout = self._check_layout(cap_bytes)
             self.pool_paths = [os.path.join(self.path, f"{POOL_NAME}.{i}") for i in range(self.stripes)]
-            self.old_layout = self._check_layout()
             self._warn_free_space(cap_bytes)
             for p in self.pool_paths:
                 self._open_stripe(p, preallocate)
@@ -125,38 +145,61 @@ class PoolDirectory:
         except OSError:
             pass
 
-    def _existing_layout(self) -> tuple[Optional[tuple[int, int]], str]:
-        """(stripes, stripe_bytes) the directory was written with, and where that came from."""
+    def _existing_layout(self) -> tuple[Optional[tuple[int, int, int]], str]:
+        """(files, bytes per file, unit) the directory was written with, and where that came from."""
         try:
             with open(os.path.join(self.path, LAYOUT_NAME)) as f:
                 have = json.load(f)
-            return (int(have["stripes"]), int(have["stripe_bytes"])), "layout file"
+            if have.get("version") == LAYOUT_VERSION:
+                return (int(have["stripes"]), int(have["stripe_bytes"]), int(have["unit"])), "layout file"
+            return (int(have["stripes"]), int(have["stripe_bytes"]), 0), "layout file of version 1"
         except FileNotFoundError:
             pass
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("%s: unreadable %s; inferring the layout from the pool files", self.path, LAYOUT_NAME)
-        # No (readable) layout file: the pool files themselves say it, since
-        # every stripe file is created at exactly stripe_bytes.
+        # No (readable) layout file: the pool files themselves say it (every
+        # file is created at exactly its size; the unit is the library's).
         sizes = []
         while os.path.exists(os.path.join(self.path, f"{POOL_NAME}.{len(sizes)}")):
             sizes.append(os.stat(os.path.join(self.path, f"{POOL_NAME}.{len(sizes)}")).st_size)
         if sizes and len(set(sizes)) == 1 and sizes[0] > 0 and sizes[0] % PAGE == 0:
-            return (len(sizes), sizes[0]), "pool file sizes"
+            unit = UNIT if sizes[0] % UNIT == 0 else sizes[0]
+            return (len(sizes), sizes[0], unit), "pool file sizes"
         return None, "none"
 
-    def _check_layout(self) -> Optional[tuple[int, int]]:
-        """Make the pool files match the wanted layout; the old layout if it differed.
+    def _check_layout(self, cap_bytes: int) -> Optional[tuple[int, int, int]]:
+        """Settle the layout and resize the pool files to it; the old layout if it differed.
 
-        Pool files are resized in place, never wiped: a chunk keeps its stripe
-        file and offset, so the index keeps every chunk that still lies inside
-        the new pool (``DiskIndex`` translates their offsets).
+        A budget change keeps the file count and unit, so every chunk keeps its
+        place and those inside the new pool survive (``DiskIndex`` drops the
+        rest). A different ``pool_files`` on a directory that has a layout is
+        overridden by the directory's own count (with a warning), since a new
+        interleave would scramble every chunk. Only a version-1 directory
+        (stripes without interleave) loses its chunks, with a warning.
         """
-        want = (self.stripes, self.stripe_bytes)
+        want = (self.stripes, self.stripe_bytes, self.unit)
         have, source = self._existing_layout()
+        if have is not None and have[2] and have[0] != want[0]:
+            pool = align_down(cap_bytes - index_reserve(cap_bytes))
+            files, unit = have[0], have[2]
+            per = pool // files // unit * unit
+            if per <= 0:
+                raise LayoutChangedError(
+                    f"local_disk {self.path!r} was created with {files} pool files of {unit}-byte units; "
+                    f"max_local_disk_size={cap_bytes / (1 << 30):.4g} GB cannot give each file a unit. Use a larger "
+                    "budget, or another directory")
+            log.warning("%s: keeping the directory's %d pool files (pool_files=%d asked): a new interleave "
+                        "would scramble every stored chunk", self.path, files, want[0])
+            want = (files, per, unit)
+            self.stripes, self.stripe_bytes, self.unit = want
         if have is not None and have != want:
-            log.warning("disk layout of %s changed from %d x %d to %d x %d bytes (%s): keeping the chunks "
-                        "that still fit", self.path, have[0], have[1], want[0], want[1], source)
-            for i in range(want[0], have[0]):
+            if have[2] == 0 or have[2] != want[2]:
+                log.warning("disk layout of %s changed from %s to %s (%s): the stored chunks cannot be mapped "
+                            "and are dropped", self.path, have, want, source)
+            else:
+                log.warning("disk layout of %s changed from %d x %d to %d x %d bytes (%s): keeping the chunks "
+                            "that still fit", self.path, have[0], have[1], want[0], want[1], source)
+            for i in range(want[0], max(have[0], want[0])):
                 try:
                     os.unlink(os.path.join(self.path, f"{POOL_NAME}.{i}"))
                 except FileNotFoundError:
@@ -165,11 +208,21 @@ class PoolDirectory:
         if have != want or source != "layout file":
             tmp = layout_path + ".tmp"
             with open(tmp, "w") as f:
-                json.dump({"version": 1, "stripes": want[0], "stripe_bytes": want[1]}, f)
+                json.dump({"version": LAYOUT_VERSION, "stripes": want[0], "stripe_bytes": want[1],
+                           "unit": want[2]}, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, layout_path)
         return have if have != want else None
+
+    @property
+    def capacity(self) -> int:
+        """Logical pool bytes (all files together)."""
+        return self.stripes * self.stripe_bytes
+
+    def pieces(self, offset: int, nbytes: int):
+        """Where logical ``[offset, +nbytes)`` lies: ``[(file, offset in file, offset into range, bytes)]``."""
+        return pieces(offset, nbytes, self.stripes, self.stripe_bytes, self.unit)
 
     def _warn_free_space(self, cap_bytes: int) -> None:
         try:
@@ -200,8 +253,8 @@ class PoolDirectory:
             os.close(fd)
 
     def locate(self, offset: int) -> tuple[str, int]:
-        """(stripe file, offset in it) of a logical pool offset."""
-        i, local = divmod(offset, self.stripe_bytes)
+        """(pool file, offset in it) of a logical pool offset."""
+        i, local, _, _ = self.pieces(offset, 1)[0]
         return self.pool_paths[i], local
 
     def release(self) -> None:

@@ -21,27 +21,35 @@ __all__ = ["DiskTransfer", "runs"]
 log = logging.getLogger(__name__)
 
 
-def runs(objs: Sequence[MemoryObj], offsets: Sequence[int], stripe_bytes: int) -> tuple[list[Span], list[int]]:
-    """Spans covering ``objs`` at pool ``offsets``, merged where slab and file are both contiguous.
+def runs(objs: Sequence[MemoryObj], offsets: Sequence[int], pool) -> tuple[list[Span], list[list[int]]]:
+    """Spans covering ``objs`` at logical pool ``offsets``.
 
-    Returns the spans and, for each object, the index of its span.
+    Objects adjacent both in the slab and in the pool are merged into one run,
+    and each run is cut where the pool's interleave moves to another file
+    (``pool.pieces``). Returns the spans (``file_offset`` = file index times
+    file size plus the offset in that file, as the engines take it) and, per
+    object, the indexes of the spans that carry its bytes.
     """
     order = sorted(range(len(objs)), key=lambda i: offsets[i])
-    spans: list[Span] = []
-    which = [0] * len(objs)
-    cur_mem = cur_file = cur_n = -1
+    merged: list[tuple[int, int, int, list[int]]] = []    # (mem, logical, nbytes, objects)
     for i in order:
         o, off = objs[i], offsets[i]
-        if (cur_n > 0 and o.offset == cur_mem + cur_n and off == cur_file + cur_n
-                and off // stripe_bytes == cur_file // stripe_bytes):
-            cur_n += o.phys_size
-        else:
-            if cur_n > 0:
-                spans.append(Span(cur_mem, cur_file, cur_n))
-            cur_mem, cur_file, cur_n = o.offset, off, o.phys_size
-        which[i] = len(spans)
-    if cur_n > 0:
-        spans.append(Span(cur_mem, cur_file, cur_n))
+        if merged:
+            mem, log_off, n, members = merged[-1]
+            if o.offset == mem + n and off == log_off + n:
+                merged[-1] = (mem, log_off, n + o.phys_size, members + [i])
+                continue
+        merged.append((o.offset, off, o.phys_size, [i]))
+    spans: list[Span] = []
+    which: list[list[int]] = [[] for _ in objs]
+    for mem, log_off, n, members in merged:
+        bounds = [(offsets[i] - log_off, offsets[i] - log_off + objs[i].phys_size, i) for i in members]
+        for f, local, delta, size in pool.pieces(log_off, n):
+            idx = len(spans)
+            spans.append(Span(mem + delta, f * pool.stripe_bytes + local, size))
+            for lo, hi, i in bounds:
+                if lo < delta + size and delta < hi:
+                    which[i].append(idx)
     return spans, which
 
 
@@ -51,14 +59,14 @@ class DiskTransfer:
     Parameters
     ----------
     engine
-        The I/O engine over the pool's stripe files (already attached to the slab).
-    stripe_bytes
-        Size of one stripe file; no span crosses one.
+        The I/O engine over the pool's files (already attached to the slab).
+    pool
+        The pool directory: its interleave maps logical offsets to files.
     """
 
-    def __init__(self, engine: IOEngine, stripe_bytes: int):
+    def __init__(self, engine: IOEngine, pool):
         self.engine = engine
-        self.stripe_bytes = stripe_bytes
+        self.pool = pool
         self.stats = {"write_calls": 0, "read_calls": 0, "spans": 0, "checksum_calls": 0}
 
     def checksums(self, objs: Sequence[MemoryObj]) -> list[int]:
@@ -81,8 +89,8 @@ class DiskTransfer:
     def _move(self, write: bool, objs, offsets) -> list[Optional[BaseException]]:
         if not objs:
             return []
-        spans, which = runs(objs, offsets, self.stripe_bytes)
+        spans, which = runs(objs, offsets, self.pool)
         self.stats["write_calls" if write else "read_calls"] += 1
         self.stats["spans"] += len(spans)
         errs = (self.engine.write_spans if write else self.engine.read_spans)(spans)
-        return [errs[w] for w in which]
+        return [next((errs[w] for w in ws if errs[w] is not None), None) for ws in which]

@@ -39,7 +39,8 @@ def probe_cuda():
             return False, f"CUDA probe failed: {type(exc).__name__}: {exc}"
     if count > 0:
         return True, ""
-    said = "; ".join(dict.fromkeys(str(w.message).strip() for w in caught))
+    # First sentence only: torch's driver warning goes on with download advice and a C++ path.
+    said = "; ".join(dict.fromkeys(str(w.message).strip().split(". ")[0] for w in caught))
     if not said and torch.version.cuda is None:
         said = f"torch {torch.__version__} is a CPU-only build"
     return False, said or "torch sees no CUDA device"
@@ -55,6 +56,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+_CI_NOTHING_PASSED = []
+
+
 def pytest_sessionfinish(session, exitstatus):
     # On CI a run that passes no test is a failure, however it ended up so (every test
     # skipped, a deselecting option): exit 5 is what .ci/run and scripts/run-tests.sh
@@ -63,8 +67,15 @@ def pytest_sessionfinish(session, exitstatus):
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None and not reporter.stats.get("passed"):
-        reporter.write_line("CI: no test passed; failing the run (exit 5)", red=True, bold=True)
+        _CI_NOTHING_PASSED.append(True)
         session.exitstatus = pytest.ExitCode.NO_TESTS_COLLECTED
+
+
+def pytest_terminal_summary(terminalreporter):
+    # Runs after pytest_sessionfinish above, inside the summary, so the line is not lost
+    # at the end of a progress line.
+    if _CI_NOTHING_PASSED:
+        terminalreporter.write_sep("!", "CI: no test passed; failing the run (exit 5)", red=True, bold=True)
 
 
 def require_kvikio():

@@ -23,7 +23,8 @@ from .conftest import ON_CI
 
 __all__ = ["ROOT", "gb", "disk_config", "open_backend", "manager_config", "key", "random_bytes", "put_bytes",
            "wait_put", "read_exact", "bounded", "Hang", "RecordingLookup", "mount_tmpfs", "unmount",
-           "dir_footprint", "open_in_subprocess", "warnings_from_library", "OPENED", "LOCKED"]
+           "dir_footprint", "open_in_subprocess", "warnings_from_library", "OPENED", "LOCKED",
+           "check_config_input", "check_key_string", "check_load_shape", "check_metadata_junk"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,8 +99,9 @@ def read_exact(target, k, want: torch.Tensor):
     if g is None:
         return "miss"
     try:
-        same = (g.tensor.shape == want.shape and g.tensor.dtype == want.dtype
-                and torch.equal(g.tensor.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)))
+        t = g.tensor
+        same = (t.shape == want.shape and t.dtype == want.dtype
+                and torch.equal(t.contiguous().view(torch.uint8).cpu(), want.contiguous().view(torch.uint8).cpu()))
     finally:
         g.ref_count_down()
     return "hit" if same else "wrong"
@@ -227,3 +229,102 @@ def open_in_subprocess(d, disk_gb: float, timeout=120) -> subprocess.CompletedPr
 
 def warnings_from_library(records) -> list:
     return [r for r in records if r.levelno >= logging.WARNING and r.name.startswith("gds_kvcache")]
+
+
+# -- bad input: each check classifies one input, and fails on anything but our own error or an exact result --
+def check_config_input(values: dict) -> str:
+    """``"valid"`` or ``"ConfigError"`` for ``CacheEngineConfig.from_dict(values)``.
+
+    A ConfigError must name a config field (and say it); any other exception fails. A valid
+    config keeps every numeric or boolean value as given and survives a round trip.
+    """
+    import dataclasses
+
+    from gds_kvcache import ConfigError
+
+    names = {f.name for f in dataclasses.fields(CacheEngineConfig)}
+    try:
+        cfg = CacheEngineConfig.from_dict(values)
+    except ConfigError as e:
+        assert e.field in values or e.field in names, f"{values!r}: ConfigError names no field: {e}"
+        assert repr(e.field) in str(e), f"{values!r}: message does not name the field: {e}"
+        return "ConfigError"
+    except Exception as e:
+        raise AssertionError(f"{values!r} raised {type(e).__name__}: {e}, not ConfigError") from e
+    for name, v in values.items():
+        got = getattr(cfg, name)
+        if isinstance(v, bool) or (isinstance(v, (int, float)) and not isinstance(got, bool)):
+            assert got == v, f"{values!r}: {name} = {v!r} was accepted as {got!r}"
+    again = CacheEngineConfig.from_dict({n: getattr(cfg, n) for n in names})
+    assert again == cfg, f"{values!r}: a valid config does not round-trip"
+    assert cfg.slab_bytes > 0 and cfg.slab_bytes % 4096 == 0
+    return "valid"
+
+
+def check_key_string(s: str) -> str:
+    """``"parsed"`` (and canonical) or ``"KeyFormatError"``; anything else fails."""
+    from gds_kvcache import KeyFormatError
+
+    try:
+        k = CacheEngineKey.from_string(s)
+    except KeyFormatError:
+        return "KeyFormatError"
+    except Exception as e:
+        raise AssertionError(f"{s!r} raised {type(e).__name__}: {e}, not KeyFormatError") from e
+    assert k.to_string() == s, f"{s!r} parsed but is not canonical"
+    return "parsed"
+
+
+def check_load_shape(be, k, ref: torch.Tensor, shape, dtype) -> str:
+    """Load ``k`` as ``shape``/``dtype``: ``"exact"`` (same bytes, chunk kept) or ``"ShapeMismatchError"``."""
+    from gds_kvcache import ShapeMismatchError
+
+    try:
+        g = be.load_bytes_from_disk(k.to_string(), dtype, tuple(shape))
+    except ShapeMismatchError:
+        assert be.contains(k), "a refused load dropped the chunk"
+        return "ShapeMismatchError"
+    except Exception as e:
+        raise AssertionError(f"load as {tuple(shape)} {dtype} raised {type(e).__name__}: {e}") from e
+    assert g is not None, "an intact chunk was a miss"
+    try:
+        assert g.dtype == ref.dtype and torch.equal(g.tensor.reshape(-1).view(torch.uint8),
+                                                    ref.reshape(-1).view(torch.uint8)), "wrong bytes"
+    finally:
+        g.ref_count_down()
+    assert be.contains(k)
+    return "exact"
+
+
+def check_metadata_junk(d, junk: list, where: str, gen: torch.Generator) -> tuple[int, int, int]:
+    """Store 4 chunks in ``d``, garble its metadata, reopen: (chunks checked exact, wrong, lost).
+
+    ``where``: ``"index"`` appends the junk to every index file, ``"layout"`` replaces the layout
+    file(s) with it. Opening must succeed and every chunk must come back exact.
+    """
+    want = {key(i): random_bytes(24 * KiB + 4096 * i + 17, gen) for i in range(4)}
+    be, alloc = open_backend(d, disk_mib=4, slab_mib=1)
+    for k, v in want.items():
+        wait_put(put_bytes(be, alloc, k, v))
+    be.close()
+    blob = b"".join(junk)
+    targets = [p for p in Path(d).iterdir() if (p.name.startswith("kvcache.index") if where == "index"
+                                                  else "layout" in p.name) and not p.name.endswith(".tmp")]
+    assert targets, f"no {where} file in {os.listdir(d)}"
+    for p in targets:
+        if where == "index":
+            with open(p, "ab") as f:
+                f.write(blob)
+        else:
+            p.write_bytes(blob)
+    try:
+        be, alloc = open_backend(d, disk_mib=4, slab_mib=1)
+    except Exception as e:
+        raise AssertionError(f"junk in {[p.name for p in targets]} made the directory unopenable: "
+                             f"{type(e).__name__}: {e}") from e
+    try:
+        got = {k: read_exact(be, k, v) for k, v in want.items()}
+    finally:
+        be.close()
+    vals = list(got.values())
+    return vals.count("hit"), vals.count("wrong"), vals.count("miss")

@@ -12,35 +12,35 @@ from .helpers import random_tensor, same_bytes
 
 
 @settings(max_examples=300, deadline=None)
-@given(files=st.integers(1, 9), unit_pages=st.integers(1, 8), units_per_file=st.integers(1, 6), data=st.data())
-def test_pieces_cover_the_range_and_never_collide(files, unit_pages, units_per_file, data):
-    unit = unit_pages * PAGE
-    cap = files * units_per_file * unit
+@given(files=st.integers(1, 9), unit_pages=st.integers(1, 8), file_pages=st.integers(1, 40), data=st.data())
+def test_pieces_cover_the_range_and_never_collide(files, unit_pages, file_pages, data):
+    unit, size = unit_pages * PAGE, file_pages * PAGE
+    cap = files * size
     off = data.draw(st.integers(0, cap - 1))
     n = data.draw(st.integers(1, cap - off))
-    ps = pieces(off, n, files, units_per_file * unit, unit)
     pos = 0
-    for f, local, delta, size in ps:
-        assert delta == pos and size > 0 and 0 <= f < files
-        assert 0 <= local and local + size <= units_per_file * unit
-        assert local // unit == (local + size - 1) // unit, "a piece crosses a unit"
-        pos += size
+    for f, local, delta, k in pieces(off, n, files, size, unit):
+        assert delta == pos and k > 0 and 0 <= f < files
+        assert 0 <= local and local + k <= size
+        pos += k
     assert pos == n
     # The whole pool maps one-to-one onto the files' bytes.
-    seen = set()
-    for f, local, _, size in pieces(0, cap, files, units_per_file * unit, unit):
-        assert size == unit and (f, local) not in seen
-        seen.add((f, local))
+    covered = {f: 0 for f in range(files)}
+    for f, local, _, k in sorted((p for p in pieces(0, cap, files, size, unit)), key=lambda p: (p[0], p[1])):
+        assert local == covered[f], "gap or overlap in a file"
+        covered[f] += k
+    assert all(v == size for v in covered.values())
 
 
 def test_layout():
-    assert pool_layout(8 * MiB, 8)[0] == 1
-    files, size, unit = pool_layout(64 * MiB, 8)
-    assert files == 8 and unit == UNIT and size == UNIT  # every budget of 8+ units uses every file
-    files, size, unit = pool_layout(10 * GB, 8)
-    assert files == 8 and size % unit == 0 and files * size <= 10 * GB
-    files, size, unit = pool_layout(MiB, 8)
-    assert files == 1 and size == unit and size % PAGE == 0
+    from gds_kvcache.storage.pool_file import index_reserve
+
+    for cap in (MiB, 8 * MiB, 48 * MiB, 300 * MiB, 2 * GB, 10 * GB, 200 * GB):
+        files, size, unit = pool_layout(cap, 8)
+        pool = cap - index_reserve(cap)
+        assert files == 8, "every budget stripes over every file"
+        assert unit == UNIT and size % PAGE == 0
+        assert pool - 8 * PAGE <= files * size <= pool, "rounding lost space"
 
 
 def cfg(d, cap_mib, files=8):
@@ -82,43 +82,32 @@ def _store(be, alloc, n, size):
     return refs
 
 
-def test_changed_budget_keeps_the_chunks_that_fit(tmp_path, caplog):
+def test_changed_budget_keeps_the_chunks_that_stay_in_place(tmp_path, caplog):
     alloc = SlabMemoryAllocator(8 * MiB, "host")
     be = LocalDiskBackend(cfg(tmp_path, 300), None, alloc)
-    refs = _store(be, alloc, 40, MiB)
-    ends = {i: be.entry(CacheEngineKey("s", "m", 1, 0, i + 1)).offset + MiB for i in refs}
+    refs = _store(be, alloc, 200, MiB)
+    old = (len(be.pool_paths), os.path.getsize(be.pool_paths[0]), UNIT)
+    offs = {i: be.entry(CacheEngineKey("s", "m", 1, 0, i + 1)).offset for i in refs}
     be.close()
     with caplog.at_level(logging.WARNING):
-        be = LocalDiskBackend(cfg(tmp_path, 60), None, alloc)  # smaller: some chunks lie past the new pool
+        be = LocalDiskBackend(cfg(tmp_path, 150), None, alloc)  # smaller: some chunks' bytes go or move
     assert any("layout" in r.message for r in caplog.records)
-    assert len(be.pool_paths) == 8
+    new = (len(be.pool_paths), os.path.getsize(be.pool_paths[0]), UNIT)
     kept = 0
     for i, ref in refs.items():
+        place = [p[:2] + p[3:] for p in pieces(offs[i], MiB, *old)]
+        stays = offs[i] + MiB <= new[0] * new[1] and place == [p[:2] + p[3:] for p in pieces(offs[i], MiB, *new)]
         g = be.get_blocking(CacheEngineKey("s", "m", 1, 0, i + 1))
-        assert (g is not None) == (ends[i] <= be.capacity_bytes), f"chunk {i} ending at {ends[i]}"
+        assert (g is not None) == stays, f"chunk {i} at {offs[i]}"
         if g is not None:
             kept += 1
             assert same_bytes(g.tensor, ref)
             g.ref_count_down()
-    assert 0 < kept < len(refs)
+    assert 0 < kept < len(refs), kept
+    be.memcheck()
     be.close()
     be = LocalDiskBackend(cfg(tmp_path, 300), None, alloc)  # and larger again: the kept ones are still there
     assert len(be.keys()) == kept
-    be.close()
-
-
-def test_a_budget_too_small_for_the_directory_files_is_refused_naming_both(tmp_path):
-    from gds_kvcache.errors import LayoutChangedError
-    import pytest
-
-    alloc = SlabMemoryAllocator(8 * MiB, "host")
-    be = LocalDiskBackend(cfg(tmp_path, 300), None, alloc)
-    _store(be, alloc, 2, MiB)
-    be.close()
-    with pytest.raises(LayoutChangedError, match="8 pool files.*max_local_disk_size"):
-        LocalDiskBackend(cfg(tmp_path, 20), None, alloc)
-    be = LocalDiskBackend(cfg(tmp_path, 300), None, alloc)  # untouched by the refusal
-    assert len(be.keys()) == 2
     be.close()
 
 

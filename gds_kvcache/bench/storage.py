@@ -35,6 +35,7 @@ from ..config import CacheEngineConfig
 from ..io.driver import kvikio_error
 from ..io.page_cache import drop_page_cache
 from ..io.posix_engine import probe_direct_io
+from ..io.select import ram_backed_fs
 from ..key import CacheEngineKey
 from ..memory.buffers import SlabBuffer
 from ..storage.storage_manager import StorageManager
@@ -44,7 +45,7 @@ from .progress import Progress
 
 __all__ = ["run", "main"]
 
-ALL_PATHS = ("library-kvikio", "library-posix", "raw", "torch", "bounce", "kvikio-default")
+ALL_PATHS = ("library-mapped", "library-kvikio", "library-posix", "raw", "torch", "bounce", "kvikio-default")
 
 
 def _fs_type(path: str) -> str:
@@ -77,8 +78,9 @@ class Case:
     """One chunk size: the source chunks and where their files go."""
 
     def __init__(self, root: str, src: torch.Tensor, size: int, threads: int, task: int, files: int,
-                 preallocate: bool):
+                 preallocate: bool, batch: int = 64):
         self.root = root
+        self.batch = batch
         self.size = size
         self.n = src.numel() // size
         self.parts = [src[i * size:(i + 1) * size] for i in range(self.n)]
@@ -98,39 +100,47 @@ class Case:
 
 
 def path_library(c: Case, engine: str, hot: bool, memory: str) -> dict:
+    """The library through its batch API: ``batch`` chunks per call, every batch in flight at once."""
     d = c.dir(f"library-{engine}")
     total = c.n * c.size
-    # A cache larger than one run's data, as in service (the pool is striped
-    # over c.files files of at least 1 GiB each).
-    cfg = CacheEngineConfig(local_disk=d, max_local_disk_size=max(2 * total, c.files * GB + GB // 8) / GB,
-                            local_cpu=False,
+    # A cache larger than one run's data, as in service.
+    cfg = CacheEngineConfig(local_disk=d, max_local_disk_size=(2 * total + 64 * MiB) / GB, local_cpu=False,
                             slab_size=(2 * total + 64 * MiB) / GB, memory_device=memory, io_engine=engine,
                             io_threads=c.threads, io_task_size=c.task, pool_files=c.files,
                             preallocate=c.preallocate)
     keys = [CacheEngineKey("bench", "m", 1, 0, i + 1) for i in range(c.n)]
+    batches = [slice(i, i + c.batch) for i in range(0, c.n, c.batch)]
     out = {}
     with StorageManager(cfg) as sm:
         out["io"] = sm.io_report().line()
-        objs = []
-        for p in c.parts:
-            o = sm.allocate((c.size,), torch.uint8)
+        objs = sm.batched_allocate([(c.size,)] * c.n, torch.uint8)
+        assert len(objs) == c.n, "bench slab too small"
+        for o, p in zip(objs, c.parts):
             o.tensor.copy_(p)
-            objs.append(o)
+        for o in objs:
+            o.ref_count_up()  # the bench keeps its own, so puts can be repeated
 
         def put():
-            futs = [sm.put(k, o) for k, o in zip(keys, objs)]
+            futs = []
+            for b in batches:
+                futs.extend(sm.batched_submit_put_task(keys[b], objs[b]))
             for f in futs:
                 f.result()
 
+        before = dict(sm.disk.stats)
         out["put"] = _timed(put, c.dev)
         got = []
 
         def get():
-            futs = [sm.disk.submit_prefetch_task(k) for k in keys]
-            got.extend(f.result() for f in futs)
+            futs = [sm.disk.batched_submit_prefetch_task(keys[b]) for b in batches]
+            for f in futs:
+                got.extend(f.result())
 
         drop_page_cache(sm.disk.pool_paths)
         out["get"] = _timed(get, c.dev)
+        st = sm.disk.stats
+        out["calls"] = {k: (st[k] - before.get(k, 0)) / (2 * c.n) for k in ("write_calls", "read_calls",
+                                                                             "checksum_calls", "spans")}
         out["ok"] = all(g is not None and c.same(i, g.tensor) for i, g in enumerate(got))
         for g in got:
             if g is not None:
@@ -140,7 +150,10 @@ def path_library(c: Case, engine: str, hot: bool, memory: str) -> dict:
             out["hot"] = _timed(get, c.dev)
             out["ok"] &= all(g is not None and c.same(i, g.tensor) for i, g in enumerate(got))
             for g in got:
-                g.ref_count_down()
+                if g is not None:
+                    g.ref_count_down()
+        for o in objs:
+            o.ref_count_down()
     return out
 
 
@@ -274,7 +287,7 @@ def h2d_ceiling(dev, nbytes: int) -> dict:
 
 
 def run(directory: str | None, sizes, total: int, paths=ALL_PATHS, threads: int = 16, task: int = 4 * MiB,
-        hot: bool = True, memory: str = "auto", files: int = 8, preallocate: bool = True) -> dict:
+        hot: bool = True, memory: str = "auto", files: int = 8, preallocate: bool = True, batch: int = 64) -> dict:
     dev = torch.device("cuda" if (memory in ("auto", "cuda") and torch.cuda.is_available()) else "cpu")
     memory = "cuda" if dev.type == "cuda" else "host"
     root = tempfile.mkdtemp(prefix="gds_kvcache-bench-", dir=directory)
@@ -282,17 +295,19 @@ def run(directory: str | None, sizes, total: int, paths=ALL_PATHS, threads: int 
     src = torch.randint(0, 256, (total,), dtype=torch.uint8, device=dev, generator=gen)
     rows = []
     meta = {**header(), "directory": root, "fs_type": _fs_type(root), "total_bytes": total, "threads": threads,
-            "task_size": task, "memory": memory, "pool_files": files, "preallocate": preallocate,
+            "task_size": task, "memory": memory, "pool_files": files, "preallocate": preallocate, "batch": batch,
             **h2d_ceiling(dev, min(total, GB))}
     steps = [(s, p) for s in sizes for p in paths]
     try:
         with Progress(len(steps), "bench") as bar:
             for size in sizes:
-                c = Case(root, src[: total // size * size], size, threads, task, files, preallocate)
+                c = Case(root, src[: total // size * size], size, threads, task, files, preallocate, batch)
                 for p in paths:
                     if p.startswith("library-"):
                         if p == "library-kvikio" and kvikio_error() is not None:
                             r = {"skipped": kvikio_error()}
+                        elif p == "library-mapped" and ram_backed_fs(root) is None:
+                            r = {"skipped": f"{_fs_type(root)} is not RAM-backed"}
                         else:
                             r = path_library(c, p.split("-", 1)[1], hot, memory)
                     elif p == "raw":
@@ -310,6 +325,10 @@ def run(directory: str | None, sizes, total: int, paths=ALL_PATHS, threads: int 
                     else:
                         row.update({"put GB/s": nbytes / r["put"] / 1e9, "get GB/s": nbytes / r["get"] / 1e9,
                                     "verified": r["ok"], "note": r.get("io", "")})
+                        if "calls" in r:
+                            calls = r["calls"]
+                            row["calls/chunk"] = (f"{calls['write_calls'] + calls['read_calls']:.3f} io, "
+                                                  f"{calls['checksum_calls']:.3f} csum")
                         if "hot" in r:
                             row["get hot GB/s"] = nbytes / r["hot"] / 1e9
                     rows.append(row)
@@ -425,6 +444,8 @@ def main(argv=None) -> int:
     ap.add_argument("--task", type=_size_arg(64 * KiB, GB), default="4M", help="bytes per I/O task (default 4M)")
     ap.add_argument("--memory", default="auto", choices=["auto", "cuda", "host"])
     ap.add_argument("--no-hot", action="store_true")
+    ap.add_argument("--batch", type=int_range(1, 1 << 16), default=64,
+                    help="chunks per library batch call (default 64)")
     ap.add_argument("--pool-files", type=int_range(1, 64), default=8,
                     help="files the library pool and the raw path spread over")
     ap.add_argument("--no-preallocate", action="store_true",
@@ -438,10 +459,10 @@ def main(argv=None) -> int:
     if total < max(sizes):
         ap.error(f"--total ({_human(total)}) must be at least the largest of --sizes ({_human(max(sizes))})")
     r = run(a.dir, sizes, total, tuple(a.paths), a.threads, a.task, not a.no_hot, a.memory,
-            a.pool_files, not a.no_preallocate)
+            a.pool_files, not a.no_preallocate, a.batch)
     extra = f", pinned H2D {r['h2d_gbps']:.1f} / D2H {r['d2h_gbps']:.1f} GB/s" if "h2d_gbps" in r else ""
     print_table(r["rows"], ["size", "path", "put GB/s", "get GB/s", "get hot GB/s", "verified", "vs raw",
-                            "vs bounce", "vs torch", "note"],
+                            "vs bounce", "vs torch", "calls/chunk", "note"],
                 f"bench on {r['device']}: {r['fs_type']} at {r['directory']}, {r['total_bytes'] // MiB} MiB per size, "
                 f"{r['threads']} threads, {r['pool_files']} files, preallocated={r['preallocate']}, "
                 f"slab in {r['memory']} memory{extra}\n"

@@ -25,7 +25,7 @@ from ..key import CacheEngineKey
 from ..memory.extents import ExtentAllocator
 from ..units import PAGE
 from .index_log import DiskEntry, IndexLog
-from .pool_file import PoolDirectory
+from .pool_file import PoolDirectory, pieces
 
 __all__ = ["DiskIndex", "Reservation", "DiskEntry"]
 
@@ -111,11 +111,14 @@ class DiskIndex:
         return sorted(self._space.free_extents().items())
 
     def _translate(self, entries: list[DiskEntry], old: tuple[int, int, int]) -> list[DiskEntry]:
-        """Entries that keep their place under this layout (same files and unit: a budget change)."""
-        files, _, unit = old
-        if (files, unit) != (self._pool.stripes, self._pool.unit):
+        """Entries whose bytes lie in the same file places under this layout (a budget change
+        keeps most of them); a version-1 layout (unit 0) maps nothing."""
+        files, size, unit = old
+        if not unit:
             return []
-        return entries
+        return [e for e in entries
+                if [p[:2] + p[3:] for p in pieces(e.offset, e.phys_size, files, size, unit)]
+                == [p[:2] + p[3:] for p in self._pool.pieces(e.offset, e.phys_size)]]
 
     def _resolve_extents(self, entries: list[DiskEntry]) -> list[DiskEntry]:
         """Entries whose extents lie in the pool and overlap no other, in one sweep by offset.

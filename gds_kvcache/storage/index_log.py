@@ -45,6 +45,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from itertools import repeat
+from operator import attrgetter
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -119,6 +120,13 @@ _LOW32 = np.uint64(0xFFFFFFFF)
 _BLOCK = 1 << 15                                 # slots per NumPy pass (1.8 MiB: stays in cache)
 _BUILD_BLOCK = 1 << 16                           # entries built per round (bounds temporaries)
 
+_KEY = attrgetter("key")
+_PREFIX = attrgetter("fmt", "model_name", "world_size", "worker_id")
+_LAYOUT = attrgetter("shape", "dtype", "fmt")
+_HASH = attrgetter("chunk_hash")
+_OFFSET, _PHYS, _NBYTES = attrgetter("offset"), attrgetter("phys_size"), attrgetter("nbytes")
+_CSUM, _SEQ = attrgetter("checksum"), attrgetter("seq")
+
 
 class IndexEntryError(GdsKvCacheError, ValueError):
     """An entry handed to :class:`IndexLog` cannot be recorded (a bug in the caller)."""
@@ -173,10 +181,6 @@ def _slot_checks(words: np.ndarray) -> np.ndarray:
         cols = [w[:, 0] & _LOW32] + [w[:, i] for i in range(1, SLOT // 8)]
         out[s:s + w.shape[0]] = _mix(cols) & _LOW32
     return out
-
-
-def _stored_checks(words: np.ndarray) -> np.ndarray:
-    return (words[:, 0] >> np.uint64(32)).astype(np.uint32)
 
 
 def _seal(buf) -> None:
@@ -683,10 +687,9 @@ class IndexLog:
         torn = (len(buf) - SLOT) % SLOT != 0
         end = whole                   # slots before the torn tail, if any
         bad = 0
-        body = buf[SLOT:SLOT + whole * SLOT]
+        body = memoryview(buf)[SLOT:SLOT + whole * SLOT]     # no copy
         rows = np.frombuffer(body, _SLOT_DTYPE)
-        words = _words(body)
-        ok = _slot_checks(words) == _stored_checks(words)
+        ok = _slot_checks(_words(body)) == rows["check"]
         bad += int(whole - np.count_nonzero(ok))
         tag = rows["tag"]
         span = rows["span"]
@@ -725,11 +728,22 @@ class IndexLog:
             target[ident] = g
             (prefix_ids if is_prefix else layout_ids)[fields] = ident
 
-        is_narrow = (tag == _PUT) | (tag == _DEL)
-        is_wide_tag = (tag == _PUT_WIDE) | (tag == _DEL_WIDE)
-        is_rec = ok & (is_narrow | is_wide_tag)
-        narrow = is_rec & is_narrow & (span == 1)
-        wide_head = is_rec & is_wide_tag & (span == 2)
+        narrow = ok & (tag == _PUT) & (span == 1)
+        n_defs = len(local_prefix) + len(local_layout)
+        if np.count_nonzero(narrow) + n_defs == whole and n_defs == np.count_nonzero(ok & (span == 1) & (
+                (tag == _DEF_PREFIX) | (tag == _DEF_LAYOUT))):
+            # The usual snapshot: one-slot table entries and one-slot puts, all intact.
+            is_rec = narrow
+            wide_head = np.zeros_like(ok)
+        else:
+            is_narrow = (tag == _PUT) | (tag == _DEL)
+            is_wide_tag = (tag == _PUT_WIDE) | (tag == _DEL_WIDE)
+            is_rec = ok & (is_narrow | is_wide_tag)
+            narrow = is_rec & is_narrow & (span == 1)
+            wide_head = is_rec & is_wide_tag & (span == 2)
+            bad += int(np.count_nonzero(is_rec & ~narrow & ~wide_head))     # a wrong span
+            other = ok & ~is_rec & (tag != _DEF_PREFIX) & (tag != _DEF_LAYOUT) & (tag != _CONT)
+            bad += int(np.count_nonzero(other))     # intact, but no record, table entry or continuation
         if wide_head.any():
             cont = np.zeros_like(ok)
             cont[:-1] = ok[1:] & (tag[1:] == _CONT) & (span[1:] == 1)
@@ -743,10 +757,6 @@ class IndexLog:
             bad += int(np.count_nonzero(wide_head & ~cont & nxt_ok))
             wide_head &= cont
         usable = narrow | wide_head
-        # Intact slots that are no record, table entry or continuation; records of a wrong span.
-        other = ok & ~is_rec & (tag != _DEF_PREFIX) & (tag != _DEF_LAYOUT) & (tag != _CONT)
-        bad += int(np.count_nonzero(other))
-        bad += int(np.count_nonzero(is_rec & ~(is_narrow & (span == 1)) & ~(is_wide_tag & (span == 2))))
         # Ids that intact records use count as taken even where their table
         # entry was lost, so appends never give them a second meaning.
         max_prefix = max(max_prefix, int(rows["prefix"][is_rec].max(initial=0)))
@@ -1181,7 +1191,13 @@ class IndexLog:
         if not self._loaded:
             self._check_headers()
         entries = entries if isinstance(entries, list) else list(entries)
-        blocks = self._encode_snapshot(entries)
+        was_enabled = gc.isenabled()
+        gc.disable()   # the per-entry tuples would set off collections that rescan every entry
+        try:
+            blocks, top = self._encode_snapshot(entries)
+        finally:
+            if was_enabled:
+                gc.enable()
         gen = 0
         while gen == 0:
             gen = int.from_bytes(os.urandom(8), "little")
@@ -1199,8 +1215,7 @@ class IndexLog:
             os.unlink(self.legacy_path)
             _fsync_dir(self.directory)
         self._legacy_bytes = 0
-        if entries:
-            self._seq = max(self._seq, max(e.seq for e in entries))
+        self._seq = max(self._seq, top)
         self._loaded = True
 
     def _check_headers(self) -> None:
@@ -1218,48 +1233,60 @@ class IndexLog:
             if legacy is not None:
                 _check_legacy_header(self.legacy_path, legacy)
 
-    def _encode_snapshot(self, entries: list[DiskEntry]) -> list:
-        """The snapshot body (tables, then records in ``seq`` order); validates every entry first."""
-        n = len(entries)
-        prefix_ids: dict[tuple, int] = {}
-        layout_ids: dict[tuple, int] = {}    # as given (shape may be a torch.Size) and normalised
-        layouts: list[tuple] = []
-        pid = np.empty(n, np.uint32)
-        lid = np.empty(n, np.uint32)
-        for i, e in enumerate(entries):
-            k = e.key
-            fields = (k.fmt, k.model_name, k.world_size, k.worker_id)
-            p = prefix_ids.get(fields)
-            if p is None:
-                if not isinstance(k, CacheEngineKey):
-                    raise IndexEntryError(f"an entry's key must be a CacheEngineKey, got {type(k).__name__}")
-                p = prefix_ids[fields] = len(prefix_ids)
-            pid[i] = p
-            given = (e.shape, e.dtype, e.fmt)
-            q = layout_ids.get(given)
-            if q is None:
-                lay = self._check_entry(e)     # the layout once; every extent is checked below
-                q = layout_ids.get(lay)
-                if q is None:
-                    q = len(layouts)
-                    layouts.append(lay)
-                layout_ids[given] = layout_ids[lay] = q
-            lid[i] = q
+    def _encode_snapshot(self, entries: list[DiskEntry]) -> tuple[list, int]:
+        """The snapshot body (tables, then records in ``seq`` order) and the largest seq.
 
-        def column(name: str) -> np.ndarray:
+        Validates every entry before anything is written.
+
+        Notes
+        -----
+        Every per-entry step is a ``map`` of an ``attrgetter`` or a dict
+        lookup, so its loop runs in C; Python code runs once per distinct
+        key prefix or layout.
+        """
+        n = len(entries)
+        keys = list(map(_KEY, entries))
+        if not all(issubclass(t, CacheEngineKey) for t in set(map(type, keys))):
+            raise IndexEntryError("every entry's key must be a CacheEngineKey")
+        prefixes = list(map(_PREFIX, keys))
+        prefix_ids = {f: i for i, f in enumerate(dict.fromkeys(prefixes))}
+        pid = np.fromiter(map(prefix_ids.__getitem__, prefixes), np.uint32, count=n)
+        given = list(map(_LAYOUT, entries))          # shape may be a torch.Size or a list
+        try:
+            sample = dict(zip(given, entries))       # one entry of each distinct layout
+        except TypeError:                            # an unhashable shape (a list): normalise first
+            given = [(tuple(s), d, f) for s, d, f in given]
+            sample = dict(zip(given, entries))
+        layouts: list[tuple] = []
+        layout_ids: dict[tuple, int] = {}
+        given_ids: dict[tuple, int] = {}
+        for g, e in sample.items():
+            lay = self._check_entry(e)               # the layout once; every extent is checked below
+            q = layout_ids.get(lay)
+            if q is None:
+                q = layout_ids[lay] = len(layouts)
+                layouts.append(lay)
+            given_ids[g] = q
+        lid = np.fromiter(map(given_ids.__getitem__, given), np.uint32, count=n)
+
+        def column(get, name: str) -> np.ndarray:
             try:
-                return np.array([getattr(e, name) for e in entries], np.uint64).reshape(n)
+                return np.fromiter(map(get, entries), np.uint64, count=n)
             except (OverflowError, TypeError, ValueError):
                 raise IndexEntryError(f"an entry's {name} is not a 64-bit unsigned int") from None
 
-        offset, phys, nbytes, csum, seq = (column(c) for c in ("offset", "phys_size", "nbytes", "checksum", "seq"))
+        offset = column(_OFFSET, "offset")
+        phys = column(_PHYS, "phys_size")
+        nbytes = column(_NBYTES, "nbytes")
+        csum = column(_CSUM, "checksum")
+        seq = column(_SEQ, "seq")
         lay_nbytes = np.array([min(self._valid_layouts[lay].nbytes, _MAX_U64) for lay in layouts], np.uint64)
         page = np.uint64(PAGE)
         wrong = ((nbytes != lay_nbytes[lid]) | (phys < nbytes) | (phys % page != 0)
                  | (phys > np.uint64(MAX_PHYS_SIZE)) | (offset % page != 0) | (offset > np.uint64(MAX_OFFSET)))
         if wrong.any():
             self._check_entry(entries[int(np.flatnonzero(wrong)[0])])   # raises, naming the entry
-        hashes = [e.key.chunk_hash for e in entries]
+        hashes = list(map(_HASH, keys))
         ndig = np.fromiter(map(len, hashes), np.uint8, count=n)
         is_wide = ndig > _NARROW
         if (ndig == _NARROW).all():
@@ -1307,7 +1334,7 @@ class IndexLog:
                 rows["hash"][cont] = hi[o[w]]
             _seal(rows)
             blocks.append(rows.view(np.uint8))
-        return blocks
+        return blocks, int(seq.max()) if n else 0
 
     # -- closing --------------------------------------------------------------------------------
     def close_fd(self) -> None:

@@ -44,24 +44,39 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
 def pool_layout(cap: int, pool_files: int) -> tuple[int, int, int]:
     """(files, bytes per file, interleave unit) for a disk budget of ``cap`` bytes.
 
-    Every file gets at least one unit; pools smaller than a unit are one file
-    holding the whole pool as its single unit.
+    Files are page multiples, not unit multiples: the last row of units is
+    shorter (``pieces``), so no budget is lost to rounding and the unit never
+    depends on the budget.
     """
     pool = align_down(cap - index_reserve(cap))
-    if pool < UNIT:
-        return 1, pool, pool
-    files = max(1, min(pool_files, pool // UNIT))
-    return files, pool // files // UNIT * UNIT, UNIT
+    files = max(1, min(pool_files, pool // (16 * PAGE)))
+    return files, align_down(pool // files), UNIT
 
 
 def pieces(offset: int, nbytes: int, files: int, file_bytes: int, unit: int):
-    """``(file, offset in file, offset into the range, bytes)`` for logical ``[offset, +nbytes)``."""
+    """``(file, offset in file, offset into the range, bytes)`` for logical ``[offset, +nbytes)``.
+
+    Rows of ``files`` units of ``unit`` bytes, unit ``u`` of a row in file
+    ``u``; the last row, past the files' last whole unit, has ``files``
+    shorter units of ``file_bytes % unit`` bytes. A small pool is therefore
+    just its files one after another.
+    """
+    full = file_bytes // unit
+    row_bytes = files * unit
+    head = full * row_bytes
+    rest = file_bytes - full * unit
     out = []
     pos, end = offset, offset + nbytes
     while pos < end:
-        u, within = divmod(pos, unit)
-        n = min(unit - within, end - pos)
-        out.append((u % files, (u // files) * unit + within, pos - offset, n))
+        if pos < head:
+            r, within = divmod(pos, row_bytes)
+            f, w = divmod(within, unit)
+            n = min(unit - w, end - pos)
+            out.append((f, r * unit + w, pos - offset, n))
+        else:
+            f, w = divmod(pos - head, rest)
+            n = min(rest - w, end - pos)
+            out.append((f, full * unit + w, pos - offset, n))
         pos += n
     return out
 
@@ -163,42 +178,34 @@ class PoolDirectory:
         while os.path.exists(os.path.join(self.path, f"{POOL_NAME}.{len(sizes)}")):
             sizes.append(os.stat(os.path.join(self.path, f"{POOL_NAME}.{len(sizes)}")).st_size)
         if sizes and len(set(sizes)) == 1 and sizes[0] > 0 and sizes[0] % PAGE == 0:
-            unit = UNIT if sizes[0] % UNIT == 0 else sizes[0]
-            return (len(sizes), sizes[0], unit), "pool file sizes"
+            return (len(sizes), sizes[0], UNIT), "pool file sizes"
         return None, "none"
 
     def _check_layout(self, cap_bytes: int) -> Optional[tuple[int, int, int]]:
         """Settle the layout and resize the pool files to it; the old layout if it differed.
 
-        A budget change keeps the file count and unit, so every chunk keeps its
-        place and those inside the new pool survive (``DiskIndex`` drops the
-        rest). A different ``pool_files`` on a directory that has a layout is
-        overridden by the directory's own count (with a warning), since a new
-        interleave would scramble every chunk. Only a version-1 directory
-        (stripes without interleave) loses its chunks, with a warning.
+        Files are resized in place, never wiped; ``DiskIndex`` keeps every
+        chunk whose bytes lie in the same places under the new layout. A
+        different ``pool_files`` on a directory that has files is overridden by
+        the directory's own count (with a warning), since a new interleave
+        would move every chunk.
         """
         want = (self.stripes, self.stripe_bytes, self.unit)
         have, source = self._existing_layout()
         if have is not None and have[2] and have[0] != want[0]:
-            pool = align_down(cap_bytes - index_reserve(cap_bytes))
-            files, unit = have[0], have[2]
-            per = pool // files // unit * unit
-            if per <= 0:
-                raise LayoutChangedError(
-                    f"local_disk {self.path!r} was created with {files} pool files of {unit}-byte units; "
-                    f"max_local_disk_size={cap_bytes / (1 << 30):.4g} GB cannot give each file a unit. Use a larger "
-                    "budget, or another directory")
             log.warning("%s: keeping the directory's %d pool files (pool_files=%d asked): a new interleave "
-                        "would scramble every stored chunk", self.path, files, want[0])
-            want = (files, per, unit)
+                        "would move every stored chunk", self.path, have[0], want[0])
+            pool = align_down(cap_bytes - index_reserve(cap_bytes))
+            want = (have[0], align_down(pool // have[0]), have[2])
+            if want[1] <= 0:
+                raise LayoutChangedError(
+                    f"local_disk {self.path!r} has {have[0]} pool files; max_local_disk_size="
+                    f"{cap_bytes / (1 << 30):.4g} GB cannot give each a page. Use a larger budget or another "
+                    "directory")
             self.stripes, self.stripe_bytes, self.unit = want
         if have is not None and have != want:
-            if have[2] == 0 or have[2] != want[2]:
-                log.warning("disk layout of %s changed from %s to %s (%s): the stored chunks cannot be mapped "
-                            "and are dropped", self.path, have, want, source)
-            else:
-                log.warning("disk layout of %s changed from %d x %d to %d x %d bytes (%s): keeping the chunks "
-                            "that still fit", self.path, have[0], have[1], want[0], want[1], source)
+            log.warning("disk layout of %s changed from %s to %s files x bytes x unit (%s): keeping the chunks "
+                        "whose bytes stay in place", self.path, have, want, source)
             for i in range(want[0], max(have[0], want[0])):
                 try:
                     os.unlink(os.path.join(self.path, f"{POOL_NAME}.{i}"))

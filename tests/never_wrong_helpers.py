@@ -1,7 +1,10 @@
-"""Helpers for test_never_wrong.py: small configs, random chunks, bounded waits, a small tmpfs.
+"""Helpers for test_never_wrong.py (small configs, random chunks, bounded waits, a lookup server that
+fails or blocks, a small tmpfs) and for the bad-input tests of test_reliability.py (one check per
+input class, and Hypothesis strategies that reach both the accepted and the refused side).
 
 Everything here uses the public API only (constructors, put/get/contains/remove/close,
-``MemoryObj.tensor``), so the tests keep working across rewrites of the disk tier.
+``MemoryObj.tensor``) and the files on disk, so the tests keep working across rewrites of the
+disk tier.
 """
 
 import logging
@@ -24,7 +27,8 @@ from .conftest import ON_CI
 __all__ = ["ROOT", "gb", "disk_config", "open_backend", "manager_config", "key", "random_bytes", "put_bytes",
            "wait_put", "read_exact", "bounded", "Hang", "RecordingLookup", "mount_tmpfs", "unmount",
            "dir_footprint", "open_in_subprocess", "warnings_from_library", "OPENED", "LOCKED",
-           "check_config_input", "check_key_string", "check_load_shape", "check_metadata_junk"]
+           "check_config_input", "check_key_string", "check_load_shape", "check_metadata_junk", "config_dicts",
+           "key_strings", "load_requests"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,34 +138,36 @@ def bounded(fn, timeout: float, what: str):
 class RecordingLookup(LookupServerInterface):
     """A lookup server that can fail or block on purpose.
 
-    ``fail_insert``: ``insert`` raises. ``gate``: when set to an Event, ``insert`` and ``remove``
-    of the keys in ``gate_keys`` (every key when None) wait on it (at most ``gate_s`` s),
-    signalling ``entered`` first.
+    ``fail_insert``: ``insert`` raises. ``gate``: an Event that the calls listed in ``gate_ops``
+    (``("insert" | "remove", key)`` pairs) wait on, for at most ``gate_s`` s, after setting
+    ``entered``. The thread that built the server (the test's own) is never held, so a library
+    that notifies from the caller's thread cannot stall the test itself.
     """
 
-    def __init__(self, fail_insert=False, gate=None, gate_s=60.0, gate_keys=None):
+    def __init__(self, fail_insert=False, gate=None, gate_ops=(), gate_s=30.0):
         self.fail_insert = fail_insert
         self.gate = gate
+        self.gate_ops = set(gate_ops)
         self.gate_s = gate_s
-        self.gate_keys = gate_keys
         self.entered = threading.Event()
         self.keys = set()
         self._lock = threading.Lock()
+        self._spare = threading.get_ident()
 
-    def _wait(self, k):
-        if self.gate is not None and (self.gate_keys is None or k in self.gate_keys):
+    def _wait(self, op, k):
+        if self.gate is not None and (op, k) in self.gate_ops and threading.get_ident() != self._spare:
             self.entered.set()
             self.gate.wait(self.gate_s)
 
     def insert(self, k):
-        self._wait(k)
+        self._wait("insert", k)
         if self.fail_insert:
             raise ConnectionError("lookup server unreachable (injected)")
         with self._lock:
             self.keys.add(k)
 
     def remove(self, k):
-        self._wait(k)
+        self._wait("remove", k)
         with self._lock:
             self.keys.discard(k)
 
@@ -328,3 +334,100 @@ def check_metadata_junk(d, junk: list, where: str, gen: torch.Generator) -> tupl
         be.close()
     vals = list(got.values())
     return vals.count("hit"), vals.count("wrong"), vals.count("miss")
+
+
+# -- bad input: strategies that reach both sides of each property ----------------------------------------
+def config_dicts():
+    """Dicts of config fields, from three sources alike: arbitrary values; values inside each
+    field's range (a valid config, whose values must be kept as given); and a valid dict with
+    one field set near or past its limits."""
+    import dataclasses
+
+    from hypothesis import strategies as st
+
+    from gds_kvcache.config import IO_ENGINES, MEMORY_DEVICES
+
+    anything = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=True),
+                         st.text(max_size=12), st.lists(st.integers(), max_size=2))
+    flag = st.one_of(st.booleans(), st.sampled_from(["true", "False", "1", "0", "yes", "no", "on", "OFF"]))
+    valid = {
+        "chunk_size": st.one_of(st.integers(1, 1 << 20), st.integers(1, 4096).map(str)),
+        "local_cpu": flag,
+        "max_local_cpu_size": st.floats(1e-6, 1 << 20),
+        "max_local_disk_size": st.floats(0, 1 << 20),
+        "io_engine": st.sampled_from(IO_ENGINES),
+        "io_threads": st.one_of(st.integers(1, 256), st.integers(1, 256).map(float)),
+        "io_task_size": st.integers(16, 1 << 18).map(lambda n: n * 4096),
+        "direct_io": flag,
+        "memory_device": st.sampled_from(MEMORY_DEVICES),
+        "slab_size": st.one_of(st.none(), st.floats(1e-6, 1 << 20)),
+        "cuda_device": st.integers(0, 16),
+        "verify_checksums": flag,
+        "pool_files": st.integers(1, 64),
+        "preallocate": flag,
+        "extra": st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+    }
+    near = {
+        "chunk_size": st.sampled_from([0, -1, (1 << 20) + 1, 256.5, "x", "1e3"]),
+        "local_cpu": st.sampled_from(["maybe", 1, 0, None, 2.0]),
+        "max_local_cpu_size": st.sampled_from([0, -1e-9, (1 << 20) + 1, float("nan"), float("inf"), "big"]),
+        "local_disk": st.sampled_from(["file:///tmp/kv", "/tmp/kv", "", " ", None, 5]),
+        "max_local_disk_size": st.sampled_from([-1, -1e-9, float("nan"), float("inf"), "1GB"]),
+        "io_engine": st.sampled_from(["gds", "", None, 3, "POSIX"]),
+        "io_threads": st.sampled_from([0, -1, 257, 16.5, "x", None]),
+        "io_task_size": st.sampled_from([4096, 65536 - 4096, 65537, (1 << 30) + 4096, "64k"]),
+        "direct_io": st.sampled_from(["maybe", 2, None]),
+        "memory_device": st.sampled_from(["gpu", "", None, 0]),
+        "slab_size": st.sampled_from([0, -1, float("inf"), (1 << 20) + 1, "x"]),
+        "cuda_device": st.sampled_from([-1, 1.5, "a", None]),
+        "verify_checksums": st.sampled_from(["maybe", None, 3]),
+        "pool_files": st.sampled_from([0, 65, -1, 8.5, "x"]),
+        "preallocate": st.sampled_from(["maybe", None, 3]),
+        "extra": st.sampled_from([[], None, "x", 1]),
+    }
+    names = sorted({f.name for f in dataclasses.fields(CacheEngineConfig)} | {"bogus_field"})
+    arbitrary = st.lists(st.tuples(st.sampled_from(names), anything), max_size=5).map(dict)
+    in_range = st.lists(st.sampled_from(sorted(valid)).flatmap(lambda f: st.tuples(st.just(f), valid[f])),
+                        max_size=6).map(dict)
+    one_off = st.tuples(in_range, st.sampled_from(sorted(near)).flatmap(
+        lambda f: st.tuples(st.just(f), near[f]))).map(lambda t: {**t[0], t[1][0]: t[1][1]})
+    return st.one_of(arbitrary, in_range, one_off)
+
+
+def key_strings():
+    """Arbitrary text, canonical key strings, and canonical key strings with one character changed."""
+    from hypothesis import strategies as st
+
+    from gds_kvcache import KeyFormatError
+
+    @st.composite
+    def canonical(draw):
+        try:
+            return CacheEngineKey(draw(st.text(min_size=1, max_size=8)), draw(st.text(min_size=1, max_size=40)),
+                                  draw(st.integers(0, 64)), draw(st.integers(0, 64)),
+                                  draw(st.integers(0, 2**256 - 1))).to_string()
+        except KeyFormatError:
+            return draw(st.text(max_size=40))
+
+    @st.composite
+    def edited(draw):
+        s = draw(canonical())
+        i = draw(st.integers(0, len(s)))
+        c = draw(st.characters())
+        return draw(st.sampled_from([s[:i] + c + s[i:], s[:i] + s[i + 1:], s[:i] + c + s[i + 1:]]))
+
+    return st.one_of(st.text(max_size=300), canonical(), edited())
+
+
+def load_requests(n_elements: int):
+    """(shape, dtype) pairs to load a stored float16 chunk of ``n_elements`` as: arbitrary ones and ones
+    whose element count matches (exact when the dtype is float16)."""
+    from hypothesis import strategies as st
+
+    dtypes = st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.int8, torch.uint8])
+    divisors = [d for d in range(1, n_elements + 1) if n_elements % d == 0]
+    same_count = st.sampled_from(divisors).flatmap(
+        lambda a: st.sampled_from([x for x in divisors if (n_elements // a) % x == 0]).map(
+            lambda b: [a, b, n_elements // a // b]))
+    return st.one_of(st.tuples(st.lists(st.integers(0, 2000), max_size=4), dtypes),
+                     st.tuples(same_count, st.one_of(st.just(torch.float16), dtypes)))

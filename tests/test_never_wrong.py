@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -21,22 +22,26 @@ import weakref
 import pytest
 import torch
 
-from gds_kvcache import (CacheEngineConfig, CacheEngineMetadata, GdsKvCacheError, KeyFormatError,
-                         StorageManager)
+from gds_kvcache import CacheEngineConfig, CacheEngineMetadata, GdsKvCacheError, StorageManager
 from gds_kvcache.engine import CacheEngine
-from gds_kvcache.errors import ClosedError, DirectoryLockedError
+from gds_kvcache.errors import ClosedError
 from gds_kvcache.units import KiB, MiB
 
 from .conftest import ON_CI
 from .kernel_cases import make_cache, ref_rows, zeros_like_cache
-from .never_wrong_helpers import (LOCKED, OPENED, ROOT, Hang, RecordingLookup, bounded, dir_footprint, disk_config,
-                                  gb, key, manager_config, mount_tmpfs, open_backend, open_in_subprocess, put_bytes,
+from .never_wrong_helpers import (LOCKED, OPENED, ROOT, RecordingLookup, bounded, dir_footprint, gb, key,
+                                  manager_config, mount_tmpfs, open_backend, open_in_subprocess, put_bytes,
                                   random_bytes, read_exact, unmount, wait_put, warnings_from_library)
 
 
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+
+def outcomes(got: dict) -> dict:
+    """``{"hit": n, "miss": m, "wrong": w}`` (zero counts left out) of a ``{key: read_exact(...)}`` map."""
+    return {r: n for r in ("hit", "miss", "wrong") if (n := sum(v == r for v in got.values()))}
 
 
 # -- 1: reads and writes never wait on each other's queue ------------------------------------------
@@ -53,7 +58,7 @@ def test_1_prefetch_under_slab_pressure_never_deadlocks_puts(tmp_path, gen):
         wait_put(put_bytes(sm, None, key(0), old))
     held = key(1)
     gate = threading.Event()
-    lookup = RecordingLookup(gate=gate, gate_keys={held})  # parks the only I/O thread on the first put
+    lookup = RecordingLookup(gate=gate, gate_ops={("insert", held)})  # parks the only I/O thread on the first put
     sm = StorageManager(cfg, lookup_server=lookup)
     a = None
     futures, want = [], {}
@@ -64,15 +69,25 @@ def test_1_prefetch_under_slab_pressure_never_deadlocks_puts(tmp_path, gen):
         a.ref_count_up()  # the caller keeps this chunk: it stays in the slab after its put
         futures.append(sm.put(held, a))
         lookup.entered.wait(10)
-        sm.prefetch(key(0))
-        for i in (2, 3, 4):
-            o = sm.allocate((c,), torch.uint8, eviction=False)
-            if o is None:  # an implementation may hold the prefetch's slab room already
-                continue
-            want[key(i)] = random_bytes(c, gen)
-            o.tensor.copy_(want[key(i)])
-            futures.append(sm.put(key(i), o))
+
+        def queue_behind():
+            sm.prefetch(key(0))
+            for i in (2, 3, 4):
+                o = sm.allocate((c,), torch.uint8, eviction=False)
+                if o is None:  # an implementation may hold the prefetch's slab room already
+                    continue
+                want[key(i)] = random_bytes(c, gen)
+                o.tensor.copy_(want[key(i)])
+                futures.append(sm.put(key(i), o))
+
+        # On another thread: a library that makes callers wait for the parked lookup call would
+        # otherwise hold this thread until the gate times out. That wait is test_3's business.
+        queuer = threading.Thread(target=queue_behind, daemon=True)
+        queuer.start()
+        queuer.join(5)
         gate.set()
+        queuer.join(20)
+        assert not queuer.is_alive(), "prefetch or put hung"
         for f in futures:
             wait_put(f, 20)  # Hang/TimeoutError here is the deadlock
         a.ref_count_down()
@@ -259,14 +274,14 @@ def test_3_failing_lookup_server_changes_nothing_locally(tmp_path, gen, engine_n
             except Exception as e:  # collected: the reads below show what the failure cost
                 put_errors.append(repr(e))
         reads = {k: read_exact(be, k, v) for k, v in want.items()}
-        assert reads == {k: "hit" for k in want}, "a chunk whose lookup insert failed was lost or overwritten"
+        assert outcomes(reads) == {"hit": len(want)}, "a chunk whose lookup insert failed was lost or overwritten"
         assert put_errors == [], "the lookup server's failure failed the local put"
         assert set(be.keys()) == set(want)
     finally:
         bounded(be.close, 30, "close")
     be, alloc = open_backend(tmp_path / "kv", engine_name, disk_mib=4, verify_checksums=verify)
     try:
-        assert {k: read_exact(be, k, v) for k, v in want.items()} == {k: "hit" for k in want}
+        assert outcomes({k: read_exact(be, k, v) for k, v in want.items()}) == {"hit": len(want)}
     finally:
         be.close()
 
@@ -280,8 +295,8 @@ def test_3_lookup_server_is_called_outside_the_backend_lock(tmp_path, gen):
         wait_put(put_bytes(be, alloc, k, v))
     be.close()
     gate = threading.Event()
-    slow = {key(10), key(0)}  # the put of key 10 and the remove of key 0 block in the lookup server
-    lookup = RecordingLookup(gate=gate, gate_keys=slow)
+    # The put of key 10 and the remove of key 0 block in the lookup server.
+    lookup = RecordingLookup(gate=gate, gate_ops={("insert", key(10)), ("remove", key(0))})
     be, alloc = open_backend(d, disk_mib=4, lookup_server=lookup)
     try:
         for what, start in (("insert", lambda: put_bytes(be, alloc, key(10), random_bytes(128 * KiB, gen))),
@@ -370,20 +385,14 @@ def test_8_put_larger_than_the_pool_evicts_nothing_and_names_the_size(tmp_path, 
         assert err is not None, "a put larger than the pool was accepted"
         msg = str(err)
         assert "being read" not in msg, f"misleading reason: {msg}"
-        numbers = {int(n) for n in re_numbers(msg)}
+        numbers = {int(n) for n in re.findall(r"\d+", msg.replace(",", "").replace("_", ""))}
         assert numbers & {big, o.phys_size} or any(w in msg.lower() for w in ("capacity", "larger", "too large",
                                                                                  "exceeds", "budget")), msg
         assert not be.contains(key(100))
         # Nothing was evicted for a put that could never fit.
-        assert {k: read_exact(be, k, v) for k, v in want.items()} == {k: "hit" for k in want}
+        assert outcomes({k: read_exact(be, k, v) for k, v in want.items()}) == {"hit": len(want)}
     finally:
         bounded(be.close, 30, "close")
-
-
-def re_numbers(text: str) -> list:
-    import re
-
-    return re.findall(r"\d+", text.replace(",", "").replace("_", ""))
 
 
 # -- 9: close while reading drops nothing; calls after close raise ClosedError ----------------------
@@ -469,6 +478,7 @@ def test_9_backend_calls_after_close_raise_closed_error(tmp_path, gen):
         _after_close("contains", lambda: be.contains(key(1)), lambda v: isinstance(v, bool)),
         _after_close("remove", lambda: be.remove(key(1)), lambda v: isinstance(v, bool)),
         _after_close("keys", lambda: be.keys(), lambda v: isinstance(v, list)),
+        _after_close("io_report", lambda: be.io_report()),
         _after_close("close again", lambda: be.close(), lambda v: v is None),
     ]
     o.ref_count_down()
@@ -491,6 +501,7 @@ def test_9_manager_calls_after_close_raise_closed_error(tmp_path, gen):
         _after_close("prefetch", lambda: sm.prefetch(key(1)), lambda v: v is None),
         _after_close("contains", lambda: sm.contains(key(1)), lambda v: isinstance(v, bool)),
         _after_close("remove", lambda: sm.remove(key(1)), lambda v: isinstance(v, bool)),
+        _after_close("io_report", lambda: sm.io_report()),
         _after_close("close again", lambda: sm.close(), lambda v: v is None),
     ]
     assert [p for p in problems if p] == []
@@ -540,14 +551,14 @@ def _reads(d, want, disk_mib):
 @pytest.mark.timeout(60)
 def test_11_larger_budget_keeps_every_chunk(tmp_path, gen):
     want = _store(tmp_path / "kv", gen, 4, 16)
-    assert _reads(tmp_path / "kv", want, 8) == {k: "hit" for k in want}
+    assert outcomes(_reads(tmp_path / "kv", want, 8)) == {"hit": len(want)}, "a larger budget lost chunks"
 
 
 @pytest.mark.timeout(60)
 def test_11_smaller_budget_keeps_the_chunks_that_fit(tmp_path, gen, caplog):
     want = _store(tmp_path / "kv", gen, 8, 40)  # 5 MiB of chunks in an 8 MiB budget
     with caplog.at_level(logging.WARNING):
-        got = _reads(tmp_path / "kv", want, 4)  # a ~3.75 MiB pool: some cannot fit
+        got = _reads(tmp_path / "kv", want, 4)  # a pool under 4 MiB: some cannot stay
     assert "wrong" not in got.values()
     kept = sum(r == "hit" for r in got.values())
     assert kept > 0, "a smaller budget dropped every chunk, including those that still fit"
@@ -570,7 +581,7 @@ def test_11_deleting_only_the_layout_file_keeps_every_chunk(tmp_path, gen):
     assert layout, "no layout file found"
     for p in layout:
         p.unlink()
-    assert _reads(tmp_path / "kv", want, 4) == {k: "hit" for k in want}
+    assert outcomes(_reads(tmp_path / "kv", want, 4)) == {"hit": len(want)}, "a lost layout file lost chunks"
 
 
 @pytest.mark.timeout(180)
@@ -582,7 +593,7 @@ def test_11_demo_on_an_existing_cache_keeps_its_chunks(tmp_path, gen):
                         "--chunk-mib", "1", "--io-engine", "posix", "--memory", "host"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=150)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert _reads(d, want, 8) == {k: "hit" for k in want}, "the demo wiped the cache it was pointed at"
+    assert outcomes(_reads(d, want, 8)) == {"hit": len(want)}, "the demo dropped chunks of the cache it was given"
 
 
 # -- 12: a zero-length chunk is refused at put or round-trips --------------------------------------
@@ -645,7 +656,7 @@ def test_13_close_on_an_unwritable_directory_releases_the_lock(tmp_path, gen):
     assert r.returncode == OPENED, f"after a failing close the directory stays locked (exit {r.returncode})"
     be, alloc = open_backend(d, disk_mib=4)
     try:
-        assert {k: read_exact(be, k, v) for k, v in want.items()} == {k: "hit" for k in want}
+        assert outcomes({k: read_exact(be, k, v) for k, v in want.items()}) == {"hit": len(want)}
     finally:
         be.close()
 
@@ -674,7 +685,7 @@ def test_14_truncated_pool_files_are_misses_and_puts_go_on(tmp_path, gen, engine
         fresh = {key(100 + i): random_bytes(96 * KiB, gen) for i in range(4)}
         for k, v in fresh.items():
             wait_put(put_bytes(be, alloc, k, v))
-        assert {k: read_exact(be, k, v) for k, v in fresh.items()} == {k: "hit" for k in fresh}
+        assert outcomes({k: read_exact(be, k, v) for k, v in fresh.items()}) == {"hit": len(fresh)}
     finally:
         bounded(be.close, 30, "close")
 

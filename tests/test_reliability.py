@@ -26,6 +26,8 @@ from gds_kvcache.units import GB, MiB
 
 from .conftest import ON_CI
 from .helpers import run_threads
+from .never_wrong_helpers import (check_config_input, check_key_string, check_load_shape, check_metadata_junk,
+                                  config_dicts, key_strings, load_requests)
 from .reliability_common import chunk_data, key_id, record, rkey, settle_put
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -332,7 +334,7 @@ def test_manager_races_with_hot_tier(tmp_path):
     assert not any(t.is_alive() for t in ts) and errors == [] and wrong[0] == 0
     sm.memcheck()
     sm.close()
-    assert sm.allocator.inner.used == 0, "reference count leak"
+    assert sm.allocator.used == 0, "reference count leak"
     record("races through StorageManager (hot tier + disk)", "6 threads, 10 s, 30 keys, 1 MiB hot tier, "
            "4 MiB disk", 6, checked[0], wrong[0], 0)
 
@@ -357,20 +359,11 @@ def test_second_process_is_refused_and_first_keeps_serving(tmp_path):
 
 
 # -- bad input -------------------------------------------------------------------------
-FIELDS = ["chunk_size", "local_cpu", "max_local_cpu_size", "max_local_disk_size", "io_engine", "io_threads",
-          "io_task_size", "direct_io", "memory_device", "slab_size", "cuda_device", "verify_checksums",
-          "pool_files", "preallocate", "extra", "bogus_field"]
-VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=True),
-                   st.text(max_size=12), st.lists(st.integers(), max_size=2))
-
-
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(FIELDS), VALUES, max_size=5))
+@given(config_dicts())
 def test_any_config_is_valid_or_a_config_error(values):
-    from .never_wrong_helpers import check_config_input
-
-    # Raises AssertionError for any other exception, a ConfigError that names no field, or a
-    # valid config that altered a value or does not round-trip.
+    # Fails on any other exception, on a ConfigError that names no field, and on a valid config
+    # that altered a value or does not round-trip; config_dicts() makes valid configs common.
     assert check_config_input(values) in ("valid", "ConfigError")
 
 
@@ -427,11 +420,13 @@ def test_any_metadata_bytes_never_crash_or_lose_intact_chunks(tmp_path_factory, 
             for j in junk:
                 f.write(j)
     elif where == "prepend_line":
-        # Whole junk records (64-byte slots) right after the snapshot's header.
+        # Whole junk records (slots) right after the snapshot's header.
+        from gds_kvcache.storage.index_log import SLOT
+
         data = snap.read_bytes()
         blob = b"".join(junk)
-        blob += bytes(-len(blob) % 64)
-        snap.write_bytes(data[:64] + blob + data[64:])
+        blob += bytes(-len(blob) % SLOT)
+        snap.write_bytes(data[:SLOT] + blob + data[SLOT:])
     else:
         (d / "kvcache.layout").write_bytes(junk[0])  # unreadable: the layout is read off the pool files
     be, alloc = backend(d)
@@ -445,20 +440,18 @@ def test_bad_input_summary(tmp_path_factory):
     """Every bad-input property again, counted: the RELIABILITY.md row holds what this run asserted."""
     from collections import Counter
 
-    from .never_wrong_helpers import check_config_input, check_key_string, check_load_shape, check_metadata_junk
-
     runs = {"config": 300, "key": 500, "load": 200, "junk": 40}
     seen = {name: Counter() for name in runs}
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
 
     @settings(max_examples=runs["config"], deadline=None, database=None)
-    @given(st.dictionaries(st.sampled_from(FIELDS), VALUES, max_size=5))
+    @given(config_dicts())
     def configs(values):
         seen["config"][check_config_input(values)] += 1
 
     @settings(max_examples=runs["key"], deadline=None, database=None)
-    @given(st.text(max_size=300))
-    def key_strings(s):
+    @given(key_strings())
+    def key_text(s):
         seen["key"][check_key_string(s)] += 1
 
     be, alloc = backend(tmp_path_factory.mktemp("summary_load"))
@@ -469,9 +462,9 @@ def test_bad_input_summary(tmp_path_factory):
     o.ref_count_down()
 
     @settings(max_examples=runs["load"], deadline=None, database=None)
-    @given(shape=st.lists(st.integers(0, 2000), min_size=0, max_size=4),
-           dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.int8, torch.uint8]))
-    def loads(shape, dtype):
+    @given(load_requests(ref.numel()))
+    def loads(request):
+        shape, dtype = request
         seen["load"][check_load_shape(be, rkey(1), ref, shape, dtype)] += 1
 
     @settings(max_examples=runs["junk"], deadline=None, database=None)
@@ -486,7 +479,7 @@ def test_bad_input_summary(tmp_path_factory):
 
     try:
         configs()
-        key_strings()
+        key_text()
         loads()
     finally:
         be.close()
@@ -494,6 +487,10 @@ def test_bad_input_summary(tmp_path_factory):
     trials = {name: sum(v for k, v in seen[name].items() if k not in ("checked", "wrong", "lost")) for name in runs}
     for name, want in runs.items():
         assert trials[name] >= want, f"{name}: only {trials[name]} of {want} examples ran"
+    # Each property reached both of its outcomes, so neither side went unchecked.
+    for name, sides in (("config", ("valid", "ConfigError")), ("key", ("parsed", "KeyFormatError")),
+                        ("load", ("exact", "ShapeMismatchError")), ("junk", ("index", "layout"))):
+        assert all(seen[name][side] > 0 for side in sides), (name, dict(seen[name]))
     junk = seen["junk"]
     assert junk["wrong"] == 0 and junk["lost"] == 0, dict(junk)
     assert junk["checked"] == 4 * trials["junk"], dict(junk)

@@ -15,6 +15,7 @@ happen outside it, in the disk backend.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -24,8 +25,8 @@ from ..errors import ClosedError, StorageFullError
 from ..key import CacheEngineKey
 from ..memory.extents import ExtentAllocator
 from ..units import PAGE
-from .index_log import DiskEntry, IndexLog
-from .pool_file import PoolDirectory, pieces
+from .index_log import LEGACY_NAME, SNAP_NAME, DiskEntry, IndexLog
+from .pool_file import PoolDirectory, preallocate_keep_size
 
 __all__ = ["DiskIndex", "Reservation", "DiskEntry"]
 
@@ -70,6 +71,7 @@ class DiskIndex:
         self._reserve = reserve
         self._log = IndexLog(pool.path)
         self._space = ExtentAllocator(pool.capacity)
+        self._holes = pool.holes()       # allocated for good: no file backs them
         self._entries: OrderedDict[CacheEngineKey, DiskEntry] = OrderedDict()
         self._pending: dict[CacheEngineKey, int] = {}      # key -> extent of a put in flight
         self._cancelled: set[CacheEngineKey] = set()       # removed while their put was in flight
@@ -97,28 +99,33 @@ class DiskIndex:
             entries = self._translate(entries, old)
         kept = self._resolve_extents(entries)
         dropped = bad + len(entries) - len(kept)
-        self._space.rebuild({e.offset: e.phys_size for e in kept})
+        self._space.rebuild({**self._holes, **{e.offset: e.phys_size for e in kept}})
         kept.sort(key=lambda e: e.seq)
         for e in kept:
             self._entries[e.key] = e
             self._events.append(("insert", e.key))
-        self._log.snapshot(kept)
+        fresh = not os.path.exists(os.path.join(self._pool.path, SNAP_NAME))
+        legacy = os.path.exists(os.path.join(self._pool.path, LEGACY_NAME))
+        if dropped or old is not None or fresh or legacy or self._log.records != len(kept):
+            self._snapshot_locked(kept)
+        else:
+            # A clean reopen: the log just continues (a snapshot of millions
+            # of entries would double the restart time for nothing).
+            self._reserve_log_room()
         self.stats["dropped_at_open"] = dropped
         if dropped:
             log.warning("index of %s: %d unusable or out-of-pool record(s) dropped", self._pool.path, dropped)
         log.info("disk tier %s: %d chunk(s) recovered, %d of %d pool bytes used",
                  self._pool.path, len(kept), self._space.used, self._space.capacity)
-        return sorted(self._space.free_extents().items())
+        return sorted(self._space.free_extents().items())  # holes are allocated: never listed
 
     def _translate(self, entries: list[DiskEntry], old: tuple[int, int, int]) -> list[DiskEntry]:
-        """Entries whose bytes lie in the same file places under this layout (a budget change
-        keeps most of them); a version-1 layout (unit 0) maps nothing."""
-        files, size, unit = old
-        if not unit:
+        """Entries that keep their place under this layout: the same file count and unit (a budget
+        change) keeps every chunk still inside the files; a version-1 layout (unit 0) maps nothing."""
+        files, _, unit = old
+        if (files, unit) != (self._pool.stripes, self._pool.unit):
             return []
-        return [e for e in entries
-                if [p[:2] + p[3:] for p in pieces(e.offset, e.phys_size, files, size, unit)]
-                == [p[:2] + p[3:] for p in self._pool.pieces(e.offset, e.phys_size)]]
+        return entries
 
     def _resolve_extents(self, entries: list[DiskEntry]) -> list[DiskEntry]:
         """Entries whose extents lie in the pool and overlap no other, in one sweep by offset.
@@ -128,7 +135,7 @@ class DiskIndex:
         cap = self._space.capacity
         kept: list[DiskEntry] = []
         for e in sorted(entries, key=lambda e: e.offset):
-            if e.offset % PAGE or e.offset + e.phys_size > cap:
+            if e.offset % PAGE or e.offset + e.phys_size > cap or not self._pool.fits(e.offset, e.phys_size):
                 continue
             if kept and kept[-1].offset + kept[-1].phys_size > e.offset:
                 loser = kept[-1] if kept[-1].seq < e.seq else e
@@ -171,11 +178,11 @@ class DiskIndex:
 
     @property
     def used(self) -> int:
-        return self._space.used
+        return self._space.used - sum(self._holes.values())
 
     @property
     def capacity(self) -> int:
-        return self._space.capacity
+        return self._space.capacity - sum(self._holes.values())
 
     @property
     def index_bytes(self) -> int:
@@ -239,8 +246,8 @@ class DiskIndex:
         return max(best, self._space.capacity - pos)
 
     def _never_fits_locked(self, nbytes: int) -> Optional[str]:
-        if nbytes > self._space.capacity:
-            return (f"a {nbytes}-byte chunk can never fit the {self._space.capacity}-byte pool "
+        if nbytes > self.capacity:
+            return (f"a {nbytes}-byte chunk can never fit the {self.capacity}-byte pool "
                     "(max_local_disk_size less the index reserve)")
         return None
 
@@ -319,11 +326,24 @@ class DiskIndex:
             self.stats["index_evictions"] += 1
         self._compact_locked()
 
+    def _snapshot_locked(self, entries) -> None:
+        self._log.snapshot(entries)
+        self._reserve_log_room()
+
+    def _reserve_log_room(self) -> None:
+        # Give the log its blocks now (within the index reserve), so an
+        # append never meets a full file system: the put that needs it has
+        # its bytes written already, and failing it then would waste them.
+        half = (self._reserve - _OTHER_FILES) // 2
+        room = half - self._log.bytes
+        if room > 0 and not preallocate_keep_size(self._log.log_path, room):
+            log.debug("could not preallocate %d bytes for %s", room, self._log.log_path)
+
     def _compact_locked(self) -> None:
         # Rare (after about as many dead records as live ones) and bounded by
         # the reserve; it runs under the lock so no append can slip between
         # the snapshot and the new log.
-        self._log.snapshot(self._entries.values())
+        self._snapshot_locked(self._entries.values())
         self.stats["compactions"] += 1
         for off in self._freed_after_compaction:
             self._space.free_extent(off)
@@ -403,6 +423,9 @@ class DiskIndex:
             self._space.free_extent(offset)
 
     # -- lookup-server events -------------------------------------------------
+    def has_events(self) -> bool:
+        return bool(self._events)
+
     def drain_events(self) -> list[tuple[str, CacheEngineKey]]:
         """Inserts and removals since the last call, in order (for the lookup server)."""
         out = []

@@ -186,17 +186,27 @@ class LocalDiskBackend(StorageBackendInterface):
                 self._cond.notify_all()
 
     def _notify(self) -> None:
-        """Pass index inserts/removals to the lookup server, in order, outside the index lock."""
+        """Pass index inserts/removals to the lookup server, in order, outside the index lock.
+
+        One thread at a time delivers; a caller that finds another delivering
+        returns at once (that thread delivers its events too), so a slow
+        lookup server never holds up a get or a put.
+        """
         if self.lookup_server is None:
             self.index.drain_events()
             return
-        with self._notify_lock:
-            for op, key in self.index.drain_events():
-                try:
-                    (self.lookup_server.insert if op == "insert" else self.lookup_server.remove)(key)
-                except Exception as e:  # advisory: never changes what is stored here
-                    self._stats["lookup_errors"] += 1
-                    log.warning("lookup server %s of %s failed: %s", op, key.to_string(), e)
+        while self.index.has_events():
+            if not self._notify_lock.acquire(blocking=False):
+                return  # the holder re-checks for events after it lets go
+            try:
+                for op, key in self.index.drain_events():
+                    try:
+                        (self.lookup_server.insert if op == "insert" else self.lookup_server.remove)(key)
+                    except Exception as e:  # advisory: never changes what is stored here
+                        self._stats["lookup_errors"] += 1
+                        log.warning("lookup server %s of %s failed: %s", op, key.to_string(), e)
+            finally:
+                self._notify_lock.release()
 
     @property
     def stats(self) -> dict:

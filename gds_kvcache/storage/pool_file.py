@@ -14,7 +14,7 @@ from typing import Optional
 from ..errors import DirectoryLockedError, LayoutChangedError, StorageUnavailableError
 from ..units import MiB, PAGE, align_down
 
-__all__ = ["PoolDirectory", "punch_hole", "index_reserve", "pool_layout"]
+__all__ = ["PoolDirectory", "punch_hole", "preallocate_keep_size", "index_reserve", "pool_layout", "pieces"]
 
 log = logging.getLogger(__name__)
 
@@ -41,42 +41,49 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     return r == 0
 
 
+def preallocate_keep_size(path: str, nbytes: int) -> bool:
+    """Reserve blocks for ``path`` up to ``nbytes`` past its start without changing its size;
+    False where the file system cannot (or is full)."""
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except OSError:
+        return False
+    try:
+        r = _libc.fallocate(ctypes.c_int(fd), ctypes.c_int(_FALLOC_FL_KEEP_SIZE), ctypes.c_long(0),
+                            ctypes.c_long(nbytes))
+        return r == 0
+    finally:
+        os.close(fd)
+
+
 def pool_layout(cap: int, pool_files: int) -> tuple[int, int, int]:
     """(files, bytes per file, interleave unit) for a disk budget of ``cap`` bytes.
 
-    Files are page multiples, not unit multiples: the last row of units is
-    shorter (``pieces``), so no budget is lost to rounding and the unit never
-    depends on the budget.
+    Files are page multiples, not unit multiples: the tail of each file past
+    its last whole unit still holds chunks (``PoolDirectory.holes``), so no
+    budget is lost to rounding, and the unit never depends on the budget.
     """
     pool = align_down(cap - index_reserve(cap))
-    files = max(1, min(pool_files, pool // (16 * PAGE)))
+    # At least one whole unit per file: file tails past the last whole unit
+    # are separate regions, and a pool of tails alone could not hold a chunk
+    # bigger than a tail.
+    files = max(1, min(pool_files, pool // UNIT))
     return files, align_down(pool // files), UNIT
 
 
-def pieces(offset: int, nbytes: int, files: int, file_bytes: int, unit: int):
+def pieces(offset: int, nbytes: int, files: int, unit: int):
     """``(file, offset in file, offset into the range, bytes)`` for logical ``[offset, +nbytes)``.
 
-    Rows of ``files`` units of ``unit`` bytes, unit ``u`` of a row in file
-    ``u``; the last row, past the files' last whole unit, has ``files``
-    shorter units of ``file_bytes % unit`` bytes. A small pool is therefore
-    just its files one after another.
+    Logical unit ``u`` is unit ``u // files`` of file ``u % files``. The map
+    depends on the file count and the unit only, never on the file size, so
+    a budget change moves no chunk.
     """
-    full = file_bytes // unit
-    row_bytes = files * unit
-    head = full * row_bytes
-    rest = file_bytes - full * unit
     out = []
     pos, end = offset, offset + nbytes
     while pos < end:
-        if pos < head:
-            r, within = divmod(pos, row_bytes)
-            f, w = divmod(within, unit)
-            n = min(unit - w, end - pos)
-            out.append((f, r * unit + w, pos - offset, n))
-        else:
-            f, w = divmod(pos - head, rest)
-            n = min(rest - w, end - pos)
-            out.append((f, full * unit + w, pos - offset, n))
+        u, within = divmod(pos, unit)
+        n = min(unit - within, end - pos)
+        out.append((u % files, (u // files) * unit + within, pos - offset, n))
         pos += n
     return out
 
@@ -184,11 +191,11 @@ class PoolDirectory:
     def _check_layout(self, cap_bytes: int) -> Optional[tuple[int, int, int]]:
         """Settle the layout and resize the pool files to it; the old layout if it differed.
 
-        Files are resized in place, never wiped; ``DiskIndex`` keeps every
-        chunk whose bytes lie in the same places under the new layout. A
-        different ``pool_files`` on a directory that has files is overridden by
-        the directory's own count (with a warning), since a new interleave
-        would move every chunk.
+        Files are resized in place, never wiped, and the interleave does not
+        depend on their size: after a budget change ``DiskIndex`` keeps every
+        chunk that still lies inside the files. A different ``pool_files`` on a
+        directory that has files is overridden by the directory's own count
+        (with a warning), since a new interleave would move every chunk.
         """
         want = (self.stripes, self.stripe_bytes, self.unit)
         have, source = self._existing_layout()
@@ -205,7 +212,7 @@ class PoolDirectory:
             self.stripes, self.stripe_bytes, self.unit = want
         if have is not None and have != want:
             log.warning("disk layout of %s changed from %s to %s files x bytes x unit (%s): keeping the chunks "
-                        "whose bytes stay in place", self.path, have, want, source)
+                        "that still lie inside the files", self.path, have, want, source)
             for i in range(want[0], max(have[0], want[0])):
                 try:
                     os.unlink(os.path.join(self.path, f"{POOL_NAME}.{i}"))
@@ -224,12 +231,24 @@ class PoolDirectory:
 
     @property
     def capacity(self) -> int:
-        """Logical pool bytes (all files together)."""
-        return self.stripes * self.stripe_bytes
+        """Logical pool bytes, holes included (see ``holes``)."""
+        return self.stripes * (-(-self.stripe_bytes // self.unit)) * self.unit
+
+    def holes(self) -> dict[int, int]:
+        """Logical ``{offset: bytes}`` that no file backs: the part of each last-row unit past
+        its file's end. The space allocator keeps them allocated, so no chunk lands there."""
+        full, rest = divmod(self.stripe_bytes, self.unit)
+        if not rest:
+            return {}
+        return {(full * self.stripes + f) * self.unit + rest: self.unit - rest for f in range(self.stripes)}
+
+    def fits(self, offset: int, nbytes: int) -> bool:
+        """Whether logical ``[offset, +nbytes)`` lies inside the files."""
+        return all(local + n <= self.stripe_bytes for _, local, _, n in self.pieces(offset, nbytes))
 
     def pieces(self, offset: int, nbytes: int):
         """Where logical ``[offset, +nbytes)`` lies: ``[(file, offset in file, offset into range, bytes)]``."""
-        return pieces(offset, nbytes, self.stripes, self.stripe_bytes, self.unit)
+        return pieces(offset, nbytes, self.stripes, self.unit)
 
     def _warn_free_space(self, cap_bytes: int) -> None:
         try:

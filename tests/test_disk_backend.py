@@ -175,7 +175,7 @@ def test_damage_behind_our_back_is_a_miss_with_warning(tmp_path, caplog, damage)
     e1 = be.entry(key(1))
     pool, local = be.locate(e1.offset)
     be.close()
-    index = tmp_path / "disk" / "kvcache.index.snap"
+    index_files = [tmp_path / "disk" / "kvcache.index.snap", tmp_path / "disk" / "kvcache.index.log"]
     if damage == "flip":
         with open(pool, "r+b") as f:
             f.seek(local + 1000)
@@ -189,10 +189,12 @@ def test_damage_behind_our_back_is_a_miss_with_warning(tmp_path, caplog, damage)
             f.seek(local)
             f.write(bytes(e1.phys_size))
     else:
-        # Put records are fixed 64-byte slots tagged b"P", in put order: key(1)'s is the second.
+        # Put records are fixed-size slots tagged b"P", in put order (snapshot, then log):
+        # key(1)'s is the second.
+        puts = [(f, i) for f in index_files if f.exists()
+                for i in range(SLOT, f.stat().st_size, SLOT) if f.read_bytes()[i] == ord("P")]
+        index, at = puts[1]
         data = bytearray(index.read_bytes())
-        puts = [i for i in range(SLOT, len(data), SLOT) if data[i] == ord("P")]
-        at = puts[1]
         if damage == "delete_index_line":
             del data[at:at + SLOT]
         else:

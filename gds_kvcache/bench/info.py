@@ -17,6 +17,7 @@ import json
 import os
 import tempfile
 
+from ..cli import ArgumentParser, existing_dir, writable_file
 from ..config import CacheEngineConfig
 from ..io.driver import (GDS_FILE_SYSTEMS, cuda_driver_error, cufile_driver_state, fs_type, kvikio_error,
                          nvidia_fs_loaded)
@@ -197,14 +198,25 @@ def _kernel_launch() -> str:
     return "prepared (raw arguments to cuda.core)" if fast else "numba-launch (Numba's per-call launch)"
 
 
+def _positive_gb(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GB") from None
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the budget must be a positive number of GB")
+    return v
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="gds-kvcache info", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dir", default=None, help="the cache directory to check (default: the temp directory)")
+    ap = ArgumentParser(prog="gds-kvcache info", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", type=existing_dir, default=None,
+                    help="the cache directory to check (default: the temp directory)")
     ap.add_argument("--config", default=None, help="a YAML config file (default: the defaults + GDS_KVCACHE_* env)")
-    ap.add_argument("--disk-gb", type=float, default=None,
+    ap.add_argument("--disk-gb", type=_positive_gb, default=None,
                     help="disk budget to check against the free space (default: the config's max_local_disk_size)")
-    ap.add_argument("--json", default=None, help="also write the report here")
+    ap.add_argument("--json", type=writable_file, default=None, help="also write the report here")
     a = ap.parse_args(argv)
     cfg = CacheEngineConfig.from_file(a.config) if a.config else CacheEngineConfig.from_env()
     r = collect(a.dir, cfg, a.disk_gb)

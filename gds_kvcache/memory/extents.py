@@ -180,7 +180,8 @@ class ExtentAllocator:
 
         Raises ``ValueError`` for a misaligned, out-of-range or overlapping extent.
         """
-        spans = sorted((s, align_up(n, self.align)) for s, n in allocated.items())
+        mask = self.align - 1
+        spans = sorted(allocated.items())
         self._free_start.clear()
         self._free_end.clear()
         for b in self._bins:
@@ -189,14 +190,18 @@ class ExtentAllocator:
         self._allocated = {}
         self._used = 0
         pos = 0
+        used = 0
+        alloc = self._allocated
         for s, n in spans:
-            if s % self.align or s < pos or s + n > self.capacity or n <= 0:
+            n = (n + mask) & ~mask
+            if s & mask or s < pos or s + n > self.capacity or n <= 0:
                 raise ValueError(f"extent [{s}, {s + n}) is misaligned, out of range or overlaps another")
             if s > pos:
                 self._insert(pos, s - pos)
-            self._allocated[s] = n
-            self._used += n
+            alloc[s] = n
+            used += n
             pos = s + n
+        self._used = used
         if pos < self.capacity:
             self._insert(pos, self.capacity - pos)
 

@@ -56,6 +56,8 @@ class DiskIndex:
         The locked directory and its file layout.
     reserve
         Bytes of the disk budget the index files may take (the pool has the rest).
+    events
+        Keep the ordered inserts/removals for ``drain_events`` (a lookup server).
 
     Notes
     -----
@@ -66,7 +68,7 @@ class DiskIndex:
     only when its last reader is done.
     """
 
-    def __init__(self, pool: PoolDirectory, reserve: int):
+    def __init__(self, pool: PoolDirectory, reserve: int, events: bool = True):
         self._pool = pool
         self._reserve = reserve
         self._log = IndexLog(pool.path)
@@ -77,6 +79,7 @@ class DiskIndex:
         self._cancelled: set[CacheEngineKey] = set()       # removed while their put was in flight
         self._lock = threading.Lock()
         self._events: deque = deque()                      # ("insert" | "remove", key) for the lookup server
+        self._track = events
         self._freed_after_compaction: list[int] = []
         self._closed = False
         self.stats = {"evictions": 0, "index_evictions": 0, "compactions": 0, "dropped_at_open": 0}
@@ -101,9 +104,9 @@ class DiskIndex:
         dropped = bad + len(entries) - len(kept)
         self._space.rebuild({**self._holes, **{e.offset: e.phys_size for e in kept}})
         kept.sort(key=lambda e: e.seq)
-        for e in kept:
-            self._entries[e.key] = e
-            self._events.append(("insert", e.key))
+        self._entries.update((e.key, e) for e in kept)
+        if self._track:
+            self._events.extend(("insert", e.key) for e in kept)
         fresh = not os.path.exists(os.path.join(self._pool.path, SNAP_NAME))
         legacy = os.path.exists(os.path.join(self._pool.path, LEGACY_NAME))
         if dropped or old is not None or fresh or legacy or self._log.records != len(kept):
@@ -290,7 +293,8 @@ class DiskIndex:
                 for e in visible:
                     del self._pending[e.key]
                     self._entries[e.key] = e
-                    self._events.append(("insert", e.key))
+                    if self._track:
+                        self._events.append(("insert", e.key))
             return [e.key for e in visible]
 
     def abort(self, keys: Iterable[CacheEngineKey]) -> None:
@@ -320,7 +324,8 @@ class DiskIndex:
             # No delete record: the snapshot below leaves it out, and the
             # extent is reused only after that snapshot is down.
             e = self._entries.pop(victim)
-            self._events.append(("remove", victim))
+            if self._track:
+                self._events.append(("remove", victim))
             self._freed_after_compaction.append(e.offset)
             live -= 1
             self.stats["index_evictions"] += 1
@@ -384,7 +389,8 @@ class DiskIndex:
         if e is None:
             return None
         self._log.append(dels=[key])
-        self._events.append(("remove", key))
+        if self._track:
+            self._events.append(("remove", key))
         if e.readers > 0:
             e.doomed = True
         elif free:
@@ -448,12 +454,13 @@ class DiskIndex:
         return True
 
     def close(self) -> None:
-        """Snapshot the live entries and close the log (idempotent)."""
+        """Close the log (idempotent), compacting it first if it holds dead records."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             try:
-                self._log.snapshot(self._entries.values())
+                if self._log.records != len(self._entries):
+                    self._log.snapshot(self._entries.values())
             finally:
                 self._log.close()

@@ -102,7 +102,7 @@ class LocalDiskBackend(StorageBackendInterface):
         self.index: Optional[DiskIndex] = None
         self._engine = None
         try:
-            self.index = DiskIndex(self._dir, index_reserve(config.disk_bytes))
+            self.index = DiskIndex(self._dir, index_reserve(config.disk_bytes), events=lookup_server is not None)
             free = self.index.recover()
             memory = getattr(memory_allocator, "kind", str(memory_allocator.device))
             self._engine = open_engine(self._dir.pool_paths, config, memory, self._dir.stripe_bytes)

@@ -244,6 +244,8 @@ class PoolDirectory:
 
     def fits(self, offset: int, nbytes: int) -> bool:
         """Whether logical ``[offset, +nbytes)`` lies inside the files."""
+        if offset + nbytes <= self.stripe_bytes // self.unit * self.unit * self.stripes:
+            return True  # within the rows of whole units
         return all(local + n <= self.stripe_bytes for _, local, _, n in self.pieces(offset, nbytes))
 
     def pieces(self, offset: int, nbytes: int):

@@ -1,0 +1,6 @@
+"""Plug-ins that let serving engines use this library without glue code of their own.
+
+``gds_kvcache.integrations.vllm``: a vLLM ``OffloadingSpec`` (extra ``[vllm]``).
+"""
+
+__all__: list[str] = []

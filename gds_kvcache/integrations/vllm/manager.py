@@ -1,0 +1,381 @@
+"""``DiskOffloadingManager``: vLLM's scheduler-side view of the disk tier, over ``DiskIndex`` alone.
+
+The scheduler process owns every index decision: which chunk is stored,
+where it lives in the pool, what may be evicted. Workers get those
+decisions in the specs (pool extents, checksums) and only move bytes. So
+the index has one writer, and a lookup answers from the same index that
+pins a chunk for its load: a chunk promised by ``lookup`` and pinned by
+``prepare_load`` cannot be evicted or overwritten before ``complete_load``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import uuid
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from typing import Optional
+
+from vllm.v1.kv_offload.base import (LoadStoreSpec, LookupResult, Medium, OffloadingEvent, OffloadingManager,
+                                     OffloadKey, PrepareStoreOutput, ReqContext, RequestOffloadingContext)
+
+from ...key import CacheEngineKey
+from ...storage.disk_index import DiskEntry, DiskIndex
+from ...storage.pool_file import PoolDirectory, index_reserve
+from ...units import PAGE, align_up
+from .channel import take_result
+
+__all__ = ["DiskOffloadingManager", "DiskLoadSpec", "DiskStoreSpec", "KeyMaker", "STATS_NAME"]
+
+log = logging.getLogger(__name__)
+
+#: The manager's counters, rewritten as they change (for tests, dashboards and the CLI).
+STATS_NAME = "vllm-stats.json"
+
+
+class KeyMaker:
+    """vLLM offload keys -> chunk keys of one shard.
+
+    The hash covers the offload key (block hash and KV group) and the
+    geometry that gives the chunk its bytes (model, KV dtype, bytes per
+    block, blocks per chunk, world size), so another model or parallel
+    layout misses instead of loading bytes of another shape.
+    """
+
+    def __init__(self, model: str, geometry: str, world_size: int):
+        self.model = (os.path.basename(model.rstrip("/")) or "model")[:64]
+        self.world_size = world_size
+        self._seed = hashlib.blake2b(f"{model}|{geometry}|{world_size}".encode(), digest_size=16).digest()
+
+    def __call__(self, okey: bytes, shard: int) -> CacheEngineKey:
+        h = hashlib.blake2b(bytes(okey), digest_size=32, key=self._seed).hexdigest()
+        return CacheEngineKey("vllm", self.model, self.world_size, shard, h)
+
+
+@dataclass
+class _Extent:
+    key: str              # CacheEngineKey string
+    offset: int
+    phys_size: int
+
+
+class DiskStoreSpec(LoadStoreSpec):
+    """Where a store job writes: per shard, one pool extent per chunk (in ``keys_to_store`` order).
+
+    ``token`` names the job's result file (see ``channel``).
+    """
+
+    def __init__(self, token: str, extents: list[list[tuple[str, int, int]]]):
+        self.token = token
+        self.extents = extents
+
+    def __repr__(self) -> str:
+        return f"DiskStoreSpec({self.token}, {len(self.extents[0]) if self.extents else 0} chunk(s))"
+
+
+class DiskLoadSpec(LoadStoreSpec):
+    """What a load job reads: per shard, per chunk ``(key, offset, nbytes, phys_size, shape, checksum)``,
+    or None for a chunk the index no longer has (the worker fails its blocks)."""
+
+    def __init__(self, token: str, chunks: list[list[Optional[tuple]]]):
+        self.token = token
+        self.chunks = chunks
+
+    def __repr__(self) -> str:
+        return f"DiskLoadSpec({self.token}, {len(self.chunks[0]) if self.chunks else 0} chunk(s))"
+
+
+class DiskOffloadingManager(OffloadingManager):
+    """Scheduler side of the plug-in: lookups, pins, reservations and commits on the disk index.
+
+    Parameters
+    ----------
+    root
+        The plug-in's directory: shard ``s`` is the library directory
+        ``root/rank<s>``, transfer results go to ``root/jobs``.
+    shards
+        Directories to keep (world size, or 1 where ranks hold identical bytes).
+    disk_bytes
+        Budget of each shard directory (pool and index).
+    pool_files
+        Files each pool is striped over.
+    chunk_bytes
+        Bytes of one full chunk of one shard (``blocks_per_chunk`` blocks).
+    key_maker
+        Offload keys -> chunk keys.
+    enable_events
+        Report stores and removals to vLLM (``take_events``).
+
+    Notes
+    -----
+    Only this process opens the index (it holds each shard directory's
+    lock); workers open the pool files without it. Results of stores (the
+    chunk checksums) come back through ``channel``: a store whose result is
+    missing or failed is aborted, never recorded, so the index never names a
+    chunk whose bytes are not known good. Chunks a load found corrupt are
+    dropped at ``complete_load``.
+    """
+
+    def __init__(self, root: str, shards: int, disk_bytes: int, pool_files: int, chunk_bytes: int,
+                 key_maker: KeyMaker, enable_events: bool = False):
+        self.root = os.path.abspath(root)
+        self.medium = Medium.STORAGE
+        self._keys = key_maker
+        self._chunk_phys = align_up(chunk_bytes, PAGE)
+        os.makedirs(os.path.join(self.root, "jobs"), exist_ok=True)
+        self._dirs: list[PoolDirectory] = []
+        self._indexes: list[DiskIndex] = []
+        try:
+            for s in range(shards):
+                d = PoolDirectory(os.path.join(self.root, f"rank{s}"), disk_bytes, pool_files)
+                self._dirs.append(d)
+                idx = DiskIndex(d, index_reserve(disk_bytes))
+                self._indexes.append(idx)
+                idx.recover()
+                idx.drain_events()  # recovered chunks are not news to this vLLM instance
+        except BaseException:
+            self.shutdown()
+            raise
+        self._okey: dict[CacheEngineKey, OffloadKey] = {}      # shard-0 chunk key -> offload key
+        self._pending_store: dict[OffloadKey, str] = {}        # offload key -> store token
+        self._stores: dict[str, tuple] = {}                    # token -> (keys, extents per shard)
+        self._loads: dict[OffloadKey, list[tuple[str, list[Optional[DiskEntry]]]]] = {}  # pins per load
+        self._load_tokens: dict[str, list[OffloadKey]] = {}
+        self._tokens = itertools.count()
+        self._prefix = uuid.uuid4().hex[:12]
+        self.events: Optional[list[OffloadingEvent]] = [] if enable_events else None
+        self.stats = {"lookups": 0, "hits": 0, "pending_hits": 0, "loads": 0, "chunks_loaded": 0,
+                      "load_failures": 0, "stores": 0, "chunks_stored": 0, "store_failures": 0,
+                      "store_refused": 0, "evictions": 0}
+        self._stats_dirty = True
+        self._write_stats()
+
+    # -- helpers ---------------------------------------------------------------
+    def _ck(self, okey: OffloadKey, shard: int = 0) -> CacheEngineKey:
+        return self._keys(okey, shard)
+
+    def _token(self, kind: str) -> str:
+        return f"{self._prefix}-{kind}{next(self._tokens)}"
+
+    def _write_stats(self) -> None:
+        if not self._stats_dirty:
+            return
+        self._stats_dirty = False
+        out = dict(self.stats, chunks=len(self._indexes[0]) if self._indexes else 0)
+        path = os.path.join(self.root, STATS_NAME)
+        try:
+            with open(path + ".tmp", "w") as f:
+                json.dump(out, f)
+            os.replace(path + ".tmp", path)
+        except OSError as e:  # counters are advisory
+            log.debug("cannot write %s: %s", path, e)
+
+    def _bump(self, name: str, n: int = 1) -> None:
+        self.stats[name] += n
+        self._stats_dirty = True
+
+    def _drain(self) -> None:
+        """Index inserts/removals -> vLLM events (shard 0 speaks for all; chunks recovered from
+        disk have no known offload key and are left out)."""
+        removed, stored = [], []
+        for op, ck in self._indexes[0].drain_events():
+            ok = self._okey.get(ck)
+            if op == "remove":
+                self._bump("evictions")
+                if ok is not None:
+                    removed.append(ok)
+                    self._okey.pop(ck, None)
+            elif ok is not None:
+                stored.append(ok)
+        for idx in self._indexes[1:]:
+            idx.drain_events()
+        if self.events is not None:
+            if stored:
+                self.events.append(OffloadingEvent(stored, self.medium, False))
+            if removed:
+                self.events.append(OffloadingEvent(removed, self.medium, True))
+        return removed
+
+    # -- OffloadingManager ---------------------------------------------------------
+    def on_new_request(self, req_context: ReqContext) -> RequestOffloadingContext:
+        return RequestOffloadingContext()
+
+    def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
+        self._bump("lookups")
+        cks = [self._ck(key, s) for s in range(len(self._indexes))]
+        if all(idx.contains(ck) for idx, ck in zip(self._indexes, cks)):
+            self._okey.setdefault(cks[0], key)
+            self._bump("hits")
+            return LookupResult.HIT
+        if any(idx.in_flight(ck) for idx, ck in zip(self._indexes, cks)):
+            self._bump("pending_hits")
+            return LookupResult.HIT_PENDING
+        return LookupResult.MISS
+
+    def prepare_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> DiskLoadSpec:
+        keys = list(keys)
+        token = self._token("l")
+        chunks: list[list[Optional[tuple]]] = []
+        pinned: list[list[Optional[DiskEntry]]] = []
+        for s, idx in enumerate(self._indexes):
+            entries = idx.begin_read([self._ck(k, s) for k in keys])
+            pinned.append(entries)
+            chunks.append([None if e is None else (e.key.to_string(), e.offset, e.nbytes, e.phys_size,
+                                                   tuple(e.shape), e.checksum) for e in entries])
+        for i, k in enumerate(keys):
+            self._loads.setdefault(k, []).append((token, [pinned[s][i] for s in range(len(self._indexes))]))
+        self._load_tokens[token] = keys
+        self._bump("loads")
+        return DiskLoadSpec(token, chunks)
+
+    def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
+        for s, idx in enumerate(self._indexes):
+            # A read pin taken and dropped at once: marks the chunks most recently used.
+            idx.end_read([e for e in idx.begin_read([self._ck(k, s) for k in keys]) if e is not None])
+
+    def complete_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
+        tokens = set()
+        unpin: dict[int, list[DiskEntry]] = {}
+        for k in keys:
+            stack = self._loads.get(k)
+            if not stack:
+                continue
+            token, entries = stack.pop(0)
+            if not stack:
+                del self._loads[k]
+            tokens.add(token)
+            for s, e in enumerate(entries):
+                if e is not None:
+                    unpin.setdefault(s, []).append(e)
+        bad: dict[int, set[str]] = {}
+        for token in tokens:
+            self._load_tokens.pop(token, None)
+            for s in range(len(self._indexes)):
+                res = take_result(self.root, token, s)
+                if res and res.get("bad"):
+                    bad.setdefault(s, set()).update(res["bad"])
+        n_bad = 0
+        for s, entries in unpin.items():
+            drop = [e for e in entries if e.key.to_string() in bad.get(s, ())]
+            n_bad += len(drop)
+            self._indexes[s].end_read(entries, drop)
+        self._bump("chunks_loaded", len(keys) - n_bad)
+        if n_bad:
+            self._bump("load_failures", n_bad)
+            log.warning("%d chunk(s) failed to load (corrupt or unreadable): dropped, vLLM recomputes them", n_bad)
+        self._drain()
+        self._write_stats()
+
+    def prepare_store(self, keys: Collection[OffloadKey], req_context: ReqContext) -> Optional[PrepareStoreOutput]:
+        keys = list(dict.fromkeys(keys))
+        n = len(self._indexes)
+        res = [idx.reserve([self._ck(k, s) for k in keys], [self._chunk_phys] * len(keys))
+               for s, idx in enumerate(self._indexes)]
+        got = [{ck: (off, size) for ck, off, size in zip(r.keys, r.offsets, r.sizes)} for r in res]
+        todo, extents, refused = [], [[] for _ in range(n)], []
+        for k in keys:
+            cks = [self._ck(k, s) for s in range(n)]
+            if all(ck in g for ck, g in zip(cks, got)):
+                todo.append(k)
+                for s, ck in enumerate(cks):
+                    off, size = got[s][ck]
+                    extents[s].append((ck.to_string(), off, size))
+                continue
+            # Not stored here: give back what the other shards reserved for it.
+            for s, ck in enumerate(cks):
+                if ck in got[s]:
+                    self._indexes[s].abort([ck])
+            if any(ck in r.errors for ck, r in zip(cks, res)):
+                refused.append(k)
+        evicted = self._drain()
+        if refused:
+            self._bump("store_refused", len(refused))
+        if refused and not todo:
+            self._write_stats()
+            return None
+        token = self._token("s")
+        for k in todo:
+            self._okey[self._ck(k, 0)] = k
+            self._pending_store[k] = token
+        if todo:
+            self._stores[token] = (todo, extents)
+        self._write_stats()
+        return PrepareStoreOutput(keys_to_store=todo, store_spec=DiskStoreSpec(token, extents),
+                                  evicted_keys=evicted)
+
+    def complete_store(self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True) -> None:
+        tokens = {self._pending_store[k] for k in keys if k in self._pending_store}
+        for token in tokens:
+            self._finish_store(token, success)
+        self._drain()
+        self._write_stats()
+
+    def _finish_store(self, token: str, success: bool) -> None:
+        todo, extents = self._stores.pop(token, ([], []))
+        for k in todo:
+            self._pending_store.pop(k, None)
+        ok_all = 0
+        for s, idx in enumerate(self._indexes):
+            cks = [self._ck(k, s) for k in todo]
+            res = take_result(self.root, token, s) if success else None
+            done, failed = [], []
+            written = {} if res is None else res.get("chunks", {})
+            for ck, (_, off, phys) in zip(cks, extents[s]):
+                w = written.get(ck.to_string())
+                if w is None or int(w["nbytes"]) > phys:
+                    failed.append(ck)
+                    continue
+                done.append(DiskEntry(ck, off, int(w["nbytes"]), phys, tuple(w["shape"]), w["dtype"],
+                                      w["fmt"], int(w["checksum"])))
+            try:
+                idx.commit(done, failed)
+            except OSError as exc:  # the index append failed: nothing was recorded
+                log.warning("cannot record %d stored chunk(s): %s", len(done), exc)
+                idx.abort([e.key for e in done])
+                done = []
+            if s == 0:
+                ok_all = len(done)
+        self._bump("stores")
+        self._bump("chunks_stored", ok_all)
+        if ok_all < len(todo):
+            self._bump("store_failures", len(todo) - ok_all)
+            log.warning("%d of %d chunk(s) of a store were not written; they stay uncached",
+                        len(todo) - ok_all, len(todo))
+
+    def take_events(self) -> Iterable[OffloadingEvent]:
+        if self.events is None:
+            return ()
+        out, self.events = self.events, []
+        return out
+
+    def on_schedule_end(self, context) -> None:
+        self._write_stats()
+
+    def reset_cache(self) -> None:
+        """Drop every chunk not being read or written (after a weight update the KV is stale)."""
+        for idx in self._indexes:
+            for ck in idx.keys():
+                _, extent = idx.remove(ck)
+                if extent is not None:
+                    idx.free(extent[0])
+        self._drain()
+        self._write_stats()
+
+    def shutdown(self) -> None:
+        """Snapshot each index and release the directories (idempotent)."""
+        try:
+            self._write_stats()
+        except Exception:  # noqa: BLE001 - shutdown must release the locks
+            pass
+        for idx in getattr(self, "_indexes", []):
+            try:
+                idx.close()
+            except Exception as e:  # noqa: BLE001
+                log.warning("closing the disk index: %s", e)
+        for d in getattr(self, "_dirs", []):
+            d.release()
+        self._indexes, self._dirs = [], []

@@ -1,0 +1,333 @@
+"""``RedisIndex``: the cluster-wide chunk index of shared mode, kept in one Redis server.
+
+Every operation that must be atomic against another process is one Lua
+script, so a batch is one round trip and no interleaving can split its
+checks from its effects. The schema, under a namespace ``ns``:
+
+``ns:e:<key>``        hash: writer ``w``, generation ``g``, logical offset ``o``,
+                      ``n`` bytes, ``p`` phys size, shape ``sh``, ``dt``, ``fm``, checksum ``cs``
+``ns:c:<key>``        string, ``SET NX PX``: the writer that claimed the put of ``key``
+``ns:l:<w>:<g>``      sorted set: reader lease tokens scored by expiry (Redis ms)
+``ns:w:<w>``          hash: pool layout of writer ``w`` (``dir``, ``stripes``, ``stripe_bytes``,
+                      ``unit``, ``boot``)
+``ns:k:<w>``          set: keys writer ``w`` has published (for its purge at start)
+``ns:epoch``          token set by the first writer after the server started empty
+``ns:rebuild``        counter: any process bumps it to ask every writer to re-publish
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from ..errors import StorageUnavailableError
+
+__all__ = ["RedisIndex", "Published", "connect"]
+
+log = logging.getLogger(__name__)
+
+_PUBLISH = """
+local ns, w = ARGV[1], ARGV[2]
+local dups = {}
+for i = 3, #ARGV, 9 do
+  local k = ARGV[i]
+  local e = ns .. ':e:' .. k
+  local cur = redis.call('HGET', e, 'w')
+  if cur and cur ~= w then
+    dups[#dups + 1] = k
+  else
+    redis.call('HSET', e, 'w', w, 'g', ARGV[i+1], 'o', ARGV[i+2], 'n', ARGV[i+3], 'p', ARGV[i+4],
+               'sh', ARGV[i+5], 'dt', ARGV[i+6], 'fm', ARGV[i+7], 'cs', ARGV[i+8])
+    redis.call('SADD', ns .. ':k:' .. w, k)
+  end
+  redis.call('DEL', ns .. ':c:' .. k)
+end
+return dups
+"""
+
+# Delete the entries that still are (w, g) and say, per key, how many ms the
+# longest live lease on (w, g) has left: the owner reuses the extent only after.
+_RETRACT = """
+local ns, w = ARGV[1], ARGV[2]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+for i = 3, #ARGV, 2 do
+  local k, g = ARGV[i], ARGV[i+1]
+  local e = ns .. ':e:' .. k
+  local cur = redis.call('HMGET', e, 'w', 'g')
+  if cur[1] == w and (g == '*' or cur[2] == g) then
+    redis.call('DEL', e)
+    redis.call('SREM', ns .. ':k:' .. w, k)
+  end
+  local gen = g
+  if g == '*' then gen = cur[2] or '' end
+  local l = ns .. ':l:' .. w .. ':' .. gen
+  redis.call('ZREMRANGEBYSCORE', l, '-inf', now)
+  local last = redis.call('ZRANGE', l, -1, -1, 'WITHSCORES')
+  if last[2] then out[#out + 1] = tonumber(last[2]) - now else out[#out + 1] = 0 end
+end
+return out
+"""
+
+# Delete an entry of writer w for key k unless it is generation keep (the
+# writer's current one): a late removal event can never retract a newer put.
+_RETRACT_STALE = """
+local ns, w, k, keep = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local e = ns .. ':e:' .. k
+local cur = redis.call('HMGET', e, 'w', 'g')
+if cur[1] == w and cur[2] ~= keep then
+  redis.call('DEL', e)
+  redis.call('SREM', ns .. ':k:' .. w, k)
+  return 1
+end
+return 0
+"""
+
+# Lease every listed entry that exists (one ZADD per entry) and return its fields.
+_ACQUIRE = """
+local ns, token, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+for i = 4, #ARGV do
+  local e = ns .. ':e:' .. ARGV[i]
+  local v = redis.call('HMGET', e, 'w', 'g', 'o', 'n', 'p', 'sh', 'dt', 'fm', 'cs')
+  if v[1] then
+    local l = ns .. ':l:' .. v[1] .. ':' .. v[2]
+    redis.call('ZADD', l, now + ttl, token)
+    redis.call('PEXPIRE', l, ttl + 1000)
+    v[10] = redis.call('HGET', ns .. ':w:' .. v[1], 'boot') or ''
+    out[#out + 1] = v
+  else
+    out[#out + 1] = false
+  end
+end
+return out
+"""
+
+# Hit prefix over chunks; each chunk is ``per`` keys (its tensor-parallel
+# shards) and counts only when all of them exist, all read in one snapshot.
+_PREFIX = """
+local ns, per = ARGV[1], tonumber(ARGV[2])
+local n = 0
+for i = 3, #ARGV, per do
+  for j = 0, per - 1 do
+    if redis.call('EXISTS', ns .. ':e:' .. ARGV[i + j]) == 0 then return n end
+  end
+  n = n + 1
+end
+return n
+"""
+
+_CLAIM = """
+local ns, w, ttl = ARGV[1], ARGV[2], ARGV[3]
+local out = {}
+for i = 4, #ARGV do
+  local k = ARGV[i]
+  if redis.call('EXISTS', ns .. ':e:' .. k) == 1 then
+    out[#out + 1] = 0
+  elseif redis.call('SET', ns .. ':c:' .. k, w, 'NX', 'PX', ttl) then
+    out[#out + 1] = 1
+  elseif redis.call('GET', ns .. ':c:' .. k) == w then
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"""
+
+# Drop every entry writer w published before this start (its log is the truth now).
+_PURGE = """
+local ns, w = ARGV[1], ARGV[2]
+local s = ns .. ':k:' .. w
+local n = 0
+for _, k in ipairs(redis.call('SMEMBERS', s)) do
+  local e = ns .. ':e:' .. k
+  if redis.call('HGET', e, 'w') == w then
+    redis.call('DEL', e)
+    n = n + 1
+  end
+end
+redis.call('DEL', s)
+return n
+"""
+
+
+@dataclass
+class Published:
+    """One entry as Redis holds it (what a reader needs to find and check the bytes)."""
+
+    key: str
+    writer: str
+    generation: str
+    offset: int
+    nbytes: int
+    phys_size: int
+    shape: tuple
+    dtype: str
+    fmt: str
+    checksum: int
+    boot: str = ""
+
+
+def connect(url: str, timeout: float = 2.0):
+    """A ``redis.Redis`` client for ``url`` (``redis://host:port/db`` or ``unix:///path``).
+
+    Raises
+    ------
+    StorageUnavailableError
+        The ``redis`` package is not installed.
+    """
+    try:
+        import redis
+    except ImportError:
+        raise StorageUnavailableError(
+            "lookup_server_url is set but the 'redis' package is not installed; install it "
+            "(pip install redis) or leave lookup_server_url unset for local mode") from None
+    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                decode_responses=True)
+
+
+class RedisIndex:
+    """The shared index: publish, retract, lease, claim and look up chunks in one Redis.
+
+    Parameters
+    ----------
+    url
+        The Redis server (``lookup_server_url``).
+    namespace
+        Prefix of every Redis key, so several caches can share one server.
+    lease_ttl
+        Seconds a reader's lease protects an extent; a reader must finish its
+        read within it or the read counts as a miss.
+    claim_ttl
+        Seconds a put claim (``SET NX``) keeps other writers off a key.
+
+    Notes
+    -----
+    Every method is one round trip whatever the batch size; errors of the
+    ``redis`` package (server down or restarting) propagate as they are, and
+    the shared backend turns them into misses. Run Redis without persistence
+    (``--save '' --appendonly no``): after a restart the writers re-publish
+    from their own index logs, which are the truth.
+    """
+
+    def __init__(self, url: str, namespace: str = "gdskv", lease_ttl: float = 5.0, claim_ttl: float = 30.0):
+        self.url = url
+        self.ns = namespace
+        self.lease_ms = max(1, int(lease_ttl * 1000))
+        self.claim_ms = max(1, int(claim_ttl * 1000))
+        self.client = connect(url)
+        self._scripts = {name: self.client.register_script(src) for name, src in (
+            ("publish", _PUBLISH), ("retract", _RETRACT), ("stale", _RETRACT_STALE), ("acquire", _ACQUIRE),
+            ("prefix", _PREFIX), ("claim", _CLAIM), ("purge", _PURGE))}
+        self._tokens = 0
+
+    def _run(self, name: str, args: Sequence) -> object:
+        return self._scripts[name](args=[self.ns, *args])
+
+    # -- writers ------------------------------------------------------------------
+    def register(self, writer: str, layout: dict) -> None:
+        """Record ``writer``'s pool layout (readers map offsets to its files with it)."""
+        p = self.client.pipeline(transaction=True)
+        p.delete(f"{self.ns}:w:{writer}")
+        p.hset(f"{self.ns}:w:{writer}", mapping={k: str(v) for k, v in layout.items()})
+        p.sadd(f"{self.ns}:writers", writer)
+        p.execute()
+
+    def layout(self, writer: str) -> dict:
+        return self.client.hgetall(f"{self.ns}:w:{writer}")
+
+    def purge(self, writer: str) -> int:
+        """Delete every entry ``writer`` published before; returns how many."""
+        return int(self._run("purge", [writer]))
+
+    def publish(self, writer: str, entries: Sequence[Published]) -> list[str]:
+        """Make ``entries`` visible; returns the keys another writer had published first."""
+        args: list = [writer]
+        for e in entries:
+            args += [e.key, e.generation, e.offset, e.nbytes, e.phys_size, ",".join(map(str, e.shape)),
+                     e.dtype, e.fmt, str(e.checksum)]
+        return list(self._run("publish", args)) if entries else []
+
+    def retract(self, writer: str, items: Sequence[tuple[str, str]]) -> list[int]:
+        """Delete ``(key, generation)`` entries of ``writer`` (idempotent); per item, the ms its
+        longest live lease has left (0: the extent may be reused now)."""
+        args: list = [writer]
+        for k, g in items:
+            args += [k, g]
+        return [int(x) for x in self._run("retract", args)] if items else []
+
+    def retract_stale(self, writer: str, key: str, keep: str) -> bool:
+        """Delete ``writer``'s entry of ``key`` unless its generation is ``keep``."""
+        return bool(self._run("stale", [writer, key, keep]))
+
+    def claim(self, writer: str, keys: Sequence[str]) -> list[bool]:
+        """Per key: True if ``writer`` may write it (claimed, or claimed by it before), False if it
+        is published already or another writer claimed it."""
+        if not keys:
+            return []
+        return [bool(x) for x in self._run("claim", [writer, self.claim_ms, *keys])]
+
+    # -- readers -------------------------------------------------------------------
+    def new_token(self, reader: str) -> str:
+        self._tokens += 1
+        return f"{reader}:{self._tokens}:{uuid.uuid4().hex[:8]}"
+
+    def acquire(self, token: str, keys: Sequence[str]) -> list[Optional[Published]]:
+        """Lease and return the entry of each key (None where absent)."""
+        if not keys:
+            return []
+        out: list[Optional[Published]] = []
+        for k, v in zip(keys, self._run("acquire", [token, self.lease_ms, *keys])):
+            if not v:
+                out.append(None)
+                continue
+            w, g, o, n, p, sh, dt, fm, cs, boot = v
+            out.append(Published(k, w, g, int(o), int(n), int(p), tuple(int(d) for d in sh.split(",") if d),
+                                 dt, fm, int(cs), boot))
+        return out
+
+    def release(self, token: str, entries: Sequence[Published]) -> None:
+        """End ``token``'s leases on ``entries`` (one round trip)."""
+        if not entries:
+            return
+        p = self.client.pipeline(transaction=False)
+        for e in entries:
+            p.zrem(f"{self.ns}:l:{e.writer}:{e.generation}", token)
+        p.execute()
+
+    def prefix(self, chunks: Sequence[Sequence[str]]) -> int:
+        """How many chunks, from the first, have every one of their keys published (one snapshot)."""
+        if not chunks:
+            return 0
+        per = len(chunks[0])
+        assert all(len(c) == per for c in chunks), "every chunk must list the same number of shards"
+        return int(self._run("prefix", [per, *[k for c in chunks for k in c]]))
+
+    def count(self) -> int:
+        """Entries published (a scan: for tests and tools, not the serving path)."""
+        return sum(1 for _ in self.client.scan_iter(f"{self.ns}:e:*", count=1000))
+
+    # -- restart detection -------------------------------------------------------------
+    def epoch(self) -> Optional[str]:
+        return self.client.get(f"{self.ns}:epoch")
+
+    def set_epoch(self) -> str:
+        """The server's epoch token, set now if absent (the server started empty)."""
+        self.client.set(f"{self.ns}:epoch", uuid.uuid4().hex, nx=True)
+        return self.client.get(f"{self.ns}:epoch")
+
+    def rebuild_requests(self) -> int:
+        return int(self.client.get(f"{self.ns}:rebuild") or 0)
+
+    def request_rebuild(self) -> None:
+        """Ask every writer to re-publish its chunks from its index (seen within a tick)."""
+        self.client.incr(f"{self.ns}:rebuild")
+
+    def close(self) -> None:
+        self.client.close()

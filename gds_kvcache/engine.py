@@ -141,27 +141,46 @@ class CacheEngine:
         disk = self.storage.disk
         todo = [(k, s, e) for k, s, e in self._keys(toks) if e <= valid
                 and not self.storage.contains(k) and not (disk is not None and disk.exists_in_put_tasks(k))]
-        result = StoreResult(0)
-        result.futures = []
-        if not todo:
-            return result
-        objs = self.storage.batched_allocate([self._shape(e - s) for _, s, e in todo], self.metadata.kv_dtype,
-                                             fmt=self.fmt)
-        if len(objs) < len(todo):
-            log.warning("no slab room to store %d of %d chunk(s); storing the first %d", len(todo) - len(objs),
-                        len(todo), len(objs))
-            todo = todo[: len(objs)]
-        try:
-            for obj, (_, s, e) in zip(objs, todo):
-                pack(kv_caches, self.layout, slots[s:e], obj.tensor, check=False)
-        except BaseException:
-            for obj in objs:
-                obj.ref_count_down()
-            raise
-        futs = self.storage.batched_submit_put_task([k for k, _, _ in todo], objs)
-        result = StoreResult(sum(e - s for _, s, e in todo))
-        result.futures = [f for f in futs if f is not None]
+        futures: list[Future] = []
+        stored = 0
+        # Batches of up to a quarter of the slab: a prompt larger than the
+        # slab is stored whole, each batch waiting for the room the last frees.
+        for group in self._groups(todo):
+            objs = self.storage.batched_allocate([self._shape(e - s) for _, s, e in group],
+                                                 self.metadata.kv_dtype, fmt=self.fmt)
+            try:
+                for obj, (_, s, e) in zip(objs, group):
+                    pack(kv_caches, self.layout, slots[s:e], obj.tensor, check=False)
+            except BaseException:
+                for obj in objs:
+                    obj.ref_count_down()
+                raise
+            done = group[: len(objs)]
+            futs = self.storage.batched_submit_put_task([k for k, _, _ in done], objs)
+            futures.extend(f for f in futs if f is not None)
+            stored += sum(e - s for _, s, e in done)
+            if len(done) < len(group):
+                log.warning("no slab room to store the rest of this prompt; stored %d of %d tokens", stored,
+                            sum(e - s for _, s, e in todo))
+                break
+        result = StoreResult(stored)
+        result.futures = futures
         return result
+
+    def _groups(self, chunks):
+        """``chunks`` ((key, start, end) triples) cut into batches of at most a quarter of the slab."""
+        itemsize = self.metadata.kv_dtype.itemsize
+        budget = max(1, getattr(self.storage.allocator, "capacity", 1 << 62) // 4)
+        group, size = [], 0
+        for c in chunks:
+            n = math.prod(self._shape(c[2] - c[1])) * itemsize
+            if group and size + n > budget:
+                yield group
+                group, size = [], 0
+            group.append(c)
+            size += n
+        if group:
+            yield group
 
     def _shape(self, tokens: int) -> tuple:
         return (self._kv, self._layers, tokens, self._row)
@@ -196,24 +215,13 @@ class CacheEngine:
         slots, valid = self._check_slots(len(toks), kv_caches, slot_mapping)
         keys = [k for k in self._keys(toks) if k[1] < valid]
         keys = keys[: self.storage.batched_contains([k for k, _, _ in keys])]
-        itemsize = self.metadata.kv_dtype.itemsize
-        budget = max(1, getattr(self.storage.allocator, "capacity", 1 << 62) // 4)
         loaded = 0
-        i = 0
-        while i < len(keys):
-            j, size = i, 0
-            while j < len(keys) and (j == i or size + self._bytes(keys[j], itemsize) <= budget):
-                size += self._bytes(keys[j], itemsize)
-                j += 1
-            got, ok = self._retrieve_batch(keys[i:j], kv_caches, slots, valid)
+        for group in self._groups(keys):
+            got, ok = self._retrieve_batch(group, kv_caches, slots, valid)
             loaded = got or loaded
             if not ok:
                 break
-            i = j
         return loaded
-
-    def _bytes(self, k, itemsize: int) -> int:
-        return math.prod(self._shape(k[2] - k[1])) * itemsize
 
     def _retrieve_batch(self, keys, kv_caches, slots, valid) -> tuple[int, bool]:
         """Unpack one batch; (tokens loaded up to, whether every chunk of it loaded)."""

@@ -150,12 +150,17 @@ class StorageManager:
                 return objs
             for o in objs:
                 o.ref_count_down()
-            if need > getattr(self.allocator, "capacity", need):
-                shapes = shapes[:1]  # the whole batch can never fit: settle for a prefix
-                need = align_up(max(1, math.prod(shapes[0]) * dtype.itemsize), PAGE)
-                dtypes, fmts = dtypes[:1], fmts[:1]
-                if need > getattr(self.allocator, "capacity", need):
+            cap = getattr(self.allocator, "capacity", need)
+            if need > cap:
+                # The whole batch can never fit: aim for the longest prefix that can.
+                sizes = [align_up(max(1, math.prod(s) * dtype.itemsize), PAGE) for s in shapes]
+                k, need = 0, 0
+                while k < len(sizes) and need + sizes[k] <= cap:
+                    need += sizes[k]
+                    k += 1
+                if k == 0:
                     return []
+                shapes, dtypes, fmts = shapes[:k], dtypes[:k], fmts[:k]
                 continue
             if self.hot is not None and self.hot.evict_unused(need) > 0:
                 continue

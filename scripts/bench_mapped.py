@@ -33,7 +33,7 @@ from gds_kvcache.io.mapped_engine import MappedEngine
 from gds_kvcache.io.posix_engine import PosixEngine
 from gds_kvcache.io.select import ram_backed_fs
 from gds_kvcache.memory.buffers import SlabBuffer
-from gds_kvcache.units import KiB, MiB, PAGE
+from gds_kvcache.units import MiB, PAGE
 
 TARGET_GET, TARGET_PUT, TARGET_GET_VS_PINNED, TARGET_SMALL_VS_LARGE = 40.0, 30.0, 0.75, 0.5
 

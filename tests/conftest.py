@@ -1,4 +1,6 @@
+import contextlib
 import os
+import subprocess
 import warnings
 
 import numpy as np
@@ -100,3 +102,22 @@ def engine_name(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path, size: str):
+    """A real tmpfs of ``size`` (mount's syntax, e.g. ``"1m"``) at ``path``, unmounted after.
+
+    Needs root, which CI has: fails there when the mount does, skips elsewhere.
+    """
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if r.returncode != 0:
+        msg = f"cannot mount a small tmpfs: {r.stderr.decode().strip()}"
+        if ON_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -4,7 +4,6 @@ import errno
 import gc
 import os
 import random
-import subprocess
 import weakref
 
 import numpy as np
@@ -17,7 +16,7 @@ from gds_kvcache.memory import SlabMemoryAllocator
 from gds_kvcache.memory.buffers import SlabBuffer
 from gds_kvcache.units import KiB, MiB, PAGE
 
-from .conftest import ON_CI, require_kvikio
+from .conftest import mounted_tmpfs, require_kvikio
 
 ENGINE_CLS = {"posix": PosixEngine, "kvikio": KvikIOEngine}
 KINDS = ["host", pytest.param("pinned", marks=pytest.mark.gpu), pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -180,16 +179,8 @@ def test_truncated_file_fails_only_its_spans(tmp_path, engine_name, rnd):
 
 @pytest.fixture
 def tiny_fs(tmp_path):
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        msg = f"cannot mount a small tmpfs: {r.stderr.decode().strip()}"
-        if ON_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    with mounted_tmpfs(tmp_path / "tiny", "1m") as mnt:
+        yield mnt
 
 
 def test_full_disk_is_enospc_from_either_engine(tiny_fs, engine_name, rnd):

@@ -26,7 +26,7 @@ from gds_kvcache.memory import SlabMemoryAllocator
 from gds_kvcache.memory.buffers import SlabBuffer
 from gds_kvcache.units import KiB, MiB, PAGE
 
-from .conftest import ON_CI
+from .conftest import ON_CI, mounted_tmpfs
 from .helpers import random_tensor, run_threads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,16 +53,8 @@ def disk_dir(tmp_path):
 
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        msg = f"cannot mount a small tmpfs: {r.stderr.decode().strip()}"
-        if ON_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
-    yield str(mnt)
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    with mounted_tmpfs(tmp_path / "tiny", "1m") as mnt:
+        yield str(mnt)
 
 
 def pool(directory, stripes=3, stripe=STRIPE):

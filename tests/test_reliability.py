@@ -20,11 +20,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from gds_kvcache import (CacheEngineConfig, CacheEngineKey, ConfigError, KeyFormatError,
+from gds_kvcache import (CacheEngineConfig, CacheEngineKey, KeyFormatError,
                          LocalDiskBackend, ShapeMismatchError, SlabMemoryAllocator, StorageManager)
 from gds_kvcache.units import GB, MiB
 
-from .conftest import ON_CI
+from .conftest import mounted_tmpfs
 from .helpers import run_threads
 from .never_wrong_helpers import (check_config_input, check_key_string, check_load_shape, check_metadata_junk,
                                   config_dicts, key_strings, load_requests)
@@ -177,16 +177,8 @@ def test_random_corruption_is_never_served(tmp_path, caplog):
 # -- full file system ------------------------------------------------------------------
 @pytest.fixture
 def small_fs(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        msg = f"cannot mount a small tmpfs: {r.stderr.decode().strip()}"
-        if ON_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    with mounted_tmpfs(tmp_path / "small", "6m") as mnt:
+        yield mnt
 
 
 def test_full_file_system_mid_put(small_fs):

@@ -14,7 +14,7 @@ from .extents import ExtentAllocator
 from .format import MemoryFormat
 from .obj import MemoryObj
 
-__all__ = ["MemoryAllocatorInterface", "SlabMemoryAllocator"]
+__all__ = ["MemoryAllocatorInterface", "SlabMemoryAllocator", "allocate_batch"]
 
 
 class MemoryAllocatorInterface(abc.ABC):
@@ -176,3 +176,20 @@ class SlabMemoryAllocator(MemoryAllocatorInterface):
                 obj._tensor = None
             self._live.clear()
         self.buffer.close()
+
+
+def allocate_batch(allocator: MemoryAllocatorInterface, shapes, dtypes, fmts) -> list[MemoryObj]:
+    """A prefix of objects for ``shapes``: adjacent through ``batched_allocate`` where the allocator
+    has it, else one ``allocate`` at a time, stopping at the first that finds no room."""
+    if not shapes:
+        return []
+    batched = getattr(allocator, "batched_allocate", None)
+    if batched is not None:
+        return batched(shapes, dtypes, fmts)
+    out = []
+    for s, d, f in zip(shapes, dtypes, fmts):
+        o = allocator.allocate(s, d, f)
+        if o is None:
+            break
+        out.append(o)
+    return out

@@ -26,7 +26,7 @@ from ..errors import (ClosedError, CorruptChunkError, GdsKvCacheError, KeyFormat
 from ..io import IOPathReport, open_engine
 from ..kernels.checksum import checksum_host, warmup_cuda
 from ..key import CacheEngineKey
-from ..memory.allocator import MemoryAllocatorInterface
+from ..memory.allocator import MemoryAllocatorInterface, allocate_batch
 from ..memory.format import MemoryFormat, dtype_to_str, str_to_dtype
 from ..memory.obj import MemoryObj
 from .abstract_backend import StorageBackendInterface
@@ -417,7 +417,7 @@ class LocalDiskBackend(StorageBackendInterface):
                 dtypes.append(dtype)
                 fmts.append(fmt)
                 idx.append(i)
-            objs = self._allocate(shapes, dtypes, fmts)
+            objs = allocate_batch(self.memory_allocator, shapes, dtypes, fmts)
             if len(objs) < len(idx):
                 log.debug("no slab room to read %d of %d chunk(s)", len(idx) - len(objs), len(idx))
             idx = idx[: len(objs)]
@@ -469,20 +469,6 @@ class LocalDiskBackend(StorageBackendInterface):
                     f"cannot load it as {tuple(want_shape)}")
             shape = want_shape
         return shape, dtype
-
-    def _allocate(self, shapes, dtypes, fmts) -> list[MemoryObj]:
-        if not shapes:
-            return []
-        batched = getattr(self.memory_allocator, "batched_allocate", None)
-        if batched is not None:
-            return batched(shapes, dtypes, fmts)
-        out = []
-        for s, d, f in zip(shapes, dtypes, fmts):
-            o = self.memory_allocator.allocate(s, d, f)
-            if o is None:
-                break
-            out.append(o)
-        return out
 
     def get_blocking(self, key: CacheEngineKey) -> Optional[MemoryObj]:
         """Read ``key``; the object (one reference, the caller's) or None if absent or unreadable."""

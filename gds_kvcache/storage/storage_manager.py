@@ -17,7 +17,7 @@ from ..config import CacheEngineConfig, CacheEngineMetadata
 from ..errors import ClosedError, GdsKvCacheError, ShapeMismatchError
 from ..io import IOPathReport
 from ..key import CacheEngineKey
-from ..memory.allocator import MemoryAllocatorInterface, SlabMemoryAllocator
+from ..memory.allocator import MemoryAllocatorInterface, SlabMemoryAllocator, allocate_batch
 from ..memory.buffers import resolve_memory_device
 from ..memory.format import MemoryFormat
 from ..memory.obj import MemoryObj
@@ -145,7 +145,7 @@ class StorageManager:
         need = sum(align_up(max(1, math.prod(s) * dtype.itemsize), PAGE) for s in shapes)
         deadline = time.monotonic() + self.store_wait_s
         while True:
-            objs = self._allocate(shapes, dtypes, fmts)
+            objs = allocate_batch(self.allocator, shapes, dtypes, fmts)
             if len(objs) == len(shapes) or not eviction:
                 return objs
             for o in objs:
@@ -166,19 +166,7 @@ class StorageManager:
                 continue
             left = deadline - time.monotonic()
             if left <= 0 or self.disk is None or not self.disk.wait_for_put_progress(left):
-                return self._allocate(shapes, dtypes, fmts)
-
-    def _allocate(self, shapes, dtypes, fmts) -> list[MemoryObj]:
-        batched = getattr(self.allocator, "batched_allocate", None)
-        if batched is not None:
-            return batched(shapes, dtypes, fmts)
-        out = []
-        for s, d, f in zip(shapes, dtypes, fmts):
-            o = self.allocator.allocate(s, d, f)
-            if o is None:
-                break
-            out.append(o)
-        return out
+                return allocate_batch(self.allocator, shapes, dtypes, fmts)
 
     def _room_for_reads(self, keys: Sequence[CacheEngineKey]) -> None:
         """Drop unheld hot-tier chunks so the disk reads of ``keys`` find slab room (never waits)."""

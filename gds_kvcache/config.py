@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional
 
@@ -210,6 +211,12 @@ class CacheEngineConfig:
         Reserve the whole pool on disk up front (``posix_fallocate``): no
         ENOSPC mid-put and no block allocation on the write path, at the cost
         of taking ``max_local_disk_size`` at once.
+    lookup_server_url
+        None (local mode, the default) or the Redis server of shared mode,
+        ``redis://host:port[/db]``, ``rediss://...`` or ``unix:///path``
+        (LMCache's name ``lookup_url`` is accepted by ``from_dict``,
+        ``from_file`` and ``from_env``). ``local_disk`` is then the directory
+        every process shares (``gds_kvcache.shared.SharedDiskBackend``).
 
     Notes
     -----
@@ -240,6 +247,7 @@ class CacheEngineConfig:
     verify_checksums: bool = True
     pool_files: int = 8
     preallocate: bool = False
+    lookup_server_url: Optional[str] = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -294,6 +302,13 @@ class CacheEngineConfig:
         if not 1 <= self.pool_files <= 64:
             raise ConfigError("pool_files", self.pool_files, "an integer in 1..64")
         self.preallocate = _parse_bool("preallocate", self.preallocate)
+        if self.lookup_server_url is not None and not (
+                isinstance(self.lookup_server_url, str)
+                and re.fullmatch(r"(redis|rediss)://[^\s/]+(/\d+)?|unix:///\S+", self.lookup_server_url.strip())):
+            raise ConfigError("lookup_server_url", self.lookup_server_url,
+                              "None (local mode) or redis://HOST:PORT[/DB], rediss://HOST:PORT[/DB] or unix:///PATH")
+        if self.lookup_server_url is not None:
+            self.lookup_server_url = self.lookup_server_url.strip()
         if not isinstance(self.extra, dict):
             raise ConfigError("extra", self.extra, "a mapping")
 
@@ -360,6 +375,7 @@ class CacheEngineConfig:
     # -- loading -------------------------------------------------------
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "CacheEngineConfig":
+        values = _lookup_alias(values, "lookup_url", "lookup_server_url")
         known = {f.name for f in fields(cls)}
         # str() as the sort key: YAML keys may be ints or None, which do not
         # sort against strings.
@@ -416,9 +432,16 @@ class CacheEngineConfig:
                 if raw is not None:
                     raw = raw.strip()
                     values[f.name] = None if raw.lower() in ("none", "") and f.name in (
-                        "local_disk", "slab_size") else raw
+                        "local_disk", "slab_size", "lookup_server_url") else raw
                     source[f.name] = prefix + f.name.upper()
                     break
+            if f.name == "lookup_server_url" and f.name not in values:
+                for prefix in _ENV_PREFIXES:   # LMCache's name for it
+                    raw = environ.get(prefix + "LOOKUP_URL")
+                    if raw is not None:
+                        values[f.name] = None if raw.strip().lower() in ("none", "") else raw.strip()
+                        source[f.name] = prefix + "LOOKUP_URL"
+                        break
         try:
             return cls(**values)
         except ConfigError as e:
@@ -482,6 +505,17 @@ class CacheEngineMetadata:
         object.__setattr__(self, "world_size", int(self.world_size))
         object.__setattr__(self, "worker_id", int(self.worker_id))
         object.__setattr__(self, "kv_shape", tuple(int(d) for d in shape))
+
+
+def _lookup_alias(values: Mapping[str, Any], alias: str, name: str) -> Mapping[str, Any]:
+    """``values`` with LMCache's field name ``alias`` renamed to ours (both given: a ConfigError)."""
+    if alias not in values:
+        return values
+    if name in values and values[name] != values[alias]:
+        raise ConfigError(alias, values[alias], f"the same value as {name} ({values[name]!r}), or only one of them")
+    out = {k: v for k, v in values.items() if k != alias}
+    out[name] = values[alias]
+    return out
 
 
 def _is_int(v: Any) -> bool:

@@ -429,6 +429,13 @@ class DiskIndex:
             self._space.free_extent(offset)
 
     # -- lookup-server events -------------------------------------------------
+    def track_events(self, on: bool) -> None:
+        """Start (or stop) keeping inserts/removals for ``drain_events``."""
+        with self._lock:
+            self._track = on
+            if not on:
+                self._events.clear()
+
     def has_events(self) -> bool:
         return bool(self._events)
 

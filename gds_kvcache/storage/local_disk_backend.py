@@ -95,7 +95,7 @@ class LocalDiskBackend(StorageBackendInterface):
         self.config = config
         self.loop = loop
         self.memory_allocator = memory_allocator
-        self.lookup_server = lookup_server
+        self._lookup = lookup_server
         self.verify = config.verify_checksums
         self._buffer = getattr(memory_allocator, "buffer", None)
         self._dir = PoolDirectory(config.local_disk, config.disk_bytes, config.pool_files, config.preallocate)
@@ -185,6 +185,17 @@ class LocalDiskBackend(StorageBackendInterface):
             if self._ops == 0:
                 self._cond.notify_all()
 
+    @property
+    def lookup_server(self) -> Optional[LookupServerInterface]:
+        return self._lookup
+
+    @lookup_server.setter
+    def lookup_server(self, server: Optional[LookupServerInterface]) -> None:
+        """Attach (or detach) a lookup server after construction; it hears of changes from then on."""
+        self._lookup = server
+        if self.index is not None:
+            self.index.track_events(server is not None)
+
     def _notify(self) -> None:
         """Pass index inserts/removals to the lookup server, in order, outside the index lock.
 
@@ -192,7 +203,7 @@ class LocalDiskBackend(StorageBackendInterface):
         returns at once (that thread delivers its events too), so a slow
         lookup server never holds up a get or a put.
         """
-        if self.lookup_server is None:
+        if self._lookup is None:
             self.index.drain_events()
             return
         while self.index.has_events():
@@ -201,7 +212,7 @@ class LocalDiskBackend(StorageBackendInterface):
             try:
                 for op, key in self.index.drain_events():
                     try:
-                        (self.lookup_server.insert if op == "insert" else self.lookup_server.remove)(key)
+                        (self._lookup.insert if op == "insert" else self._lookup.remove)(key)
                     except Exception as e:  # advisory: never changes what is stored here
                         self._stats["lookup_errors"] += 1
                         log.warning("lookup server %s of %s failed: %s", op, key.to_string(), e)

@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..config import CacheEngineConfig, CacheEngineMetadata
-from ..errors import ClosedError, GdsKvCacheError, ShapeMismatchError
+from ..errors import ClosedError, ConfigError, GdsKvCacheError, ShapeMismatchError
 from ..io import IOPathReport
 from ..key import CacheEngineKey
 from ..memory.allocator import MemoryAllocatorInterface, SlabMemoryAllocator, allocate_batch
@@ -38,6 +38,11 @@ def CreateStorageBackends(config: CacheEngineConfig, metadata: Optional[CacheEng
                           lookup_server: Optional[LookupServerInterface] = None
                           ) -> "OrderedDict[str, StorageBackendInterface]":
     """The backends ``config`` asks for, in lookup order: ``Hot`` then ``LocalDiskBackend``."""
+    if getattr(config, "lookup_server_url", None):
+        # Not silently local: shared mode has its own backend, not built here yet.
+        raise ConfigError("lookup_server_url", config.lookup_server_url,
+                          "None for StorageManager/CacheEngine today; shared mode runs through "
+                          "gds_kvcache.shared.SharedDiskBackend directly")
     backends: OrderedDict[str, StorageBackendInterface] = OrderedDict()
     if config.local_cpu:
         # With a disk tier the lookup server tracks the disk (the durable copy);

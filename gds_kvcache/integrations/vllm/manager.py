@@ -17,17 +17,17 @@ import logging
 import os
 import uuid
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass
 from typing import Optional
 
-from vllm.v1.kv_offload.base import (LoadStoreSpec, LookupResult, Medium, OffloadingEvent, OffloadingManager,
+from vllm.v1.kv_offload.base import (LookupResult, Medium, OffloadingEvent, OffloadingManager,
                                      OffloadKey, PrepareStoreOutput, ReqContext, RequestOffloadingContext)
 
 from ...key import CacheEngineKey
 from ...storage.disk_index import DiskEntry, DiskIndex
 from ...storage.pool_file import PoolDirectory, index_reserve
 from ...units import PAGE, align_up
-from .channel import take_result
+from .channel import JOBS_DIR, take_result
+from .specs import DiskLoadSpec, DiskStoreSpec
 
 __all__ = ["DiskOffloadingManager", "DiskLoadSpec", "DiskStoreSpec", "KeyMaker", "STATS_NAME"]
 
@@ -54,39 +54,6 @@ class KeyMaker:
     def __call__(self, okey: bytes, shard: int) -> CacheEngineKey:
         h = hashlib.blake2b(bytes(okey), digest_size=32, key=self._seed).hexdigest()
         return CacheEngineKey("vllm", self.model, self.world_size, shard, h)
-
-
-@dataclass
-class _Extent:
-    key: str              # CacheEngineKey string
-    offset: int
-    phys_size: int
-
-
-class DiskStoreSpec(LoadStoreSpec):
-    """Where a store job writes: per shard, one pool extent per chunk (in ``keys_to_store`` order).
-
-    ``token`` names the job's result file (see ``channel``).
-    """
-
-    def __init__(self, token: str, extents: list[list[tuple[str, int, int]]]):
-        self.token = token
-        self.extents = extents
-
-    def __repr__(self) -> str:
-        return f"DiskStoreSpec({self.token}, {len(self.extents[0]) if self.extents else 0} chunk(s))"
-
-
-class DiskLoadSpec(LoadStoreSpec):
-    """What a load job reads: per shard, per chunk ``(key, offset, nbytes, phys_size, shape, checksum)``,
-    or None for a chunk the index no longer has (the worker fails its blocks)."""
-
-    def __init__(self, token: str, chunks: list[list[Optional[tuple]]]):
-        self.token = token
-        self.chunks = chunks
-
-    def __repr__(self) -> str:
-        return f"DiskLoadSpec({self.token}, {len(self.chunks[0]) if self.chunks else 0} chunk(s))"
 
 
 class DiskOffloadingManager(OffloadingManager):
@@ -126,7 +93,6 @@ class DiskOffloadingManager(OffloadingManager):
         self.medium = Medium.STORAGE
         self._keys = key_maker
         self._chunk_phys = align_up(chunk_bytes, PAGE)
-        os.makedirs(os.path.join(self.root, "jobs"), exist_ok=True)
         self._dirs: list[PoolDirectory] = []
         self._indexes: list[DiskIndex] = []
         try:
@@ -137,6 +103,11 @@ class DiskOffloadingManager(OffloadingManager):
                 self._indexes.append(idx)
                 idx.recover()
                 idx.drain_events()  # recovered chunks are not news to this vLLM instance
+            # Results of jobs an earlier process never completed: nothing will read them.
+            jobs = os.path.join(self.root, JOBS_DIR)
+            os.makedirs(jobs, exist_ok=True)
+            for name in os.listdir(jobs):
+                os.unlink(os.path.join(jobs, name))
         except BaseException:
             self.shutdown()
             raise
@@ -144,7 +115,7 @@ class DiskOffloadingManager(OffloadingManager):
         self._pending_store: dict[OffloadKey, str] = {}        # offload key -> store token
         self._stores: dict[str, tuple] = {}                    # token -> (keys, extents per shard)
         self._loads: dict[OffloadKey, list[tuple[str, list[Optional[DiskEntry]]]]] = {}  # pins per load
-        self._load_tokens: dict[str, list[OffloadKey]] = {}
+        self._load_tokens: dict[str, list[OffloadKey]] = {}  # load jobs whose result is not read yet
         self._tokens = itertools.count()
         self._prefix = uuid.uuid4().hex[:12]
         self.events: Optional[list[OffloadingEvent]] = [] if enable_events else None
@@ -178,7 +149,7 @@ class DiskOffloadingManager(OffloadingManager):
         self.stats[name] += n
         self._stats_dirty = True
 
-    def _drain(self) -> None:
+    def _drain(self) -> list:
         """Index inserts/removals -> vLLM events (shard 0 speaks for all; chunks recovered from
         disk have no known offload key and are left out)."""
         removed, stored = [], []
@@ -238,32 +209,41 @@ class DiskOffloadingManager(OffloadingManager):
             idx.end_read([e for e in idx.begin_read([self._ck(k, s) for k in keys]) if e is not None])
 
     def complete_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
-        tokens = set()
+        keys = set(keys)
+        # Every load job on these keys: two requests may load one key at once, and vLLM names the
+        # keys, not the job, so each job's result is read as soon as it is there.
+        tokens = [t for t, ks in self._load_tokens.items() if not keys.isdisjoint(ks)]
         unpin: dict[int, list[DiskEntry]] = {}
         for k in keys:
             stack = self._loads.get(k)
             if not stack:
                 continue
-            token, entries = stack.pop(0)
+            # Prefer the pin of a job whose keys are all finishing now (both pins name the same entry).
+            i = next((i for i, (t, _) in enumerate(stack) if set(self._load_tokens.get(t, ())) <= keys), 0)
+            _, entries = stack.pop(i)
             if not stack:
                 del self._loads[k]
-            tokens.add(token)
             for s, e in enumerate(entries):
                 if e is not None:
                     unpin.setdefault(s, []).append(e)
         bad: dict[int, set[str]] = {}
         for token in tokens:
-            self._load_tokens.pop(token, None)
-            for s in range(len(self._indexes)):
-                res = take_result(self.root, token, s)
+            # A job's result is there once its worker reported it: read each job's exactly once.
+            got = [take_result(self.root, token, s) for s in range(len(self._indexes))]
+            if all(r is not None for r in got):
+                del self._load_tokens[token]
+            for s, res in enumerate(got):
                 if res and res.get("bad"):
                     bad.setdefault(s, set()).update(res["bad"])
         n_bad = 0
-        for s, entries in unpin.items():
-            drop = [e for e in entries if e.key.to_string() in bad.get(s, ())]
+        for s in set(unpin) | set(bad):
+            entries = unpin.get(s, [])
+            # Drop what a job found bad, whichever job's pin is released now.
+            drop = [e for e in (self._indexes[s].entry(CacheEngineKey.from_string(k)) for k in bad.get(s, ()))
+                    if e is not None]
             n_bad += len(drop)
             self._indexes[s].end_read(entries, drop)
-        self._bump("chunks_loaded", len(keys) - n_bad)
+        self._bump("chunks_loaded", max(0, len(unpin.get(0, ())) - n_bad))
         if n_bad:
             self._bump("load_failures", n_bad)
             log.warning("%d chunk(s) failed to load (corrupt or unreadable): dropped, vLLM recomputes them", n_bad)

@@ -1,0 +1,94 @@
+"""``GdsKvCacheSpec``: the ``OffloadingSpec`` vLLM builds from ``kv_connector_extra_config``.
+
+Keys read from ``kv_connector_extra_config`` (besides vLLM's own
+``spec_name``/``spec_module_path``/``blocks_per_chunk``):
+
+``local_disk`` (required)
+    The plug-in's directory; shard ``s`` (tensor-parallel rank, or 0 for
+    all ranks of an MLA model) is the library directory ``local_disk/rank<s>``.
+``max_local_disk_size`` (required)
+    Disk budget in GB of each shard directory, index included.
+``pool_files``, ``io_engine``, ``io_threads``, ``memory_device``, ``verify_checksums``
+    As in ``CacheEngineConfig``.
+``slab_size``
+    GB of staging memory per worker (default 0.5): GPU memory for a CUDA
+    cache (GDS reads and writes it directly), host memory otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from vllm.v1.kv_offload.base import CanonicalKVCaches, OffloadingSpec
+from vllm.v1.kv_offload.config import OffloadingConfig
+
+from ...config import CacheEngineConfig
+from ...errors import ConfigError
+from .manager import DiskOffloadingManager, KeyMaker
+from .worker import DiskOffloadingWorker
+
+__all__ = ["GdsKvCacheSpec", "library_config"]
+
+log = logging.getLogger(__name__)
+
+_PASSED = ("pool_files", "io_engine", "io_threads", "memory_device", "verify_checksums", "io_task_size",
+           "direct_io")
+
+
+def library_config(extra: dict[str, Any]) -> CacheEngineConfig:
+    """The library settings in ``kv_connector_extra_config`` (checked; ``ConfigError`` names the field)."""
+    if not extra.get("local_disk"):
+        raise ConfigError("kv_connector_extra_config.local_disk", extra.get("local_disk"),
+                          "a directory path for the disk tier")
+    if extra.get("max_local_disk_size") in (None, ""):
+        raise ConfigError("kv_connector_extra_config.max_local_disk_size", None, "the disk budget in GB (> 0)")
+    values = {k: extra[k] for k in _PASSED if k in extra}
+    return CacheEngineConfig(local_cpu=False, local_disk=str(extra["local_disk"]),
+                             max_local_disk_size=extra["max_local_disk_size"],
+                             slab_size=extra.get("slab_size", 0.5), **values)
+
+
+class GdsKvCacheSpec(OffloadingSpec):
+    """vLLM offloading tier on local NVMe: capacity-bounded, checksummed, persistent across restarts.
+
+    Notes
+    -----
+    Enable with ``spec_name: "GdsKvCacheSpec"`` and ``spec_module_path:
+    "gds_kvcache.integrations.vllm"`` in ``kv_connector_extra_config`` (see
+    the README for the full line). The scheduler process holds the index of
+    each shard directory (and its lock), so start one vLLM instance per
+    ``local_disk``. Restarting on the same directory keeps every chunk.
+    """
+
+    def __init__(self, config: OffloadingConfig):
+        super().__init__(config)
+        self.lib_config = library_config(dict(self.extra_config))
+        self.root = self.lib_config.local_disk
+        par = config.parallel
+        # Ranks that hold identical bytes (MLA under pure TP) share shard 0, written by rank 0 only
+        # (vLLM's connector skips stores on the other ranks when this is set).
+        self.replicated_layout = bool(config.replicated_layout)
+        self.shards = 1 if self.replicated_layout else max(1, par.world_size)
+        self.rank = par.rank
+        geometry = "|".join(str(x) for x in (config.model.dtype, config.worker_kv_bytes_per_block,
+                                             self.blocks_per_chunk, self.tokens_per_block, config.kv_cache_layout,
+                                             int(self.replicated_layout)))
+        self.key_maker = KeyMaker(config.model.name, geometry, self.shards)
+        self._manager = None
+        self._worker = None
+
+    def get_manager(self) -> DiskOffloadingManager:
+        if self._manager is None:
+            self._manager = DiskOffloadingManager(
+                self.root, self.shards, self.lib_config.disk_bytes, self.lib_config.pool_files,
+                self.config.worker_kv_bytes_per_block * self.blocks_per_chunk, self.key_maker,
+                enable_events=self.kv_events_config.enable_kv_cache_events)
+        return self._manager
+
+    def get_worker(self, kv_caches: CanonicalKVCaches) -> DiskOffloadingWorker:
+        if self._worker is None:
+            shard = 0 if self.replicated_layout else self.rank
+            self._worker = DiskOffloadingWorker(kv_caches, self.root, shard, shard, self.blocks_per_chunk,
+                                                self.lib_config, self.config.worker_kv_bytes_per_block)
+        return self._worker

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import ShapeMismatchError
 
-__all__ = ["MemoryFormat", "dtype_to_str", "str_to_dtype"]
+__all__ = ["MemoryFormat", "check_dtype", "check_shape", "dtype_to_str", "str_to_dtype"]
 
 
 class MemoryFormat(enum.Enum):
@@ -39,3 +39,21 @@ def str_to_dtype(name: str) -> torch.dtype:
     if not isinstance(dt, torch.dtype):
         raise ShapeMismatchError(f"unknown dtype name {name!r}")
     return dt
+
+
+def check_dtype(dtype) -> torch.dtype:
+    """``dtype`` if it is a ``torch.dtype``, else ``ShapeMismatchError`` saying what was given."""
+    if not isinstance(dtype, torch.dtype):
+        raise ShapeMismatchError(f"dtype must be a torch.dtype, got {dtype!r}")
+    return dtype
+
+
+def check_shape(shape) -> torch.Size:
+    """``shape`` as a ``torch.Size`` of non-negative ints, else ``ShapeMismatchError`` saying why not."""
+    try:
+        shape = torch.Size(shape)
+    except (TypeError, ValueError):
+        raise ShapeMismatchError(f"shape must be a sequence of ints, got {shape!r}") from None
+    if any(d < 0 for d in shape):
+        raise ShapeMismatchError(f"shape {tuple(shape)} has a negative dimension")
+    return shape

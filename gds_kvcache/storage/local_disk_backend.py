@@ -27,7 +27,7 @@ from ..io import IOPathReport, open_engine
 from ..kernels.checksum import checksum_host, warmup_cuda
 from ..key import CacheEngineKey
 from ..memory.allocator import MemoryAllocatorInterface, allocate_batch
-from ..memory.format import MemoryFormat, dtype_to_str, str_to_dtype
+from ..memory.format import MemoryFormat, check_dtype, check_shape, dtype_to_str, str_to_dtype
 from ..memory.obj import MemoryObj
 from .abstract_backend import StorageBackendInterface
 from .disk_index import DiskEntry, DiskIndex
@@ -526,15 +526,10 @@ class LocalDiskBackend(StorageBackendInterface):
             raise KeyFormatError(f"{path!r} names no chunk of this backend: {e}") from None
 
     def _load(self, key, dtype, shape) -> Optional[MemoryObj]:
-        if dtype is not None and not isinstance(dtype, torch.dtype):
-            raise ShapeMismatchError(f"dtype must be a torch.dtype, got {dtype!r}")
+        if dtype is not None:
+            check_dtype(dtype)
         if shape is not None:
-            try:
-                shape = torch.Size(shape)
-            except (TypeError, ValueError):
-                raise ShapeMismatchError(f"shape must be a sequence of ints, got {shape!r}") from None
-            if any(d < 0 for d in shape):
-                raise ShapeMismatchError(f"shape {tuple(shape)} has a negative dimension")
+            shape = check_shape(shape)
         self._enter()
         try:
             return self._read([key], (dtype, shape))[0]

@@ -14,12 +14,12 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..config import CacheEngineConfig, CacheEngineMetadata
-from ..errors import ClosedError, ConfigError, GdsKvCacheError, ShapeMismatchError
+from ..errors import ClosedError, ConfigError, GdsKvCacheError
 from ..io import IOPathReport
 from ..key import CacheEngineKey
 from ..memory.allocator import MemoryAllocatorInterface, SlabMemoryAllocator, allocate_batch
 from ..memory.buffers import resolve_memory_device
-from ..memory.format import MemoryFormat
+from ..memory.format import MemoryFormat, check_dtype, check_shape
 from ..memory.obj import MemoryObj
 from ..units import PAGE, align_up
 from .abstract_backend import StorageBackendInterface
@@ -52,18 +52,6 @@ def CreateStorageBackends(config: CacheEngineConfig, metadata: Optional[CacheEng
     if config.local_disk is not None:
         backends["LocalDiskBackend"] = LocalDiskBackend(config, loop, memory_allocator, dst_device, lookup_server)
     return backends
-
-
-def _check_shape(shape, dtype) -> torch.Size:
-    if not isinstance(dtype, torch.dtype):
-        raise ShapeMismatchError(f"dtype must be a torch.dtype, got {dtype!r}")
-    try:
-        shape = torch.Size(shape)
-    except (TypeError, ValueError):
-        raise ShapeMismatchError(f"shape must be a sequence of ints, got {shape!r}") from None
-    if any(d < 0 for d in shape):
-        raise ShapeMismatchError(f"shape {tuple(shape)} has a negative dimension")
-    return shape
 
 
 class StorageManager:
@@ -143,7 +131,8 @@ class StorageManager:
         most ``store_wait_s``); an empty list when none fits.
         """
         self._check_open()
-        shapes = [_check_shape(s, dtype) for s in shapes]
+        check_dtype(dtype)
+        shapes = [check_shape(s) for s in shapes]
         if not shapes:
             return []
         dtypes, fmts = [dtype] * len(shapes), [fmt] * len(shapes)

@@ -15,17 +15,15 @@ import threading
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
-import pytest
 import torch
 
 from gds_kvcache import (CacheEngineConfig, CacheEngineKey, LocalDiskBackend,
                          LookupServerInterface, SlabMemoryAllocator, StorageManager)
 from gds_kvcache.units import GB, KiB, MiB
 
-from .conftest import ON_CI
 
 __all__ = ["ROOT", "gb", "disk_config", "open_backend", "manager_config", "key", "random_bytes", "put_bytes",
-           "wait_put", "read_exact", "bounded", "Hang", "RecordingLookup", "mount_tmpfs", "unmount",
+           "wait_put", "read_exact", "bounded", "Hang", "RecordingLookup",
            "dir_footprint", "open_in_subprocess", "warnings_from_library", "OPENED", "LOCKED",
            "check_config_input", "check_key_string", "check_load_shape", "check_metadata_junk", "config_dicts",
            "key_strings", "load_requests"]
@@ -174,22 +172,6 @@ class RecordingLookup(LookupServerInterface):
     def lookup(self, k):
         with self._lock:
             return k in self.keys
-
-
-def mount_tmpfs(path: Path, size: str) -> Path:
-    """Mount a tmpfs of ``size`` (e.g. ``"6m"``) at ``path``; skip where mounting is not allowed (fail on CI)."""
-    path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    if r.returncode != 0:
-        msg = f"cannot mount a small tmpfs: {r.stderr.decode().strip()}"
-        if ON_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return path
-
-
-def unmount(path: Path) -> None:
-    subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def dir_footprint(d) -> tuple[int, int]:

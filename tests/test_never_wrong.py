@@ -27,11 +27,11 @@ from gds_kvcache.engine import CacheEngine
 from gds_kvcache.errors import ClosedError
 from gds_kvcache.units import KiB, MiB
 
-from .conftest import ON_CI
+from .conftest import ON_CI, mounted_tmpfs
 from .kernel_cases import make_cache, ref_rows, zeros_like_cache
 from .never_wrong_helpers import (LOCKED, OPENED, ROOT, RecordingLookup, bounded, dir_footprint, gb, key,
-                                  manager_config, mount_tmpfs, open_backend, open_in_subprocess, put_bytes,
-                                  random_bytes, read_exact, unmount, wait_put, warnings_from_library)
+                                  manager_config, open_backend, open_in_subprocess, put_bytes,
+                                  random_bytes, read_exact, wait_put, warnings_from_library)
 
 
 @pytest.fixture
@@ -792,8 +792,7 @@ def test_16_budget_holds_data_and_index_under_put_remove_churn(tmp_path, gen):
 # -- 17: a budget larger than the file system's free space is warned about ---------------------------
 @pytest.mark.timeout(60)
 def test_17_budget_beyond_free_space_is_warned(tmp_path, caplog):
-    mnt = mount_tmpfs(tmp_path / "small", "4m")
-    try:
+    with mounted_tmpfs(tmp_path / "small", "4m") as mnt:
         with caplog.at_level(logging.WARNING, logger="gds_kvcache"):
             be, _ = open_backend(mnt / "fits", disk_mib=2, slab_mib=1)
             be.close()
@@ -804,5 +803,3 @@ def test_17_budget_beyond_free_space_is_warned(tmp_path, caplog):
             be.close()
         warned = warnings_from_library(caplog.records)
         assert warned, "a 64 MiB budget on a 4 MiB file system opened without a warning"
-    finally:
-        unmount(mnt)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install gds_kvcache with its test extra and run the test suite.
 # On a machine without a CUDA driver library, fetch one (scripts/fetch-libcuda.sh)
-# so the KvikIO engine is tested in compat mode too. Extra arguments go to pytest.
+# so the KvikIO engine is tested in compat mode too. A redis-server on a loopback port runs
+# for the suite's shared-mode tests (scripts/ci-redis.sh installs it where it can; where it
+# cannot, those tests skip, saying why). Extra arguments go to pytest.
 # Any CUDA or CPU build of torch will do; where none is installed yet, the CPU one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +18,7 @@ fi
 # CI has no nvidia-fs: resolve KvikIO to compat mode up front (AUTO elsewhere).
 if [ "${CI:-}" = "true" ]; then export KVIKIO_COMPAT_MODE=ON; fi
 status=0
-python -m pytest "$@" || status=$?
+bash scripts/ci-redis.sh --optional python -m pytest "$@" || status=$?
 # Say loudly why a run that tested nothing failed: its last lines may be far up.
 case $status in
   0 | 1) ;;

@@ -88,3 +88,91 @@ def test_closed_index_refuses_calls(tmp_path):
     with pytest.raises(ClosedError):
         idx.begin_read([key(0)])
     pool.release()
+
+
+# -- owner_frees: the owner (shared mode) evicts and frees, after telling Redis --------------------------
+def open_owned(path, cap=8 * MiB):
+    pool = PoolDirectory(str(path), cap, 1)
+    idx = DiskIndex(pool, index_reserve(cap), owner_frees=True)
+    idx.recover()
+    return pool, idx
+
+
+def test_owner_frees_index_never_evicts_or_reuses_by_itself(tmp_path):
+    pool, idx = open_owned(tmp_path)
+    q = idx.capacity // 4 // PAGE * PAGE
+    offs = [put(idx, key(i), q) for i in range(4)]
+    res = idx.reserve([key(9)], [q])              # full: refused, nothing evicted
+    assert res.keys == [] and isinstance(res.errors[key(9)], StorageFullError)
+    assert idx.stats["evictions"] == 0 and len(idx) == 4
+    # remove: gone at once, but its extent is retired, not free, until the owner frees it
+    assert idx.remove(key(0)) == (True, None)
+    assert not idx.contains(key(0)) and idx.used == 4 * q
+    assert idx.reserve([key(9)], [q]).keys == []
+    retired = idx.drain_retired()
+    assert [(e.key, e.offset) for e in retired] == [(key(0), offs[0])] and idx.drain_retired() == []
+    idx.free(retired[0].offset)
+    assert idx.reserve([key(9)], [q]).offsets == [offs[0]]
+    idx.abort([key(9)])
+    idx.memcheck()
+    idx.close()
+    pool.release()
+
+
+def test_owner_frees_a_read_chunk_retires_when_its_last_reader_ends(tmp_path):
+    pool, idx = open_owned(tmp_path)
+    put(idx, key(0), MiB)
+    put(idx, key(1), MiB)
+    [e0] = idx.begin_read([key(0)])
+    assert idx.eviction_candidates(2 * MiB) == [idx.entry(key(1))]      # a read chunk is no candidate
+    assert idx.evict([e0]) == []                                         # nor evicted
+    idx.remove(key(0))
+    assert idx.drain_retired() == []                                     # still read here
+    idx.end_read([e0])
+    assert [e.key for e in idx.drain_retired()] == [key(0)]
+    # a chunk found bad by its reader is retired too, never freed behind the owner's back
+    [e1] = idx.begin_read([key(1)])
+    idx.end_read([e1], bad=[e1])
+    assert [e.key for e in idx.drain_retired()] == [key(1)] and idx.used == 2 * MiB
+    idx.close()
+    pool.release()
+
+
+def test_owner_evicts_lru_with_one_delete_append_and_requeues(tmp_path):
+    pool, idx = open_owned(tmp_path)
+    for i in range(6):
+        put(idx, key(i), MiB)
+    idx.begin_read([key(0)])      # most recently used now, and pinned
+    cands = idx.eviction_candidates(2 * MiB + 1)
+    assert [e.key for e in cands] == [key(1), key(2), key(3)]
+    assert [e.key for e in idx.eviction_candidates(0, count=2)] == [key(1), key(2)]
+    before = idx._log.records
+    gone = idx.evict(cands)
+    assert [e.key for e in gone] == [key(1), key(2), key(3)] and idx.stats["evictions"] == 3
+    assert idx._log.records == before + 3
+    assert idx.evict(cands) == []                                         # idempotent
+    ret = idx.drain_retired()
+    idx.requeue_retired(ret[1:])                                          # the owner could not retract these
+    assert [e.key for e in idx.drain_retired()] == [key(2), key(3)]
+    idx.close()
+    pool.release()
+    # The deletes are durable: a reopen has neither the chunks nor their space allocated.
+    pool, idx = open_owned(tmp_path)
+    assert sorted(k.chunk_hash for k in idx.keys()) == sorted(key(i).chunk_hash for i in (0, 4, 5))
+    assert idx.used == 3 * MiB
+    idx.close()
+    pool.release()
+
+
+def test_over_reserve_says_how_many_chunks_the_index_must_shed(tmp_path):
+    from gds_kvcache.storage.index_log import IndexLog
+    pool, idx = open_owned(tmp_path, cap=4 * MiB)
+    half = (idx._reserve - 2 * PAGE) // 2
+    room = max(n for n in range(0, 20000, 1) if IndexLog.size_of(n) + IndexLog.size_of(1) <= half)
+    assert idx.over_reserve(room) == 0 and idx.over_reserve(room + 1) == 0     # empty: nothing to shed
+    for i in range(3):
+        put(idx, key(i), PAGE)
+    assert idx.over_reserve(room - 3) == 0
+    assert idx.over_reserve(room - 2) == 1 and idx.over_reserve(room) == 3
+    idx.close()
+    pool.release()

@@ -253,12 +253,20 @@ def test_redis_down_lookups_miss_puts_stay_local(tmp_path, ns):
         assert put(w, alloc, keys) == [16384] * 5     # stored here, published later
         assert w.batched_contains(keys) == 0
         assert check(w.batched_get_blocking(keys), keys) == [True] * 5
-        assert w.remove(keys[0]) is False             # never remove under a possible lease
+        used = w.local.index.used
+        assert w.remove(keys[0]) is True              # gone here at once...
+        assert w.local.index.used == used             # ...but its extent waits for Redis to hear of it
+        assert put(w, alloc, [keys[0]]) == [16384]    # stored again elsewhere, not over those bytes
+        assert w.local.index.used == used + 16384
+        assert w.stats["redis_errors"] > 0 and w.stats["lookup_errors"] == 0   # no warning per put
         srv.start()
         deadline = time.monotonic() + 30
-        while w.batched_contains(keys) < 5 and time.monotonic() < deadline:
+        while (w.batched_contains(keys) < 5 or w.local.index.used > used) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert w.batched_contains(keys) == 5
+        # Retracted, then held one lease period more (an empty Redis forgot its leases), then reused.
+        assert w.local.index.used == used
+        assert check(w.batched_get_blocking(keys), keys) == [True] * 5
     finally:
         w.close()
         srv.stop()
@@ -374,3 +382,127 @@ def test_tp_lookup_counts_a_chunk_only_when_every_rank_has_it(tmp_path, server, 
     finally:
         for b, _ in ranks:
             b.close()
+
+
+# -- shared mode through the config: StorageManager and CacheEngine -----------------------------------
+def engine_setup(tmp_path, url, **kw):
+    from gds_kvcache import CacheEngineMetadata
+    L, h, d, chunk = 3, 2, 16, 32
+    cfg = CacheEngineConfig(chunk_size=chunk, local_disk=str(tmp_path / "shared"), max_local_disk_size=16 * MiB / GB,
+                            max_local_cpu_size=2 * MiB / GB, slab_size=8 * MiB / GB, io_engine="posix",
+                            memory_device="host", io_threads=2, lookup_server_url=url, **kw)
+    md = CacheEngineMetadata("org/model", 1, 0, "vllm", torch.bfloat16, (L, 2, chunk, h, d))
+    return cfg, md
+
+
+def test_cache_engine_shared_mode_one_field(tmp_path, server):
+    # Two engines (two writers) given the same directory and URL: what one stores, the other finds
+    # with one lookup and retrieves byte-exact from the first one's files.
+    from gds_kvcache.engine import CacheEngine
+    from gds_kvcache.storage import StorageManager
+
+    from .kernel_cases import make_cache, ref_rows, zeros_like_cache
+    from .helpers import same_bytes
+
+    cfg, md = engine_setup(tmp_path, server.url)
+    kv = make_cache("vllm", 3, 40, 8, 2, 16, torch.bfloat16, "cpu")
+    gen = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, 50000, (150,), generator=gen)
+    slots = torch.randperm(320, generator=gen)[:150]
+    with CacheEngine(cfg, md, "vllm") as a, CacheEngine(cfg, md, "vllm") as b:
+        assert isinstance(a.storage.disk, SharedDiskBackend) and isinstance(b.storage.disk, SharedDiskBackend)
+        assert a.storage.disk.writer != b.storage.disk.writer
+        assert a.storage.disk.namespace == b.storage.disk.namespace     # from the directory's cache-id
+        assert b.lookup(tokens) == 0
+        r = a.store(tokens, kv, slots)
+        for f in r.futures:
+            f.result()                    # resolved only once published: visible everywhere now
+        assert int(r) == 150
+        assert b.lookup(tokens) == 150
+        assert int(b.store(tokens, kv, slots)) == 0           # stored by a: b skips it
+        kv2 = zeros_like_cache("vllm", kv)
+        slots2 = torch.randperm(320, generator=gen)[:150]
+        b.prefetch(tokens)
+        assert b.retrieve(tokens, kv2, slots2) == 150
+        assert same_bytes(ref_rows("vllm", kv2, slots2), ref_rows("vllm", kv, slots))
+        st = b.storage.disk.stats
+        assert st["remote_hits"] >= 5 and st["remote_corrupt"] == 0 and st["puts"] == 0
+        assert a.storage.disk.stats["puts"] == 5
+        # A remove by the writer that owns the chunks is seen by the other at once.
+        keys = [k for k, _, _ in a._keys(tokens.tolist())]
+        assert a.storage.remove(keys[2]) is True
+        b.storage.hot.evict_unused(1 << 40)    # b's hot copies stay valid (a key names its bytes)
+        assert b.lookup(tokens) == 64
+        a.storage.memcheck()
+        b.storage.memcheck()
+    # Local mode on its own directory is untouched: no writers/ subdirectory, no cache-id.
+    local = cfg.replace(lookup_server_url=None, local_disk=str(tmp_path / "local"))
+    with StorageManager(local) as sm:
+        assert type(sm.disk).__name__ == "LocalDiskBackend"
+    assert sorted(os.listdir(tmp_path / "shared")) == ["cache-id", "writers"]
+    assert "writers" not in os.listdir(tmp_path / "local")
+
+
+def test_storage_manager_lookup_is_one_round_trip(tmp_path, server, monkeypatch):
+    from gds_kvcache.storage import StorageManager
+
+    cfg, _ = engine_setup(tmp_path, server.url)
+    with StorageManager(cfg) as sm:
+        keys = [key(i) for i in range(64)]
+        objs = sm.batched_allocate([(4096,)] * 64, torch.float32)
+        for o, k in zip(objs, keys):
+            o.tensor.copy_(chunk_bytes(k))
+        for f in sm.batched_submit_put_task(keys, objs):
+            f.result()
+        calls = []
+        real = sm.disk.redis.prefix
+        monkeypatch.setattr(sm.disk.redis, "prefix", lambda chunks: calls.append(len(chunks)) or real(chunks))
+        sm.hot.evict_unused(1 << 40)
+        assert sm.batched_contains(keys + [key(999)]) == 64
+        assert calls == [65]
+
+
+def test_storage_manager_shared_mode_refuses_a_second_lookup_server(tmp_path, server):
+    from gds_kvcache.storage import LookupServerInterface, StorageManager
+
+    class Dummy(LookupServerInterface):
+        def insert(self, key): pass
+        def remove(self, key): pass
+        def lookup(self, key): return False
+
+    cfg, _ = engine_setup(tmp_path, server.url)
+    with pytest.raises(ConfigError, match="lookup_server"):
+        StorageManager(cfg, lookup_server=Dummy())
+    with pytest.raises(ConfigError, match="local_disk"):
+        StorageManager(cfg.replace(local_disk=None))
+
+
+def test_full_file_system_evicts_through_redis_never_under_a_reader(tmp_path, server):
+    # The writer's budget is larger than its file system: ENOSPC mid-put evicts LRU chunks, each
+    # retracted from Redis before its blocks are punched and reused; the reader on the same
+    # directory only ever gets a chunk's own bytes or a miss.
+    from .conftest import mounted_tmpfs
+
+    with mounted_tmpfs(tmp_path / "tiny", "3m") as mnt:
+        cfg = CacheEngineConfig(local_disk=str(mnt), max_local_disk_size=16 * MiB / GB, io_engine="posix",
+                                io_threads=2, lookup_server_url=server.url, pool_files=1)
+        w = SharedDiskBackend(cfg, None, walloc := SlabMemoryAllocator(8 * MiB, "host"), writer_id="w", tick=0.05)
+        r = SharedDiskBackend(cfg.replace(max_local_disk_size=1 * MiB / GB), None,
+                              SlabMemoryAllocator(8 * MiB, "host"), writer_id="r", tick=0.05)
+        try:
+            keys = [key(i) for i in range(300)]          # 300 x 16 KiB: 4.7 MiB, past what is left
+            results = []
+            for i in range(0, len(keys), 8):
+                results += put(w, walloc, keys[i:i + 8])
+                check(r.batched_get_blocking(keys[max(0, i - 16):i + 8]), keys[max(0, i - 16):i + 8])
+            assert all(x == 16384 for x in results), results
+            assert w.stats["shared_evictions"] > 0 and w.stats["retracted"] >= w.stats["shared_evictions"]
+            listed = [k for k, p in zip(keys, w.redis.acquire("t:x", [k.to_string() for k in keys]))
+                      if p is not None]
+            assert set(listed) == set(w.keys())           # evicted chunks are retracted, none left listed
+            assert check(r.batched_get_blocking(listed), listed) == [True] * len(listed)
+            assert r.stats["remote_corrupt"] == 0
+            w.memcheck()
+        finally:
+            r.close()
+            w.close()

@@ -184,14 +184,3 @@ def test_kvikio_requested_without_driver(tmp_path, monkeypatch, bad):
         StorageManager(cfg(tmp_path, **bad))
     # The directory lock was released: a correct manager can open it.
     StorageManager(cfg(tmp_path, io_engine="posix")).close()
-
-
-def test_shared_mode_url_is_refused_not_ignored(tmp_path):
-    # Shared mode has its own backend; StorageManager must not quietly run local mode instead.
-    from gds_kvcache.errors import ConfigError
-
-    cfg = CacheEngineConfig(local_disk=str(tmp_path / "kv"), max_local_disk_size=0.01, memory_device="host",
-                            slab_size=0.002, lookup_server_url="redis://127.0.0.1:6379")
-    with pytest.raises(ConfigError, match="lookup_server_url.*SharedDiskBackend"):
-        StorageManager(cfg)
-    assert not (tmp_path / "kv").exists() or not any((tmp_path / "kv").iterdir())

@@ -154,6 +154,7 @@ class IOEngine(abc.ABC):
 
     name = "?"
     punch_ok: bool = True  # False where the disk tier must never punch holes in pool files
+    read_only: bool = False  # True: files opened O_RDONLY, write_spans refused (shared mode's remote reads)
     _buffer: "Optional[SlabBuffer]" = None
     _submitter: Optional[ThreadPoolExecutor] = None
     _submit_lock = threading.Lock()

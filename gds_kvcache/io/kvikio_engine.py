@@ -82,8 +82,10 @@ class _DevicePtr:
 
 def o_direct_opens(path: str) -> bool:
     """Whether ``path`` opens with O_DIRECT: where not, KvikIO runs the file in compat mode."""
+    # O_RDONLY: O_DIRECT support is the file system's, whatever the access mode, and the probe must
+    # not open a read-only engine's files (another process's pool) for writing.
     try:
-        fd = os.open(path, os.O_RDWR | getattr(os, "O_DIRECT", 0))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
     except OSError:
         return False
     os.close(fd)
@@ -101,7 +103,10 @@ def _monitor():
 class KvikIOEngine(IOEngine):
     """Batches of spans through ``kvikio.CuFile`` handles (one per stripe file) opened once.
 
-    Parameters are those of ``PosixEngine``.
+    Parameters are those of ``PosixEngine``; ``read_only`` opens every file
+    with ``CuFile(path, "r")`` (``O_RDONLY``; KvikIO adds its O_DIRECT
+    descriptor as it would read-write) and refuses ``write_spans`` with an
+    ``IOEngineError`` (EBADF).
 
     Notes
     -----
@@ -126,7 +131,7 @@ class KvikIOEngine(IOEngine):
     name = "kvikio"
 
     def __init__(self, paths, threads: int, task_size: int, direct_io: bool, memory: str = "host",
-                 stripe_bytes: int | None = None):
+                 stripe_bytes: int | None = None, read_only: bool = False):
         err = kvikio_error()
         if err is not None:
             raise IOEngineError(f"KvikIO engine cannot run here: {err}")
@@ -135,6 +140,9 @@ class KvikIOEngine(IOEngine):
 
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         self._paths = [os.fspath(p) for p in paths]
+        self.read_only = read_only
+        # Another process owns read-only files: punching holes in them would destroy its chunks.
+        self.punch_ok = not read_only
         configure_kvikio(threads, task_size, direct_io)
         self._compat = bool(kvikio.defaults.is_compat_mode_preferred())
         self._threshold = int(kvikio.defaults.get("gds_threshold"))
@@ -142,7 +150,7 @@ class KvikIOEngine(IOEngine):
         self._files = []
         try:
             for p in self._paths:
-                self._files.append(kvikio.CuFile(p, "r+"))
+                self._files.append(kvikio.CuFile(p, "r" if read_only else "r+"))
         except RuntimeError as e:
             for f in self._files:
                 f.close()
@@ -323,6 +331,9 @@ class KvikIOEngine(IOEngine):
         return self._transfer(False, spans)
 
     def write_spans(self, spans: Sequence[Span]) -> list[Optional[BaseException]]:
+        if self.read_only and not self._closed:
+            raise IOEngineError(errno.EBADF, f"the kvikio I/O engine over {self._paths[0]} is read-only: "
+                                             f"it was opened with read_only=True and never writes")
         return self._transfer(True, spans)
 
     # -- report ----------------------------------------------------------------------

@@ -7,6 +7,7 @@ to and from the GPU.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -23,16 +24,17 @@ __all__ = ["PosixEngine", "probe_direct_io"]
 log = logging.getLogger(__name__)
 
 
-def probe_direct_io(path: str) -> tuple[int | None, str]:
+def probe_direct_io(path: str, read_only: bool = False) -> tuple[int | None, str]:
     """Open ``path`` with O_DIRECT and read one aligned page; return (fd, reason).
 
     Some file systems refuse O_DIRECT at open, others only at the first I/O,
-    so both are tried. The file must be at least one page long.
+    so both are tried. The file must be at least one page long. With
+    ``read_only`` the descriptor is ``O_RDONLY``, else ``O_RDWR``.
     """
     if not hasattr(os, "O_DIRECT"):
         return None, "O_DIRECT not defined on this platform"
     try:
-        fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+        fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_DIRECT)
     except OSError as e:
         return None, f"O_DIRECT open refused: {e.strerror}"
     probe = SlabBuffer(PAGE, "host")
@@ -89,9 +91,17 @@ class PosixEngine(IOEngine):
     stripe_bytes
         Bytes per file: logical offset ``o`` is byte ``o % stripe_bytes`` of
         file ``o // stripe_bytes``. None for a single file.
+    read_only
+        Open every file ``O_RDONLY`` (O_DIRECT too, where it applies) and
+        refuse ``write_spans`` with an ``IOEngineError`` (EBADF); ``punch_ok``
+        is then False.
 
     Notes
     -----
+    Use ``read_only`` for files another process owns (shared mode): nothing
+    here can then change them, and a file that shrinks under the reader
+    gives short reads, each an ``IOEngineError`` of its span.
+
     A batch costs one hand-off per worker thread, not per span: the pieces of
     all spans go into one queue that ``min(threads, pieces)`` workers drain,
     the caller being one of them, so a batch of one small span never leaves
@@ -102,17 +112,28 @@ class PosixEngine(IOEngine):
     name = "posix"
 
     def __init__(self, paths, threads: int, task_size: int, direct_io: bool, memory: str = "host",
-                 stripe_bytes: int | None = None):
+                 stripe_bytes: int | None = None, read_only: bool = False):
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         self._paths = [os.fspath(p) for p in paths]
         self._stripe = stripe_bytes or (1 << 62)
-        self._fds = [os.open(p, os.O_RDWR) for p in self._paths]
+        self.read_only = read_only
+        # Another process owns read-only files: punching holes in them would destroy its chunks.
+        self.punch_ok = not read_only
+        flags = os.O_RDONLY if read_only else os.O_RDWR
+        self._fds = []
+        try:
+            for p in self._paths:
+                self._fds.append(os.open(p, flags))
+        except OSError:
+            for fd in self._fds:
+                os.close(fd)
+            raise
         self._dfds: list[Optional[int]] = [None] * len(self._paths)
         self._file_io = ["buffered (disabled in config)"] * len(self._paths)
         refused = []
         if direct_io:
             for i, p in enumerate(self._paths):
-                self._dfds[i], why = probe_direct_io(p)
+                self._dfds[i], why = probe_direct_io(p, read_only)
                 if self._dfds[i] is None:
                     log.warning("O_DIRECT unavailable for %s (%s); buffered I/O for this file", p, why)
                     refused.append(why)
@@ -295,6 +316,9 @@ class PosixEngine(IOEngine):
         return self._transfer(False, spans)
 
     def write_spans(self, spans: Sequence[Span]) -> list[Optional[BaseException]]:
+        if self.read_only and not self._closed:
+            raise IOEngineError(errno.EBADF, f"the posix I/O engine over {self._paths[0]} is read-only: "
+                                             f"it was opened with read_only=True and never writes")
         return self._transfer(True, spans)
 
     def report(self) -> IOPathReport:

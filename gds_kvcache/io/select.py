@@ -182,17 +182,43 @@ def _engine_error(e: OSError, msg: str) -> IOEngineError:
     return IOEngineError(e.errno, msg) if e.errno else IOEngineError(msg)
 
 
-def open_engine(paths, config: CacheEngineConfig, memory: str, stripe_bytes: int | None = None) -> IOEngine:
+def open_engine(paths, config: CacheEngineConfig, memory: str, stripe_bytes: int | None = None,
+                read_only: bool = False) -> IOEngine:
     """The engine ``config.io_engine`` asks for, over ``paths`` (one file or the stripes of a pool).
+
+    Parameters
+    ----------
+    paths, config, memory, stripe_bytes
+        The pool files, the settings (``io_engine``, ``io_threads``,
+        ``io_task_size``, ``direct_io``), the slab kind and bytes per file.
+    read_only
+        Open the files ``O_RDONLY`` and refuse writes (``IOEngine.read_only``):
+        for pool files another process owns. Never the ``mapped`` engine:
+        ``auto`` and ``mapped`` then take KvikIO where it can run, else POSIX.
 
     Notes
     -----
     Under ``auto`` a pool that cannot be mapped after all (ENOSPC while
     reserving its pages, a refused registration) falls back to a read-based
     engine with a warning; under ``mapped`` that is an ``IOEngineError``.
+
+    Read-only engines never map because the owner may shrink its files (a
+    restart with a smaller budget): touching a mapped page past the new end is
+    SIGBUS, which kills the reader, where ``pread`` just comes back short and
+    fails that one span.
     """
     plist = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     directory = os.path.dirname(os.path.abspath(os.fspath(plist[0])))
+    if read_only:
+        requested = "auto" if config.io_engine == "mapped" else config.io_engine
+        # No directory: choose_engine then never maps, and picks KvikIO where it can run.
+        name, why = choose_engine(requested)
+        if config.io_engine in ("auto", "mapped"):
+            why = f"read-only, never mapped ({why})"
+        cls = KvikIOEngine if name == "kvikio" else PosixEngine
+        log.info("read-only I/O engine %s over %s (%s)", name, directory, why)
+        return cls(paths, config.io_threads, config.io_task_size, config.direct_io, memory, stripe_bytes,
+                   read_only=True)
     name, why = choose_engine(config.io_engine, directory, pool_ram_needed(plist, stripe_bytes))
     if name == "mapped":
         try:

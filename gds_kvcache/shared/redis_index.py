@@ -5,9 +5,12 @@ script, so a batch is one round trip and no interleaving can split its
 checks from its effects. The schema, under a namespace ``ns``:
 
 ``ns:e:<key>``        hash: writer ``w``, generation ``g``, logical offset ``o``,
-                      ``n`` bytes, ``p`` phys size, shape ``sh``, ``dt``, ``fm``, checksum ``cs``
+                      ``n`` bytes, ``p`` phys size, shape ``sh``, ``dt``, ``fm``, checksum ``cs``,
+                      and ``b``, the writer run (boot) that published it
 ``ns:c:<key>``        string, ``SET NX PX``: the writer that claimed the put of ``key``
 ``ns:l:<w>:<g>``      sorted set: reader lease tokens scored by expiry (Redis ms)
+``ns:lr:<w>``         string living as long as the newest lease on writer ``w``'s extents
+                      (a restarted writer waits for it before reusing any extent)
 ``ns:w:<w>``          hash: pool layout of writer ``w`` (``dir``, ``stripes``, ``stripe_bytes``,
                       ``unit``, ``boot``)
 ``ns:k:<w>``          set: keys writer ``w`` has published (for its purge at start)
@@ -31,7 +34,7 @@ log = logging.getLogger(__name__)
 _PUBLISH = """
 local ns, w = ARGV[1], ARGV[2]
 local dups = {}
-for i = 3, #ARGV, 9 do
+for i = 3, #ARGV, 10 do
   local k = ARGV[i]
   local e = ns .. ':e:' .. k
   local cur = redis.call('HGET', e, 'w')
@@ -39,7 +42,7 @@ for i = 3, #ARGV, 9 do
     dups[#dups + 1] = k
   else
     redis.call('HSET', e, 'w', w, 'g', ARGV[i+1], 'o', ARGV[i+2], 'n', ARGV[i+3], 'p', ARGV[i+4],
-               'sh', ARGV[i+5], 'dt', ARGV[i+6], 'fm', ARGV[i+7], 'cs', ARGV[i+8])
+               'sh', ARGV[i+5], 'dt', ARGV[i+6], 'fm', ARGV[i+7], 'cs', ARGV[i+8], 'b', ARGV[i+9])
     redis.call('SADD', ns .. ':k:' .. w, k)
   end
   redis.call('DEL', ns .. ':c:' .. k)
@@ -94,12 +97,14 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
 for i = 4, #ARGV do
   local e = ns .. ':e:' .. ARGV[i]
-  local v = redis.call('HMGET', e, 'w', 'g', 'o', 'n', 'p', 'sh', 'dt', 'fm', 'cs')
+  local v = redis.call('HMGET', e, 'w', 'g', 'o', 'n', 'p', 'sh', 'dt', 'fm', 'cs', 'b')
   if v[1] then
     local l = ns .. ':l:' .. v[1] .. ':' .. v[2]
     redis.call('ZADD', l, now + ttl, token)
     redis.call('PEXPIRE', l, ttl + 1000)
-    v[10] = redis.call('HGET', ns .. ':w:' .. v[1], 'boot') or ''
+    redis.call('SET', ns .. ':lr:' .. v[1], token, 'PX', ttl)
+    v[10] = v[10] or ''
+    v[11] = redis.call('HGET', ns .. ':w:' .. v[1], 'boot') or ''
     out[#out + 1] = v
   else
     out[#out + 1] = false
@@ -120,6 +125,20 @@ for i = 3, #ARGV, per do
   n = n + 1
 end
 return n
+"""
+
+# Per chunk (``per`` keys each), whether all of its keys exist.
+_EXISTS = """
+local ns, per = ARGV[1], tonumber(ARGV[2])
+local out = {}
+for i = 3, #ARGV, per do
+  local all = 1
+  for j = 0, per - 1 do
+    if redis.call('EXISTS', ns .. ':e:' .. ARGV[i + j]) == 0 then all = 0 break end
+  end
+  out[#out + 1] = all
+end
+return out
 """
 
 _CLAIM = """
@@ -171,7 +190,8 @@ class Published:
     dtype: str
     fmt: str
     checksum: int
-    boot: str = ""
+    boot: str = ""          # the writer run that published it
+    writer_boot: str = ""   # the writer's run now (as a reader found it): a mismatch is a stale entry
 
 
 def connect(url: str, timeout: float = 2.0):
@@ -224,7 +244,7 @@ class RedisIndex:
         self.client = connect(url)
         self._scripts = {name: self.client.register_script(src) for name, src in (
             ("publish", _PUBLISH), ("retract", _RETRACT), ("stale", _RETRACT_STALE), ("acquire", _ACQUIRE),
-            ("prefix", _PREFIX), ("claim", _CLAIM), ("purge", _PURGE))}
+            ("prefix", _PREFIX), ("claim", _CLAIM), ("purge", _PURGE), ("exists", _EXISTS))}
         self._tokens = 0
 
     def _run(self, name: str, args: Sequence) -> object:
@@ -251,7 +271,7 @@ class RedisIndex:
         args: list = [writer]
         for e in entries:
             args += [e.key, e.generation, e.offset, e.nbytes, e.phys_size, ",".join(map(str, e.shape)),
-                     e.dtype, e.fmt, str(e.checksum)]
+                     e.dtype, e.fmt, str(e.checksum), e.boot]
         return list(self._run("publish", args)) if entries else []
 
     def retract(self, writer: str, items: Sequence[tuple[str, str]]) -> list[int]:
@@ -287,9 +307,9 @@ class RedisIndex:
             if not v:
                 out.append(None)
                 continue
-            w, g, o, n, p, sh, dt, fm, cs, boot = v
+            w, g, o, n, p, sh, dt, fm, cs, boot, now_boot = v
             out.append(Published(k, w, g, int(o), int(n), int(p), tuple(int(d) for d in sh.split(",") if d),
-                                 dt, fm, int(cs), boot))
+                                 dt, fm, int(cs), boot, now_boot))
         return out
 
     def release(self, token: str, entries: Sequence[Published]) -> None:
@@ -308,6 +328,18 @@ class RedisIndex:
         per = len(chunks[0])
         assert all(len(c) == per for c in chunks), "every chunk must list the same number of shards"
         return int(self._run("prefix", [per, *[k for c in chunks for k in c]]))
+
+    def exists(self, chunks: Sequence[Sequence[str]]) -> list[bool]:
+        """Per chunk, whether every one of its keys is published (one snapshot)."""
+        if not chunks:
+            return []
+        per = len(chunks[0])
+        assert all(len(c) == per for c in chunks), "every chunk must list the same number of shards"
+        return [bool(x) for x in self._run("exists", [per, *[k for c in chunks for k in c]])]
+
+    def lease_left_ms(self, writer: str) -> int:
+        """Ms the longest live lease on any of ``writer``'s extents has left (0: none)."""
+        return max(0, int(self.client.pttl(f"{self.ns}:lr:{writer}")))
 
     def count(self) -> int:
         """Entries published (a scan: for tests and tools, not the serving path)."""

@@ -8,12 +8,15 @@ extent and checks the published checksum. The ordering rules that keep a
 reader from ever seeing another chunk's bytes:
 
 * publish after durable: a chunk is published only after its bytes are
-  written and its index record appended (the disk index's insert event);
-* retract before reuse: this backend evicts, not the disk index; it deletes
-  the Redis entries first, in the same Lua script that reads their leases,
-  and an extent a reader still leases stays pinned until the lease ends;
+  written and its index record appended, and its put's future resolves only
+  after that (so a lookup anywhere sees it once the future is done);
+* retract before reuse: the writer's disk index never frees an extent by
+  itself (``owner_frees``); every extent it drops (eviction, removal, a bad
+  chunk, ENOSPC) is retired, its Redis entry deleted in the same Lua script
+  that reads its leases, and it is reused only once the last lease ends;
 * a reader leases the entry in the same script that reads it, and counts a
-  read as a miss when its lease ran out before the bytes were checked.
+  read as a miss when its lease ran out before the bytes were checked, or
+  when the entry was published by an earlier run of its writer.
 """
 
 from __future__ import annotations
@@ -32,22 +35,26 @@ from typing import Optional, Sequence
 import torch
 
 from ..config import CacheEngineConfig
-from ..errors import ConfigError, DirectoryLockedError, GdsKvCacheError, StorageFullError
+from ..errors import ClosedError, ConfigError, DirectoryLockedError, GdsKvCacheError, StorageFullError
+from ..io import IOPathReport, open_engine
 from ..kernels.checksum import checksum_batch
 from ..key import CacheEngineKey
+from ..memory.allocator import allocate_batch
 from ..memory.format import MemoryFormat, str_to_dtype
 from ..memory.obj import MemoryObj
-from ..storage.disk_index import DiskEntry, DiskIndex
+from ..storage.abstract_backend import StorageBackendInterface
+from ..storage.disk_index import DiskEntry
 from ..storage.local_disk_backend import LocalDiskBackend, check_keys
-from ..storage.lookup_server import LookupServerInterface
 from ..storage.pool_file import POOL_NAME, pieces
+from ..storage.transfer import DiskTransfer
 from .redis_index import Published, RedisIndex
 
-__all__ = ["SharedDiskBackend", "WRITERS_DIR"]
+__all__ = ["SharedDiskBackend", "WRITERS_DIR", "cache_id"]
 
 log = logging.getLogger(__name__)
 
 WRITERS_DIR = "writers"
+CACHE_ID_NAME = "cache-id"
 _WRITER_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: Extra seconds an owner waits past a lease's end (clock granularity, scheduling).
 _LEASE_MARGIN = 0.05
@@ -58,49 +65,44 @@ def _redis_errors() -> tuple:
     return (redis.RedisError, OSError)
 
 
-class _OwnEvictionIndex(DiskIndex):
-    """A disk index that never evicts on its own: in shared mode the backend evicts, so the
-    Redis entry is retracted (and its leases checked) before the extent can be reused."""
-
-    def _allocate_evicting_locked(self, nbytes: int) -> Optional[int]:
-        return self._space.allocate(nbytes)
-
-
-class _Publisher(LookupServerInterface):
-    """The disk tier's insert/remove events, passed to Redis under the backend's publish lock."""
-
-    def __init__(self, backend: "SharedDiskBackend"):
-        self.b = backend
-
-    def insert(self, key: CacheEngineKey) -> None:
-        b = self.b
-        with b._pub_lock:
-            e = b.local.index.entry(key)
-            if e is None:      # removed since: its remove event follows
-                return
-            try:
-                dups = b.redis.publish(b.writer, [b._published(e)])
-            except b._errors:
-                b._dirty = True     # the next housekeeping pass re-publishes everything
-                raise
-            b._stats["published"] += 1
-            b._drop_duplicates(dups)
-
-    def remove(self, key: CacheEngineKey) -> None:
-        b = self.b
-        with b._pub_lock:
-            e = b.local.index.entry(key)
-            try:
-                b.redis.retract_stale(b.writer, key.to_string(), str(e.seq) if e is not None else "")
-            except b._errors:
-                b._dirty = True     # re-publish after a purge, which drops the stale entry
-                raise
-
-    def lookup(self, key: CacheEngineKey) -> bool:
-        return self.b.batched_contains([key]) == 1
+def cache_id(shared_dir: str) -> str:
+    """The shared directory's id (created by the first process to open it): the Redis namespace
+    of its chunks, the same on every node whatever the mount point, and different for two caches
+    sharing one Redis server."""
+    os.makedirs(shared_dir, exist_ok=True)
+    path = os.path.join(shared_dir, CACHE_ID_NAME)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(uuid.uuid4().hex[:16] + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    for _ in range(100):      # another process may be between its create and its write
+        with open(path) as f:
+            text = f.read().strip()
+        if text:
+            if not re.fullmatch(r"[0-9a-f]{16}", text):
+                raise ConfigError("local_disk", shared_dir, f"a shared directory whose {CACHE_ID_NAME} file holds "
+                                  f"16 hex digits (it holds {text[:40]!r}; delete it to start a new cache)")
+            return text
+        time.sleep(0.01)
+    raise ConfigError("local_disk", shared_dir, f"a shared directory whose {CACHE_ID_NAME} file is not empty")
 
 
-class SharedDiskBackend:
+class _RemotePool:
+    """Another writer's pool layout, as ``DiskTransfer`` maps logical offsets with it."""
+
+    def __init__(self, stripes: int, stripe_bytes: int, unit: int):
+        self.stripes, self.stripe_bytes, self.unit = stripes, stripe_bytes, unit
+
+    def pieces(self, offset: int, nbytes: int):
+        return pieces(offset, nbytes, self.stripes, self.unit)
+
+
+class SharedDiskBackend(StorageBackendInterface):
     """The disk tier shared by several processes through one directory and one Redis.
 
     Parameters
@@ -115,30 +117,41 @@ class SharedDiskBackend:
         takes the first free ``<hostname>-<n>``, so a restarted process gets its
         old directory (and chunks) back.
     namespace
-        Prefix of every Redis key (several caches may share one server).
+        Prefix of every Redis key. None: ``gdskv:<cache id>``, where the id is
+        kept in the shared directory (``cache-id``), so every process of one
+        cache agrees on it and two caches can share one Redis server.
     lease_ttl
         Seconds a reader's lease keeps an extent from reuse; a read must finish
-        within it.
+        within it (or it counts as a miss).
     claim_ttl
         Seconds a put claim keeps other writers off a key.
     tick
-        Seconds between housekeeping passes (lease releases, Redis restart and
-        rebuild-request checks).
+        Seconds between housekeeping passes (retractions, lease ends, Redis
+        restart and rebuild-request checks).
 
     Notes
     -----
     Lookups (``batched_contains``) are one Redis round trip for a whole prompt
     and answer for every tensor-parallel rank at once: a chunk counts only when
-    every rank's shard is published. While Redis is unreachable lookups miss,
-    puts still go to this writer's files (published when Redis is back), and
-    nothing is evicted. After Redis restarts empty, every writer re-publishes
-    its chunks within one ``tick`` plus the publish time (about 1 s per 100k
-    chunks on loopback). Run Redis without persistence.
+    every rank's shard is published. Reads of other writers' chunks run
+    through the same I/O engines as local reads, opened read-only (KvikIO or
+    POSIX, never a mapping another process could shrink).
+
+    While Redis is unreachable lookups and other writers' chunks miss, puts
+    still go to this writer's files (published when Redis is back), and no
+    extent is reused: an eviction is retracted from Redis before its space
+    is. A writer that starts while Redis is unreachable stores nothing until
+    it has registered, because Redis may still list its previous run's chunks.
+    After Redis restarts empty, every writer re-publishes its chunks within
+    one ``tick`` plus the publish time (about 1 s per 100k chunks on loopback)
+    and reuses no extent for one ``lease_ttl``, since the leases were lost.
+    Run Redis without persistence.
     """
 
     def __init__(self, config: CacheEngineConfig, loop, memory_allocator, dst_device: str = "cuda",
-                 writer_id: Optional[str] = None, namespace: str = "gdskv", lease_ttl: float = 5.0,
+                 writer_id: Optional[str] = None, namespace: Optional[str] = None, lease_ttl: float = 5.0,
                  claim_ttl: float = 30.0, tick: float = 0.2):
+        super().__init__(dst_device)
         url = getattr(config, "lookup_server_url", None)
         if not url:
             raise ConfigError("lookup_server_url", url, "a redis:// URL for shared mode")
@@ -146,39 +159,50 @@ class SharedDiskBackend:
             raise ConfigError("local_disk", None, "the shared directory (every process gives the same path)")
         if writer_id is not None and not (isinstance(writer_id, str) and _WRITER_ID.fullmatch(writer_id)):
             raise ConfigError("writer_id", writer_id, "1-64 letters, digits, '.', '_' or '-'")
+        for name, v in (("lease_ttl", lease_ttl), ("claim_ttl", claim_ttl), ("tick", tick)):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < 3600:
+                raise ConfigError(name, v, "seconds, more than 0 and less than 3600")
         self.config = config
         self.shared_dir = os.path.abspath(config.local_disk)
+        self.namespace = namespace if namespace is not None else f"gdskv:{cache_id(self.shared_dir)}"
         self.lease_ttl = lease_ttl
         self.tick = tick
         self.memory_allocator = memory_allocator
-        self.redis = RedisIndex(url, namespace, lease_ttl, claim_ttl)
+        self._memory = getattr(memory_allocator, "kind", str(memory_allocator.device))
+        self._buffer = getattr(memory_allocator, "buffer", None)
+        self.redis = RedisIndex(url, self.namespace, lease_ttl, claim_ttl)
         self._errors = _redis_errors()
-        self.writer, self.local = self._open_local(config, loop, memory_allocator, dst_device, writer_id)
-        self.local.index.__class__ = _OwnEvictionIndex   # no state of its own: only eviction changes
-        self.boot = uuid.uuid4().hex[:12]
         self._pub_lock = threading.RLock()
-        self._quarantine: list[tuple[float, DiskEntry]] = []   # (monotonic release time, pinned entry)
+        self._registered = False
+        self._quarantine: list[tuple[float, DiskEntry]] = []   # (monotonic release time, retired entry)
         self._q_lock = threading.Lock()
-        self._readers: dict[str, tuple] = {}    # writer -> (boot, layout, [fd per pool file])
+        self._retire_lock = threading.Lock()
+        self._readers: dict[str, tuple] = {}    # writer -> (boot, DiskTransfer over its files)
         self._r_lock = threading.Lock()
-        self._retired_fds: list[int] = []
+        self._retired_engines: list = []
         self._stats = {"published": 0, "duplicates": 0, "republishes": 0, "remote_hits": 0, "remote_misses": 0,
                        "lease_expired": 0, "remote_corrupt": 0, "claims_lost": 0, "redis_errors": 0,
-                       "leased_evictions": 0, "shared_evictions": 0}
+                       "leased_evictions": 0, "shared_evictions": 0, "retracted": 0, "unregistered_skips": 0}
         self.last_republish: Optional[float] = None
         self._epoch: Optional[str] = None
         self._rebuild_seen = 0
         self._dirty = False
-        self._no_evict_until = 0.0
+        self._no_reuse_until = 0.0
         self._hold_s = 0.0          # tests: seconds a remote read sleeps while holding its leases
-        self._prefetch = ThreadPoolExecutor(2, thread_name_prefix="gds-kvcache-shared-get")
+        self.writer, self.local = self._open_local(config, loop, memory_allocator, dst_device, writer_id)
+        self.boot = uuid.uuid4().hex[:12]
         try:
-            self.republish(purge=True)
-        except self._errors as e:
-            self._stats["redis_errors"] += 1
-            log.warning("Redis %s unreachable at start (%s): chunks are published once it answers",
-                        self.redis.url, e)
-        self.local.lookup_server = _Publisher(self)
+            self._prefetch = ThreadPoolExecutor(max(2, config.io_threads), thread_name_prefix="gds-kvcache-shared-get")
+            try:
+                self._register()
+            except self._errors as e:
+                self._stats["redis_errors"] += 1
+                log.warning("Redis %s unreachable at start (%s): writer %s stores nothing until it answers",
+                            self.redis.url, e, self.writer)
+        except BaseException:
+            self.local.close()
+            self.redis.close()
+            raise
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._housekeeping, name="gds-kvcache-shared", daemon=True)
         self._thread.start()
@@ -190,7 +214,8 @@ class SharedDiskBackend:
         for wid in ids:
             cfg = config.replace(local_disk=os.path.join(base, wid))
             try:
-                return wid, LocalDiskBackend(cfg, loop, alloc, dst_device, lookup_server=None)
+                return wid, LocalDiskBackend(cfg, loop, alloc, dst_device, lookup_server=None,
+                                             evictor=self._evict_on_full)
             except DirectoryLockedError:
                 if writer_id is not None:
                     raise
@@ -199,7 +224,17 @@ class SharedDiskBackend:
     # -- publishing --------------------------------------------------------------------
     def _published(self, e: DiskEntry) -> Published:
         return Published(e.key.to_string(), self.writer, str(e.seq), e.offset, e.nbytes, e.phys_size,
-                         tuple(e.shape), e.dtype, e.fmt, e.checksum)
+                         tuple(e.shape), e.dtype, e.fmt, e.checksum, self.boot)
+
+    def _register(self) -> None:
+        """First contact with Redis in this run: wait out leases on the last run's extents, drop
+        what it published (this writer's log is the truth now), then publish every chunk."""
+        wait_ms = self.redis.lease_left_ms(self.writer)
+        if wait_ms > 0:
+            # A reader of this writer's last run may still read an extent now free here.
+            log.info("writer %s: waiting %.1f s for readers' leases of its last run", self.writer, wait_ms / 1000)
+            time.sleep(wait_ms / 1000 + _LEASE_MARGIN)
+        self.republish(purge=True)
 
     def republish(self, purge: bool = False, batch: int = 2000) -> int:
         """Register this writer and publish every chunk of its index (one round trip per ``batch``).
@@ -224,6 +259,7 @@ class SharedDiskBackend:
                 self._drop_duplicates(dups)
                 n += len(es)
             self._epoch = epoch
+            self._registered = True
             self._stats["republishes"] += 1
             self.last_republish = time.monotonic()
         log.info("writer %s: %d chunk(s) published to %s", self.writer, n, self.redis.url)
@@ -235,13 +271,14 @@ class SharedDiskBackend:
 
     def _housekeeping(self) -> None:
         while not self._stop.wait(self.tick):
-            self._release_quarantine()
             try:
+                if not self._registered:
+                    self._register()
                 epoch = self.redis.epoch()
                 restarted = epoch is None or epoch != self._epoch
                 if restarted or self._dirty or self.redis.rebuild_requests() != self._rebuild_seen:
                     if restarted:
-                        self._no_evict_until = time.monotonic() + self.lease_ttl + _LEASE_MARGIN
+                        self._leases_lost()
                         log.warning("Redis %s restarted or was emptied: re-publishing writer %s",
                                     self.redis.url, self.writer)
                     dirty, self._dirty = self._dirty, False
@@ -250,69 +287,89 @@ class SharedDiskBackend:
                     except BaseException:
                         self._dirty = self._dirty or dirty
                         raise
+                self._process_retired()
             except self._errors as e:
                 self._stats["redis_errors"] += 1
                 log.debug("housekeeping: Redis unreachable: %s", e)
+            except ClosedError:
+                return
             except Exception:   # never let the thread die: a missed pass is retried next tick
                 log.exception("shared-mode housekeeping failed")
+            self._release_quarantine()
 
-    # -- eviction -------------------------------------------------------------------------
-    def _release_quarantine(self) -> None:
+    def _leases_lost(self) -> None:
+        """Redis restarted: every lease it held is gone, so no extent is reused for one lease period."""
+        self._no_reuse_until = max(self._no_reuse_until, time.monotonic() + self.lease_ttl + _LEASE_MARGIN)
+
+    # -- eviction: retract from Redis, wait out leases, then reuse -------------------------
+    def _process_retired(self) -> None:
+        """Retract the extents the index dropped (one round trip) and give back those no reader
+        leases; leased ones wait in quarantine. If Redis does not answer they stay retired."""
+        with self._retire_lock:
+            es = self.local.index.drain_retired()
+            if not es:
+                return
+            try:
+                with self._pub_lock:
+                    if self._registered and self.redis.epoch() != self._epoch:
+                        self._leases_lost()          # restarted: its leases are forgotten, not over
+                        self._dirty = True
+                    left = self.redis.retract(self.writer, [(e.key.to_string(), str(e.seq)) for e in es])
+            except BaseException:
+                self.local.index.requeue_retired(es)
+                raise
+        self._stats["retracted"] += len(es)
+        now = time.monotonic()
+        free_now = []
+        with self._q_lock:
+            for e, ms in zip(es, left):
+                until = max(self._no_reuse_until, now + ms / 1000 + _LEASE_MARGIN if ms > 0 else 0.0)
+                if until > now:
+                    self._quarantine.append((until, e))
+                    self._stats["leased_evictions"] += 1
+                else:
+                    free_now.append(e)
+        for e in free_now:
+            self.local.release_extent(e)
+
+    def _release_quarantine(self, all_due: bool = False) -> None:
         now = time.monotonic()
         with self._q_lock:
-            due = [e for t, e in self._quarantine if t <= now]
-            self._quarantine = [(t, e) for t, e in self._quarantine if t > now]
-        if due:
-            self.local.index.end_read(due)
+            due = [e for t, e in self._quarantine if all_due or t <= now]
+            self._quarantine = [(t, e) for t, e in self._quarantine if not (all_due or t <= now)]
+        for e in due:
+            self.local.release_extent(e)
 
-    def _retract_and_remove(self, entries: Sequence[DiskEntry]) -> int:
-        """Retract ``entries`` from Redis, then drop them here; leased extents stay pinned until their
-        leases end. Caller holds ``_pub_lock``. Returns bytes freed now."""
+    def _evict(self, need: int, count: int = 0) -> int:
+        """Drop this writer's LRU chunks nobody reads here until ``need`` bytes and ``count`` chunks
+        went, then retract them; returns how many were dropped."""
         idx = self.local.index
-        left = self.redis.retract(self.writer, [(e.key.to_string(), str(e.seq)) for e in entries])
-        freed = 0
-        for e, ms in zip(entries, left):
-            if ms > 0:
-                pinned = idx.begin_read([e.key])[0]
-                if pinned is not e:          # replaced meanwhile: leave the new one alone
-                    if pinned is not None:
-                        idx.end_read([pinned])
-                    continue
-                with self._q_lock:
-                    self._quarantine.append((time.monotonic() + ms / 1000 + _LEASE_MARGIN, e))
-                self._stats["leased_evictions"] += 1
-            else:
-                freed += e.phys_size
-            self.local.remove(e.key)
-        return freed
+        victims = idx.eviction_candidates(need, count)
+        if not victims:
+            return 0
+        gone = idx.evict(victims)
+        self._stats["shared_evictions"] += len(gone)
+        self._process_retired()
+        return len(gone)
 
-    def _make_room(self, need: int) -> None:
-        """Evict this writer's LRU chunks nobody reads until ``need`` bytes are free."""
+    def _make_room(self, need: int, adding: int) -> None:
+        """Free ``need`` pool bytes and index room for ``adding`` chunks, evicting as needed."""
         idx = self.local.index
         self._release_quarantine()
-        if idx.capacity - idx.used >= need:
-            return
-        if time.monotonic() < self._no_evict_until:
-            return
-        with self._pub_lock:
-            if self.redis.epoch() != self._epoch:
-                # A restarted Redis forgot every lease: wait out the longest one before any reuse.
-                self._no_evict_until = time.monotonic() + self.lease_ttl + _LEASE_MARGIN
-                self._dirty = True
-                return
-            free = idx.capacity - idx.used
-            victims = []
-            for k in idx.keys():
-                if free >= need:
-                    break
-                e = idx.entry(k)
-                if e is None or e.readers > 0:
-                    continue
-                victims.append(e)
-                free += e.phys_size
-            if victims:
-                self._retract_and_remove(victims)
-                self._stats["shared_evictions"] += len(victims)
+        self._process_retired()
+        short = need - (idx.capacity - idx.used)
+        over = idx.over_reserve(adding)
+        if short > 0 or over > 0:
+            self._evict(max(0, short), over)
+
+    def _evict_on_full(self) -> bool:
+        """The file system is full (ENOSPC): evict one more chunk; False when none is left."""
+        try:
+            return self._evict(1, 1) > 0
+        except self._errors as e:
+            self._stats["redis_errors"] += 1
+            log.debug("no eviction while Redis is unreachable: %s", e)
+            return False
 
     # -- puts ---------------------------------------------------------------------------------
     def batched_submit_put_task(self, keys: Sequence[CacheEngineKey],
@@ -320,12 +377,17 @@ class SharedDiskBackend:
         """Store ``objs`` under ``keys`` in this writer's files; published once durable.
 
         Per key, None where the key is stored here, published by any writer,
-        or claimed by another writer's put in flight (that writer stores it).
+        claimed by another writer's put in flight (that writer stores it), or
+        this writer has not reached Redis yet since it started.
         """
         keys, objs = list(keys), list(objs)
         if len(keys) != len(objs):
             raise GdsKvCacheError(f"{len(keys)} keys but {len(objs)} objects")
         check_keys(keys)
+        out: list[Optional[Future]] = [None] * len(keys)
+        if not self._registered:
+            self._stats["unregistered_skips"] += len(keys)
+            return out
         idx = self.local.index
         try:
             mine = self.redis.claim(self.writer, [k.to_string() for k in keys])
@@ -335,36 +397,69 @@ class SharedDiskBackend:
             mine = [True] * len(keys)
         self._stats["claims_lost"] += mine.count(False)
         sel = [i for i in range(len(keys)) if mine[i] and not idx.contains(keys[i])]
-        out: list[Optional[Future]] = [None] * len(keys)
         if not sel:
             return out
         futs = self._submit(keys, objs, sel, 1)
-        # Refused at reservation (room fragmented or pinned): evict more and try once again.
+        # Refused at reservation (room fragmented or leased): evict more and try once again.
         again = [i for i in sel if futs[i] is not None and futs[i].done()
                  and isinstance(futs[i].exception(), StorageFullError)]
         if again:
             futs.update(self._submit(keys, objs, again, 2))
-        for i in sel:
-            out[i] = futs[i]
+        pairs = [(keys[i], futs[i]) for i in sel if futs[i] is not None]
+        for i, f in zip([i for i in sel if futs[i] is not None], self._published_when_done(pairs)):
+            out[i] = f
         return out
+
+    def _published_when_done(self, pairs: list[tuple[CacheEngineKey, Future]]) -> list[Future]:
+        """Futures that resolve like the local puts' ``pairs``, but only after the chunks written
+        are published (one round trip for the whole batch, from the thread that finished last)."""
+        outs = [Future() for _ in pairs]
+        left = [len(pairs)]
+        lock = threading.Lock()
+
+        def one_done(_: Future) -> None:
+            with lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+            done = [k for k, f in pairs if not f.cancelled() and f.exception() is None]
+            try:
+                if done:
+                    self._publish_current(done)
+            except self._errors as e:
+                self._dirty = True        # written and indexed here: published by the next pass
+                self._stats["redis_errors"] += 1
+                log.debug("publish failed (%s): re-published when Redis answers", e)
+            except Exception:             # the puts themselves succeeded: never lose their results
+                self._dirty = True
+                log.exception("publishing %d chunk(s) failed", len(done))
+            finally:
+                for (_, f), o in zip(pairs, outs):
+                    if f.cancelled():
+                        o.cancel()
+                    elif f.exception() is not None:
+                        o.set_exception(f.exception())
+                    else:
+                        o.set_result(f.result())
+
+        for _, f in pairs:
+            f.add_done_callback(one_done)
+        return outs
 
     def _submit(self, keys, objs, sel: list[int], factor: int) -> dict:
         try:
-            self._make_room(factor * sum(objs[i].phys_size for i in sel))
-        except self._errors as e:     # no eviction without Redis: a reader may hold a lease
+            self._make_room(factor * sum(objs[i].phys_size for i in sel), len(sel))
+        except self._errors as e:     # no reuse without Redis: a reader may hold a lease
             self._stats["redis_errors"] += 1
             log.debug("no eviction while Redis is unreachable: %s", e)
         futs = self.local.batched_submit_put_task([keys[i] for i in sel], [objs[i] for i in sel])
         return dict(zip(sel, futs))
 
-    def batched_put(self, keys: Sequence[CacheEngineKey], objs: Sequence[MemoryObj]) -> list:
-        """Store and wait until published: per key, bytes written, None (skipped) or the exception.
+    def submit_put_task(self, key: CacheEngineKey, obj: MemoryObj) -> Optional[Future]:
+        return self.batched_submit_put_task([key], [obj])[0]
 
-        The async form publishes from the put thread just after its futures
-        resolve; this one publishes the batch itself (one round trip), so a
-        lookup anywhere sees the chunks once it returns.
-        """
-        keys = list(keys)
+    def batched_put(self, keys: Sequence[CacheEngineKey], objs: Sequence[MemoryObj]) -> list:
+        """Store and wait until published: per key, bytes written, None (skipped) or the exception."""
         out = []
         for f in self.batched_submit_put_task(keys, objs):
             if f is None:
@@ -374,14 +469,6 @@ class SharedDiskBackend:
                 out.append(f.result())
             except Exception as e:
                 out.append(e)
-        done = [k for k, r in zip(keys, out) if isinstance(r, int)]
-        if done:
-            try:
-                self._publish_current(done)
-            except self._errors as e:
-                self._dirty = True
-                self._stats["redis_errors"] += 1
-                log.debug("publish failed (%s): re-published when Redis answers", e)
         return out
 
     def _publish_current(self, keys: Sequence[CacheEngineKey]) -> None:
@@ -403,6 +490,15 @@ class SharedDiskBackend:
             except GdsKvCacheError as e:     # closing: the next start re-publishes or drops it
                 log.debug("keeping duplicate %s: %s", k, e)
 
+    def exists_in_put_tasks(self, key: CacheEngineKey) -> bool:
+        return self.local.exists_in_put_tasks(key)
+
+    def wait_for_put_progress(self, timeout: float) -> bool:
+        return self.local.wait_for_put_progress(timeout)
+
+    def wait_for_puts(self, timeout: Optional[float] = None) -> bool:
+        return self.local.wait_for_puts(timeout)
+
     # -- lookups ---------------------------------------------------------------------------------
     @staticmethod
     def shards(key: CacheEngineKey) -> list[str]:
@@ -416,6 +512,8 @@ class SharedDiskBackend:
         Redis is unreachable: a miss, never a promise another rank cannot keep)."""
         keys = list(keys)
         check_keys(keys)
+        if not keys:
+            return 0
         try:
             return self.redis.prefix([self.shards(k) for k in keys])
         except self._errors as e:
@@ -423,8 +521,25 @@ class SharedDiskBackend:
             log.debug("lookup failed: %s", e)
             return 0
 
+    def batched_exists(self, keys: Sequence[CacheEngineKey]) -> list[bool]:
+        """Per key, whether every rank's shard of it is published (one round trip)."""
+        keys = list(keys)
+        check_keys(keys)
+        if not keys:
+            return []
+        try:
+            return self.redis.exists([self.shards(k) for k in keys])
+        except self._errors as e:
+            self._stats["redis_errors"] += 1
+            log.debug("lookup failed: %s", e)
+            return [False] * len(keys)
+
     def contains(self, key: CacheEngineKey) -> bool:
         return self.batched_contains([key]) == 1
+
+    def entry(self, key: CacheEngineKey) -> Optional[DiskEntry]:
+        """This writer's entry of ``key`` (None for other writers' chunks)."""
+        return self.local.entry(key)
 
     # -- gets ---------------------------------------------------------------------------------------
     def batched_get_blocking(self, keys: Sequence[CacheEngineKey]) -> list[Optional[MemoryObj]]:
@@ -438,8 +553,7 @@ class SharedDiskBackend:
         if here:
             for i, o in zip(here, self.local.batched_get_blocking([keys[i] for i in here])):
                 out[i] = o
-        local = set(here)
-        rest = [i for i in range(len(keys)) if i not in local]
+        rest = [i for i in range(len(keys)) if out[i] is None]
         if rest:
             self._read_remote(keys, rest, out)
         return out
@@ -448,9 +562,16 @@ class SharedDiskBackend:
         return self.batched_get_blocking([key])[0]
 
     def batched_submit_prefetch_task(self, keys: Sequence[CacheEngineKey]) -> Future:
+        """Start ``batched_get_blocking(keys)`` in the background; a future of its list."""
         keys = list(keys)
         check_keys(keys)
         return self._prefetch.submit(self.batched_get_blocking, keys)
+
+    def submit_prefetch_task(self, key: CacheEngineKey) -> Optional[Future]:
+        check_keys([key])
+        if not self.contains(key):
+            return None
+        return self._prefetch.submit(self.get_blocking, key)
 
     def _read_remote(self, keys, which: list[int], out: list) -> None:
         token = self.redis.new_token(self.writer)
@@ -462,25 +583,44 @@ class SharedDiskBackend:
             log.debug("remote read: Redis unreachable: %s", e)
             return
         held = [p for p in pubs if p is not None]
-        got: list[tuple[int, Published, MemoryObj]] = []
+        objs: list[MemoryObj] = []
         try:
             if self._hold_s and held:
                 time.sleep(self._hold_s)
+            # Another writer's chunks, grouped by writer (one transfer per writer); an entry of a
+            # writer's earlier run (its boot changed) may point at reused bytes: a miss.
+            todo: dict[str, list[tuple[int, Published]]] = {}
             for i, p in zip(which, pubs):
-                if p is None or p.writer == self.writer:   # ours but gone here: retracted meanwhile
+                if p is None or p.writer == self.writer or p.boot != p.writer_boot:
                     continue
-                try:
-                    dtype, shape, fmt = str_to_dtype(p.dtype), torch.Size(p.shape), MemoryFormat[p.fmt]
-                except (GdsKvCacheError, KeyError) as exc:
-                    log.warning("ignoring entry %s of writer %s: %s", p.key, p.writer, exc)
+                todo.setdefault(p.writer, []).append((i, p))
+            got: list[tuple[int, Published, MemoryObj]] = []
+            for w, items in todo.items():
+                shapes, dtypes, fmts, ok = [], [], [], []
+                for i, p in items:
+                    try:
+                        dtype, shape, fmt = str_to_dtype(p.dtype), torch.Size(p.shape), MemoryFormat[p.fmt]
+                    except (GdsKvCacheError, KeyError) as exc:
+                        log.warning("ignoring entry %s of writer %s: %s", p.key, p.writer, exc)
+                        continue
+                    shapes.append(shape)
+                    dtypes.append(dtype)
+                    fmts.append(fmt)
+                    ok.append((i, p))
+                batch = allocate_batch(self.memory_allocator, shapes, dtypes, fmts)
+                objs += batch
+                ok = ok[: len(batch)]            # no slab room for the rest: misses
+                tr = self._transfer_of(w, items[0][1].boot)
+                if tr is None:
                     continue
-                obj = self.memory_allocator.allocate(shape, dtype, fmt)
-                if obj is None:
-                    break    # no slab room now: the rest are misses
-                if obj.nbytes != p.nbytes or not self._pread(p, obj):
-                    obj.ref_count_down()
-                    continue
-                got.append((i, p, obj))
+                sized = [(i, p, o) for (i, p), o in zip(ok, batch) if o.nbytes == p.nbytes
+                         and o.phys_size == p.phys_size]
+                errs = tr.read([o for _, _, o in sized], [p.offset for _, p, _ in sized])
+                for (i, p, o), err in zip(sized, errs):
+                    if err is None:
+                        got.append((i, p, o))
+                    else:
+                        log.warning("reading chunk %s of writer %s: %s", p.key, p.writer, err)
             if got:
                 buf = got[0][2]._alloc.buffer.tensor
                 sums = checksum_batch(buf, [(o.offset, o.nbytes) for _, _, o in got], ordered=False)
@@ -493,91 +633,86 @@ class SharedDiskBackend:
                         log.warning("chunk %s of writer %s failed its checksum: a miss", p.key, p.writer)
                     else:
                         out[i] = o
-                        continue
-                    o.ref_count_down()
-                got = []
             n_hit = sum(1 for i in which if out[i] is not None)
             self._stats["remote_hits"] += n_hit
             self._stats["remote_misses"] += len(which) - n_hit
         finally:
-            for _, _, o in got:
-                o.ref_count_down()
+            kept = {id(o) for o in out if o is not None}
+            for o in objs:
+                if id(o) not in kept:
+                    o.ref_count_down()
             try:
                 self.redis.release(token, held)
             except self._errors as e:    # the leases expire on their own
                 self._stats["redis_errors"] += 1
                 log.debug("lease release failed: %s", e)
 
-    def _files_of(self, writer: str, boot: str) -> Optional[tuple[dict, list]]:
+    def _transfer_of(self, writer: str, boot: str) -> Optional[DiskTransfer]:
+        """A read-only transfer over ``writer``'s pool files (opened once per writer run)."""
         with self._r_lock:
             have = self._readers.get(writer)
             if have is not None and have[0] == boot:
-                return have[1], have[2]   # (boot, layout, fds)
+                return have[1]
         lay = self.redis.layout(writer)
-        if not lay:
+        if not lay or lay.get("boot", "") != boot:
             return None
         path = os.path.join(self.shared_dir, lay["dir"])
-        fds = []
+        stripes, stripe_bytes, unit = int(lay["stripes"]), int(lay["stripe_bytes"]), int(lay["unit"])
+        paths = [os.path.join(path, f"{POOL_NAME}.{f}") for f in range(stripes)]
         try:
-            for f in range(int(lay["stripes"])):
-                fds.append(os.open(os.path.join(path, f"{POOL_NAME}.{f}"), os.O_RDONLY))
-        except OSError as e:
-            for fd in fds:
-                os.close(fd)
+            engine = open_engine(paths, self.config, self._memory, stripe_bytes, read_only=True)
+            if self._buffer is not None:
+                engine.attach(self._buffer)
+        except (OSError, GdsKvCacheError) as e:
             log.warning("cannot open writer %s's pool files: %s", writer, e)
             return None
+        tr = DiskTransfer(engine, _RemotePool(stripes, stripe_bytes, unit))
         with self._r_lock:
             old = self._readers.pop(writer, None)
-            self._readers[writer] = (lay.get("boot", ""), lay, fds)
+            self._readers[writer] = (boot, tr)
             if old is not None:
-                # Closed only at close(): a read in flight may still use them, and a closed
-                # number reused by another open would read the wrong file.
-                self._retired_fds += old[2]
-        return lay, fds
-
-    def _pread(self, p: Published, obj: MemoryObj) -> bool:
-        files = self._files_of(p.writer, p.boot)
-        if files is None:
-            return False
-        lay, fds = files
-        host = obj.device.type == "cpu"
-        dst = obj.raw_data.numpy() if host else bytearray(p.nbytes)
-        mv = memoryview(dst).cast("B")
-        try:
-            for f, local, delta, n in pieces(p.offset, p.nbytes, int(lay["stripes"]), int(lay["unit"])):
-                if os.preadv(fds[f], [mv[delta:delta + n]], local) != n:
-                    return False
-        except (OSError, IndexError) as e:
-            log.warning("reading chunk %s of writer %s: %s", p.key, p.writer, e)
-            return False
-        if not host:
-            obj.byte_array.copy_(torch.frombuffer(dst, dtype=torch.uint8))
-            torch.cuda.current_stream(obj.device).synchronize()
-        return True
+                # Closed only at close(): a read in flight may still use it.
+                self._retired_engines.append(old[1].engine)
+        return tr
 
     # -- management ---------------------------------------------------------------------------------
     def remove(self, key: CacheEngineKey) -> bool:
-        """Drop this writer's chunk ``key`` (retracted from Redis first); False if it is not
-        stored here (another writer's chunk is only ever removed by that writer) or Redis is
-        unreachable (removing then could pull bytes from under a reader's lease)."""
+        """Drop this writer's chunk ``key``; False if it is not stored here (another writer's chunk
+        is only ever removed by that writer). Its Redis entry is retracted before its extent is
+        reused (at once, or once Redis answers)."""
         check_keys([key])
-        e = self.local.index.entry(key)
-        if e is None:
-            return False
-        with self._pub_lock:
-            if self.local.index.entry(key) is not e:
-                return False
+        was = self.local.remove(key)
+        if was:
             try:
-                self._retract_and_remove([e])
+                self._process_retired()
             except self._errors as exc:
                 self._stats["redis_errors"] += 1
-                log.warning("not removing %s: Redis unreachable (%s)", key.to_string(), exc)
-                return False
-        return True
+                log.warning("removed %s here; Redis unreachable (%s): retracted when it answers",
+                            key.to_string(), exc)
+        return was
 
     def keys(self) -> list[CacheEngineKey]:
         """This writer's chunks."""
         return self.local.keys()
+
+    @property
+    def path(self) -> str:
+        return self.local.path
+
+    @property
+    def pool_paths(self) -> list[str]:
+        return self.local.pool_paths
+
+    @property
+    def used_bytes(self) -> int:
+        return self.local.used_bytes
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.local.capacity_bytes
+
+    def io_report(self) -> IOPathReport:
+        return self.local.io_report()
 
     @property
     def stats(self) -> dict:
@@ -585,31 +720,44 @@ class SharedDiskBackend:
         out.update(self._stats)
         return out
 
-    def wait_for_puts(self, timeout: Optional[float] = None) -> bool:
-        return self.local.wait_for_puts(timeout)
-
     def memcheck(self) -> bool:
         return self.local.memcheck()
 
     def close(self) -> None:
-        """Stop housekeeping, close this writer's backend (its chunks stay published and readable:
+        """Stop housekeeping, retract what was evicted, wait out readers' leases on it (at most
+        ``lease_ttl``), then close this writer's backend (its chunks stay published and readable:
         the files remain) and the Redis client."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._thread.join()
         self._prefetch.shutdown(wait=True)
-        with self._q_lock:
-            pinned, self._quarantine = [e for _, e in self._quarantine], []
-        if pinned:
-            self.local.index.end_read(pinned)
         try:
-            self.local.close()
+            try:
+                self._process_retired()
+            except self._errors as e:
+                self._stats["redis_errors"] += 1
+                log.warning("closing writer %s: Redis unreachable (%s); its next start waits out leases",
+                            self.writer, e)
+            with self._q_lock:
+                last = max((t for t, _ in self._quarantine), default=0.0)
+            if last > time.monotonic():
+                time.sleep(min(last - time.monotonic(), self.lease_ttl + _LEASE_MARGIN))
+            self._release_quarantine(all_due=True)
         finally:
-            with self._r_lock:
-                for fd in [fd for _, _, fds in self._readers.values() for fd in fds] + self._retired_fds:
-                    os.close(fd)
-                self._readers.clear()
-                self._retired_fds.clear()
-            self.redis.close()
+            try:
+                self.local.close()
+            finally:
+                with self._r_lock:
+                    engines = [tr.engine for _, tr in self._readers.values()] + self._retired_engines
+                    self._readers.clear()
+                    self._retired_engines = []
+                for eng in engines:
+                    try:
+                        eng.close()
+                    except Exception as e:
+                        log.debug("closing a reader engine: %s", e)
+                self.redis.close()
 
     def __enter__(self) -> "SharedDiskBackend":
         return self

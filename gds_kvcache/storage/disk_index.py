@@ -58,6 +58,13 @@ class DiskIndex:
         Bytes of the disk budget the index files may take (the pool has the rest).
     events
         Keep the ordered inserts/removals for ``drain_events`` (a lookup server).
+    owner_frees
+        False: the index evicts LRU chunks itself to make room and frees the
+        extents it drops. True: it never evicts on its own, and every extent it
+        drops (``remove``, ``evict``, a bad chunk, the last reader of a removed
+        chunk) goes to ``drain_retired`` instead of the free list; the owner
+        calls ``free`` once no one else can be reading it (shared mode
+        retracts the chunk from Redis and waits out readers' leases first).
 
     Notes
     -----
@@ -68,7 +75,7 @@ class DiskIndex:
     only when its last reader is done.
     """
 
-    def __init__(self, pool: PoolDirectory, reserve: int, events: bool = True):
+    def __init__(self, pool: PoolDirectory, reserve: int, events: bool = True, owner_frees: bool = False):
         self._pool = pool
         self._reserve = reserve
         self._log = IndexLog(pool.path)
@@ -81,6 +88,8 @@ class DiskIndex:
         self._events: deque = deque()                      # ("insert" | "remove", key) for the lookup server
         self._track = events
         self._freed_after_compaction: list[int] = []
+        self._owner_frees = owner_frees
+        self._retired: list[DiskEntry] = []                # dropped, not yet freed (owner_frees)
         self._closed = False
         self.stats = {"evictions": 0, "index_evictions": 0, "compactions": 0, "dropped_at_open": 0}
 
@@ -256,7 +265,7 @@ class DiskIndex:
 
     def _allocate_evicting_locked(self, nbytes: int) -> Optional[int]:
         off = self._space.allocate(nbytes)
-        if off is not None:
+        if off is not None or self._owner_frees:
             return off
         # Evict only if that can work: the pool must have a hole of nbytes
         # once every chunk nobody reads is gone (in-flight puts and chunks
@@ -317,7 +326,8 @@ class DiskIndex:
         if self._log.bytes + IndexLog.size_of(adding) + IndexLog.size_of(1) <= half:
             return
         live = len(self._entries)
-        while live and IndexLog.size_of(live + adding) + IndexLog.size_of(1) > half:
+        # An owner that frees evicts ahead of the put (``over_reserve``); here only compaction.
+        while live and not self._owner_frees and IndexLog.size_of(live + adding) + IndexLog.size_of(1) > half:
             victim = next((k for k, e in self._entries.items() if e.readers == 0), None)
             if victim is None:
                 break
@@ -380,22 +390,31 @@ class DiskIndex:
                 e.readers -= 1
                 assert e.readers >= 0, f"negative reader count on {e.key}"
                 if e.doomed and e.readers == 0:
-                    self._space.free_extent(e.offset)
+                    self._release_locked(e)
 
     # -- removal -------------------------------------------------------------
-    def _drop_locked(self, key: CacheEngineKey, free: bool) -> Optional[DiskEntry]:
-        """Forget ``key``: delete record first, then (unless read now, or ``free`` is False) free its extent."""
+    def _drop_locked(self, key: CacheEngineKey, free: bool, record: bool = True) -> Optional[DiskEntry]:
+        """Forget ``key``: delete record first (unless the caller writes it), then (unless read now,
+        or ``free`` is False) release its extent."""
         e = self._entries.pop(key, None)
         if e is None:
             return None
-        self._log.append(dels=[key])
+        if record:
+            self._log.append(dels=[key])
         if self._track:
             self._events.append(("remove", key))
         if e.readers > 0:
             e.doomed = True
         elif free:
-            self._space.free_extent(e.offset)
+            self._release_locked(e)
         return e
+
+    def _release_locked(self, e: DiskEntry) -> None:
+        """An extent no local reader uses any more: free now, or hand it to the owner."""
+        if self._owner_frees:
+            self._retired.append(e)
+        else:
+            self._space.free_extent(e.offset)
 
     def remove(self, key: CacheEngineKey) -> tuple[bool, Optional[tuple[int, int]]]:
         """Forget ``key``. Returns (was there, extent to punch then ``free`` or None).
@@ -407,15 +426,16 @@ class DiskIndex:
             if key in self._pending:
                 self._cancelled.add(key)
                 return True, None
-            e = self._drop_locked(key, free=False)
+            e = self._drop_locked(key, free=self._owner_frees)
             if e is None:
                 return False, None
-            if e.doomed:
+            if e.doomed or self._owner_frees:
                 return True, None
             return True, (e.offset, e.phys_size)
 
     def evict_one(self) -> Optional[tuple[CacheEngineKey, int, int]]:
         """Drop the LRU chunk nobody reads (the file system is full); (key, offset, size) to punch then ``free``."""
+        assert not self._owner_frees, "with owner_frees the owner evicts (eviction_candidates, evict)"
         with self._lock:
             victim = next((k for k, e in self._entries.items() if e.readers == 0), None)
             if victim is None:
@@ -427,6 +447,65 @@ class DiskIndex:
     def free(self, offset: int) -> None:
         with self._lock:
             self._space.free_extent(offset)
+
+    # -- eviction by the owner (owner_frees) ---------------------------------------
+    def eviction_candidates(self, nbytes: int, count: int = 0) -> list[DiskEntry]:
+        """LRU chunks nobody reads here, oldest first, until they hold ``nbytes`` and number at
+        least ``count`` (fewer if the pool has no more). Nothing is dropped: see ``evict``."""
+        out: list[DiskEntry] = []
+        got = 0
+        with self._lock:
+            for e in self._entries.values():
+                if got >= nbytes and len(out) >= count:
+                    break
+                if e.readers == 0:
+                    out.append(e)
+                    got += e.phys_size
+        return out
+
+    def evict(self, entries: Sequence[DiskEntry]) -> list[DiskEntry]:
+        """Drop those of ``entries`` that are still current and unread, with one delete append.
+
+        Returns the entries dropped (with ``owner_frees`` they are retired, else freed)."""
+        with self._lock:
+            if self._closed:
+                raise ClosedError("disk index is closed")
+            gone = [e for e in entries if self._entries.get(e.key) is e and e.readers == 0]
+            if gone:
+                self._log.append(dels=[e.key for e in gone])
+            for e in gone:
+                self._drop_locked(e.key, free=True, record=False)
+            self.stats["evictions"] += len(gone)
+            return gone
+
+    def over_reserve(self, adding: int) -> int:
+        """How many chunks must go so that the index, with ``adding`` more, fits its reserve
+        (what the index evicts by itself unless ``owner_frees``)."""
+        half = (self._reserve - _OTHER_FILES) // 2
+        with self._lock:
+            live = len(self._entries)
+        if IndexLog.size_of(live + adding) + IndexLog.size_of(1) <= half:
+            return 0
+        lo, hi = 0, live           # the most chunks that may stay: lo fits (or is 0), hi + 1 does not
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if IndexLog.size_of(mid + adding) + IndexLog.size_of(1) <= half:
+                lo = mid
+            else:
+                hi = mid - 1
+        return live - lo
+
+    def requeue_retired(self, entries: Sequence[DiskEntry]) -> None:
+        """Put back retired entries the owner could not release yet (Redis unreachable)."""
+        with self._lock:
+            self._retired[:0] = entries
+
+    def drain_retired(self) -> list[DiskEntry]:
+        """Extents dropped since the last call and not yet freed (``owner_frees``): the owner
+        calls ``free(e.offset)`` for each once no other process can be reading it."""
+        with self._lock:
+            out, self._retired = self._retired, []
+        return out
 
     # -- lookup-server events -------------------------------------------------
     def track_events(self, on: bool) -> None:

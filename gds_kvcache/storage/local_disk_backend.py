@@ -17,7 +17,7 @@ import math
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -75,6 +75,14 @@ class LocalDiskBackend(StorageBackendInterface):
         Told of every key stored and dropped, outside every lock; its errors
         are logged and counted (``stats["lookup_errors"]``) and never change
         what this backend stores.
+    evictor
+        None (the default): the backend evicts LRU chunks on its own when the
+        pool or the file system is full. Given: an owner evicts instead (shared
+        mode, which must retract a chunk from Redis before its extent is
+        reused). The index then never frees an extent by itself; the owner
+        drains ``index.drain_retired()`` and gives each back with
+        ``release_extent``, and ``evictor()`` is called when the file system
+        is full, returning whether it evicted anything.
 
     Notes
     -----
@@ -88,7 +96,8 @@ class LocalDiskBackend(StorageBackendInterface):
 
     def __init__(self, config: CacheEngineConfig, loop: Optional[asyncio.AbstractEventLoop],
                  memory_allocator: MemoryAllocatorInterface, dst_device: str = "cuda",
-                 lookup_server: Optional[LookupServerInterface] = None):
+                 lookup_server: Optional[LookupServerInterface] = None,
+                 evictor: Optional[Callable[[], bool]] = None):
         super().__init__(dst_device)
         if config.local_disk is None:
             raise GdsKvCacheError("LocalDiskBackend needs config.local_disk")
@@ -96,13 +105,15 @@ class LocalDiskBackend(StorageBackendInterface):
         self.loop = loop
         self.memory_allocator = memory_allocator
         self._lookup = lookup_server
+        self._evictor = evictor
         self.verify = config.verify_checksums
         self._buffer = getattr(memory_allocator, "buffer", None)
         self._dir = PoolDirectory(config.local_disk, config.disk_bytes, config.pool_files, config.preallocate)
         self.index: Optional[DiskIndex] = None
         self._engine = None
         try:
-            self.index = DiskIndex(self._dir, index_reserve(config.disk_bytes), events=lookup_server is not None)
+            self.index = DiskIndex(self._dir, index_reserve(config.disk_bytes), events=lookup_server is not None,
+                                   owner_frees=evictor is not None)
             free = self.index.recover()
             memory = getattr(memory_allocator, "kind", str(memory_allocator.device))
             self._engine = open_engine(self._dir.pool_paths, config, memory, self._dir.stripe_bytes)
@@ -366,6 +377,13 @@ class LocalDiskBackend(StorageBackendInterface):
             full = [i for i, e in enumerate(errs) if e is not None and _is_no_space(e)]
             if not full:
                 return errs
+            if self._evictor is not None:
+                if not self._evictor():
+                    return errs
+                again = self._transfer.write([objs[i] for i in full], [offsets[i] for i in full])
+                for i, e in zip(full, again):
+                    errs[i] = e
+                continue
             victim = self.index.evict_one()
             if victim is None:
                 return errs
@@ -569,6 +587,17 @@ class LocalDiskBackend(StorageBackendInterface):
         finally:
             self._exit()
             self._notify()
+
+    def release_extent(self, entry: DiskEntry) -> None:
+        """Give a retired extent (``index.drain_retired()``) back to the file system and the pool;
+        only for an ``evictor`` owner, once no other process can be reading it."""
+        self._punch(entry.offset, entry.phys_size)
+        self.index.free(entry.offset)
+
+    def batched_exists(self, keys: Sequence[CacheEngineKey]) -> list[bool]:
+        """Per key, whether it is stored (not only the hit prefix)."""
+        check_keys(keys)
+        return [self.index.contains(k) for k in keys]
 
     def keys(self) -> list[CacheEngineKey]:
         return self.index.keys()

@@ -37,19 +37,35 @@ def CreateStorageBackends(config: CacheEngineConfig, metadata: Optional[CacheEng
                           dst_device: str = "cuda",
                           lookup_server: Optional[LookupServerInterface] = None
                           ) -> "OrderedDict[str, StorageBackendInterface]":
-    """The backends ``config`` asks for, in lookup order: ``Hot`` then ``LocalDiskBackend``."""
-    if getattr(config, "lookup_server_url", None):
-        # Not silently local: shared mode has its own backend, not built here yet.
-        raise ConfigError("lookup_server_url", config.lookup_server_url,
-                          "None for StorageManager/CacheEngine today; shared mode runs through "
-                          "gds_kvcache.shared.SharedDiskBackend directly")
+    """The backends ``config`` asks for, in lookup order: ``Hot`` then ``LocalDiskBackend``.
+
+    With ``config.lookup_server_url`` set, the disk tier (still named
+    ``LocalDiskBackend``) is a ``gds_kvcache.shared.SharedDiskBackend``: this
+    process writes its own subdirectory of ``local_disk`` and reads every
+    other process's, found through Redis. Redis replaces ``lookup_server``.
+    """
+    shared = bool(getattr(config, "lookup_server_url", None))
+    if shared and config.local_disk is None:
+        raise ConfigError("local_disk", None, "the shared directory when lookup_server_url is set "
+                          "(every process gives the same path)")
+    if shared and lookup_server is not None:
+        raise ConfigError("lookup_server", type(lookup_server).__name__,
+                          "None when lookup_server_url is set (Redis is the lookup server)")
     backends: OrderedDict[str, StorageBackendInterface] = OrderedDict()
     if config.local_cpu:
         # With a disk tier the lookup server tracks the disk (the durable copy);
         # hot-tier evictions would otherwise report keys gone that are still stored.
         hot_lookup = lookup_server if config.local_disk is None else None
         backends["Hot"] = LocalCPUBackend(config.hot_bytes, dst_device, hot_lookup)
-    if config.local_disk is not None:
+    if shared:
+        from ..shared.shared_backend import SharedDiskBackend   # imports redis only in shared mode
+        try:
+            backends["LocalDiskBackend"] = SharedDiskBackend(config, loop, memory_allocator, dst_device)
+        except BaseException:
+            for b in backends.values():
+                b.close()
+            raise
+    elif config.local_disk is not None:
         backends["LocalDiskBackend"] = LocalDiskBackend(config, loop, memory_allocator, dst_device, lookup_server)
     return backends
 
@@ -105,6 +121,7 @@ class StorageManager:
                 self._own_allocator.close()
             raise
         self.hot: Optional[LocalCPUBackend] = self.storage_backends.get("Hot")  # type: ignore[assignment]
+        # A LocalDiskBackend, or in shared mode a SharedDiskBackend (the same methods).
         self.disk: Optional[LocalDiskBackend] = self.storage_backends.get("LocalDiskBackend")  # type: ignore
         self._lock = threading.Lock()
         self._prefetching: dict[CacheEngineKey, Future] = {}
@@ -290,8 +307,11 @@ class StorageManager:
         if self.disk is None or self.hot is None:
             return None
         with self._lock:
-            want = [k for k in dict.fromkeys(keys) if k not in self._prefetching and not self.hot.contains(k)
-                    and self.disk.contains(k)]
+            want = [k for k in dict.fromkeys(keys) if k not in self._prefetching and not self.hot.contains(k)]
+        if want:
+            want = [k for k, there in zip(want, self.disk.batched_exists(want)) if there]  # outside the lock
+        with self._lock:
+            want = [k for k in want if k not in self._prefetching]
             if not want:
                 return None
             self._room_for_reads(want)
@@ -329,11 +349,24 @@ class StorageManager:
         return False
 
     def batched_contains(self, keys: Sequence[CacheEngineKey]) -> int:
-        """How many of ``keys``, from the first, are stored in some tier (the hit prefix)."""
+        """How many of ``keys``, from the first, are stored in some tier (the hit prefix).
+
+        The disk tier is asked once per gap in the hot tier's hits (in shared
+        mode one Redis round trip each), never once per key.
+        """
+        keys = list(keys)
+        check_keys(keys)
+        hot = [self.hot is not None and self.hot.contains(k) for k in keys]
         n = 0
-        for k in keys:
-            if not self.contains(k):
+        while n < len(keys):
+            if hot[n]:
+                n += 1
+                continue
+            if self.disk is None:
                 break
+            n += self.disk.batched_contains(keys[n:])
+            if n == len(keys) or not hot[n]:
+                break      # keys[n] is in no tier (the disk said so just now)
             n += 1
         return n
 

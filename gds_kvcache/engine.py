@@ -139,8 +139,10 @@ class CacheEngine:
         toks = token_ids(tokens)
         slots, valid = self._check_slots(len(toks), kv_caches, slot_mapping)
         disk = self.storage.disk
-        todo = [(k, s, e) for k, s, e in self._keys(toks) if e <= valid
-                and not self.storage.contains(k) and not (disk is not None and disk.exists_in_put_tasks(k))]
+        chunks = [(k, s, e) for k, s, e in self._keys(toks) if e <= valid]
+        there = self.storage.batched_exists([k for k, _, _ in chunks])     # one disk (Redis) query
+        todo = [c for c, t in zip(chunks, there)
+                if not t and not (disk is not None and disk.exists_in_put_tasks(c[0]))]
         futures: list[Future] = []
         stored = 0
         # Batches of up to a quarter of the slab: a prompt larger than the

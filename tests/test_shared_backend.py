@@ -385,17 +385,21 @@ def test_tp_lookup_counts_a_chunk_only_when_every_rank_has_it(tmp_path, server, 
 
 
 # -- shared mode through the config: StorageManager and CacheEngine -----------------------------------
-def engine_setup(tmp_path, url, **kw):
+def engine_setup(tmp_path, url, device="cpu", engine="posix", **kw):
     from gds_kvcache import CacheEngineMetadata
     L, h, d, chunk = 3, 2, 16, 32
     cfg = CacheEngineConfig(chunk_size=chunk, local_disk=str(tmp_path / "shared"), max_local_disk_size=16 * MiB / GB,
-                            max_local_cpu_size=2 * MiB / GB, slab_size=8 * MiB / GB, io_engine="posix",
-                            memory_device="host", io_threads=2, lookup_server_url=url, **kw)
+                            max_local_cpu_size=2 * MiB / GB, slab_size=8 * MiB / GB, io_engine=engine,
+                            memory_device="cuda" if device == "cuda" else "host", io_threads=2,
+                            lookup_server_url=url, **kw)
     md = CacheEngineMetadata("org/model", 1, 0, "vllm", torch.bfloat16, (L, 2, chunk, h, d))
     return cfg, md
 
 
-def test_cache_engine_shared_mode_one_field(tmp_path, server):
+@pytest.mark.parametrize("device,engine", [("cpu", "posix"), ("cpu", "kvikio"),
+                                           pytest.param("cuda", "kvikio", marks=pytest.mark.gpu),
+                                           pytest.param("cuda", "posix", marks=pytest.mark.gpu)])
+def test_cache_engine_shared_mode_one_field(tmp_path, server, device, engine):
     # Two engines (two writers) given the same directory and URL: what one stores, the other finds
     # with one lookup and retrieves byte-exact from the first one's files.
     from gds_kvcache.engine import CacheEngine
@@ -404,11 +408,13 @@ def test_cache_engine_shared_mode_one_field(tmp_path, server):
     from .kernel_cases import make_cache, ref_rows, zeros_like_cache
     from .helpers import same_bytes
 
-    cfg, md = engine_setup(tmp_path, server.url)
-    kv = make_cache("vllm", 3, 40, 8, 2, 16, torch.bfloat16, "cpu")
+    if engine == "kvikio":
+        pytest.importorskip("kvikio")
+    cfg, md = engine_setup(tmp_path, server.url, device, engine)
+    kv = make_cache("vllm", 3, 40, 8, 2, 16, torch.bfloat16, device)
     gen = torch.Generator().manual_seed(7)
     tokens = torch.randint(0, 50000, (150,), generator=gen)
-    slots = torch.randperm(320, generator=gen)[:150]
+    slots = torch.randperm(320, generator=gen)[:150].to(device)
     with CacheEngine(cfg, md, "vllm") as a, CacheEngine(cfg, md, "vllm") as b:
         assert isinstance(a.storage.disk, SharedDiskBackend) and isinstance(b.storage.disk, SharedDiskBackend)
         assert a.storage.disk.writer != b.storage.disk.writer
@@ -421,12 +427,15 @@ def test_cache_engine_shared_mode_one_field(tmp_path, server):
         assert b.lookup(tokens) == 150
         assert int(b.store(tokens, kv, slots)) == 0           # stored by a: b skips it
         kv2 = zeros_like_cache("vllm", kv)
-        slots2 = torch.randperm(320, generator=gen)[:150]
+        slots2 = torch.randperm(320, generator=gen)[:150].to(device)
         b.prefetch(tokens)
         assert b.retrieve(tokens, kv2, slots2) == 150
         assert same_bytes(ref_rows("vllm", kv2, slots2), ref_rows("vllm", kv, slots))
         st = b.storage.disk.stats
         assert st["remote_hits"] >= 5 and st["remote_corrupt"] == 0 and st["puts"] == 0
+        assert str(b.storage.allocator.device).startswith(device)
+        assert all(type(tr.engine).__name__.lower().startswith(engine) and tr.engine.read_only
+                   for _, tr in b.storage.disk._readers.values())
         assert a.storage.disk.stats["puts"] == 5
         # A remove by the writer that owns the chunks is seen by the other at once.
         keys = [k for k, _, _ in a._keys(tokens.tolist())]
@@ -506,3 +515,35 @@ def test_full_file_system_evicts_through_redis_never_under_a_reader(tmp_path, se
         finally:
             r.close()
             w.close()
+
+
+def test_close_waits_for_remote_reads_in_flight_then_refuses_calls(tmp_path, server, ns):
+    import threading
+
+    from gds_kvcache.errors import ClosedError
+
+    w, walloc = open_backend(tmp_path, server, ns, "w")
+    r, _ = open_backend(tmp_path, server, ns, "r")
+    try:
+        keys = [key(i) for i in range(8)]
+        assert put(w, walloc, keys) == [16384] * 8
+        r._hold_s = 0.5                       # the read holds its leases (and engines) a while
+        got = []
+        t = threading.Thread(target=lambda: got.append(check(r.batched_get_blocking(keys), keys)))
+        t.start()
+        fut = r.batched_submit_prefetch_task(keys)
+        time.sleep(0.1)
+        r.close()                             # must wait for both reads, not close engines under them
+        t.join()
+        assert got == [[True] * 8] and check(fut.result(), keys) == [True] * 8
+        o = walloc.allocate((4096,), torch.float32)
+        for call in (lambda: r.batched_get_blocking(keys), lambda: r.batched_contains(keys),
+                     lambda: r.batched_submit_prefetch_task(keys), lambda: r.remove(keys[0]),
+                     lambda: r.batched_put(keys[:1], [o])):
+            with pytest.raises(ClosedError):
+                call()
+        o.ref_count_down()
+        r.close()                             # idempotent
+    finally:
+        w.close()
+        r.close()

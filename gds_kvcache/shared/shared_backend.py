@@ -189,6 +189,9 @@ class SharedDiskBackend(StorageBackendInterface):
         self._dirty = False
         self._no_reuse_until = 0.0
         self._hold_s = 0.0          # tests: seconds a remote read sleeps while holding its leases
+        self._cond = threading.Condition()
+        self._ops = 0
+        self._closing = False
         self.writer, self.local = self._open_local(config, loop, memory_allocator, dst_device, writer_id)
         self.boot = uuid.uuid4().hex[:12]
         try:
@@ -206,6 +209,19 @@ class SharedDiskBackend(StorageBackendInterface):
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._housekeeping, name="gds-kvcache-shared", daemon=True)
         self._thread.start()
+
+    # -- lifetime ----------------------------------------------------------------------------
+    def _enter(self) -> None:
+        with self._cond:
+            if self._closing:
+                raise ClosedError(f"shared disk backend on {self.shared_dir} is closed")
+            self._ops += 1
+
+    def _exit(self) -> None:
+        with self._cond:
+            self._ops -= 1
+            if self._ops == 0:
+                self._cond.notify_all()
 
     def _open_local(self, config, loop, alloc, dst_device, writer_id) -> tuple[str, LocalDiskBackend]:
         base = os.path.join(self.shared_dir, WRITERS_DIR)
@@ -384,6 +400,13 @@ class SharedDiskBackend(StorageBackendInterface):
         if len(keys) != len(objs):
             raise GdsKvCacheError(f"{len(keys)} keys but {len(objs)} objects")
         check_keys(keys)
+        self._enter()
+        try:
+            return self._put(keys, objs)
+        finally:
+            self._exit()
+
+    def _put(self, keys: list, objs: list) -> list[Optional[Future]]:
         out: list[Optional[Future]] = [None] * len(keys)
         if not self._registered:
             self._stats["unregistered_skips"] += len(keys)
@@ -514,12 +537,15 @@ class SharedDiskBackend(StorageBackendInterface):
         check_keys(keys)
         if not keys:
             return 0
+        self._enter()
         try:
             return self.redis.prefix([self.shards(k) for k in keys])
         except self._errors as e:
             self._stats["redis_errors"] += 1
             log.debug("lookup failed: %s", e)
             return 0
+        finally:
+            self._exit()
 
     def batched_exists(self, keys: Sequence[CacheEngineKey]) -> list[bool]:
         """Per key, whether every rank's shard of it is published (one round trip)."""
@@ -527,12 +553,15 @@ class SharedDiskBackend(StorageBackendInterface):
         check_keys(keys)
         if not keys:
             return []
+        self._enter()
         try:
             return self.redis.exists([self.shards(k) for k in keys])
         except self._errors as e:
             self._stats["redis_errors"] += 1
             log.debug("lookup failed: %s", e)
             return [False] * len(keys)
+        finally:
+            self._exit()
 
     def contains(self, key: CacheEngineKey) -> bool:
         return self.batched_contains([key]) == 1
@@ -547,6 +576,13 @@ class SharedDiskBackend(StorageBackendInterface):
         own files, others' from theirs under a lease, each checked against its checksum."""
         keys = list(keys)
         check_keys(keys)
+        self._enter()
+        try:
+            return self._get(keys)
+        finally:
+            self._exit()
+
+    def _get(self, keys: list) -> list[Optional[MemoryObj]]:
         out: list[Optional[MemoryObj]] = [None] * len(keys)
         idx = self.local.index
         here = [i for i, k in enumerate(keys) if idx.contains(k)]
@@ -565,13 +601,29 @@ class SharedDiskBackend(StorageBackendInterface):
         """Start ``batched_get_blocking(keys)`` in the background; a future of its list."""
         keys = list(keys)
         check_keys(keys)
-        return self._prefetch.submit(self.batched_get_blocking, keys)
+        return self._submit_read(keys, None)
 
     def submit_prefetch_task(self, key: CacheEngineKey) -> Optional[Future]:
         check_keys([key])
         if not self.contains(key):
             return None
-        return self._prefetch.submit(self.get_blocking, key)
+        return self._submit_read([key], 0)
+
+    def _submit_read(self, keys: list, single: Optional[int]) -> Future:
+        self._enter()      # held until the read is done, so close() waits for it
+
+        def job():
+            try:
+                objs = self._get(keys)
+            finally:
+                self._exit()
+            return objs if single is None else objs[single]
+
+        try:
+            return self._prefetch.submit(job)
+        except BaseException:
+            self._exit()
+            raise
 
     def _read_remote(self, keys, which: list[int], out: list) -> None:
         token = self.redis.new_token(self.writer)
@@ -681,7 +733,11 @@ class SharedDiskBackend(StorageBackendInterface):
         is only ever removed by that writer). Its Redis entry is retracted before its extent is
         reused (at once, or once Redis answers)."""
         check_keys([key])
-        was = self.local.remove(key)
+        self._enter()
+        try:
+            was = self.local.remove(key)
+        finally:
+            self._exit()
         if was:
             try:
                 self._process_retired()
@@ -727,8 +783,11 @@ class SharedDiskBackend(StorageBackendInterface):
         """Stop housekeeping, retract what was evicted, wait out readers' leases on it (at most
         ``lease_ttl``), then close this writer's backend (its chunks stay published and readable:
         the files remain) and the Redis client."""
-        if self._stop.is_set():
-            return
+        with self._cond:
+            if self._closing:
+                return
+            self._closing = True
+            self._cond.wait_for(lambda: self._ops == 0)
         self._stop.set()
         self._thread.join()
         self._prefetch.shutdown(wait=True)

@@ -217,8 +217,8 @@ class StorageManager:
             for o in objs:
                 if not isinstance(o, MemoryObj) or not o.valid:
                     raise GdsKvCacheError(f"a chunk must be a live MemoryObj, got {o!r}")
-            new = [i for i, k in enumerate(keys)
-                   if not self.contains(k) and not (self.disk is not None and self.disk.exists_in_put_tasks(k))]
+            new = [i for i, (k, there) in enumerate(zip(keys, self.batched_exists(keys)))
+                   if not there and not (self.disk is not None and self.disk.exists_in_put_tasks(k))]
             out: list[Optional[Future]] = [None] * len(keys)
             if self.hot is not None:
                 for i in new:
@@ -369,6 +369,17 @@ class StorageManager:
                 break      # keys[n] is in no tier (the disk said so just now)
             n += 1
         return n
+
+    def batched_exists(self, keys: Sequence[CacheEngineKey]) -> list[bool]:
+        """Per key, whether some tier stores it (the disk tier asked once for all)."""
+        keys = list(keys)
+        check_keys(keys)
+        out = [self.hot is not None and self.hot.contains(k) for k in keys]
+        rest = [i for i, x in enumerate(out) if not x]
+        if rest and self.disk is not None:
+            for i, x in zip(rest, self.disk.batched_exists([keys[i] for i in rest])):
+                out[i] = x
+        return out
 
     def remove(self, key: CacheEngineKey) -> bool:
         """Drop ``key`` from every tier; True if some tier had it."""

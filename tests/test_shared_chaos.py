@@ -2,6 +2,11 @@
 
 Run alone: ``python -m pytest tests/test_shared_chaos.py -q -p no:cacheprovider`` (about a minute
 on 2 cores). A child is ``python -m tests.test_shared_chaos child '<json>'``.
+
+The campaign (``run_chaos``) takes each child's slab memory, so ``tests/test_shared_gpu.py`` runs
+the same campaign with CUDA slabs. This module also holds what the multi-process shared-mode
+tests share: ``open_shared`` (a backend whose slab is host or GPU memory), ``put_chunks``,
+``check_bytes`` (byte-exact on the host, wherever the chunk lives) and ``child_env``.
 """
 
 import json
@@ -14,15 +19,97 @@ import time
 import uuid
 
 import pytest
+import torch
+
+from gds_kvcache import CacheEngineConfig, SlabMemoryAllocator
+from gds_kvcache.units import GB, MiB
 
 redis = pytest.importorskip("redis", reason="the 'redis' client package is not installed (pip install redis)")
 
-from gds_kvcache.shared import LocalRedis, RedisIndex, find_redis_server  # noqa: E402
+from gds_kvcache.shared import LocalRedis, RedisIndex, SharedDiskBackend, find_redis_server  # noqa: E402
+
+from .test_shared_backend import chunk_bytes, key  # noqa: E402
+
+__all__ = ["CHILD_WARNINGS", "NO_REDIS", "check_bytes", "child_env", "device_of", "open_shared", "put_chunks",
+           "run_chaos", "same_bytes"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = 10_000          # over all three processes
 KEYS = 300            # overlapping key space
 DISK_MIB = 2          # per writer: ~110 chunks of 16 KiB, so eviction never stops
+
+#: Children turn warnings into errors like pytest does (setup.cfg), with the same third-party
+#: exception: numba-cuda's import warns on NumPy >= 2.4, and a GPU child imports it.
+CHILD_WARNINGS = "error,ignore:The 'generic' unit for NumPy timedelta is deprecated:DeprecationWarning"
+NO_REDIS = ("no redis-server binary: install Debian's redis-server (scripts/ci-redis.sh does) "
+            "or set GDS_KVCACHE_REDIS_SERVER")
+
+
+def child_env() -> dict:
+    return {**os.environ, "PYTHONWARNINGS": CHILD_WARNINGS}
+
+
+def device_of(memory: str, device: int = 0) -> str:
+    """``str(allocator.device)`` of a slab of ``memory`` ("host" or "cuda") on GPU ``device``."""
+    return "cpu" if memory == "host" else f"cuda:{device}"
+
+
+def open_shared(root, url, ns, wid, memory="host", device=0, engine="posix", disk_mib=8, slab_mib=16, **kw):
+    """A ``SharedDiskBackend`` on ``root/shared`` with its slab in ``memory`` ("host" or "cuda") on GPU ``device``.
+
+    Notes
+    -----
+    The settings are ``test_shared_backend.open_backend``'s (POSIX engine, 2 I/O
+    threads, 256 KiB tasks), so a host child tests what it always did. GPU tests
+    pass ``engine="auto"`` to take the production path for a CUDA slab (KvikIO,
+    or the mapped engine on ``/dev/shm``).
+    """
+    alloc = SlabMemoryAllocator(int(slab_mib * MiB), memory, device)
+    cfg = CacheEngineConfig(local_disk=str(root / "shared"), max_local_disk_size=disk_mib * MiB / GB,
+                            io_engine=engine, io_threads=2, io_task_size=256 * 1024, lookup_server_url=url,
+                            cuda_device=device)
+    try:
+        b = SharedDiskBackend(cfg, None, alloc, "cpu" if memory == "host" else "cuda", writer_id=wid, namespace=ns,
+                              **kw)
+    except BaseException:
+        alloc.close()
+        raise
+    return b, alloc
+
+
+def put_chunks(b, alloc, keys):
+    """Store ``chunk_bytes(k)`` under each key from ``alloc``'s slab; ``batched_put``'s answer."""
+    objs = []
+    try:
+        for k in keys:
+            o = alloc.allocate((4096,), torch.float32)
+            assert o is not None, "the test's slab is too small"
+            objs.append(o)
+            o.tensor.copy_(chunk_bytes(k))     # to a CUDA slab: the put waits for this copy (stream event)
+        return b.batched_put(keys, objs)
+    finally:
+        for o in objs:
+            o.ref_count_down()
+
+
+def same_bytes(o, k) -> bool:
+    # Compared on the host, where the expected bytes are: a CUDA chunk is copied back first.
+    return torch.equal(o.tensor.view(torch.uint8).cpu(), chunk_bytes(k).view(torch.uint8))
+
+
+def check_bytes(objs, keys):
+    """Per key: True (right bytes), None (miss); wrong bytes fail the test."""
+    out = []
+    for o, k in zip(objs, keys):
+        if o is None:
+            out.append(None)
+            continue
+        try:
+            assert same_bytes(o, k), f"wrong bytes for {k}"
+        finally:
+            o.ref_count_down()
+        out.append(True)
+    return out
 
 
 def _write_json(path, obj):
@@ -33,27 +120,24 @@ def _write_json(path, obj):
 
 
 def child(args: dict) -> int:
-    import torch
-
-    from gds_kvcache import SlabMemoryAllocator
-
-    from .test_shared_backend import check, chunk_bytes, key, open_backend
-
-    class Srv:
-        url = args["url"]
-
     import pathlib
-    b, alloc = open_backend(pathlib.Path(args["dir"]), Srv, args["ns"], args["wid"], disk_mib=DISK_MIB,
-                            slab_mib=8, lease_ttl=args["lease_ttl"], tick=0.05)
-    assert isinstance(alloc, SlabMemoryAllocator)
+
+    b, alloc = open_shared(pathlib.Path(args["dir"]), args["url"], args["ns"], args["wid"], args["memory"],
+                           args["device"], args["engine"], disk_mib=DISK_MIB, slab_mib=8,
+                           lease_ttl=args["lease_ttl"], tick=0.05)
     b._hold_s = args["hold_s"]
     rng = random.Random(args["seed"])
     wrong = hits = misses = 0
     done = args["start"]
 
+    long_hold = False
+
     def progress(final=False):
         _write_json(args["out"], {"done": done, "wrong": wrong, "hits": hits, "misses": misses, "final": final,
-                                  "stats": b.stats, "keys": [k.to_string() for k in b.keys()] if final else []})
+                                  "long_hold": long_hold,
+                                  "stats": b.stats, "device": str(alloc.device),
+                                  "engine": b.local.io_report().engine if final else "",
+                                  "keys": [k.to_string() for k in b.keys()] if final else []})
 
     def verify(objs, ks):
         nonlocal wrong, hits, misses
@@ -61,18 +145,23 @@ def child(args: dict) -> int:
             if o is None:
                 misses += 1
                 continue
-            if torch.equal(o.tensor.view(torch.uint8), chunk_bytes(k).view(torch.uint8)):
+            if same_bytes(o, k):
                 hits += 1
             else:
                 wrong += 1
             o.ref_count_down()
 
+    hold_flag = args.get("hold_flag")
     while done < args["ops"]:
+        if hold_flag and not long_hold and os.path.exists(hold_flag):
+            # Asked to be killed while holding leases: hold them long enough that the kill lands
+            # inside a read, not in the gap between the parent seeing a lease and its SIGKILL.
+            b._hold_s, long_hold = 0.2, True
+            progress()
         op = rng.random()
         ks = [key(rng.randrange(KEYS)) for _ in range(rng.randint(1, 4))]
         if op < 0.3:
-            from .test_shared_backend import put
-            put(b, alloc, ks)
+            put_chunks(b, alloc, ks)
         elif op < 0.6:
             verify(b.batched_get_blocking(ks), ks)
         elif op < 0.75:
@@ -84,7 +173,6 @@ def child(args: dict) -> int:
         done += 1
         if done % 50 == 0:
             progress()
-    assert check([], []) == []
     progress(final=True)
     while not os.path.exists(args["stop"]):
         time.sleep(0.05)
@@ -94,11 +182,11 @@ def child(args: dict) -> int:
 
 
 def _spawn(args):
-    # stderr to a file: a pipe nobody drains would block a child that logs many warnings
+    # A fresh interpreter (what multiprocessing's spawn gives): CUDA cannot survive a fork.
+    # stderr to a file: a pipe nobody drains would block a child that logs many warnings.
     with open(args["out"] + ".err", "a") as err:
         return subprocess.Popen([sys.executable, "-m", "tests.test_shared_chaos", "child", json.dumps(args)],
-                                cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "error"},
-                                stdout=subprocess.DEVNULL, stderr=err)
+                                cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=err)
 
 
 def _err(args):
@@ -121,21 +209,29 @@ def _wait(cond, timeout, what):
         time.sleep(0.02)
 
 
-@pytest.mark.skipif(find_redis_server() is None, reason="no redis-server binary: install Debian's redis-server "
-                    "(scripts/ci-redis.sh does) or set GDS_KVCACHE_REDIS_SERVER")
-def test_three_processes_kill_writer_kill_leaseholder_restart_redis(tmp_path):
+def run_chaos(root, memories, ops=OPS, engine="posix", checker=("host", 0)) -> dict:
+    """The campaign: three writers on ``root`` (child ``i``'s slab is ``memories[i]``, a
+    ``(memory, device)`` pair), SIGKILL of writer w0, SIGKILL of reader w1 holding leases, an
+    empty Redis restart; then every listed chunk is read back by a ``checker`` process.
+
+    Returns the report printed as ``chaos: {...}``; fails on any wrong byte, a crash, a listed
+    chunk that is not readable, or an index not complete again after the restart.
+    """
+    assert len(memories) == 3
     srv = LocalRedis()
     ns = "chaos" + uuid.uuid4().hex[:8]
-    stop = tmp_path / "stop"
-    per = OPS // 3
+    stop = root / "stop"
+    per = ops // 3
     procs, outs, args = {}, {}, {}
     report = {}
     try:
         for i in range(3):
-            outs[i] = str(tmp_path / f"out{i}.json")
-            args[i] = {"url": srv.url, "ns": ns, "dir": str(tmp_path), "wid": f"w{i}", "seed": i,
-                       "ops": per + (OPS - 3 * per if i == 2 else 0), "start": 0, "out": outs[i],
-                       "stop": str(stop), "lease_ttl": 2.0, "hold_s": 0.02 if i == 1 else 0.01}
+            outs[i] = str(root / f"out{i}.json")
+            args[i] = {"url": srv.url, "ns": ns, "dir": str(root), "wid": f"w{i}", "seed": i,
+                       "ops": per + (ops - 3 * per if i == 2 else 0), "start": 0, "out": outs[i],
+                       "stop": str(stop), "lease_ttl": 2.0, "hold_s": 0.02 if i == 1 else 0.01,
+                       "hold_flag": str(root / "hold-w1") if i == 1 else None,
+                       "memory": memories[i][0], "device": memories[i][1], "engine": engine}
             procs[i] = _spawn(args[i])
         done = lambda i: _read(outs[i])["done"]   # noqa: E731
         seen_wrong = 0
@@ -152,6 +248,8 @@ def test_three_processes_kill_writer_kill_leaseholder_restart_redis(tmp_path):
         # 2. SIGKILL reader w1 while Redis shows it holding leases.
         r = RedisIndex(srv.url, ns)
         _wait(lambda: done(1) >= per // 3, 300, "w1 progress")
+        (root / "hold-w1").touch()
+        _wait(lambda: _read(outs[1]).get("long_hold"), 60, "w1 to take long leases")
 
         def w1_holds():
             for lk in r.client.scan_iter(f"{ns}:l:*", count=1000):
@@ -165,7 +263,7 @@ def test_three_processes_kill_writer_kill_leaseholder_restart_redis(tmp_path):
             1 for lk in r.client.scan_iter(f"{ns}:l:*") for m in r.client.zrange(lk, 0, -1) if m.startswith("w1:"))
         last = _read(outs[1])
         seen_wrong += last["wrong"]
-        args[1].update(seed=11, start=last["done"], hold_s=0.01)
+        args[1].update(seed=11, start=last["done"], hold_s=0.01, hold_flag=None)
         procs[1] = _spawn(args[1])
 
         # 3. Restart Redis empty while all three run.
@@ -204,13 +302,14 @@ def test_three_processes_kill_writer_kill_leaseholder_restart_redis(tmp_path):
         listed = [k[len(ns) + 3:] for k in r.client.scan_iter(f"{ns}:e:*", count=1000)]
         from gds_kvcache.key import CacheEngineKey
 
-        from .test_shared_backend import check, open_backend
-        rd, _ = open_backend(tmp_path, srv, ns, "checker")
+        rd, _ = open_shared(root, srv.url, ns, "checker", *checker, engine=engine)
         ks = [CacheEngineKey.from_string(k) for k in listed]
         got = []
-        for i in range(0, len(ks), 32):
-            got += check(rd.batched_get_blocking(ks[i:i + 32]), ks[i:i + 32])
-        rd.close()
+        try:
+            for i in range(0, len(ks), 32):
+                got += check_bytes(rd.batched_get_blocking(ks[i:i + 32]), ks[i:i + 32])
+        finally:
+            rd.close()
         report.update(listed=len(listed), readable=got.count(True),
                       ops=sum(res["done"] for res in results.values()),
                       hits=sum(res["hits"] for res in results.values()),
@@ -218,13 +317,17 @@ def test_three_processes_kill_writer_kill_leaseholder_restart_redis(tmp_path):
                       leased_evictions=sum(res["stats"]["leased_evictions"] for res in results.values()),
                       remote_corrupt=sum(res["stats"]["remote_corrupt"] for res in results.values()),
                       claims_lost=sum(res["stats"]["claims_lost"] for res in results.values()),
-                      remote_hits=sum(res["stats"]["remote_hits"] for res in results.values()))
+                      remote_hits=sum(res["stats"]["remote_hits"] for res in results.values()),
+                      devices=[results[i]["device"] for i in range(3)],
+                      engines=[results[i]["engine"] for i in range(3)])
         print("chaos:", json.dumps(report))
+        # Each child ran on the memory it was given (a CUDA run that fell back to host would prove nothing).
+        assert report["devices"] == [device_of(*m) for m in memories]
         assert seen_wrong + sum(res["wrong"] for res in results.values()) == 0
         # The checksum is the last line of defence, not the only one: leases and generations
         # must keep every reader off reused extents, so no read ever fails its checksum.
         assert report["remote_corrupt"] == 0
-        assert report["ops"] >= OPS
+        assert report["ops"] >= ops
         assert report["leases_left_by_killed_reader"] > 0
         assert got.count(True) == len(listed) > 0
         assert report["remote_hits"] > 0 and report["evictions"] > 0
@@ -232,6 +335,7 @@ def test_three_processes_kill_writer_kill_leaseholder_restart_redis(tmp_path):
         for i, p in procs.items():
             assert p.wait(120) == 0, f"child {i}: {_err(args[i])}"
         r.close()
+        return report
     finally:
         stop.touch()
         for p in procs.values():
@@ -239,6 +343,11 @@ def test_three_processes_kill_writer_kill_leaseholder_restart_redis(tmp_path):
                 p.kill()
                 p.wait()
         srv.stop()
+
+
+@pytest.mark.skipif(find_redis_server() is None, reason=NO_REDIS)
+def test_three_processes_kill_writer_kill_leaseholder_restart_redis(tmp_path):
+    run_chaos(tmp_path, [("host", 0)] * 3)
 
 
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "child":

@@ -1,5 +1,9 @@
 """Tensor-parallel consistency in shared mode: four rank processes, one Redis; a lookup answers for
-all ranks, so every rank's answer agrees and every promised chunk loads on every rank."""
+all ranks, so every rank's answer agrees and every promised chunk loads on every rank.
+
+``run_tp`` takes each rank's slab memory: host here, CUDA in ``tests/test_shared_gpu.py``.
+A child is ``python -m tests.test_shared_tp child '<json>'``.
+"""
 
 import json
 import os
@@ -14,6 +18,11 @@ import pytest
 redis = pytest.importorskip("redis", reason="the 'redis' client package is not installed (pip install redis)")
 
 from gds_kvcache.shared import LocalRedis, RedisIndex, SharedDiskBackend, find_redis_server  # noqa: E402
+
+from .test_shared_backend import key  # noqa: E402
+from .test_shared_chaos import NO_REDIS, check_bytes, child_env, device_of, open_shared, put_chunks  # noqa: E402
+
+__all__ = ["run_tp"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANKS = 4
@@ -32,19 +41,16 @@ def _barrier(client, ns, name, n=RANKS, timeout=120.0):
 def child(args: dict) -> int:
     import pathlib
 
-    from .test_shared_backend import check, key, open_backend, put
-
-    class Srv:
-        url = args["url"]
-
     rank, ns = args["rank"], args["ns"]
-    b, alloc = open_backend(pathlib.Path(args["dir"]), Srv, ns, f"rank{rank}", disk_mib=4, tick=0.05)
+    b, alloc = open_shared(pathlib.Path(args["dir"]), args["url"], ns, f"rank{rank}", args["memory"],
+                           args["device"], args["engine"], disk_mib=4, tick=0.05)
     client = b.redis.client
+    client.hset(f"{ns}:device", rank, str(alloc.device))
     mine = [key(c, RANKS, rank) for c in range(CHUNKS)]
     for phase in range(PHASES):
         rng = random.Random(phase * 100 + rank)
         # Mutate: store a random subset of this rank's shards, drop a few others.
-        put(b, alloc, [k for k in mine if rng.random() < 0.8])
+        put_chunks(b, alloc, [k for k in mine if rng.random() < 0.8])
         for k in mine:
             if rng.random() < 0.1:
                 b.remove(k)
@@ -52,51 +58,74 @@ def child(args: dict) -> int:
         n = b.batched_contains(mine)
         client.hset(f"{ns}:answer:{phase}", rank, n)
         # Every chunk promised loads on this rank (its own shard).
-        assert check(b.batched_get_blocking(mine[:n]), mine[:n]) == [True] * n, f"rank {rank} phase {phase}"
+        assert check_bytes(b.batched_get_blocking(mine[:n]), mine[:n]) == [True] * n, f"rank {rank} phase {phase}"
         _barrier(client, ns, f"sampled{phase}")
     b.close()
     return 0
 
 
-@pytest.mark.skipif(find_redis_server() is None, reason="no redis-server binary: install Debian's redis-server "
-                    "(scripts/ci-redis.sh does) or set GDS_KVCACHE_REDIS_SERVER")
-def test_four_ranks_agree_at_every_sample(tmp_path):
+def run_tp(root, memories, engine="posix") -> int:
+    """Four rank processes on ``root`` (rank ``r``'s slab is ``memories[r]``, a ``(memory, device)``
+    pair) mutate and look up while this process samples all four ranks' lookups in one MULTI.
+
+    Returns the number of simultaneous samples; fails when ranks disagree at any sample or a
+    promised chunk does not load byte-exact on its rank.
+    """
+    assert len(memories) == RANKS
     with LocalRedis() as srv:
         ns = "tp" + uuid.uuid4().hex[:8]
         procs = []
         errs = []
-        for r in range(RANKS):
-            errs.append(open(tmp_path / f"err{r}.txt", "w"))
-            a = {"url": srv.url, "ns": ns, "dir": str(tmp_path), "rank": r}
-            procs.append(subprocess.Popen([sys.executable, "-m", "tests.test_shared_tp", "child", json.dumps(a)],
-                                          cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "error"},
-                                          stdout=subprocess.DEVNULL, stderr=errs[-1]))
-        idx = RedisIndex(srv.url, ns)
-        from .test_shared_backend import key
-        per_rank = [[SharedDiskBackend.shards(key(c, RANKS, r)) for c in range(CHUNKS)] for r in range(RANKS)]
-        # Sample all four ranks' lookups at one moment (one MULTI) while the ranks mutate.
-        samples = 0
-        while any(p.poll() is None for p in procs):
-            p = idx.client.pipeline(transaction=True)
-            for chunks in per_rank:
-                p.evalsha(idx._scripts["prefix"].sha, 0, ns, RANKS, *[k for c in chunks for k in c])
-            try:
-                answers = p.execute()
-            except redis.exceptions.NoScriptError:
-                idx.prefix(per_rank[0])   # loads the script
-                continue
-            assert len(set(answers)) == 1, f"ranks disagree at one moment: {answers}"
-            samples += 1
-            time.sleep(0.002)
-        for r, p in enumerate(procs):
-            errs[r].close()
-            assert p.returncode == 0, open(tmp_path / f"err{r}.txt").read()[-3000:]
-        answers = [idx.client.hgetall(f"{ns}:answer:{ph}") for ph in range(PHASES)]
-        for ph, a in enumerate(answers):
-            assert len(a) == RANKS and len(set(a.values())) == 1, f"phase {ph}: {a}"
-        assert samples > 0 and any(int(a["0"]) > 0 for a in answers)
-        print(f"tp: {samples} simultaneous samples agreed; per-phase prefixes {[a['0'] for a in answers]}")
-        idx.close()
+        try:
+            for r in range(RANKS):
+                errs.append(open(root / f"err{r}.txt", "w"))
+                a = {"url": srv.url, "ns": ns, "dir": str(root), "rank": r, "memory": memories[r][0],
+                     "device": memories[r][1], "engine": engine}
+                # A fresh interpreter per rank (spawn): CUDA cannot survive a fork.
+                procs.append(subprocess.Popen([sys.executable, "-m", "tests.test_shared_tp", "child", json.dumps(a)],
+                                              cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=errs[-1]))
+            idx = RedisIndex(srv.url, ns)
+            per_rank = [[SharedDiskBackend.shards(key(c, RANKS, r)) for c in range(CHUNKS)] for r in range(RANKS)]
+            # Sample all four ranks' lookups at one moment (one MULTI) while the ranks mutate.
+            samples = 0
+            while any(p.poll() is None for p in procs):
+                p = idx.client.pipeline(transaction=True)
+                for chunks in per_rank:
+                    p.evalsha(idx._scripts["prefix"].sha, 0, ns, RANKS, *[k for c in chunks for k in c])
+                try:
+                    answers = p.execute()
+                except redis.exceptions.NoScriptError:
+                    idx.prefix(per_rank[0])   # loads the script
+                    continue
+                assert len(set(answers)) == 1, f"ranks disagree at one moment: {answers}"
+                samples += 1
+                time.sleep(0.002)
+            for r, p in enumerate(procs):
+                errs[r].close()
+                assert p.returncode == 0, open(root / f"err{r}.txt").read()[-3000:]
+            # Each rank ran on the memory it was given (a CUDA run that fell back to host would prove nothing).
+            devices = idx.client.hgetall(f"{ns}:device")
+            assert [devices.get(str(r)) for r in range(RANKS)] == [device_of(*m) for m in memories]
+            answers = [idx.client.hgetall(f"{ns}:answer:{ph}") for ph in range(PHASES)]
+            for ph, a in enumerate(answers):
+                assert len(a) == RANKS and len(set(a.values())) == 1, f"phase {ph}: {a}"
+            assert samples > 0 and any(int(a["0"]) > 0 for a in answers)
+            print(f"tp: {samples} simultaneous samples agreed on {sorted(set(devices.values()))}; "
+                  f"per-phase prefixes {[a['0'] for a in answers]}")
+            idx.close()
+            return samples
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            for f in errs:
+                f.close()
+
+
+@pytest.mark.skipif(find_redis_server() is None, reason=NO_REDIS)
+def test_four_ranks_agree_at_every_sample(tmp_path):
+    run_tp(tmp_path, [("host", 0)] * RANKS)
 
 
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "child":

@@ -1,98 +1,377 @@
-"""Scale figures of shared mode: lookups against Redis, index rebuild, aggregate read GB/s.
+"""Scale figures of shared mode: lookups against Redis, index rebuild, aggregate read GB/s against baselines.
 
-``python -m gds_kvcache.shared.bench [--dir /dev/shm/x] [--chunks 100000] [--json out.json]``
-starts its own loopback ``redis-server``, prints a table and writes JSON.
+``python -m gds_kvcache.shared.bench [--dir /dev/shm] [--chunks 100000] [--read-chunks 256]
+[--chunk-mib 1] [--readers 1,2,4] [--memory host|cuda] [--engine auto] [--json out.json]``
+starts its own loopback ``redis-server``, prints tables and writes JSON. ``main``'s Notes say
+what each figure measures.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
+import queue
 import shutil
 import statistics
 import tempfile
 import time
+import traceback
 
 __all__ = ["main"]
 
+#: Seconds a reader process may take to start (spawn, CUDA context, kernel load) or to finish a phase.
+_PHASE_TIMEOUT = 600
+#: Bytes of a rebuild chunk (a small chunk: the figure is entries per second).
+_SMALL = 4096
+#: Slab bytes beyond one batch (allocator rounding, a warm-up batch still being released).
+_HEADROOM = 32 << 20
 
-def _cfg(path, url, disk_gb):
+
+def _cfg(path, url, disk_bytes, engine):
     from ..config import CacheEngineConfig
-    return CacheEngineConfig(local_disk=path, max_local_disk_size=disk_gb, io_engine="posix", io_threads=4,
+    from ..units import GB
+    return CacheEngineConfig(local_disk=path, max_local_disk_size=disk_bytes / GB, io_engine=engine, io_threads=4,
                              lookup_server_url=url, pool_files=4)
 
 
-def _open(path, url, ns, wid, disk_gb, slab_mib):
+def _open(path, url, ns, wid, disk_bytes, slab_bytes, memory, engine):
     from ..memory import SlabMemoryAllocator
     from .shared_backend import SharedDiskBackend
-    alloc = SlabMemoryAllocator(slab_mib << 20, "host")
-    return SharedDiskBackend(_cfg(path, url, disk_gb), None, alloc, writer_id=wid, namespace=ns, tick=0.5), alloc
+    alloc = SlabMemoryAllocator(slab_bytes, memory)
+    try:
+        b = SharedDiskBackend(_cfg(path, url, disk_bytes, engine), None, alloc,
+                              "cpu" if memory == "host" else "cuda", writer_id=wid, namespace=ns, tick=0.5)
+    except BaseException:
+        alloc.close()
+        raise
+    return b, alloc
 
 
-def _fill(b, alloc, keys, numel):
+def _disk_for(n: int, nbytes: int) -> int:
+    # Pool for every chunk with room to spare (the index's reserve, 4 KiB rounding): no eviction.
+    return int(n * (-(-nbytes // 4096) * 4096) * 1.1) + (64 << 20)
+
+
+def _local_put(b):
+    """``batched_put`` for a ``LocalDiskBackend``: submit, then wait for every write."""
+    def put(ks, objs):
+        return [f.result() if f is not None else None for f in b.batched_submit_put_task(ks, objs)]
+    return put
+
+
+def _fill(put, alloc, keys, nbytes, batch):
+    """Store ``keys`` (random chunks of ``nbytes``) ``batch`` at a time through ``put(keys, objs)``
+    (a ``batched_put``); every put must succeed."""
     import torch
-    batch = 256
     for i in range(0, len(keys), batch):
         ks = keys[i:i + batch]
+        # One random source per batch, made where the slab is: filling is not what is measured.
+        src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=alloc.device)
         objs = []
-        for _ in ks:
-            o = alloc.allocate((numel,), torch.float32)
-            o.tensor.copy_(torch.rand(numel))
-            objs.append(o)
-        res = b.batched_put(ks, objs)
-        assert all(isinstance(r, int) for r in res), res[:3]
-        for o in objs:
-            o.ref_count_down()
+        try:
+            for _ in ks:
+                o = alloc.allocate((nbytes // 4,), torch.float32)
+                if o is None:
+                    raise RuntimeError(f"slab of {alloc.capacity} bytes too small for {len(ks)} chunks of {nbytes}")
+                objs.append(o)
+                o.byte_array.copy_(src)
+            res = put(ks, objs)
+            bad = [r for r in res if not isinstance(r, int)]
+            if bad:
+                raise RuntimeError(f"{len(bad)} of {len(ks)} puts failed, first: {bad[0]!r}")
+        finally:
+            for o in objs:
+                o.ref_count_down()
 
 
-def _reader(args, q, go):
-    path, url, ns, rid, keys, batch, slab_mib = args
-    from ..key import CacheEngineKey
-    b, _ = _open(path, url, ns, rid, 0.01, slab_mib)
-    ks = [CacheEngineKey.from_string(k) for k in keys]
-    for o in b.batched_get_blocking(ks[:batch]):   # warm-up: checksum kernel compile, file opens
-        if o is not None:
-            o.ref_count_down()
-    q.put("ready")
-    go.wait()    # all readers start together: the figure is an aggregate, not a sum of solos
-    nbytes = 0
-    t0 = time.perf_counter()
-    for i in range(0, len(ks), batch):
-        for o in b.batched_get_blocking(ks[i:i + batch]):
-            if o is None:
-                raise RuntimeError(f"reader {rid}: a miss ({ {k: v for k, v in b.stats.items() if v} })")
-            nbytes += o.nbytes
-            o.ref_count_down()
-    dt = time.perf_counter() - t0
-    b.close()
-    q.put((nbytes, t0, t0 + dt))
+class _Plain:
+    """Plain ``os.preadv`` of given byte ranges of pool files into host memory (pinned and then copied
+    to the GPU for ``memory='cuda'``): the baseline, with no Redis, lease, checksum or engine."""
+
+    def __init__(self, paths, plan, batch, memory):
+        import torch
+        self.fds = [os.open(p, os.O_RDONLY) for p in paths]
+        self.plan, self.batch = plan, batch
+        self.size = max(sum(p[3] for p in pcs) for pcs in plan)
+        n = batch * self.size
+        self.cuda = memory == "cuda"
+        self.host = torch.empty(n, dtype=torch.uint8, pin_memory=self.cuda)
+        self.dev = torch.empty(n, dtype=torch.uint8, device="cuda") if self.cuda else None
+        self.mv = memoryview(self.host.numpy()).cast("B")
+
+    def read(self, lo: int) -> int:
+        """Read chunks ``lo .. lo + batch`` (each into its own slot); bytes read."""
+        got = 0
+        for j, pcs in enumerate(self.plan[lo:lo + self.batch]):
+            base = j * self.size
+            for f, local, delta, n in pcs:
+                if os.preadv(self.fds[f], [self.mv[base + delta:base + delta + n]], local) != n:
+                    raise RuntimeError(f"short read of pool file {f} at {local}")
+            size = sum(p[3] for p in pcs)
+            if self.cuda:
+                self.dev[base:base + size].copy_(self.host[base:base + size], non_blocking=True)
+            got += size
+        if self.cuda:
+            import torch
+            torch.cuda.current_stream().synchronize()   # the batch is on the GPU before the next reuses the slots
+        return got
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+
+
+def _reader(args, q, barrier):
+    """One reader process: the shared read, then the plain-preadv baseline of the same bytes; each phase
+    starts when every reader (and the parent) is at the barrier."""
+    rid = args["rid"]
+    try:
+        from ..key import CacheEngineKey
+        b, _ = _open(args["root"], args["url"], args["ns"], rid, 8 << 20,
+                     args["batch"] * args["nbytes"] + _HEADROOM, args["memory"], args["engine"])
+        ks = [CacheEngineKey.from_string(k) for k in args["keys"]]
+        batch = args["batch"]
+
+        def shared(lo):
+            n = 0
+            for o in b.batched_get_blocking(ks[lo:lo + batch]):
+                if o is None:
+                    raise RuntimeError(f"reader {rid}: a miss ({ {k: v for k, v in b.stats.items() if v} })")
+                n += o.nbytes
+                o.ref_count_down()
+            return n
+
+        plain = _Plain(args["paths"], args["plan"], batch, args["memory"])
+        # The baseline must read the very bytes a shared read returns: compare the first chunk.
+        o = b.batched_get_blocking(ks[:1])[0]
+        if o is None:
+            raise RuntimeError(f"reader {rid}: a miss on the first chunk")
+        n = plain.read(0)
+        same = o.byte_array.cpu().numpy().tobytes() == plain.mv[:o.nbytes].tobytes() and n >= o.nbytes
+        o.ref_count_down()
+        if not same:
+            raise RuntimeError(f"reader {rid}: the plain preadv read other bytes than the shared read")
+        for phase, fn in (("shared", shared), ("preadv", plain.read)):
+            fn(0)    # warm-up: kernel load, file opens, first-touch of buffers
+            barrier.wait(_PHASE_TIMEOUT)
+            nbytes = 0
+            t0 = time.perf_counter()
+            for lo in range(0, len(ks), batch):
+                nbytes += fn(lo)
+            q.put((phase, rid, nbytes, t0, time.perf_counter()))
+        plain.close()
+        b.close()
+    except BaseException:
+        q.put(("error", rid, traceback.format_exc()))    # before the abort wakes the parent
+        barrier.abort()
+
+
+def _local(args, q, barrier):
+    """The local-mode baseline: one process reading its own chunks through ``LocalDiskBackend``."""
+    try:
+        from ..config import CacheEngineConfig
+        from ..key import CacheEngineKey
+        from ..memory import SlabMemoryAllocator
+        from ..storage.local_disk_backend import LocalDiskBackend
+        from ..units import GB
+        n, nbytes, batch = args["n"], args["nbytes"], args["batch"]
+        cfg = CacheEngineConfig(local_disk=args["path"], max_local_disk_size=_disk_for(n, nbytes) / GB,
+                                io_engine=args["engine"], io_threads=4, pool_files=4)
+        fill = max(1, min(256, (256 << 20) // nbytes))
+        alloc = SlabMemoryAllocator(max(batch, fill) * nbytes + _HEADROOM, args["memory"])
+        b = LocalDiskBackend(cfg, None, alloc, "cpu" if args["memory"] == "host" else "cuda")
+        ks = [CacheEngineKey("vllm", "local", 1, 0, i) for i in range(n)]
+        _fill(_local_put(b), alloc, ks, nbytes, fill)
+
+        def read(lo):
+            got = 0
+            for o in b.batched_get_blocking(ks[lo:lo + batch]):
+                if o is None:
+                    raise RuntimeError("local baseline: a miss")
+                got += o.nbytes
+                o.ref_count_down()
+            return got
+
+        read(0)
+        barrier.wait(_PHASE_TIMEOUT)
+        total = 0
+        t0 = time.perf_counter()
+        for lo in range(0, n, batch):
+            total += read(lo)
+        q.put(("local", "local", total, t0, time.perf_counter()))
+        engine = b.io_report().engine
+        b.close()
+        alloc.close()
+        q.put(("engine", "local", engine, 0.0, 0.0))
+    except BaseException:
+        q.put(("error", "local", traceback.format_exc()))
+        barrier.abort()
+
+
+def _run(ctx, target, arg_list, phases: int) -> list[tuple]:
+    """Start one process per args, release them together ``phases`` times; their reports."""
+    import threading
+    q = ctx.Queue()
+    barrier = ctx.Barrier(len(arg_list) + 1)
+    ps = [ctx.Process(target=target, args=(a, q, barrier)) for a in arg_list]
+    for p in ps:
+        p.start()
+    got: list[tuple] = []
+
+    def fail(why):
+        # Drain before killing: a child's report is still in its queue's feeder thread.
+        errs = [g[2] for g in got if g[0] == "error"]
+        while True:
+            try:
+                g = q.get(timeout=5)
+            except queue.Empty:
+                break
+            if g[0] == "error":
+                errs.append(g[2])
+        for p in ps:
+            if p.is_alive():
+                p.kill()
+        raise RuntimeError(f"{why}\n" + ("\n".join(errs) or "(no child reported an error)"))
+
+    try:
+        for _ in range(phases):
+            try:
+                barrier.wait(_PHASE_TIMEOUT)
+            except threading.BrokenBarrierError:
+                fail("a reader process failed before a phase")
+            deadline = time.monotonic() + _PHASE_TIMEOUT
+            want = len(got) + len(arg_list)
+            while len(got) < want:
+                try:
+                    g = q.get(timeout=max(0.1, deadline - time.monotonic()))
+                except queue.Empty:
+                    fail("a reader process did not finish its phase in time")
+                got.append(g)
+                if g[0] == "error":
+                    fail("a reader process failed")
+        for p in ps:
+            p.join(_PHASE_TIMEOUT)
+        while True:        # late reports (the local baseline's engine name)
+            try:
+                got.append(q.get(timeout=0.5))
+            except queue.Empty:
+                break
+    finally:
+        for p in ps:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return got
+
+
+def _aggregate(rows: list[tuple], phase: str) -> float:
+    rows = [r for r in rows if r[0] == phase]
+    span = max(r[4] for r in rows) - min(r[3] for r in rows)
+    return sum(r[2] for r in rows) / span / 1e9
+
+
+def _plan(idx, writer: str, keys: list[str], root: str) -> tuple[list[str], list]:
+    """Pool file paths of ``writer`` and, per key, the ``(file, offset in file, offset into the chunk,
+    bytes)`` pieces its published entry covers: exactly the bytes a shared read of it reads."""
+    from ..storage.pool_file import POOL_NAME, pieces
+    lay = idx.layout(writer)
+    stripes, unit = int(lay["stripes"]), int(lay["unit"])
+    paths = [os.path.join(root, lay["dir"], f"{POOL_NAME}.{f}") for f in range(stripes)]
+    token = idx.new_token("bench-plan")
+    pubs = idx.acquire(token, keys)
+    try:
+        missing = [k for k, p in zip(keys, pubs) if p is None]
+        if missing:
+            raise RuntimeError(f"{len(missing)} chunk(s) not published, first {missing[0]}")
+        return paths, [pieces(p.offset, p.nbytes, stripes, unit) for p in pubs]
+    finally:
+        idx.release(token, [p for p in pubs if p is not None])
+
+
+def _list_of_readers(text: str) -> list[int]:
+    from ..cli import int_range
+    parts = [p for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"{text!r} is an empty list")
+    return [int_range(1, 64)(p) for p in parts]
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--dir", default="/dev/shm")
-    ap.add_argument("--chunks", type=int, default=100_000, help="chunks for the rebuild figure")
-    ap.add_argument("--read-chunks", type=int, default=256, help="1 MiB chunks read by the readers")
-    ap.add_argument("--json", default=None)
+    """Run the benchmark; 0 on success.
+
+    Notes
+    -----
+    * Rebuild: one writer stores ``--chunks`` 4 KiB chunks; Redis is emptied and
+      the writer re-publishes them all (``rebuild_s``).
+    * Lookups: a prompt of 1, 64 or 512 chunks in one Redis round trip
+      (``batched_contains``), 300 times each; and 512 chunks one call each.
+    * Aggregate read: one writer stores ``--read-chunks`` chunks of
+      ``--chunk-mib`` MiB; for each count in ``--readers``, that many reader
+      processes (other writer ids) start together and each reads every chunk
+      through ``batched_get_blocking``, ``--batch`` chunks a call, into its own
+      ``--memory`` slab: GB/s is all bytes over first start to last end. The
+      same processes then read the same byte ranges of the writer's pool files
+      with plain single-threaded ``os.preadv`` into host memory (pinned, then
+      copied to the GPU, for ``cuda``): the baseline, and ``ratio`` is shared
+      over baseline. Lastly one process stores and reads its own chunks through
+      ``LocalDiskBackend`` (local mode, no Redis), with the same chunk size and
+      batch.
+
+    Run on the file system the fleet will share (``/dev/shm`` measures the
+    software path, not a disk). ``--engine`` is ``io_engine`` for every backend
+    opened (the writer's puts, the readers' reads, local mode). The whole run
+    needs about ``2 * read-chunks * chunk-mib`` MiB free in ``--dir``.
+    """
+    from ..cli import existing_dir, int_range, writable_file
+    ap = argparse.ArgumentParser(prog="python -m gds_kvcache.shared.bench",
+                                 description="Shared-mode scale figures: lookups, rebuild, aggregate reads.")
+    shm = os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK | os.X_OK)
+    ap.add_argument("--dir", type=existing_dir, default="/dev/shm" if shm else None,
+                    help="where the shared directory goes (default /dev/shm)")
+    ap.add_argument("--chunks", type=int_range(1024, 10**7), default=100_000,
+                    help="4 KiB chunks for the rebuild figure")
+    ap.add_argument("--read-chunks", type=int_range(1, 10**6), default=256, help="chunks the readers read")
+    ap.add_argument("--chunk-mib", type=int_range(1, 1024), default=1, help="MiB per read chunk (1 or 16 typical)")
+    ap.add_argument("--batch", type=int_range(1, 4096), default=16, help="chunks per batched get")
+    ap.add_argument("--readers", type=_list_of_readers, default=[1, 2, 4], help="reader process counts (default 1,2,4)")
+    ap.add_argument("--memory", choices=["host", "cuda"], default=None,
+                    help="slab memory of writer and readers (default cuda where torch sees a GPU, else host)")
+    ap.add_argument("--engine", choices=["auto", "mapped", "kvikio", "posix"], default="auto",
+                    help="config io_engine for every backend (default auto)")
+    ap.add_argument("--json", type=writable_file, default=None, help="also write the figures here")
     a = ap.parse_args(argv)
+    import torch
+
+    from ..bench.common import header, print_table, write_json
     from ..key import CacheEngineKey
     from .local_redis import LocalRedis
     from .redis_index import RedisIndex
 
-    root = tempfile.mkdtemp(prefix="gds-kvcache-shared-bench.", dir=a.dir)
-    out: dict = {"dir": a.dir, "cpus": os.cpu_count()}
+    memory = a.memory or ("cuda" if torch.cuda.is_available() else "host")
+    if memory == "cuda" and not torch.cuda.is_available():
+        ap.error("--memory cuda but torch sees no CUDA device")
+    base = a.dir or tempfile.gettempdir()
+    nbytes = a.chunk_mib << 20
+    need = 2 * _disk_for(a.read_chunks, nbytes) + _disk_for(a.chunks, _SMALL)
+    st = os.statvfs(base)
+    if st.f_bavail * st.f_frsize < need:
+        ap.error(f"--dir {base} has {st.f_bavail * st.f_frsize >> 20} MiB free; this run needs about "
+                 f"{need >> 20} MiB (fewer --read-chunks or --chunks, or another --dir)")
+    root = tempfile.mkdtemp(prefix="gds-kvcache-shared-bench.", dir=base)
+    out: dict = {**header(), "dir": base, "cpus": os.cpu_count(), "memory": memory, "engine": a.engine,
+                 "chunk_mib": a.chunk_mib, "batch": a.batch, "read_chunks": a.read_chunks}
+    rows: list[dict] = []
     srv = LocalRedis()
+    idx = None
     try:
+        idx = RedisIndex(srv.url, "b")
         # -- rebuild: one writer with N small chunks re-publishes them all --------------------
         keys = [CacheEngineKey("vllm", "bench", 1, 0, i) for i in range(a.chunks)]
-        disk_gb = (a.chunks * 4096 * 1.1 + (64 << 20)) / (1 << 30)
-        w, alloc = _open(root, srv.url, "b", "w0", disk_gb, 64)
+        w, alloc = _open(root, srv.url, "b", "w0", _disk_for(a.chunks, _SMALL), 64 << 20, memory, a.engine)
         t = time.perf_counter()
-        _fill(w, alloc, keys, 1024)
+        _fill(w.batched_put, alloc, keys, _SMALL, 256)
         out["fill_s"] = time.perf_counter() - t
-        idx = RedisIndex(srv.url, "b")
         w._stop.set()     # no housekeeping re-publish racing the timed one
         w._thread.join()
         idx.client.flushdb()
@@ -117,39 +396,55 @@ def main(argv=None) -> int:
             w.contains(k)
         out["lookup_512_one_by_one_us"] = (time.perf_counter() - t) * 1e6
         w.close()
+        alloc.close()
         shutil.rmtree(os.path.join(root, "writers", "w0"), ignore_errors=True)
         idx.client.flushdb()
-        # -- aggregate read GB/s: 1, 2, 4 reader processes read another writer's chunks ------------
-        rkeys = [CacheEngineKey("vllm", "read", 1, 0, i) for i in range(a.read_chunks)]
-        w, alloc = _open(root, srv.url, "r", "w1", (a.read_chunks + 64) / 1024, 512)
-        _fill(w, alloc, rkeys, 256 * 1024)
+        # -- aggregate read GB/s: N reader processes read another writer's chunks -------------------
+        rkeys = [CacheEngineKey("vllm", "read", 1, 0, i).to_string() for i in range(a.read_chunks)]
+        fill = max(1, min(256, (256 << 20) // nbytes))
+        w, alloc = _open(root, srv.url, "r", "w1", _disk_for(a.read_chunks, nbytes), fill * nbytes + _HEADROOM,
+                         memory, a.engine)
+        t = time.perf_counter()
+        _fill(w.batched_put, alloc, [CacheEngineKey.from_string(k) for k in rkeys], nbytes, fill)
+        out["read_fill_GBps"] = a.read_chunks * nbytes / (time.perf_counter() - t) / 1e9
+        out["writer_engine"] = w.local.io_report().engine
         w.close()
-        ctx = mp.get_context("spawn")
-        for nr in (1, 2, 4):
-            q, go = ctx.Queue(), ctx.Event()
-            ps = [ctx.Process(target=_reader, args=((root, srv.url, "r", f"rd{nr}-{i}",
-                                                     [k.to_string() for k in rkeys], 16, 64), q, go))
-                  for i in range(nr)]
-            for p in ps:
-                p.start()
-            got = [q.get(timeout=120) for _ in range(nr)]
-            go.set()
-            got += [q.get(timeout=120) for _ in range(nr)]
-            for p in ps:
-                p.join()
-            res = [g for g in got if g != "ready"]
-            total = sum(r[0] for r in res)
-            span = max(r[2] for r in res) - min(r[1] for r in res)
-            out[f"read_{nr}_readers_GBps"] = total / span / 1e9
-        idx.close()
+        alloc.close()
+        ridx = RedisIndex(srv.url, "r")
+        paths, plan = _plan(ridx, "w1", rkeys, root)
+        ridx.close()
+        ctx = mp.get_context("spawn")      # CUDA cannot survive a fork
+        for nr in a.readers:
+            got = _run(ctx, _reader, [{"root": root, "url": srv.url, "ns": "r", "rid": f"rd{nr}-{i}", "keys": rkeys,
+                                       "batch": a.batch, "nbytes": nbytes, "memory": memory, "engine": a.engine,
+                                       "paths": paths, "plan": plan} for i in range(nr)], 2)
+            shared, plain = _aggregate(got, "shared"), _aggregate(got, "preadv")
+            out[f"read_{nr}_readers_GBps"] = shared
+            out[f"baseline_preadv_{nr}_readers_GBps"] = plain
+            out[f"read_{nr}_ratio"] = shared / plain
+            rows.append({"readers": nr, "shared GB/s": shared, "plain preadv GB/s": plain, "ratio": shared / plain})
+        # -- local mode: one process, its own chunks ------------------------------------------------
+        shutil.rmtree(os.path.join(root, "writers", "w1"), ignore_errors=True)
+        got = _run(ctx, _local, [{"path": os.path.join(root, "local"), "n": a.read_chunks, "nbytes": nbytes,
+                                  "batch": a.batch, "memory": memory, "engine": a.engine}], 1)
+        out["local_1_process_GBps"] = _aggregate(got, "local")
+        out["local_engine"] = next((g[2] for g in got if g[0] == "engine"), "")
+        out["read"] = rows
     finally:
+        if idx is not None:
+            idx.close()
         srv.stop()
         shutil.rmtree(root, ignore_errors=True)
     for k, v in out.items():
-        print(f"{k:32s} {v:.1f}" if isinstance(v, float) else f"{k:32s} {v}")
+        if k != "read":
+            print(f"{k:34s} {v:.1f}" if isinstance(v, float) else f"{k:34s} {v}")
+    print_table(rows, ["readers", "shared GB/s", "plain preadv GB/s", "ratio"],
+                title=f"\naggregate read, {a.chunk_mib} MiB chunks, batch {a.batch}, {memory} slabs, "
+                      f"writer engine {out.get('writer_engine')}")
+    print(f"local mode, 1 process reading its own chunks ({out.get('local_engine')}): "
+          f"{out.get('local_1_process_GBps', 0.0):.2f} GB/s")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(a.json, out)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Union
@@ -13,6 +14,7 @@ __all__ = ["CacheEngineKey", "MAX_KEY_STRING"]
 #: Longest key string; also a safe file-name length on every common file system.
 MAX_KEY_STRING = 240
 _SAFE = re.compile(r"[A-Za-z0-9._-]")
+_SAFE_RUN = re.compile(r"[A-Za-z0-9._-]*")
 # Ints with this many digits cannot fit in a key string (and str() of very
 # long ints raises ValueError).
 _INT_LIMIT = 10 ** MAX_KEY_STRING
@@ -21,9 +23,13 @@ _HASH = re.compile(rf"[0-9a-f]{{1,{_HASH_DIGITS}}}")
 _ESCAPED = re.compile(r"(?:[A-Za-z0-9._-]|%[0-9A-F]{2})+")
 
 
+@functools.lru_cache(maxsize=1024)
 def _escape(s: str) -> str:
     # Percent-encode everything outside [A-Za-z0-9._-], so "/" and "@" in model
-    # names can never split a path or the key's fields.
+    # names can never split a path or the key's fields. Cached: a process sees a
+    # few formats and model names, and a lookup formats every key of a prompt.
+    if _SAFE_RUN.fullmatch(s):
+        return s
     return "".join(c if _SAFE.fullmatch(c) else "".join(f"%{b:02X}" for b in c.encode()) for c in s)
 
 

@@ -89,11 +89,14 @@ end
 return 0
 """
 
-# Lease every listed entry that exists (one ZADD per entry) and return its fields.
+# Lease every listed entry that exists (one ZADD per entry) and return its fields as one
+# tab-joined string per entry: a reply of one bulk string per chunk parses several times faster
+# than one per field. Per writer, its boot and its newest-lease marker are touched once.
 _ACQUIRE = """
 local ns, token, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local boots = {}
 local out = {}
 for i = 4, #ARGV do
   local e = ns .. ':e:' .. ARGV[i]
@@ -102,15 +105,29 @@ for i = 4, #ARGV do
     local l = ns .. ':l:' .. v[1] .. ':' .. v[2]
     redis.call('ZADD', l, now + ttl, token)
     redis.call('PEXPIRE', l, ttl + 1000)
-    redis.call('SET', ns .. ':lr:' .. v[1], token, 'PX', ttl)
+    local wb = boots[v[1]]
+    if not wb then
+      redis.call('SET', ns .. ':lr:' .. v[1], token, 'PX', ttl)
+      wb = redis.call('HGET', ns .. ':w:' .. v[1], 'boot') or ''
+      boots[v[1]] = wb
+    end
     v[10] = v[10] or ''
-    v[11] = redis.call('HGET', ns .. ':w:' .. v[1], 'boot') or ''
-    out[#out + 1] = v
+    v[11] = wb
+    out[#out + 1] = table.concat(v, '\t')
   else
     out[#out + 1] = false
   end
 end
 return out
+"""
+
+# End token's leases on the listed (writer, generation) pairs.
+_RELEASE = """
+local ns, token = ARGV[1], ARGV[2]
+for i = 3, #ARGV do
+  redis.call('ZREM', ns .. ':l:' .. ARGV[i], token)
+end
+return 0
 """
 
 # Hit prefix over chunks; each chunk is ``per`` keys (its tensor-parallel
@@ -244,7 +261,7 @@ class RedisIndex:
         self.client = connect(url)
         self._scripts = {name: self.client.register_script(src) for name, src in (
             ("publish", _PUBLISH), ("retract", _RETRACT), ("stale", _RETRACT_STALE), ("acquire", _ACQUIRE),
-            ("prefix", _PREFIX), ("claim", _CLAIM), ("purge", _PURGE), ("exists", _EXISTS))}
+            ("prefix", _PREFIX), ("claim", _CLAIM), ("purge", _PURGE), ("exists", _EXISTS), ("release", _RELEASE))}
         self._tokens = 0
 
     def _run(self, name: str, args: Sequence) -> object:
@@ -307,19 +324,15 @@ class RedisIndex:
             if not v:
                 out.append(None)
                 continue
-            w, g, o, n, p, sh, dt, fm, cs, boot, now_boot = v
+            w, g, o, n, p, sh, dt, fm, cs, boot, now_boot = v.split("\t")
             out.append(Published(k, w, g, int(o), int(n), int(p), tuple(int(d) for d in sh.split(",") if d),
                                  dt, fm, int(cs), boot, now_boot))
         return out
 
     def release(self, token: str, entries: Sequence[Published]) -> None:
         """End ``token``'s leases on ``entries`` (one round trip)."""
-        if not entries:
-            return
-        p = self.client.pipeline(transaction=False)
-        for e in entries:
-            p.zrem(f"{self.ns}:l:{e.writer}:{e.generation}", token)
-        p.execute()
+        if entries:
+            self._run("release", [token, *{f"{e.writer}:{e.generation}" for e in entries}])
 
     def prefix(self, chunks: Sequence[Sequence[str]]) -> int:
         """How many chunks, from the first, have every one of their keys published (one snapshot)."""

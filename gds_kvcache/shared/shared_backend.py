@@ -192,10 +192,15 @@ class SharedDiskBackend(StorageBackendInterface):
         self._cond = threading.Condition()
         self._ops = 0
         self._closing = False
-        self.writer, self.local = self._open_local(config, loop, memory_allocator, dst_device, writer_id)
-        self.boot = uuid.uuid4().hex[:12]
         try:
-            self._prefetch = ThreadPoolExecutor(max(2, config.io_threads), thread_name_prefix="gds-kvcache-shared-get")
+            self.writer, self.local = self._open_local(config, loop, memory_allocator, dst_device, writer_id)
+        except BaseException:
+            self.redis.close()
+            raise
+        self.boot = uuid.uuid4().hex[:12]
+        self._prefetch = ThreadPoolExecutor(max(2, config.io_threads), thread_name_prefix="gds-kvcache-shared-get")
+        self._releaser = ThreadPoolExecutor(1, thread_name_prefix="gds-kvcache-shared-release")
+        try:
             try:
                 self._register()
             except self._errors as e:
@@ -203,6 +208,8 @@ class SharedDiskBackend(StorageBackendInterface):
                 log.warning("Redis %s unreachable at start (%s): writer %s stores nothing until it answers",
                             self.redis.url, e, self.writer)
         except BaseException:
+            self._prefetch.shutdown()
+            self._releaser.shutdown()
             self.local.close()
             self.redis.close()
             raise
@@ -693,11 +700,16 @@ class SharedDiskBackend(StorageBackendInterface):
             for o in objs:
                 if id(o) not in kept:
                     o.ref_count_down()
-            try:
-                self.redis.release(token, held)
-            except self._errors as e:    # the leases expire on their own
-                self._stats["redis_errors"] += 1
-                log.debug("lease release failed: %s", e)
+            if held:
+                # Off the caller's path (a round trip): until it lands, the owner just waits a little longer.
+                self._releaser.submit(self._release, token, held)
+
+    def _release(self, token: str, held: list) -> None:
+        try:
+            self.redis.release(token, held)
+        except self._errors as e:    # the leases expire on their own
+            self._stats["redis_errors"] += 1
+            log.debug("lease release failed: %s", e)
 
     def _transfer_of(self, writer: str, boot: str) -> Optional[DiskTransfer]:
         """A read-only transfer over ``writer``'s pool files (opened once per writer run)."""
@@ -791,6 +803,7 @@ class SharedDiskBackend(StorageBackendInterface):
         self._stop.set()
         self._thread.join()
         self._prefetch.shutdown(wait=True)
+        self._releaser.shutdown(wait=True)
         try:
             try:
                 self._process_retired()

@@ -160,6 +160,29 @@ def _parse_number(name: str, v: Any, kind: type) -> Any:
     return kind(v)
 
 
+def _valid_redis_url(url: str) -> bool:
+    """Whether ``url`` is a Redis URL the client can use: a scheme, a host, a port in range and a
+    numeric database, or a unix socket path; no query (an option the client might reject later)."""
+    from urllib.parse import urlsplit
+
+    if re.search(r"\s", url):
+        return False
+    try:
+        u = urlsplit(url)
+        port = u.port
+    except ValueError:
+        return False
+    if u.query or u.fragment:
+        return False
+    if u.scheme == "unix":
+        return not u.netloc and len(u.path) > 1
+    if u.scheme not in ("redis", "rediss") or not u.hostname:
+        return False
+    if port is not None and not 1 <= port <= 65535:
+        return False
+    return u.path in ("", "/") or re.fullmatch(r"/\d{1,9}", u.path) is not None
+
+
 @dataclass
 class CacheEngineConfig:
     """Everything that shapes a cache engine's storage tiers.
@@ -302,12 +325,11 @@ class CacheEngineConfig:
         if not 1 <= self.pool_files <= 64:
             raise ConfigError("pool_files", self.pool_files, "an integer in 1..64")
         self.preallocate = _parse_bool("preallocate", self.preallocate)
-        if self.lookup_server_url is not None and not (
-                isinstance(self.lookup_server_url, str)
-                and re.fullmatch(r"(redis|rediss)://[^\s/]+(/\d+)?|unix:///\S+", self.lookup_server_url.strip())):
-            raise ConfigError("lookup_server_url", self.lookup_server_url,
-                              "None (local mode) or redis://HOST:PORT[/DB], rediss://HOST:PORT[/DB] or unix:///PATH")
         if self.lookup_server_url is not None:
+            if not (isinstance(self.lookup_server_url, str) and _valid_redis_url(self.lookup_server_url.strip())):
+                raise ConfigError("lookup_server_url", self.lookup_server_url,
+                                  "None (local mode) or redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://... or "
+                                  "unix:///PATH (PORT 1..65535, DB a decimal number)")
             self.lookup_server_url = self.lookup_server_url.strip()
         if not isinstance(self.extra, dict):
             raise ConfigError("extra", self.extra, "a mapping")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from gds_kvcache import CacheEngineConfig, CacheEngineKey, ConfigError, LocalDiskBackend, SlabMemoryAllocator
+from gds_kvcache.errors import GdsKvCacheError, StorageFullError
 from gds_kvcache.units import GB, MiB
 
 redis = pytest.importorskip("redis", reason="the 'redis' client package is not installed (pip install redis)")
@@ -135,13 +136,13 @@ def test_publish_after_durable_entries_match_the_writers_index(tmp_path, server,
         assert put(w, alloc, keys) == [16384] * 20
         assert w.batched_contains(keys) == 20
         r = RedisIndex(server.url, ns)
-        pubs = r.acquire("t:1", [k.to_string() for k in keys])
+        pubs, leased = r.acquire("t:1", [k.to_string() for k in keys])
         for k, p in zip(keys, pubs):
             e = w.local.entry(k)
             assert (p.writer, p.generation, p.offset, p.nbytes, p.checksum) == ("w0", str(e.seq), e.offset,
                                                                                 e.nbytes, e.checksum)
             assert p.shape == (4096,) and p.dtype == w.local.entry(k).dtype
-        r.release("t:1", pubs)
+        r.release("t:1", leased)
         r.close()
         assert w.remove(keys[3]) and w.batched_contains(keys) == 3
         assert w.remove(keys[3]) is False     # idempotent
@@ -302,10 +303,10 @@ def test_leased_extent_is_not_reused_until_the_lease_ends(tmp_path, server, ns):
             f.seek(off)
             before = f.read(e.nbytes)
         r = RedisIndex(server.url, ns, lease_ttl=2.0)
-        leased = r.acquire("reader:1", [keys[0].to_string()])
+        _, leased = r.acquire("reader:1", [keys[0].to_string()])
         assert w.remove(keys[0])
         assert w.stats["leased_evictions"] == 1
-        assert r.acquire("reader:2", [keys[0].to_string()]) == [None]     # retracted: new readers miss
+        assert r.acquire("reader:2", [keys[0].to_string()]) == ([None], [])     # retracted: new readers miss
         # Fill the pool many times over: the leased extent must keep its bytes.
         for rnd in range(4):
             put(w, alloc, [key(1000 + 100 * rnd + i) for i in range(60)])
@@ -349,7 +350,7 @@ def test_new_generation_and_corrupt_bytes_are_misses(tmp_path, server, ns):
         assert w.local.entry(key(1)).seq != g1
         r = RedisIndex(server.url, ns)
         # A removal event of the old generation must not retract the new one.
-        assert r.retract("w0", [(key(1).to_string(), str(g1))]) == [0]
+        assert r.retract("w0", r.epoch(), [(key(1).to_string(), str(g1))]) == (True, [0])
         assert w.batched_contains([key(1)]) == 1
         # Corrupt key 2's bytes in the writer's file: the checksum turns the read into a miss.
         e = w.local.entry(key(2))
@@ -506,7 +507,7 @@ def test_full_file_system_evicts_through_redis_never_under_a_reader(tmp_path, se
                 check(r.batched_get_blocking(keys[max(0, i - 16):i + 8]), keys[max(0, i - 16):i + 8])
             assert all(x == 16384 for x in results), results
             assert w.stats["shared_evictions"] > 0 and w.stats["retracted"] >= w.stats["shared_evictions"]
-            listed = [k for k, p in zip(keys, w.redis.acquire("t:x", [k.to_string() for k in keys]))
+            listed = [k for k, p in zip(keys, w.redis.acquire("t:x", [k.to_string() for k in keys])[0])
                       if p is not None]
             assert set(listed) == set(w.keys())           # evicted chunks are retracted, none left listed
             assert check(r.batched_get_blocking(listed), listed) == [True] * len(listed)
@@ -546,4 +547,235 @@ def test_close_waits_for_remote_reads_in_flight_then_refuses_calls(tmp_path, ser
         r.close()                             # idempotent
     finally:
         w.close()
+        r.close()
+
+
+# -- regressions from the adversarial review -------------------------------------------------------------
+def test_tp_lookup_never_counts_this_ranks_hot_copy_alone(tmp_path, server):
+    # Rank 0 stored its shards (they sit in its hot tier too); rank 1 stored nothing: both say 0.
+    from gds_kvcache.storage import StorageManager
+
+    cfg, _ = engine_setup(tmp_path, server.url)
+    with StorageManager(cfg) as r0, StorageManager(cfg) as r1:
+        k0 = [key(i, ws=2, rank=0) for i in range(4)]
+        objs = r0.batched_allocate([(4096,)] * 4, torch.float32)
+        for o, k in zip(objs, k0):
+            o.tensor.copy_(chunk_bytes(k))
+        for f in r0.batched_submit_put_task(k0, objs):
+            f.result()
+        assert all(r0.hot.contains(k) for k in k0)
+        assert r0.batched_contains(k0) == 0 and not r0.contains(k0[0])
+        assert r1.batched_contains([key(i, ws=2, rank=1) for i in range(4)]) == 0
+        k1 = [key(i, ws=2, rank=1) for i in range(2)]
+        objs = r1.batched_allocate([(4096,)] * 2, torch.float32)
+        for o, k in zip(objs, k1):
+            o.tensor.copy_(chunk_bytes(k))
+        for f in r1.batched_submit_put_task(k1, objs):
+            f.result()
+        assert r0.batched_contains(k0) == 2 and r1.batched_contains([key(i, ws=2, rank=1) for i in range(4)]) == 2
+        # Mixed world sizes in one lookup are answered, not an assertion error.
+        assert r0.disk.batched_exists([k0[0], key(9)]) == [True, False]
+
+
+def test_a_failed_or_skipped_put_gives_its_claim_back(tmp_path, server, ns):
+    a, aa = open_backend(tmp_path, server, ns, "a", disk_mib=1)
+    b, ba = open_backend(tmp_path, server, ns, "b")
+    try:
+        big = aa.allocate((a.capacity_bytes // 4 + 1024,), torch.float32)     # can never fit a's pool
+        big.tensor.copy_(torch.rand(big.tensor.numel()))
+        [f] = a.batched_submit_put_task([key(1)], [big])
+        with pytest.raises(StorageFullError):
+            f.result()
+        big.ref_count_down()
+        assert a.redis.client.exists(f"{ns}:c:{key(1).to_string()}") == 0
+        with pytest.raises(GdsKvCacheError):
+            a.batched_submit_put_task([key(2)], ["not a chunk"])
+        assert a.redis.client.exists(f"{ns}:c:{key(2).to_string()}") == 0
+        assert put(b, ba, [key(1), key(2)]) == [16384, 16384]        # b may store both at once
+        assert b.stats["claims_lost"] == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_malformed_entry_or_unreadable_layout_is_a_miss_and_its_lease_ends(tmp_path, server, ns):
+    import redis as redis_pkg
+
+    w, walloc = open_backend(tmp_path, server, ns, "w")
+    r, _ = open_backend(tmp_path, server, ns, "r")
+    try:
+        keys = [key(i) for i in range(3)]
+        assert put(w, walloc, keys) == [16384] * 3
+        w.redis.client.hset(f"{ns}:e:{keys[0].to_string()}", "o", "zz")       # garbage offset
+        w.redis.client.hset(f"{ns}:e:{keys[1].to_string()}", "sh", "4,x")     # garbage shape
+        assert check(r.batched_get_blocking(keys), keys) == [None, None, True]
+        assert check(r.batched_submit_prefetch_task(keys).result(), keys) == [None, None, True]
+        r._releaser.submit(lambda: None).result()            # the releases queued before have run
+        e = w.local.entry(keys[0])
+        assert w.redis.client.zcard(f"{ns}:l:w:{e.seq}") == 0
+
+        def broken(*a):
+            raise redis_pkg.TimeoutError("injected")
+        r._readers.clear()
+        r.redis.layout = broken
+        assert r.batched_get_blocking([keys[2]]) == [None]
+        assert r.stats["redis_errors"] >= 1
+    finally:
+        w.close()
+        r.close()
+
+
+def test_eviction_skips_chunks_other_processes_are_reading(tmp_path, server, ns):
+    import threading
+
+    w, walloc = open_backend(tmp_path, server, ns, "w", disk_mib=1)
+    r, _ = open_backend(tmp_path, server, ns, "r")
+    try:
+        n = w.capacity_bytes // 16384
+        old = [key(i) for i in range(n)]
+        for i in range(0, n, 8):
+            assert all(x == 16384 for x in put(w, walloc, old[i:i + 8]))
+        r._hold_s = 1.5
+        t = threading.Thread(target=lambda: check(r.batched_get_blocking(old[:8]), old[:8]))
+        t.start()
+        time.sleep(0.3)                                    # r now leases the 8 LRU chunks
+        assert all(x == 16384 for x in put(w, walloc, [key(1000 + i) for i in range(8)]))
+        left = [k for k in old if w.entry(k) is not None]
+        assert len(left) == n - 8 and all(w.entry(k) is not None for k in old[:8])   # the read ones stay
+        assert w.stats["leased_skips"] >= 8 and w.stats["leased_evictions"] == 0
+        t.join()
+    finally:
+        w.close()
+        r.close()
+
+
+def test_redis_restart_during_a_retract_keeps_the_extent_for_a_lease_period(tmp_path, ns):
+    import threading
+
+    if find_redis_server() is None:
+        pytest.skip("no redis-server binary")
+    srv = LocalRedis()
+    w, walloc = open_backend(tmp_path, srv, ns, "w", lease_ttl=2.0)
+    r, _ = open_backend(tmp_path, srv, ns, "r", lease_ttl=2.0)
+    try:
+        k0, k1 = key(0), key(1)
+        put(w, walloc, [k0])
+        off0 = w.entry(k0).offset
+        check(r.batched_get_blocking([k0]), [k0])
+        r._hold_s = 1.0
+        res = {}
+        t = threading.Thread(target=lambda: res.setdefault("o", r.batched_get_blocking([k0])))
+        t.start()
+        time.sleep(0.3)
+        real = w.redis.retract
+
+        def retract(*a, **kw):                 # the server restarts (empty) just before this call
+            srv.restart()
+            w.redis.retract = real
+            return real(*a, **kw)
+        w.redis.retract = retract
+        assert w.remove(k0)
+        put(w, walloc, [k1])
+        assert w.entry(k1) is None or w.entry(k1).offset != off0    # not over the leased bytes
+        t.join()
+        assert check(res["o"], [k0]) in ([True], [None]) and r.stats["remote_corrupt"] == 0
+    finally:
+        r.close()
+        w.close()
+        srv.stop()
+
+
+def test_bad_urls_and_cache_ids_are_the_librarys_errors(tmp_path, server):
+    from gds_kvcache.errors import StorageUnavailableError
+    from gds_kvcache.storage import StorageManager
+
+    for url in ("redis://127.0.0.1:99999/0", "redis://h:abc/0", "redis://h:1?db=abc", "redis://h/x", "unix://"):
+        with pytest.raises(ConfigError) as ei:
+            CacheEngineConfig(lookup_server_url=url)
+        assert ei.value.field == "lookup_server_url"
+    cfg, _ = engine_setup(tmp_path, server.url.rsplit("/", 1)[0] + "/99999")    # no such database
+    with pytest.raises(ConfigError, match="lookup_server_url"):
+        StorageManager(cfg)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "cache-id").mkdir()
+    with pytest.raises(StorageUnavailableError, match="cache-id"):
+        StorageManager(engine_setup(tmp_path, server.url)[0].replace(local_disk=str(tmp_path / "a")))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "cache-id").write_text("")
+    with pytest.raises(ConfigError, match="delete that file"):
+        StorageManager(engine_setup(tmp_path, server.url)[0].replace(local_disk=str(tmp_path / "b")))
+    (tmp_path / "c").write_text("a file")
+    with pytest.raises(StorageUnavailableError):
+        StorageManager(engine_setup(tmp_path, server.url)[0].replace(local_disk=str(tmp_path / "c")))
+
+
+def test_republish_and_rebuild_requests_refused_after_close(tmp_path, server, ns):
+    from gds_kvcache.errors import ClosedError
+
+    w, _ = open_backend(tmp_path, server, ns, "w")
+    w.close()
+    with pytest.raises(ClosedError):
+        w.republish()
+    with pytest.raises(ClosedError):
+        w.request_rebuild()
+
+
+WRITER = r"""
+import sys
+sys.path.insert(0, {root!r})
+import pathlib
+from tests.test_shared_backend import open_backend, key, put, FakeServer
+b, alloc = open_backend(pathlib.Path({tmp!r}), FakeServer({url!r}), {ns!r}, "w", lease_ttl=6.0)
+print("ready", flush=True)
+for line in sys.stdin:
+    op, n = line.split()
+    ks = [key(i) for i in range(int(n))]
+    if op == "put":
+        print(sum(isinstance(r, int) for r in put(b, alloc, ks)), flush=True)
+    else:
+        print(sum(b.remove(k) for k in ks), flush=True)
+"""
+
+
+def test_a_writer_killed_and_restarted_keeps_bytes_readers_lease(tmp_path, server, ns):
+    # The writer removes chunks a reader is reading (their extents wait for the leases), dies
+    # (SIGKILL) and restarts on its directory at once: the restart must not punch or reuse them.
+    import signal
+    import threading
+
+    code = WRITER.format(root=ROOT, tmp=str(tmp_path), url=server.url, ns=ns)
+
+    def start():
+        p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "ready"
+        return p
+
+    def cmd(p, line):
+        p.stdin.write(line + "\n")
+        p.stdin.flush()
+        return int(p.stdout.readline())
+
+    def kill(p):
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        p.stdin.close()
+        p.stdout.close()
+
+    w = start()
+    r, _ = open_backend(tmp_path, server, ns, "r", lease_ttl=6.0)
+    try:
+        keys = [key(i) for i in range(10)]
+        assert cmd(w, "put 10") == 10
+        r._hold_s = 3.0                 # a slow read: it holds its leases for 3 s
+        res = {}
+        t = threading.Thread(target=lambda: res.setdefault("o", r.batched_get_blocking(keys)))
+        t.start()
+        time.sleep(0.5)
+        assert cmd(w, "remove 10") == 10
+        kill(w)
+        w = start()                     # back while the reader still holds its leases
+        t.join()
+        assert check(res["o"], keys) == [True] * 10 and r.stats["remote_corrupt"] == 0
+    finally:
+        kill(w)
         r.close()

@@ -91,7 +91,7 @@ def run_tp(root, memories, engine="posix") -> int:
             while any(p.poll() is None for p in procs):
                 p = idx.client.pipeline(transaction=True)
                 for chunks in per_rank:
-                    p.evalsha(idx._scripts["prefix"].sha, 0, ns, RANKS, *[k for c in chunks for k in c])
+                    p.evalsha(idx._scripts["prefix"].sha, 0, ns, *RedisIndex._chunk_args(chunks))
                 try:
                     answers = p.execute()
                 except redis.exceptions.NoScriptError:

@@ -279,14 +279,14 @@ def _plan(idx, writer: str, keys: list[str], root: str) -> tuple[list[str], list
     stripes, unit = int(lay["stripes"]), int(lay["unit"])
     paths = [os.path.join(root, lay["dir"], f"{POOL_NAME}.{f}") for f in range(stripes)]
     token = idx.new_token("bench-plan")
-    pubs = idx.acquire(token, keys)
+    pubs, leased = idx.acquire(token, keys)
     try:
         missing = [k for k, p in zip(keys, pubs) if p is None]
         if missing:
             raise RuntimeError(f"{len(missing)} chunk(s) not published, first {missing[0]}")
         return paths, [pieces(p.offset, p.nbytes, stripes, unit) for p in pubs]
     finally:
-        idx.release(token, [p for p in pubs if p is not None])
+        idx.release(token, leased)
 
 
 def _list_of_readers(text: str) -> list[int]:

@@ -50,41 +50,45 @@ end
 return dups
 """
 
-# Delete the entries that still are (w, g) and say, per key, how many ms the
-# longest live lease on (w, g) has left: the owner reuses the extent only after.
+# Retract (key, generation) entries of writer w and say, per item, how many ms the longest
+# live lease on (w, g) has left: the owner reuses the extent only after. The first reply is 1
+# if the server's epoch is still the caller's (0: it restarted, and forgot every lease). With
+# ``unleased`` an entry that has a live lease stays (an eviction moves on to another victim),
+# and nothing is retracted when the epoch changed.
 _RETRACT = """
-local ns, w = ARGV[1], ARGV[2]
+local ns, w, epoch, unleased = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1'
+local ok = 0
+if redis.call('GET', ns .. ':epoch') == epoch then ok = 1 end
+if unleased and ok == 0 then return {0} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local out = {}
-for i = 3, #ARGV, 2 do
+local out = {ok}
+for i = 5, #ARGV, 2 do
   local k, g = ARGV[i], ARGV[i+1]
-  local e = ns .. ':e:' .. k
-  local cur = redis.call('HMGET', e, 'w', 'g')
-  if cur[1] == w and (g == '*' or cur[2] == g) then
-    redis.call('DEL', e)
-    redis.call('SREM', ns .. ':k:' .. w, k)
-  end
-  local gen = g
-  if g == '*' then gen = cur[2] or '' end
-  local l = ns .. ':l:' .. w .. ':' .. gen
+  local l = ns .. ':l:' .. w .. ':' .. g
   redis.call('ZREMRANGEBYSCORE', l, '-inf', now)
   local last = redis.call('ZRANGE', l, -1, -1, 'WITHSCORES')
-  if last[2] then out[#out + 1] = tonumber(last[2]) - now else out[#out + 1] = 0 end
+  local ms = 0
+  if last[2] then ms = tonumber(last[2]) - now end
+  if not (unleased and ms > 0) then
+    local e = ns .. ':e:' .. k
+    local cur = redis.call('HMGET', e, 'w', 'g')
+    if cur[1] == w and cur[2] == g then
+      redis.call('DEL', e)
+      redis.call('SREM', ns .. ':k:' .. w, k)
+    end
+  end
+  out[#out + 1] = ms
 end
 return out
 """
 
-# Delete an entry of writer w for key k unless it is generation keep (the
-# writer's current one): a late removal event can never retract a newer put.
-_RETRACT_STALE = """
-local ns, w, k, keep = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local e = ns .. ':e:' .. k
-local cur = redis.call('HMGET', e, 'w', 'g')
-if cur[1] == w and cur[2] ~= keep then
-  redis.call('DEL', e)
-  redis.call('SREM', ns .. ':k:' .. w, k)
-  return 1
+# Drop writer w's claims on the listed keys (its puts of them failed or were skipped).
+_UNCLAIM = """
+local ns, w = ARGV[1], ARGV[2]
+for i = 3, #ARGV do
+  local c = ns .. ':c:' .. ARGV[i]
+  if redis.call('GET', c) == w then redis.call('DEL', c) end
 end
 return 0
 """
@@ -130,30 +134,34 @@ end
 return 0
 """
 
-# Hit prefix over chunks; each chunk is ``per`` keys (its tensor-parallel
-# shards) and counts only when all of them exist, all read in one snapshot.
+# Hit prefix over chunks; chunk j is ARGV[3 + j]'s count of keys (its tensor-parallel shards)
+# and counts only when all of them exist, all read in one snapshot.
 _PREFIX = """
-local ns, per = ARGV[1], tonumber(ARGV[2])
-local n = 0
-for i = 3, #ARGV, per do
-  for j = 0, per - 1 do
-    if redis.call('EXISTS', ns .. ':e:' .. ARGV[i + j]) == 0 then return n end
+local ns, n = ARGV[1], tonumber(ARGV[2])
+local pos = 3 + n
+for j = 1, n do
+  local per = tonumber(ARGV[2 + j])
+  for i = pos, pos + per - 1 do
+    if redis.call('EXISTS', ns .. ':e:' .. ARGV[i]) == 0 then return j - 1 end
   end
-  n = n + 1
+  pos = pos + per
 end
 return n
 """
 
-# Per chunk (``per`` keys each), whether all of its keys exist.
+# Per chunk (counts as for _PREFIX), whether all of its keys exist.
 _EXISTS = """
-local ns, per = ARGV[1], tonumber(ARGV[2])
+local ns, n = ARGV[1], tonumber(ARGV[2])
+local pos = 3 + n
 local out = {}
-for i = 3, #ARGV, per do
+for j = 1, n do
+  local per = tonumber(ARGV[2 + j])
   local all = 1
-  for j = 0, per - 1 do
-    if redis.call('EXISTS', ns .. ':e:' .. ARGV[i + j]) == 0 then all = 0 break end
+  for i = pos, pos + per - 1 do
+    if redis.call('EXISTS', ns .. ':e:' .. ARGV[i]) == 0 then all = 0 break end
   end
-  out[#out + 1] = all
+  out[j] = all
+  pos = pos + per
 end
 return out
 """
@@ -260,7 +268,7 @@ class RedisIndex:
         self.claim_ms = max(1, int(claim_ttl * 1000))
         self.client = connect(url)
         self._scripts = {name: self.client.register_script(src) for name, src in (
-            ("publish", _PUBLISH), ("retract", _RETRACT), ("stale", _RETRACT_STALE), ("acquire", _ACQUIRE),
+            ("publish", _PUBLISH), ("retract", _RETRACT), ("unclaim", _UNCLAIM), ("acquire", _ACQUIRE),
             ("prefix", _PREFIX), ("claim", _CLAIM), ("purge", _PURGE), ("exists", _EXISTS), ("release", _RELEASE))}
         self._tokens = 0
 
@@ -291,17 +299,27 @@ class RedisIndex:
                      e.dtype, e.fmt, str(e.checksum), e.boot]
         return list(self._run("publish", args)) if entries else []
 
-    def retract(self, writer: str, items: Sequence[tuple[str, str]]) -> list[int]:
-        """Delete ``(key, generation)`` entries of ``writer`` (idempotent); per item, the ms its
-        longest live lease has left (0: the extent may be reused now)."""
-        args: list = [writer]
+    def retract(self, writer: str, epoch: Optional[str], items: Sequence[tuple[str, str]],
+                unleased: bool = False) -> tuple[bool, list[int]]:
+        """Delete ``(key, generation)`` entries of ``writer`` (idempotent).
+
+        Returns whether the server's epoch is still ``epoch`` (False: it
+        restarted and forgot its leases, so no ms figure can be trusted) and,
+        per item, the ms its longest live lease has left (0: free now). With
+        ``unleased``, leased entries are left published, and nothing is
+        retracted unless the epoch is still ``epoch``.
+        """
+        args: list = [writer, epoch or "", "1" if unleased else "0"]
         for k, g in items:
             args += [k, g]
-        return [int(x) for x in self._run("retract", args)] if items else []
+        out = [int(x) for x in self._run("retract", args)]
+        ok, ms = bool(out[0]), out[1:]
+        return ok, (ms if ok or not unleased else [1] * len(items))
 
-    def retract_stale(self, writer: str, key: str, keep: str) -> bool:
-        """Delete ``writer``'s entry of ``key`` unless its generation is ``keep``."""
-        return bool(self._run("stale", [writer, key, keep]))
+    def unclaim(self, writer: str, keys: Sequence[str]) -> None:
+        """Drop ``writer``'s put claims on ``keys`` (its puts failed or were not made)."""
+        if keys:
+            self._run("unclaim", [writer, *keys])
 
     def claim(self, writer: str, keys: Sequence[str]) -> list[bool]:
         """Per key: True if ``writer`` may write it (claimed, or claimed by it before), False if it
@@ -315,40 +333,48 @@ class RedisIndex:
         self._tokens += 1
         return f"{reader}:{self._tokens}:{uuid.uuid4().hex[:8]}"
 
-    def acquire(self, token: str, keys: Sequence[str]) -> list[Optional[Published]]:
-        """Lease and return the entry of each key (None where absent)."""
+    def acquire(self, token: str, keys: Sequence[str]) -> tuple[list[Optional[Published]], list[str]]:
+        """Lease and return the entry of each key (None where absent or malformed), and the
+        ``writer:generation`` pairs leased (to ``release``, malformed entries' too)."""
         if not keys:
-            return []
+            return [], []
         out: list[Optional[Published]] = []
+        leased: list[str] = []
         for k, v in zip(keys, self._run("acquire", [token, self.lease_ms, *keys])):
             if not v:
                 out.append(None)
                 continue
-            w, g, o, n, p, sh, dt, fm, cs, boot, now_boot = v.split("\t")
-            out.append(Published(k, w, g, int(o), int(n), int(p), tuple(int(d) for d in sh.split(",") if d),
-                                 dt, fm, int(cs), boot, now_boot))
-        return out
+            f = v.split("\t")
+            leased.append(f"{f[0]}:{f[1]}")
+            try:
+                w, g, o, n, p, sh, dt, fm, cs, boot, now_boot = f
+                out.append(Published(k, w, g, int(o), int(n), int(p),
+                                     tuple(int(d) for d in sh.split(",") if d), dt, fm, int(cs), boot, now_boot))
+            except ValueError:
+                log.warning("ignoring malformed Redis entry of %s: %r", k, v[:200])
+                out.append(None)
+        return out, leased
 
-    def release(self, token: str, entries: Sequence[Published]) -> None:
-        """End ``token``'s leases on ``entries`` (one round trip)."""
-        if entries:
-            self._run("release", [token, *{f"{e.writer}:{e.generation}" for e in entries}])
+    def release(self, token: str, leased: Sequence[str]) -> None:
+        """End ``token``'s leases on the ``writer:generation`` pairs ``acquire`` returned (one round trip)."""
+        if leased:
+            self._run("release", [token, *set(leased)])
+
+    @staticmethod
+    def _chunk_args(chunks: Sequence[Sequence[str]]) -> list:
+        return [len(chunks), *[len(c) for c in chunks], *[k for c in chunks for k in c]]
 
     def prefix(self, chunks: Sequence[Sequence[str]]) -> int:
         """How many chunks, from the first, have every one of their keys published (one snapshot)."""
         if not chunks:
             return 0
-        per = len(chunks[0])
-        assert all(len(c) == per for c in chunks), "every chunk must list the same number of shards"
-        return int(self._run("prefix", [per, *[k for c in chunks for k in c]]))
+        return int(self._run("prefix", self._chunk_args(chunks)))
 
     def exists(self, chunks: Sequence[Sequence[str]]) -> list[bool]:
         """Per chunk, whether every one of its keys is published (one snapshot)."""
         if not chunks:
             return []
-        per = len(chunks[0])
-        assert all(len(c) == per for c in chunks), "every chunk must list the same number of shards"
-        return [bool(x) for x in self._run("exists", [per, *[k for c in chunks for k in c]])]
+        return [bool(x) for x in self._run("exists", self._chunk_args(chunks))]
 
     def lease_left_ms(self, writer: str) -> int:
         """Ms the longest live lease on any of ``writer``'s extents has left (0: none)."""

@@ -35,7 +35,8 @@ from typing import Optional, Sequence
 import torch
 
 from ..config import CacheEngineConfig
-from ..errors import ClosedError, ConfigError, DirectoryLockedError, GdsKvCacheError, StorageFullError
+from ..errors import (ClosedError, ConfigError, DirectoryLockedError, GdsKvCacheError, StorageFullError,
+                      StorageUnavailableError)
 from ..io import IOPathReport, open_engine
 from ..kernels.checksum import checksum_batch
 from ..key import CacheEngineKey
@@ -65,31 +66,50 @@ def _redis_errors() -> tuple:
     return (redis.RedisError, OSError)
 
 
+def _redis_config_errors() -> tuple:
+    """Errors at start that waiting will not cure: a wrong password, a database out of range."""
+    from redis import exceptions as e
+    return (e.AuthenticationError, e.AuthorizationError, e.ResponseError)
+
+
 def cache_id(shared_dir: str) -> str:
     """The shared directory's id (created by the first process to open it): the Redis namespace
     of its chunks, the same on every node whatever the mount point, and different for two caches
-    sharing one Redis server."""
-    os.makedirs(shared_dir, exist_ok=True)
+    sharing one Redis server.
+
+    Raises
+    ------
+    StorageUnavailableError
+        The directory or its id file cannot be created or read.
+    ConfigError
+        The id file holds something else than an id.
+    """
     path = os.path.join(shared_dir, CACHE_ID_NAME)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "w") as f:
-            f.write(uuid.uuid4().hex[:16] + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-    for _ in range(100):      # another process may be between its create and its write
+        os.makedirs(shared_dir, exist_ok=True)
+        if not os.path.exists(path):
+            # Written in full under a temporary name, then linked into place: the id file is
+            # never seen empty, and of two processes creating it at once one link wins.
+            tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            with open(tmp, "w") as f:
+                f.write(uuid.uuid4().hex[:16] + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
         with open(path) as f:
-            text = f.read().strip()
-        if text:
-            if not re.fullmatch(r"[0-9a-f]{16}", text):
-                raise ConfigError("local_disk", shared_dir, f"a shared directory whose {CACHE_ID_NAME} file holds "
-                                  f"16 hex digits (it holds {text[:40]!r}; delete it to start a new cache)")
-            return text
-        time.sleep(0.01)
-    raise ConfigError("local_disk", shared_dir, f"a shared directory whose {CACHE_ID_NAME} file is not empty")
+            text = f.read(64).strip()
+    except OSError as e:
+        raise StorageUnavailableError(f"shared directory {shared_dir!r}: cannot create or read its "
+                                      f"{CACHE_ID_NAME} file: {e.strerror or e}") from None
+    if not re.fullmatch(r"[0-9a-f]{16}", text):
+        raise ConfigError("local_disk", shared_dir, f"a shared directory whose {CACHE_ID_NAME} file holds 16 hex "
+                          f"digits (it holds {text[:40]!r}); delete that file to start a new cache there")
+    return text
 
 
 class _RemotePool:
@@ -148,6 +168,11 @@ class SharedDiskBackend(StorageBackendInterface):
     Run Redis without persistence.
     """
 
+    #: Lookups answer for every tensor-parallel rank (the storage manager asks only this tier).
+    lookup_for_all_ranks = True
+    #: A put skips keys published by any writer (its claim does), so callers need not ask first.
+    put_skips_stored = True
+
     def __init__(self, config: CacheEngineConfig, loop, memory_allocator, dst_device: str = "cuda",
                  writer_id: Optional[str] = None, namespace: Optional[str] = None, lease_ttl: float = 5.0,
                  claim_ttl: float = 30.0, tick: float = 0.2):
@@ -182,7 +207,8 @@ class SharedDiskBackend(StorageBackendInterface):
         self._retired_engines: list = []
         self._stats = {"published": 0, "duplicates": 0, "republishes": 0, "remote_hits": 0, "remote_misses": 0,
                        "lease_expired": 0, "remote_corrupt": 0, "claims_lost": 0, "redis_errors": 0,
-                       "leased_evictions": 0, "shared_evictions": 0, "retracted": 0, "unregistered_skips": 0}
+                       "leased_evictions": 0, "shared_evictions": 0, "retracted": 0, "unregistered_skips": 0,
+                       "leased_skips": 0}
         self.last_republish: Optional[float] = None
         self._epoch: Optional[str] = None
         self._rebuild_seen = 0
@@ -203,6 +229,8 @@ class SharedDiskBackend(StorageBackendInterface):
         try:
             try:
                 self._register()
+            except _redis_config_errors() as e:
+                raise ConfigError("lookup_server_url", url, f"a Redis this process may use ({e})") from None
             except self._errors as e:
                 self._stats["redis_errors"] += 1
                 log.warning("Redis %s unreachable at start (%s): writer %s stores nothing until it answers",
@@ -265,6 +293,8 @@ class SharedDiskBackend(StorageBackendInterface):
         ``purge`` first drops what this writer published before (at start:
         its log is the truth). Returns the chunks published.
         """
+        if self._closing:
+            raise ClosedError(f"shared disk backend on {self.shared_dir} is closed")
         idx = self.local.index
         d = self.local._dir
         with self._pub_lock:
@@ -290,6 +320,8 @@ class SharedDiskBackend(StorageBackendInterface):
 
     def request_rebuild(self) -> None:
         """Ask every writer (this one included) to re-publish its chunks within a tick."""
+        if self._closing:
+            raise ClosedError(f"shared disk backend on {self.shared_dir} is closed")
         self.redis.request_rebuild()
 
     def _housekeeping(self) -> None:
@@ -334,10 +366,11 @@ class SharedDiskBackend(StorageBackendInterface):
                 return
             try:
                 with self._pub_lock:
-                    if self._registered and self.redis.epoch() != self._epoch:
-                        self._leases_lost()          # restarted: its leases are forgotten, not over
-                        self._dirty = True
-                    left = self.redis.retract(self.writer, [(e.key.to_string(), str(e.seq)) for e in es])
+                    same, left = self.redis.retract(self.writer, self._epoch,
+                                                    [(e.key.to_string(), str(e.seq)) for e in es])
+                if not same:
+                    self._leases_lost()          # restarted: its leases are forgotten, not over
+                    self._dirty = True
             except BaseException:
                 self.local.index.requeue_retired(es)
                 raise
@@ -364,16 +397,51 @@ class SharedDiskBackend(StorageBackendInterface):
             self.local.release_extent(e)
 
     def _evict(self, need: int, count: int = 0) -> int:
-        """Drop this writer's LRU chunks nobody reads here until ``need`` bytes and ``count`` chunks
-        went, then retract them; returns how many were dropped."""
+        """Evict this writer's LRU chunks that no one reads, here or (by lease) elsewhere, until
+        ``need`` bytes and ``count`` chunks went; returns how many went.
+
+        Each round retracts its victims from Redis in one script that skips
+        leased ones (a chunk others are reading is warm: it stays), then drops
+        them here; their extents are free at once, since no lease can start on
+        an entry that is gone. Nothing goes while Redis is unreachable or has
+        restarted less than a lease period ago.
+        """
         idx = self.local.index
-        victims = idx.eviction_candidates(need, count)
-        if not victims:
+        if time.monotonic() < self._no_reuse_until:
             return 0
-        gone = idx.evict(victims)
-        self._stats["shared_evictions"] += len(gone)
-        self._process_retired()
-        return len(gone)
+        skip: dict[int, DiskEntry] = {}      # id -> a leased victim, left in place
+        went = freed = 0
+        for _ in range(8):
+            victims = [e for e in idx.eviction_candidates(need - freed + sum(e.phys_size for e in skip.values()),
+                                                          count - went + len(skip))
+                       if id(e) not in skip]
+            if not victims:
+                break
+            with self._pub_lock:
+                same, left = self.redis.retract(self.writer, self._epoch,
+                                                [(e.key.to_string(), str(e.seq)) for e in victims], unleased=True)
+                if not same:
+                    self._leases_lost()
+                    self._dirty = True
+                    break
+                out = [e for e, ms in zip(victims, left) if ms == 0]
+                skip.update((id(e), e) for e, ms in zip(victims, left) if ms > 0)
+                gone = idx.evict(out)
+                # Retracted but read here meanwhile (or replaced): publish it again.
+                gone_ids = {id(e) for e in gone}
+                back = [e.key for e in out if id(e) not in gone_ids and idx.entry(e.key) is not None]
+                if back:
+                    self._publish_current(back)
+            self._stats["shared_evictions"] += len(gone)
+            self._stats["retracted"] += len(out)
+            self._stats["leased_skips"] += len(victims) - len(out)
+            went += len(gone)
+            freed += sum(e.phys_size for e in gone)
+            for e in idx.drain_retired_of(gone):
+                self.local.release_extent(e)
+            if freed >= need and went >= count:
+                break
+        return went
 
     def _make_room(self, need: int, adding: int) -> None:
         """Free ``need`` pool bytes and index room for ``adding`` chunks, evicting as needed."""
@@ -409,6 +477,7 @@ class SharedDiskBackend(StorageBackendInterface):
         check_keys(keys)
         self._enter()
         try:
+            self.local._check_objs(objs)       # before any claim: a refused call leaves none behind
             return self._put(keys, objs)
         finally:
             self._exit()
@@ -427,18 +496,34 @@ class SharedDiskBackend(StorageBackendInterface):
             mine = [True] * len(keys)
         self._stats["claims_lost"] += mine.count(False)
         sel = [i for i in range(len(keys)) if mine[i] and not idx.contains(keys[i])]
-        if not sel:
-            return out
-        futs = self._submit(keys, objs, sel, 1)
-        # Refused at reservation (room fragmented or leased): evict more and try once again.
-        again = [i for i in sel if futs[i] is not None and futs[i].done()
-                 and isinstance(futs[i].exception(), StorageFullError)]
-        if again:
-            futs.update(self._submit(keys, objs, again, 2))
-        pairs = [(keys[i], futs[i]) for i in sel if futs[i] is not None]
-        for i, f in zip([i for i in sel if futs[i] is not None], self._published_when_done(pairs)):
+        claimed = [k for k, m in zip(keys, mine) if m]
+        try:
+            futs = self._submit(keys, objs, sel, 1) if sel else {}
+            # Refused at reservation (room fragmented or leased): evict more and try once again.
+            again = [i for i in sel if futs[i] is not None and futs[i].done()
+                     and isinstance(futs[i].exception(), StorageFullError)]
+            if again:
+                futs.update(self._submit(keys, objs, again, 2))
+        except BaseException:
+            self._unclaim(claimed)
+            raise
+        writing = [i for i in sel if futs[i] is not None]
+        # A claim on a key not being written (stored here already, or a repeat) is given back now.
+        self._unclaim([k for k in claimed if k not in {keys[i] for i in writing}])
+        pairs = [(keys[i], futs[i]) for i in writing]
+        for i, f in zip(writing, self._published_when_done(pairs)):
             out[i] = f
         return out
+
+    def _unclaim(self, keys: Sequence[CacheEngineKey]) -> None:
+        """Give back this writer's put claims on ``keys`` so another writer may store them."""
+        if not keys:
+            return
+        try:
+            self.redis.unclaim(self.writer, [k.to_string() for k in keys])
+        except self._errors as e:     # the claims expire on their own (claim_ttl)
+            self._stats["redis_errors"] += 1
+            log.debug("unclaim failed: %s", e)
 
     def _published_when_done(self, pairs: list[tuple[CacheEngineKey, Future]]) -> list[Future]:
         """Futures that resolve like the local puts' ``pairs``, but only after the chunks written
@@ -453,7 +538,9 @@ class SharedDiskBackend(StorageBackendInterface):
                 if left[0]:
                     return
             done = [k for k, f in pairs if not f.cancelled() and f.exception() is None]
+            failed = [k for k, f in pairs if f.cancelled() or f.exception() is not None]
             try:
+                self._unclaim(failed)
                 if done:
                     self._publish_current(done)
             except self._errors as e:
@@ -636,12 +723,11 @@ class SharedDiskBackend(StorageBackendInterface):
         token = self.redis.new_token(self.writer)
         t0 = time.monotonic()
         try:
-            pubs = self.redis.acquire(token, [keys[i].to_string() for i in which])
+            pubs, held = self.redis.acquire(token, [keys[i].to_string() for i in which])
         except self._errors as e:
             self._stats["redis_errors"] += 1
             log.debug("remote read: Redis unreachable: %s", e)
             return
-        held = [p for p in pubs if p is not None]
         objs: list[MemoryObj] = []
         try:
             if self._hold_s and held:
@@ -669,7 +755,12 @@ class SharedDiskBackend(StorageBackendInterface):
                 batch = allocate_batch(self.memory_allocator, shapes, dtypes, fmts)
                 objs += batch
                 ok = ok[: len(batch)]            # no slab room for the rest: misses
-                tr = self._transfer_of(w, items[0][1].boot)
+                try:
+                    tr = self._transfer_of(w, items[0][1].boot)
+                except self._errors as e:          # its layout unreadable now: misses
+                    self._stats["redis_errors"] += 1
+                    log.debug("remote read: Redis unreachable: %s", e)
+                    tr = None
                 if tr is None:
                     continue
                 sized = [(i, p, o) for (i, p), o in zip(ok, batch) if o.nbytes == p.nbytes

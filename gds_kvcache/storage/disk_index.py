@@ -500,6 +500,15 @@ class DiskIndex:
         with self._lock:
             self._retired[:0] = entries
 
+    def drain_retired_of(self, entries: Sequence[DiskEntry]) -> list[DiskEntry]:
+        """Take ``entries`` off the retired list (those on it): an owner that retracted them
+        already frees them itself, leaving other retired entries to ``drain_retired``."""
+        want = {id(e) for e in entries}
+        with self._lock:
+            out = [e for e in self._retired if id(e) in want]
+            self._retired = [e for e in self._retired if id(e) not in want]
+        return out
+
     def drain_retired(self) -> list[DiskEntry]:
         """Extents dropped since the last call and not yet freed (``owner_frees``): the owner
         calls ``free(e.offset)`` for each once no other process can be reading it."""

@@ -119,7 +119,10 @@ class LocalDiskBackend(StorageBackendInterface):
             self._engine = open_engine(self._dir.pool_paths, config, memory, self._dir.stripe_bytes)
             if self._buffer is not None:
                 self._engine.attach(self._buffer)
-            self._punch_free(free)
+            if evictor is None:
+                # An owner frees only once other processes' leases on an extent ended, which
+                # it cannot know yet: it reuses (and overwrites) the free extents later instead.
+                self._punch_free(free)
         except BaseException:
             self._abort_open()
             raise

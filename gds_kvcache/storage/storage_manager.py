@@ -217,7 +217,13 @@ class StorageManager:
             for o in objs:
                 if not isinstance(o, MemoryObj) or not o.valid:
                     raise GdsKvCacheError(f"a chunk must be a live MemoryObj, got {o!r}")
-            new = [i for i, (k, there) in enumerate(zip(keys, self.batched_exists(keys)))
+            if getattr(self.disk, "put_skips_stored", False):
+                # The disk tier's own put skips what is stored anywhere (shared mode's claim),
+                # so only the hot tier is asked here: one Redis round trip less per store.
+                stored = [self.hot is not None and self.hot.contains(k) for k in keys]
+            else:
+                stored = self.batched_exists(keys)
+            new = [i for i, (k, there) in enumerate(zip(keys, stored))
                    if not there and not (self.disk is not None and self.disk.exists_in_put_tasks(k))]
             out: list[Optional[Future]] = [None] * len(keys)
             if self.hot is not None:
@@ -339,8 +345,19 @@ class StorageManager:
         fut.add_done_callback(landed)
         return fut
 
+    def _ranks_answered_by_disk(self, keys: Sequence[CacheEngineKey]) -> bool:
+        """In shared mode a tensor-parallel chunk counts only when every rank's shard is
+        published, which only the disk tier (Redis) knows: this rank's hot copy proves nothing."""
+        return getattr(self.disk, "lookup_for_all_ranks", False) and any(k.world_size > 1 for k in keys)
+
     def contains(self, key: CacheEngineKey, search_range: Optional[List[str]] = None) -> bool:
-        """Whether ``key`` is stored in the named tiers (``Hot``, ``LocalDiskBackend``; None for all)."""
+        """Whether ``key`` is stored in the named tiers (``Hot``, ``LocalDiskBackend``; None for all).
+
+        In shared mode a key of a tensor-parallel model counts only when every rank's shard
+        is published (asked of the disk tier whatever ``search_range`` says about ``Hot``).
+        """
+        if self._ranks_answered_by_disk([key]) and (search_range is None or "LocalDiskBackend" in search_range):
+            return self.disk.contains(key)
         for name, backend in self.storage_backends.items():
             if search_range is not None and name not in search_range:
                 continue
@@ -356,6 +373,8 @@ class StorageManager:
         """
         keys = list(keys)
         check_keys(keys)
+        if self._ranks_answered_by_disk(keys):
+            return self.disk.batched_contains(keys)
         hot = [self.hot is not None and self.hot.contains(k) for k in keys]
         n = 0
         while n < len(keys):

@@ -98,7 +98,7 @@ def main() -> None:
                     out[-1]["acquire_ms"] = 1e3 * sum(t_acq) / max(1, len(t_acq))
                     out[-1]["release_ms"] = 1e3 * sum(t_rel) / max(1, len(t_rel))
                     print(f"    acquire {out[-1]['acquire_ms']:.2f} ms, release {out[-1]['release_ms']:.2f} ms per batch")
-                tr_ = next(iter(r._readers.values()))[1]
+                tr_ = next(iter(r.remote._readers.values()))[1]
                 t = time.perf_counter()
                 objs = [ralloc.allocate((numel,), torch.float32) for _ in range(16)]
                 ent = [w.local.index.entry(k) for k in keys[:16]]

@@ -329,10 +329,10 @@ def test_expired_lease_is_a_miss_not_bytes(tmp_path, server, ns):
     rd, _ = open_backend(tmp_path, server, ns, "r1", lease_ttl=0.2)
     try:
         put(w, alloc, [key(1)])
-        rd._hold_s = 0.4          # a reader stalled past its lease
+        rd.remote._hold_s = 0.4          # a reader stalled past its lease
         assert rd.batched_get_blocking([key(1)]) == [None]
         assert rd.stats["lease_expired"] == 1
-        rd._hold_s = 0.0
+        rd.remote._hold_s = 0.0
         assert check(rd.batched_get_blocking([key(1)]), [key(1)]) == [True]
     finally:
         w.close()
@@ -436,7 +436,7 @@ def test_cache_engine_shared_mode_one_field(tmp_path, server, device, engine):
         assert st["remote_hits"] >= 5 and st["remote_corrupt"] == 0 and st["puts"] == 0
         assert str(b.storage.allocator.device).startswith(device)
         assert all(type(tr.engine).__name__.lower().startswith(engine) and tr.engine.read_only
-                   for _, tr in b.storage.disk._readers.values())
+                   for _, tr in b.storage.disk.remote._readers.values())
         assert a.storage.disk.stats["puts"] == 5
         # A remove by the writer that owns the chunks is seen by the other at once.
         keys = [k for k, _, _ in a._keys(tokens.tolist())]
@@ -528,7 +528,7 @@ def test_close_waits_for_remote_reads_in_flight_then_refuses_calls(tmp_path, ser
     try:
         keys = [key(i) for i in range(8)]
         assert put(w, walloc, keys) == [16384] * 8
-        r._hold_s = 0.5                       # the read holds its leases (and engines) a while
+        r.remote._hold_s = 0.5                       # the read holds its leases (and engines) a while
         got = []
         t = threading.Thread(target=lambda: got.append(check(r.batched_get_blocking(keys), keys)))
         t.start()
@@ -610,13 +610,13 @@ def test_a_malformed_entry_or_unreadable_layout_is_a_miss_and_its_lease_ends(tmp
         w.redis.client.hset(f"{ns}:e:{keys[1].to_string()}", "sh", "4,x")     # garbage shape
         assert check(r.batched_get_blocking(keys), keys) == [None, None, True]
         assert check(r.batched_submit_prefetch_task(keys).result(), keys) == [None, None, True]
-        r._releaser.submit(lambda: None).result()            # the releases queued before have run
+        r.remote.drain()                                     # the releases queued before have run
         e = w.local.entry(keys[0])
         assert w.redis.client.zcard(f"{ns}:l:w:{e.seq}") == 0
 
         def broken(*a):
             raise redis_pkg.TimeoutError("injected")
-        r._readers.clear()
+        r.remote._readers.clear()
         r.redis.layout = broken
         assert r.batched_get_blocking([keys[2]]) == [None]
         assert r.stats["redis_errors"] >= 1
@@ -635,7 +635,7 @@ def test_eviction_skips_chunks_other_processes_are_reading(tmp_path, server, ns)
         old = [key(i) for i in range(n)]
         for i in range(0, n, 8):
             assert all(x == 16384 for x in put(w, walloc, old[i:i + 8]))
-        r._hold_s = 1.5
+        r.remote._hold_s = 1.5
         t = threading.Thread(target=lambda: check(r.batched_get_blocking(old[:8]), old[:8]))
         t.start()
         time.sleep(0.3)                                    # r now leases the 8 LRU chunks
@@ -662,7 +662,7 @@ def test_redis_restart_during_a_retract_keeps_the_extent_for_a_lease_period(tmp_
         put(w, walloc, [k0])
         off0 = w.entry(k0).offset
         check(r.batched_get_blocking([k0]), [k0])
-        r._hold_s = 1.0
+        r.remote._hold_s = 1.0
         res = {}
         t = threading.Thread(target=lambda: res.setdefault("o", r.batched_get_blocking([k0])))
         t.start()
@@ -766,7 +766,7 @@ def test_a_writer_killed_and_restarted_keeps_bytes_readers_lease(tmp_path, serve
     try:
         keys = [key(i) for i in range(10)]
         assert cmd(w, "put 10") == 10
-        r._hold_s = 3.0                 # a slow read: it holds its leases for 3 s
+        r.remote._hold_s = 3.0                 # a slow read: it holds its leases for 3 s
         res = {}
         t = threading.Thread(target=lambda: res.setdefault("o", r.batched_get_blocking(keys)))
         t.start()

@@ -125,7 +125,7 @@ def child(args: dict) -> int:
     b, alloc = open_shared(pathlib.Path(args["dir"]), args["url"], args["ns"], args["wid"], args["memory"],
                            args["device"], args["engine"], disk_mib=DISK_MIB, slab_mib=8,
                            lease_ttl=args["lease_ttl"], tick=0.05)
-    b._hold_s = args["hold_s"]
+    b.remote._hold_s = args["hold_s"]
     rng = random.Random(args["seed"])
     wrong = hits = misses = 0
     done = args["start"]
@@ -156,7 +156,7 @@ def child(args: dict) -> int:
         if hold_flag and not long_hold and os.path.exists(hold_flag):
             # Asked to be killed while holding leases: hold them long enough that the kill lands
             # inside a read, not in the gap between the parent seeing a lease and its SIGKILL.
-            b._hold_s, long_hold = 0.2, True
+            b.remote._hold_s, long_hold = 0.2, True
             progress()
         op = rng.random()
         ks = [key(rng.randrange(KEYS)) for _ in range(rng.randint(1, 4))]

@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 from ..errors import StorageUnavailableError
 
-__all__ = ["RedisIndex", "Published", "connect"]
+__all__ = ["RedisIndex", "Published", "connect", "redis_errors"]
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +217,12 @@ class Published:
     checksum: int
     boot: str = ""          # the writer run that published it
     writer_boot: str = ""   # the writer's run now (as a reader found it): a mismatch is a stale entry
+
+
+def redis_errors() -> tuple:
+    """The exceptions of an unreachable, restarting or failing Redis (a miss, never a crash)."""
+    import redis
+    return (redis.RedisError, OSError)
 
 
 def connect(url: str, timeout: float = 2.0):

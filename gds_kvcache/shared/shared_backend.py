@@ -32,23 +32,17 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional, Sequence
 
-import torch
-
 from ..config import CacheEngineConfig
 from ..errors import (ClosedError, ConfigError, DirectoryLockedError, GdsKvCacheError, StorageFullError,
                       StorageUnavailableError)
-from ..io import IOPathReport, open_engine
-from ..kernels.checksum import checksum_batch
+from ..io import IOPathReport
 from ..key import CacheEngineKey
-from ..memory.allocator import allocate_batch
-from ..memory.format import MemoryFormat, str_to_dtype
 from ..memory.obj import MemoryObj
 from ..storage.abstract_backend import StorageBackendInterface
 from ..storage.disk_index import DiskEntry
 from ..storage.local_disk_backend import LocalDiskBackend, check_keys
-from ..storage.pool_file import POOL_NAME, pieces
-from ..storage.transfer import DiskTransfer
-from .redis_index import Published, RedisIndex
+from .redis_index import Published, RedisIndex, redis_errors
+from .remote_reader import RemoteReader
 
 __all__ = ["SharedDiskBackend", "WRITERS_DIR", "cache_id"]
 
@@ -59,11 +53,6 @@ CACHE_ID_NAME = "cache-id"
 _WRITER_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: Extra seconds an owner waits past a lease's end (clock granularity, scheduling).
 _LEASE_MARGIN = 0.05
-
-
-def _redis_errors() -> tuple:
-    import redis
-    return (redis.RedisError, OSError)
 
 
 def _redis_config_errors() -> tuple:
@@ -110,16 +99,6 @@ def cache_id(shared_dir: str) -> str:
         raise ConfigError("local_disk", shared_dir, f"a shared directory whose {CACHE_ID_NAME} file holds 16 hex "
                           f"digits (it holds {text[:40]!r}); delete that file to start a new cache there")
     return text
-
-
-class _RemotePool:
-    """Another writer's pool layout, as ``DiskTransfer`` maps logical offsets with it."""
-
-    def __init__(self, stripes: int, stripe_bytes: int, unit: int):
-        self.stripes, self.stripe_bytes, self.unit = stripes, stripe_bytes, unit
-
-    def pieces(self, offset: int, nbytes: int):
-        return pieces(offset, nbytes, self.stripes, self.unit)
 
 
 class SharedDiskBackend(StorageBackendInterface):
@@ -193,18 +172,13 @@ class SharedDiskBackend(StorageBackendInterface):
         self.lease_ttl = lease_ttl
         self.tick = tick
         self.memory_allocator = memory_allocator
-        self._memory = getattr(memory_allocator, "kind", str(memory_allocator.device))
-        self._buffer = getattr(memory_allocator, "buffer", None)
         self.redis = RedisIndex(url, self.namespace, lease_ttl, claim_ttl)
-        self._errors = _redis_errors()
+        self._errors = redis_errors()
         self._pub_lock = threading.RLock()
         self._registered = False
         self._quarantine: list[tuple[float, DiskEntry]] = []   # (monotonic release time, retired entry)
         self._q_lock = threading.Lock()
         self._retire_lock = threading.Lock()
-        self._readers: dict[str, tuple] = {}    # writer -> (boot, DiskTransfer over its files)
-        self._r_lock = threading.Lock()
-        self._retired_engines: list = []
         self._stats = {"published": 0, "duplicates": 0, "republishes": 0, "remote_hits": 0, "remote_misses": 0,
                        "lease_expired": 0, "remote_corrupt": 0, "claims_lost": 0, "redis_errors": 0,
                        "leased_evictions": 0, "shared_evictions": 0, "retracted": 0, "unregistered_skips": 0,
@@ -214,7 +188,6 @@ class SharedDiskBackend(StorageBackendInterface):
         self._rebuild_seen = 0
         self._dirty = False
         self._no_reuse_until = 0.0
-        self._hold_s = 0.0          # tests: seconds a remote read sleeps while holding its leases
         self._cond = threading.Condition()
         self._ops = 0
         self._closing = False
@@ -225,7 +198,8 @@ class SharedDiskBackend(StorageBackendInterface):
             raise
         self.boot = uuid.uuid4().hex[:12]
         self._prefetch = ThreadPoolExecutor(max(2, config.io_threads), thread_name_prefix="gds-kvcache-shared-get")
-        self._releaser = ThreadPoolExecutor(1, thread_name_prefix="gds-kvcache-shared-release")
+        self.remote = RemoteReader(self.redis, self.shared_dir, config, memory_allocator, lease_ttl, self.writer,
+                                   self._stats)
         try:
             try:
                 self._register()
@@ -237,7 +211,7 @@ class SharedDiskBackend(StorageBackendInterface):
                             self.redis.url, e, self.writer)
         except BaseException:
             self._prefetch.shutdown()
-            self._releaser.shutdown()
+            self.remote.close()
             self.local.close()
             self.redis.close()
             raise
@@ -685,7 +659,7 @@ class SharedDiskBackend(StorageBackendInterface):
                 out[i] = o
         rest = [i for i in range(len(keys)) if out[i] is None]
         if rest:
-            self._read_remote(keys, rest, out)
+            self.remote.read(keys, rest, out)
         return out
 
     def get_blocking(self, key: CacheEngineKey) -> Optional[MemoryObj]:
@@ -718,117 +692,6 @@ class SharedDiskBackend(StorageBackendInterface):
         except BaseException:
             self._exit()
             raise
-
-    def _read_remote(self, keys, which: list[int], out: list) -> None:
-        token = self.redis.new_token(self.writer)
-        t0 = time.monotonic()
-        try:
-            pubs, held = self.redis.acquire(token, [keys[i].to_string() for i in which])
-        except self._errors as e:
-            self._stats["redis_errors"] += 1
-            log.debug("remote read: Redis unreachable: %s", e)
-            return
-        objs: list[MemoryObj] = []
-        try:
-            if self._hold_s and held:
-                time.sleep(self._hold_s)
-            # Another writer's chunks, grouped by writer (one transfer per writer); an entry of a
-            # writer's earlier run (its boot changed) may point at reused bytes: a miss.
-            todo: dict[str, list[tuple[int, Published]]] = {}
-            for i, p in zip(which, pubs):
-                if p is None or p.writer == self.writer or p.boot != p.writer_boot:
-                    continue
-                todo.setdefault(p.writer, []).append((i, p))
-            got: list[tuple[int, Published, MemoryObj]] = []
-            for w, items in todo.items():
-                shapes, dtypes, fmts, ok = [], [], [], []
-                for i, p in items:
-                    try:
-                        dtype, shape, fmt = str_to_dtype(p.dtype), torch.Size(p.shape), MemoryFormat[p.fmt]
-                    except (GdsKvCacheError, KeyError) as exc:
-                        log.warning("ignoring entry %s of writer %s: %s", p.key, p.writer, exc)
-                        continue
-                    shapes.append(shape)
-                    dtypes.append(dtype)
-                    fmts.append(fmt)
-                    ok.append((i, p))
-                batch = allocate_batch(self.memory_allocator, shapes, dtypes, fmts)
-                objs += batch
-                ok = ok[: len(batch)]            # no slab room for the rest: misses
-                try:
-                    tr = self._transfer_of(w, items[0][1].boot)
-                except self._errors as e:          # its layout unreadable now: misses
-                    self._stats["redis_errors"] += 1
-                    log.debug("remote read: Redis unreachable: %s", e)
-                    tr = None
-                if tr is None:
-                    continue
-                sized = [(i, p, o) for (i, p), o in zip(ok, batch) if o.nbytes == p.nbytes
-                         and o.phys_size == p.phys_size]
-                errs = tr.read([o for _, _, o in sized], [p.offset for _, p, _ in sized])
-                for (i, p, o), err in zip(sized, errs):
-                    if err is None:
-                        got.append((i, p, o))
-                    else:
-                        log.warning("reading chunk %s of writer %s: %s", p.key, p.writer, err)
-            if got:
-                buf = got[0][2]._alloc.buffer.tensor
-                sums = checksum_batch(buf, [(o.offset, o.nbytes) for _, _, o in got], ordered=False)
-                late = time.monotonic() > t0 + self.lease_ttl
-                for (i, p, o), s in zip(got, sums):
-                    if late:
-                        self._stats["lease_expired"] += 1
-                    elif s != p.checksum:
-                        self._stats["remote_corrupt"] += 1
-                        log.warning("chunk %s of writer %s failed its checksum: a miss", p.key, p.writer)
-                    else:
-                        out[i] = o
-            n_hit = sum(1 for i in which if out[i] is not None)
-            self._stats["remote_hits"] += n_hit
-            self._stats["remote_misses"] += len(which) - n_hit
-        finally:
-            kept = {id(o) for o in out if o is not None}
-            for o in objs:
-                if id(o) not in kept:
-                    o.ref_count_down()
-            if held:
-                # Off the caller's path (a round trip): until it lands, the owner just waits a little longer.
-                self._releaser.submit(self._release, token, held)
-
-    def _release(self, token: str, held: list) -> None:
-        try:
-            self.redis.release(token, held)
-        except self._errors as e:    # the leases expire on their own
-            self._stats["redis_errors"] += 1
-            log.debug("lease release failed: %s", e)
-
-    def _transfer_of(self, writer: str, boot: str) -> Optional[DiskTransfer]:
-        """A read-only transfer over ``writer``'s pool files (opened once per writer run)."""
-        with self._r_lock:
-            have = self._readers.get(writer)
-            if have is not None and have[0] == boot:
-                return have[1]
-        lay = self.redis.layout(writer)
-        if not lay or lay.get("boot", "") != boot:
-            return None
-        path = os.path.join(self.shared_dir, lay["dir"])
-        stripes, stripe_bytes, unit = int(lay["stripes"]), int(lay["stripe_bytes"]), int(lay["unit"])
-        paths = [os.path.join(path, f"{POOL_NAME}.{f}") for f in range(stripes)]
-        try:
-            engine = open_engine(paths, self.config, self._memory, stripe_bytes, read_only=True)
-            if self._buffer is not None:
-                engine.attach(self._buffer)
-        except (OSError, GdsKvCacheError) as e:
-            log.warning("cannot open writer %s's pool files: %s", writer, e)
-            return None
-        tr = DiskTransfer(engine, _RemotePool(stripes, stripe_bytes, unit))
-        with self._r_lock:
-            old = self._readers.pop(writer, None)
-            self._readers[writer] = (boot, tr)
-            if old is not None:
-                # Closed only at close(): a read in flight may still use it.
-                self._retired_engines.append(old[1].engine)
-        return tr
 
     # -- management ---------------------------------------------------------------------------------
     def remove(self, key: CacheEngineKey) -> bool:
@@ -894,7 +757,7 @@ class SharedDiskBackend(StorageBackendInterface):
         self._stop.set()
         self._thread.join()
         self._prefetch.shutdown(wait=True)
-        self._releaser.shutdown(wait=True)
+        self.remote.drain()
         try:
             try:
                 self._process_retired()
@@ -911,15 +774,7 @@ class SharedDiskBackend(StorageBackendInterface):
             try:
                 self.local.close()
             finally:
-                with self._r_lock:
-                    engines = [tr.engine for _, tr in self._readers.values()] + self._retired_engines
-                    self._readers.clear()
-                    self._retired_engines = []
-                for eng in engines:
-                    try:
-                        eng.close()
-                    except Exception as e:
-                        log.debug("closing a reader engine: %s", e)
+                self.remote.close()
                 self.redis.close()
 
     def __enter__(self) -> "SharedDiskBackend":

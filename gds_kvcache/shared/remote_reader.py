@@ -1,0 +1,218 @@
+"""``RemoteReader``: shared mode's reads of other writers' chunks.
+
+A read leases the entries in Redis (one script for the batch), reads each
+writer's extents through a read-only engine over that writer's pool files
+(KvikIO or POSIX, opened once per writer run, never a mapping that a
+restarting writer could shrink under it), checks every chunk against its
+published checksum in one launch, and releases the leases off the caller's
+path. A chunk whose lease ran out before its check, whose entry came from an
+earlier run of its writer, or that fails its checksum is a miss.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional, Sequence
+
+import torch
+
+from ..config import CacheEngineConfig
+from ..errors import GdsKvCacheError
+from ..io import open_engine
+from ..kernels.checksum import checksum_batch
+from ..key import CacheEngineKey
+from ..memory.allocator import allocate_batch
+from ..memory.format import MemoryFormat, str_to_dtype
+from ..memory.obj import MemoryObj
+from ..storage.pool_file import POOL_NAME, pieces
+from ..storage.transfer import DiskTransfer
+from .redis_index import Published, RedisIndex, redis_errors
+
+__all__ = ["RemoteReader"]
+
+log = logging.getLogger(__name__)
+
+
+class _RemotePool:
+    """Another writer's pool layout, as ``DiskTransfer`` maps logical offsets with it."""
+
+    def __init__(self, stripes: int, stripe_bytes: int, unit: int):
+        self.stripes, self.stripe_bytes, self.unit = stripes, stripe_bytes, unit
+
+    def pieces(self, offset: int, nbytes: int):
+        return pieces(offset, nbytes, self.stripes, self.unit)
+
+
+class RemoteReader:
+    """Reads other writers' chunks of one shared directory.
+
+    Parameters
+    ----------
+    redis
+        The shared index (leases, entries, writer layouts).
+    shared_dir
+        The shared directory (writer layouts name paths below it).
+    config
+        Engine settings (``io_engine``, ``io_threads``, ...) for the read-only engines.
+    memory_allocator
+        The slab chunks are read into.
+    lease_ttl
+        Seconds a lease lasts: a read that took longer is a miss.
+    writer
+        This process's writer id (its own chunks are not read here).
+    stats
+        The backend's counters (``remote_hits``, ``remote_misses``, ``lease_expired``,
+        ``remote_corrupt``, ``redis_errors``), updated in place.
+    """
+
+    def __init__(self, redis: RedisIndex, shared_dir: str, config: CacheEngineConfig, memory_allocator,
+                 lease_ttl: float, writer: str, stats: dict):
+        self.redis = redis
+        self.shared_dir = shared_dir
+        self.config = config
+        self.memory_allocator = memory_allocator
+        self.lease_ttl = lease_ttl
+        self.writer = writer
+        self._stats = stats
+        self._errors = redis_errors()
+        self._memory = getattr(memory_allocator, "kind", str(memory_allocator.device))
+        self._buffer = getattr(memory_allocator, "buffer", None)
+        self._readers: dict[str, tuple] = {}    # writer -> (boot, DiskTransfer over its files)
+        self._r_lock = threading.Lock()
+        self._retired_engines: list = []
+        self._releaser = ThreadPoolExecutor(1, thread_name_prefix="gds-kvcache-shared-release")
+        self._hold_s = 0.0          # tests: seconds a read sleeps while holding its leases
+
+    def read(self, keys: Sequence[CacheEngineKey], which: list[int], out: list) -> None:
+        """Read ``keys[i]`` for ``i`` in ``which`` from other writers' files into ``out[i]`` (a
+        chunk with one reference, the caller's; left None on a miss)."""
+        token = self.redis.new_token(self.writer)
+        t0 = time.monotonic()
+        try:
+            pubs, held = self.redis.acquire(token, [keys[i].to_string() for i in which])
+        except self._errors as e:
+            self._stats["redis_errors"] += 1
+            log.debug("remote read: Redis unreachable: %s", e)
+            return
+        objs: list[MemoryObj] = []
+        try:
+            if self._hold_s and held:
+                time.sleep(self._hold_s)
+            # Another writer's chunks, grouped by writer (one transfer per writer); an entry of a
+            # writer's earlier run (its boot changed) may point at reused bytes: a miss.
+            todo: dict[str, list[tuple[int, Published]]] = {}
+            for i, p in zip(which, pubs):
+                if p is None or p.writer == self.writer or p.boot != p.writer_boot:
+                    continue
+                todo.setdefault(p.writer, []).append((i, p))
+            got: list[tuple[int, Published, MemoryObj]] = []
+            for w, items in todo.items():
+                shapes, dtypes, fmts, ok = [], [], [], []
+                for i, p in items:
+                    try:
+                        dtype, shape, fmt = str_to_dtype(p.dtype), torch.Size(p.shape), MemoryFormat[p.fmt]
+                    except (GdsKvCacheError, KeyError) as exc:
+                        log.warning("ignoring entry %s of writer %s: %s", p.key, p.writer, exc)
+                        continue
+                    shapes.append(shape)
+                    dtypes.append(dtype)
+                    fmts.append(fmt)
+                    ok.append((i, p))
+                batch = allocate_batch(self.memory_allocator, shapes, dtypes, fmts)
+                objs += batch
+                ok = ok[: len(batch)]            # no slab room for the rest: misses
+                try:
+                    tr = self._transfer_of(w, items[0][1].boot)
+                except self._errors as e:          # its layout unreadable now: misses
+                    self._stats["redis_errors"] += 1
+                    log.debug("remote read: Redis unreachable: %s", e)
+                    tr = None
+                if tr is None:
+                    continue
+                sized = [(i, p, o) for (i, p), o in zip(ok, batch) if o.nbytes == p.nbytes
+                         and o.phys_size == p.phys_size]
+                errs = tr.read([o for _, _, o in sized], [p.offset for _, p, _ in sized])
+                for (i, p, o), err in zip(sized, errs):
+                    if err is None:
+                        got.append((i, p, o))
+                    else:
+                        log.warning("reading chunk %s of writer %s: %s", p.key, p.writer, err)
+            if got:
+                buf = got[0][2]._alloc.buffer.tensor
+                sums = checksum_batch(buf, [(o.offset, o.nbytes) for _, _, o in got], ordered=False)
+                late = time.monotonic() > t0 + self.lease_ttl
+                for (i, p, o), s in zip(got, sums):
+                    if late:
+                        self._stats["lease_expired"] += 1
+                    elif s != p.checksum:
+                        self._stats["remote_corrupt"] += 1
+                        log.warning("chunk %s of writer %s failed its checksum: a miss", p.key, p.writer)
+                    else:
+                        out[i] = o
+            n_hit = sum(1 for i in which if out[i] is not None)
+            self._stats["remote_hits"] += n_hit
+            self._stats["remote_misses"] += len(which) - n_hit
+        finally:
+            kept = {id(o) for o in out if o is not None}
+            for o in objs:
+                if id(o) not in kept:
+                    o.ref_count_down()
+            if held:
+                # Off the caller's path (a round trip): until it lands, the owner just waits a little longer.
+                self._releaser.submit(self._release, token, held)
+
+    def drain(self) -> None:
+        """Wait for the lease releases queued so far (``close`` of the backend, tests)."""
+        self._releaser.submit(lambda: None).result()
+
+    def _release(self, token: str, held: list) -> None:
+        try:
+            self.redis.release(token, held)
+        except self._errors as e:    # the leases expire on their own
+            self._stats["redis_errors"] += 1
+            log.debug("lease release failed: %s", e)
+
+    def _transfer_of(self, writer: str, boot: str) -> Optional[DiskTransfer]:
+        """A read-only transfer over ``writer``'s pool files (opened once per writer run)."""
+        with self._r_lock:
+            have = self._readers.get(writer)
+            if have is not None and have[0] == boot:
+                return have[1]
+        lay = self.redis.layout(writer)
+        if not lay or lay.get("boot", "") != boot:
+            return None
+        path = os.path.join(self.shared_dir, lay["dir"])
+        stripes, stripe_bytes, unit = int(lay["stripes"]), int(lay["stripe_bytes"]), int(lay["unit"])
+        paths = [os.path.join(path, f"{POOL_NAME}.{f}") for f in range(stripes)]
+        try:
+            engine = open_engine(paths, self.config, self._memory, stripe_bytes, read_only=True)
+            if self._buffer is not None:
+                engine.attach(self._buffer)
+        except (OSError, GdsKvCacheError) as e:
+            log.warning("cannot open writer %s's pool files: %s", writer, e)
+            return None
+        tr = DiskTransfer(engine, _RemotePool(stripes, stripe_bytes, unit))
+        with self._r_lock:
+            old = self._readers.pop(writer, None)
+            self._readers[writer] = (boot, tr)
+            if old is not None:
+                # Closed only at close(): a read in flight may still use it.
+                self._retired_engines.append(old[1].engine)
+        return tr
+
+    def close(self) -> None:
+        """Finish the queued lease releases and close every reader engine (no read may be in flight)."""
+        self._releaser.shutdown(wait=True)
+        with self._r_lock:
+            engines = [tr.engine for _, tr in self._readers.values()] + self._retired_engines
+            self._readers.clear()
+            self._retired_engines = []
+        for eng in engines:
+            try:
+                eng.close()
+            except Exception as e:
+                log.debug("closing a reader engine: %s", e)

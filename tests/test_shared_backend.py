@@ -779,3 +779,48 @@ def test_a_writer_killed_and_restarted_keeps_bytes_readers_lease(tmp_path, serve
     finally:
         kill(w)
         r.close()
+
+
+def test_entries_of_a_writers_earlier_run_are_never_leased(tmp_path, server, ns):
+    # A restarting writer registers its new run first; from then on no reader can lease (and so
+    # read) an entry of the last run, whose extent the new run may reuse once old leases end.
+    w, walloc = open_backend(tmp_path, server, ns, "w")
+    try:
+        put(w, walloc, [key(0), key(1)])
+        r = RedisIndex(server.url, ns)
+        pubs, leased = r.acquire("t:1", [key(0).to_string()])
+        assert pubs[0] is not None and r.lease_left_ms("w") > 0
+        r.release("t:1", leased)
+        assert r.lease_left_ms("w") == 0                          # exact, not a full lease_ttl
+        r.register("w", {**r.layout("w"), "boot": "a-new-run"})   # what a restarted w does first
+        assert r.acquire("t:2", [key(0).to_string(), key(1).to_string()]) == ([None, None], [])
+        assert r.lease_left_ms("w") == 0
+        r.close()
+    finally:
+        w.close()
+
+
+def test_an_eviction_that_cannot_write_its_records_republishes_and_blames_the_disk(tmp_path, server, ns):
+    import errno
+
+    w, walloc = open_backend(tmp_path, server, ns, "w", disk_mib=1)
+    try:
+        n = w.capacity_bytes // 16384
+        old = [key(i) for i in range(n)]
+        for i in range(0, n, 8):
+            put(w, walloc, old[i:i + 8])
+        real = w.local.index.evict
+
+        def full(entries):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        w.local.index.evict = full
+        res = put(w, walloc, [key(1000 + i) for i in range(8)])
+        assert all(isinstance(x, StorageFullError) for x in res)
+        assert w.batched_exists(old) == [True] * n                # retracted, then published again
+        assert w.stats["evict_errors"] >= 1 and w.stats["redis_errors"] == 0
+        w.local.index.evict = real
+        before = w.stats["put_errors"]
+        assert all(x == 16384 for x in put(w, walloc, [key(2000 + i) for i in range(8)]))
+        assert w.stats["put_errors"] == before                    # no error counted for a put that worked
+    finally:
+        w.close()

@@ -9,8 +9,6 @@ checks from its effects. The schema, under a namespace ``ns``:
                       and ``b``, the writer run (boot) that published it
 ``ns:c:<key>``        string, ``SET NX PX``: the writer that claimed the put of ``key``
 ``ns:l:<w>:<g>``      sorted set: reader lease tokens scored by expiry (Redis ms)
-``ns:lr:<w>``         string living as long as the newest lease on writer ``w``'s extents
-                      (a restarted writer waits for it before reusing any extent)
 ``ns:w:<w>``          hash: pool layout of writer ``w`` (``dir``, ``stripes``, ``stripe_bytes``,
                       ``unit``, ``boot``)
 ``ns:k:<w>``          set: keys writer ``w`` has published (for its purge at start)
@@ -105,17 +103,19 @@ local out = {}
 for i = 4, #ARGV do
   local e = ns .. ':e:' .. ARGV[i]
   local v = redis.call('HMGET', e, 'w', 'g', 'o', 'n', 'p', 'sh', 'dt', 'fm', 'cs', 'b')
+  local wb = nil
   if v[1] then
-    local l = ns .. ':l:' .. v[1] .. ':' .. v[2]
-    redis.call('ZADD', l, now + ttl, token)
-    redis.call('PEXPIRE', l, ttl + 1000)
-    local wb = boots[v[1]]
+    wb = boots[v[1]]
     if not wb then
-      redis.call('SET', ns .. ':lr:' .. v[1], token, 'PX', ttl)
       wb = redis.call('HGET', ns .. ':w:' .. v[1], 'boot') or ''
       boots[v[1]] = wb
     end
-    v[10] = v[10] or ''
+  end
+  -- An entry of an earlier run of its writer (which may be reusing that extent now) is not leased.
+  if v[1] and v[10] and v[10] == wb then
+    local l = ns .. ':l:' .. v[1] .. ':' .. v[2]
+    redis.call('ZADD', l, now + ttl, token)
+    redis.call('PEXPIRE', l, ttl + 1000)
     v[11] = wb
     out[#out + 1] = table.concat(v, '\t')
   else
@@ -383,8 +383,24 @@ class RedisIndex:
         return [bool(x) for x in self._run("exists", self._chunk_args(chunks))]
 
     def lease_left_ms(self, writer: str) -> int:
-        """Ms the longest live lease on any of ``writer``'s extents has left (0: none)."""
-        return max(0, int(self.client.pttl(f"{self.ns}:lr:{writer}")))
+        """Ms the longest live lease on any of ``writer``'s extents has left (0: none).
+
+        A scan of ``writer``'s lease sets (each lives ``lease_ttl`` + 1 s past its
+        last lease): for a writer's start, not the serving path.
+        """
+        best = 0
+        names = list(self.client.scan_iter(f"{self.ns}:l:{writer}:*", count=10000))
+        for i in range(0, len(names), 1000):
+            p = self.client.pipeline(transaction=False)
+            p.time()
+            for n in names[i:i + 1000]:
+                p.zrange(n, -1, -1, withscores=True)
+            sec, usec = (res := p.execute())[0]
+            now = sec * 1000 + usec // 1000
+            for last in res[1:]:
+                if last:
+                    best = max(best, int(last[0][1]) - now)
+        return best
 
     def count(self) -> int:
         """Entries published (a scan: for tests and tools, not the serving path)."""

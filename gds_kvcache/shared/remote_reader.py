@@ -86,6 +86,7 @@ class RemoteReader:
         self._retired_engines: list = []
         self._releaser = ThreadPoolExecutor(1, thread_name_prefix="gds-kvcache-shared-release")
         self._hold_s = 0.0          # tests: seconds a read sleeps while holding its leases
+        self._warned: set = set()   # (writer, boot) whose read errors were logged as warnings
 
     def read(self, keys: Sequence[CacheEngineKey], which: list[int], out: list) -> None:
         """Read ``keys[i]`` for ``i`` in ``which`` from other writers' files into ``out[i]`` (a
@@ -140,7 +141,7 @@ class RemoteReader:
                     if err is None:
                         got.append((i, p, o))
                     else:
-                        log.warning("reading chunk %s of writer %s: %s", p.key, p.writer, err)
+                        self._read_error(p, err)
             if got:
                 buf = got[0][2]._alloc.buffer.tensor
                 sums = checksum_batch(buf, [(o.offset, o.nbytes) for _, _, o in got], ordered=False)
@@ -164,6 +165,17 @@ class RemoteReader:
             if held:
                 # Off the caller's path (a round trip): until it lands, the owner just waits a little longer.
                 self._releaser.submit(self._release, token, held)
+
+    def _read_error(self, p: Published, err: BaseException) -> None:
+        """A miss; warned once per writer run (a writer restarting with a smaller pool makes every
+        read of its last run's entries fail until it re-registers), the rest at debug level."""
+        self._stats["remote_read_errors"] += 1
+        if (p.writer, p.boot) in self._warned:
+            log.debug("reading chunk %s of writer %s: %s", p.key, p.writer, err)
+            return
+        self._warned.add((p.writer, p.boot))
+        log.warning("reading chunk %s of writer %s: %s (further read errors of this writer run at debug level)",
+                    p.key, p.writer, err)
 
     def drain(self) -> None:
         """Wait for the lease releases queued so far (``close`` of the backend, tests)."""

@@ -61,6 +61,14 @@ def _redis_config_errors() -> tuple:
     return (e.AuthenticationError, e.AuthorizationError, e.ResponseError)
 
 
+class DiskEvictionError(Exception):
+    """An eviction's index record could not be written (the file system said why): not a Redis error."""
+
+    def __init__(self, cause: OSError):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 def cache_id(shared_dir: str) -> str:
     """The shared directory's id (created by the first process to open it): the Redis namespace
     of its chunks, the same on every node whatever the mount point, and different for two caches
@@ -182,7 +190,7 @@ class SharedDiskBackend(StorageBackendInterface):
         self._stats = {"published": 0, "duplicates": 0, "republishes": 0, "remote_hits": 0, "remote_misses": 0,
                        "lease_expired": 0, "remote_corrupt": 0, "claims_lost": 0, "redis_errors": 0,
                        "leased_evictions": 0, "shared_evictions": 0, "retracted": 0, "unregistered_skips": 0,
-                       "leased_skips": 0}
+                       "leased_skips": 0, "evict_errors": 0, "remote_read_errors": 0}
         self.last_republish: Optional[float] = None
         self._epoch: Optional[str] = None
         self._rebuild_seen = 0
@@ -253,7 +261,14 @@ class SharedDiskBackend(StorageBackendInterface):
 
     def _register(self) -> None:
         """First contact with Redis in this run: wait out leases on the last run's extents, drop
-        what it published (this writer's log is the truth now), then publish every chunk."""
+        what it published (this writer's log is the truth now), then publish every chunk.
+
+        This run's boot is registered first: from then on no reader leases an entry of the last
+        run (the acquire script refuses it), so the leases measured next are all there will be.
+        """
+        d = self.local._dir
+        self.redis.register(self.writer, {"dir": os.path.join(WRITERS_DIR, self.writer), "stripes": d.stripes,
+                                          "stripe_bytes": d.stripe_bytes, "unit": d.unit, "boot": self.boot})
         wait_ms = self.redis.lease_left_ms(self.writer)
         if wait_ms > 0:
             # A reader of this writer's last run may still read an extent now free here.
@@ -400,7 +415,17 @@ class SharedDiskBackend(StorageBackendInterface):
                     break
                 out = [e for e, ms in zip(victims, left) if ms == 0]
                 skip.update((id(e), e) for e, ms in zip(victims, left) if ms > 0)
-                gone = idx.evict(out)
+                try:
+                    gone = idx.evict(out)
+                except OSError as exc:
+                    # The delete records could not be written (a full file system): nothing was
+                    # dropped here, so what was retracted is published again and the put fails
+                    # with the disk's error rather than a Redis one.
+                    try:
+                        self._publish_current([e.key for e in out if idx.entry(e.key) is not None])
+                    except self._errors:
+                        self._dirty = True          # the next housekeeping pass publishes them
+                    raise DiskEvictionError(exc) from exc
                 # Retracted but read here meanwhile (or replaced): publish it again.
                 gone_ids = {id(e) for e in gone}
                 back = [e.key for e in out if id(e) not in gone_ids and idx.entry(e.key) is not None]
@@ -431,6 +456,10 @@ class SharedDiskBackend(StorageBackendInterface):
         """The file system is full (ENOSPC): evict one more chunk; False when none is left."""
         try:
             return self._evict(1, 1) > 0
+        except DiskEvictionError as e:
+            self._stats["evict_errors"] += 1
+            log.warning("writer %s: cannot evict: %s", self.writer, e)
+            return False
         except self._errors as e:
             self._stats["redis_errors"] += 1
             log.debug("no eviction while Redis is unreachable: %s", e)
@@ -477,6 +506,8 @@ class SharedDiskBackend(StorageBackendInterface):
             again = [i for i in sel if futs[i] is not None and futs[i].done()
                      and isinstance(futs[i].exception(), StorageFullError)]
             if again:
+                # Those refusals are not the caller's errors: the retry's outcome is.
+                self.local._stats["put_errors"] -= len(again)
                 futs.update(self._submit(keys, objs, again, 2))
         except BaseException:
             self._unclaim(claimed)
@@ -540,6 +571,9 @@ class SharedDiskBackend(StorageBackendInterface):
     def _submit(self, keys, objs, sel: list[int], factor: int) -> dict:
         try:
             self._make_room(factor * sum(objs[i].phys_size for i in sel), len(sel))
+        except DiskEvictionError as e:   # the put below meets the same disk and says so
+            self._stats["evict_errors"] += 1
+            log.warning("writer %s: cannot evict: %s", self.writer, e)
         except self._errors as e:     # no reuse without Redis: a reader may hold a lease
             self._stats["redis_errors"] += 1
             log.debug("no eviction while Redis is unreachable: %s", e)

@@ -44,7 +44,9 @@ def child(mode: str, model: str, root: str, out: str) -> None:
                                     "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
                                     "kv_connector_extra_config": _extra(root)}
     llm = LLM(**kw)
-    sp = SamplingParams(temperature=0.0, max_tokens=GEN, logprobs=1)
+    # Top-2 logprobs: where the best two tokens are nearly tied, batching differences alone may flip
+    # the greedy choice (random weights make near-ties common), and the test must tell that apart.
+    sp = SamplingParams(temperature=0.0, max_tokens=GEN, logprobs=2)
     # Warm-up on an unrelated prompt: the first step pays one-time kernel set-up, not KV work.
     llm.generate([TokensPrompt(prompt_token_ids=[1] * 64)], sp, use_tqdm=False)
     passes = []
@@ -59,11 +61,52 @@ def child(mode: str, model: str, root: str, out: str) -> None:
                        "tokens": [list(o.outputs[0].token_ids) for o in outs],
                        "logprobs": [[float(next(iter(lp.values())).logprob) if lp else None
                                      for lp in (o.outputs[0].logprobs or [])] for o in outs],
+                       "margins": [[_margin(lp) for lp in (o.outputs[0].logprobs or [])] for o in outs],
+                       "runner_up": [[_runner_up(lp) for lp in (o.outputs[0].logprobs or [])] for o in outs],
                        "cached": [o.num_cached_tokens or 0 for o in outs]})
         time.sleep(1.0)  # the stores of this pass finish in the background
     del llm
     with open(out, "w") as f:
         json.dump({"passes": passes}, f)
+
+
+def _margin(lp):
+    """Logprob gap between the best and the second-best token at one position (None if unknown)."""
+    if not lp:
+        return None
+    top = sorted((float(v.logprob) for v in lp.values()), reverse=True)
+    return top[0] - top[1] if len(top) > 1 else None
+
+
+def _runner_up(lp):
+    """The second-best token at one position (None if unknown)."""
+    if not lp or len(lp) < 2:
+        return None
+    return sorted(lp.items(), key=lambda kv: float(kv[1].logprob), reverse=True)[1][0]
+
+
+#: A greedy choice this close to the runner-up (in logprob; a step or two of bf16 logits) may flip
+#: when only the batching differs. The random-weight model below has exact bf16 ties in most prompts.
+NEAR_TIE = 0.07
+
+
+def _same_output(got: dict, base: dict, what: str) -> None:
+    """``got``'s tokens equal ``base``'s, except that a prompt may part ways where the baseline's
+    best two tokens were nearly tied and ``got`` took the runner-up; up to there the logprobs of
+    the tokens chosen agree within 0.1. Wrong KV would change them by far more, well before a tie."""
+    for i, (g, w) in enumerate(zip(got["tokens"], base["tokens"])):
+        j = next((k for k, (a, b) in enumerate(zip(g, w)) if a != b), None)
+        if j is None:
+            assert len(g) == len(w), f"{what}: prompt {i} has {len(g)} tokens, not {len(w)}"
+        else:
+            m, second = base["margins"][i][j], base["runner_up"][i][j]
+            assert m is not None and m <= NEAR_TIE and g[j] == second, (
+                f"{what}: prompt {i} differs at token {j} ({g[j]} for {w[j]}) where the baseline's margin "
+                f"was {m} (near-tie: <= {NEAR_TIE}) and its runner-up {second}")
+        upto = len(w) if j is None else j
+        for k in range(upto):
+            x, y = base["logprobs"][i][k], got["logprobs"][i][k]
+            assert x is None or y is None or abs(x - y) <= 0.1, f"{what}: prompt {i} token {k}: logprob {y} vs {x}"
 
 
 def _run(mode, model, root, tmp):
@@ -115,15 +158,16 @@ def test_vllm_cpu_end_to_end(tmp_path):
     report = {}
 
     base = _run("baseline", model, root, tmp)
-    want = base["passes"][0]["tokens"]
-    assert base["passes"][1]["tokens"] == want
+    ref = base["passes"][0]
+    want = ref["tokens"]
+    assert base["passes"][1]["tokens"] == want        # one schedule, one result: vLLM-CPU is deterministic
     assert len({tuple(t) for t in want}) > 1, "random weights must give different outputs per prompt"
 
     plug = _run("plugin", model, root, tmp)
     first, second = plug["passes"]
-    assert first["tokens"] == want and second["tokens"] == want
-    for a, b in zip(base["passes"][0]["logprobs"], second["logprobs"]):
-        assert all(abs(x - y) <= 0.1 for x, y in zip(a, b) if x is not None and y is not None)
+    _same_output(first, ref, "plug-in, storing pass")
+    _same_output(second, ref, "plug-in, loading pass")
+    report["exact_prompts"] = [sum(g == w for g, w in zip(p["tokens"], want)) for p in (first, second)]
     st = _stats(root)
     loaded_tokens = st["chunks_loaded"] * BLOCK
     prompt_tokens = N_PROMPTS * PROMPT_LEN
@@ -135,7 +179,7 @@ def test_vllm_cpu_end_to_end(tmp_path):
     assert sum(second["cached"]) >= 0.95 * prompt_tokens
 
     again = _run("restart", model, root, tmp)
-    assert again["passes"][0]["tokens"] == want
+    _same_output(again["passes"][0], ref, "restarted engine")
     st2 = _stats(root)
     assert st2["chunks_loaded"] * BLOCK >= 0.95 * prompt_tokens  # counters restart with the process
     report.update(restart_pass_s=again["passes"][0]["seconds"], restart_stats=st2)
@@ -155,7 +199,7 @@ def test_vllm_cpu_end_to_end(tmp_path):
         fh.seek(local + 5)
         fh.write(bytes([b[0] ^ 0x5A]))
     bad = _run("corrupt", model, root, tmp)
-    assert bad["passes"][0]["tokens"] == want
+    _same_output(bad["passes"][0], ref, "corrupt chunk recomputed")
     st3 = _stats(root)
     assert st3["load_failures"] >= 1
     report.update(corrupt_stats=st3, baseline_pass_s=base["passes"][0]["seconds"])

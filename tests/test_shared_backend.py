@@ -766,6 +766,9 @@ def test_a_writer_killed_and_restarted_keeps_bytes_readers_lease(tmp_path, serve
     try:
         keys = [key(i) for i in range(10)]
         assert cmd(w, "put 10") == 10
+        # The reader has the writer's files open already (else, once the restarted writer has
+        # registered its new run, it would not even open the old one's files: misses, not a test).
+        assert check(r.batched_get_blocking(keys), keys) == [True] * 10
         r.remote._hold_s = 3.0                 # a slow read: it holds its leases for 3 s
         res = {}
         t = threading.Thread(target=lambda: res.setdefault("o", r.batched_get_blocking(keys)))

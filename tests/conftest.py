@@ -1,6 +1,8 @@
 import contextlib
 import os
+import shutil
 import subprocess
+import tempfile
 import warnings
 
 import numpy as np
@@ -121,3 +123,17 @@ def mounted_tmpfs(path, size: str):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture
+def shm_dir():
+    """A new directory on the /dev/shm tmpfs (the RAM-backed case), removed after."""
+    from gds_kvcache.io.select import ram_backed_fs
+
+    if not os.path.isdir("/dev/shm") or ram_backed_fs("/dev/shm") is None:
+        if ON_CI:
+            pytest.fail("/dev/shm must be a tmpfs on CI")
+        pytest.skip("no tmpfs at /dev/shm")
+    d = tempfile.mkdtemp(prefix="gds_kvcache-test-", dir="/dev/shm")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

@@ -3,8 +3,6 @@ writes refused, a read past a shrunk file an error of that span, never the mappe
 
 import errno
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import pytest
@@ -14,11 +12,11 @@ from gds_kvcache.config import CacheEngineConfig
 from gds_kvcache.errors import IOEngineError
 from gds_kvcache.io import KvikIOEngine, PosixEngine, Span, kvikio_error
 from gds_kvcache.io.mapped_engine import MappedEngine
-from gds_kvcache.io.select import open_engine, ram_backed_fs
+from gds_kvcache.io.select import open_engine
 from gds_kvcache.memory.buffers import SlabBuffer
 from gds_kvcache.units import KiB, PAGE
 
-from .conftest import ON_CI, require_kvikio
+from .conftest import require_kvikio
 
 ENGINE_CLS = {"posix": PosixEngine, "kvikio": KvikIOEngine}
 KINDS = ["host", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -273,17 +271,6 @@ def test_kvikio_path_prediction_opens_read_only(tmp_path, monkeypatch, rng, reco
 
 
 # -- selection -------------------------------------------------------------------------
-@pytest.fixture
-def shm_dir():
-    if not os.path.isdir("/dev/shm") or ram_backed_fs("/dev/shm") is None:
-        if ON_CI:
-            pytest.fail("/dev/shm must be a tmpfs on CI")
-        pytest.skip("no tmpfs at /dev/shm")
-    d = tempfile.mkdtemp(prefix="gds_kvcache-test-", dir="/dev/shm")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
 def config(engine):
     return CacheEngineConfig(io_engine=engine, io_threads=4, io_task_size=TASK)
 

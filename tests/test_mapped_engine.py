@@ -4,10 +4,8 @@ import errno
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -26,22 +24,11 @@ from gds_kvcache.memory import SlabMemoryAllocator
 from gds_kvcache.memory.buffers import SlabBuffer
 from gds_kvcache.units import KiB, MiB, PAGE
 
-from .conftest import ON_CI, mounted_tmpfs
+from .conftest import mounted_tmpfs
 from .helpers import random_tensor, run_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 STRIPE = 1 * MiB
-
-
-@pytest.fixture
-def shm_dir():
-    if not os.path.isdir("/dev/shm") or ram_backed_fs("/dev/shm") is None:
-        if ON_CI:
-            pytest.fail("/dev/shm must be a tmpfs on CI")
-        pytest.skip("no tmpfs at /dev/shm")
-    d = tempfile.mkdtemp(prefix="gds_kvcache-test-", dir="/dev/shm")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

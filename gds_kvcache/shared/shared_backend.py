@@ -514,7 +514,8 @@ class SharedDiskBackend(StorageBackendInterface):
             raise
         writing = [i for i in sel if futs[i] is not None]
         # A claim on a key not being written (stored here already, or a repeat) is given back now.
-        self._unclaim([k for k in claimed if k not in {keys[i] for i in writing}])
+        written = {keys[i] for i in writing}
+        self._unclaim([k for k in claimed if k not in written])
         pairs = [(keys[i], futs[i]) for i in writing]
         for i, f in zip(writing, self._published_when_done(pairs)):
             out[i] = f

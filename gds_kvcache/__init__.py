@@ -14,6 +14,7 @@ from .memory import MemoryAllocatorInterface, MemoryFormat, MemoryObj, SlabMemor
 from .engine import CacheEngine, StoreResult
 from .storage import (CreateStorageBackends, LocalCPUBackend, LocalDiskBackend, LookupServerInterface,
                       StorageBackendInterface, StorageManager)
+from . import tiers  # noqa: F401  (registers the shared disk tier with the tier factory)
 
 __version__ = "0.1.0"
 

@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import pickle
 
@@ -81,9 +82,9 @@ def test_metadata_validation(kw, field):
 
 # -- machine-sized defaults (issue 9 item 17) -------------------------------------------
 def _fake_machine(monkeypatch, phys_bytes, gpu_free=None):
-    import gds_kvcache.config as config
+    import gds_kvcache.config.machine as machine  # where the default slab is sized
 
-    monkeypatch.setattr(config, "physical_memory", lambda: phys_bytes)
+    monkeypatch.setattr(machine, "physical_memory", lambda: phys_bytes)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu_free is not None)
     if gpu_free is not None:
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=0: (gpu_free, 8 * gpu_free))
@@ -214,3 +215,117 @@ def test_default_slab_on_a_real_gpu_fits_its_free_memory():
     assert "cuda" in c.describe_defaults()["memory_device"]
     assert 0 < c.slab_bytes <= max(free // 4, 64 * 2**20) and c.hot_bytes == c.slab_bytes
     assert CacheEngineConfig(memory_device="pinned").slab_bytes <= max(physical_memory() // 8, 64 * 2**20)
+
+
+# -- shared-mode settings ----------------------------------------------------------------
+SHARED_DEFAULTS = dict(writer_id=None, lease_ttl=5.0, claim_ttl=30.0, shared_tick=0.2, redis_socket_timeout=2.0,
+                       redis_backoff=5.0)
+SHARED_ENV = {"writer_id": "GDS_KVCACHE_WRITER_ID", "lease_ttl": "GDS_KVCACHE_LEASE_TTL",
+              "claim_ttl": "GDS_KVCACHE_CLAIM_TTL", "shared_tick": "GDS_KVCACHE_SHARED_TICK",
+              "redis_socket_timeout": "GDS_KVCACHE_REDIS_SOCKET_TIMEOUT", "redis_backoff": "GDS_KVCACHE_REDIS_BACKOFF"}
+
+
+def test_shared_defaults():
+    c = CacheEngineConfig()
+    assert {k: getattr(c, k) for k in SHARED_DEFAULTS} == SHARED_DEFAULTS
+    assert {k: getattr(CacheEngineConfig.from_env({}), k) for k in SHARED_DEFAULTS} == SHARED_DEFAULTS
+    # Added after ``extra``: the existing fields keep their positions.
+    assert [f.name for f in dataclasses.fields(CacheEngineConfig)][16:] == ["extra", *SHARED_DEFAULTS]
+
+
+def test_shared_fields_from_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("writer_id: node-1.rank_0\nlease_ttl: 7.5\nclaim_ttl: 60\nshared_tick: 0.05\n"
+                 "redis_socket_timeout: 0.5\nredis_backoff: 10\n")
+    c = CacheEngineConfig.from_file(p)
+    assert (c.writer_id, c.lease_ttl, c.claim_ttl, c.shared_tick, c.redis_socket_timeout, c.redis_backoff) == (
+        "node-1.rank_0", 7.5, 60.0, 0.05, 0.5, 10.0)
+    assert all(type(getattr(c, k)) is float for k in SHARED_DEFAULTS if k != "writer_id")
+    p.write_text("writer_id: null\n")
+    assert CacheEngineConfig.from_file(p).writer_id is None
+    p.write_text("writer_id: 7\n")   # YAML reads it as an int: refused, with a hint to quote it
+    with pytest.raises(ConfigError, match="quote") as e:
+        CacheEngineConfig.from_file(p)
+    assert e.value.field == "writer_id"
+    p.write_text("writer_id: '7'\n")
+    assert CacheEngineConfig.from_file(p).writer_id == "7"
+    p.write_text("lease_ttl: 0\n")
+    with pytest.raises(ConfigError, match="lease_ttl"):
+        CacheEngineConfig.from_file(p)
+
+
+@pytest.mark.parametrize("prefix", ["GDS_KVCACHE_", "LMCACHE_"])
+def test_shared_fields_from_env(prefix):
+    env = {prefix + "WRITER_ID": " w-1 ", prefix + "LEASE_TTL": "2.5", prefix + "CLAIM_TTL": " 45 ",
+           prefix + "SHARED_TICK": "0.1", prefix + "REDIS_SOCKET_TIMEOUT": "600", prefix + "REDIS_BACKOFF": "3600"}
+    c = CacheEngineConfig.from_env(env)
+    assert (c.writer_id, c.lease_ttl, c.claim_ttl, c.shared_tick, c.redis_socket_timeout, c.redis_backoff) == (
+        "w-1", 2.5, 45.0, 0.1, 600.0, 3600.0)
+    for raw in ("none", "None", "", "  "):
+        assert CacheEngineConfig.from_env({prefix + "WRITER_ID": raw}).writer_id is None
+
+
+def test_shared_env_prefix_order():
+    env = {"GDS_KVCACHE_LEASE_TTL": "3", "LMCACHE_LEASE_TTL": "4"}
+    assert CacheEngineConfig.from_env(env).lease_ttl == 3.0
+
+
+@pytest.mark.parametrize("field,value", [
+    *[(f, v) for f in ("lease_ttl", "claim_ttl", "shared_tick")
+      for v in (0, -1, 3600, 1e9, "abc", "", None, True, float("nan"), float("inf"), [1])],
+    *[("redis_socket_timeout", v) for v in (0, -0.5, 600.001, 3600, "x", None, False, float("nan"))],
+    *[("redis_backoff", v) for v in (0, -5, 3600.5, "soon", None, True, float("-inf"))],
+    *[("writer_id", v) for v in ("", ".", "..", "a/b", "../x", "a b", "w\n", "x" * 65, "ü", 7, True, b"w", ["w"])],
+])
+def test_shared_bad_values_name_the_field(field, value):
+    with pytest.raises(ConfigError) as e:
+        CacheEngineConfig(**{field: value})
+    assert e.value.field == field
+    assert field in str(e.value) and "allowed" in str(e.value)
+    assert ("letters, digits" if field == "writer_id" else "seconds, more than 0") in str(e.value)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("lease_ttl", 3599.99), ("claim_ttl", 1e-3), ("shared_tick", "0.01"), ("redis_socket_timeout", 600),
+    ("redis_backoff", 3600), ("writer_id", "x" * 64), ("writer_id", "A.b_c-9"), ("writer_id", "..."),
+])
+def test_shared_edge_values_are_accepted(field, value):
+    c = CacheEngineConfig(**{field: value})
+    assert getattr(c, field) == (value if field == "writer_id" else float(value))
+
+
+@pytest.mark.parametrize("field,raw", [
+    ("writer_id", "a/b"), ("lease_ttl", "0"), ("claim_ttl", "forever"), ("shared_tick", "3600"),
+    ("redis_socket_timeout", "601"), ("redis_backoff", "-1"),
+])
+def test_shared_env_error_names_field_and_variable(field, raw):
+    with pytest.raises(ConfigError) as e:
+        CacheEngineConfig.from_env({SHARED_ENV[field]: raw})
+    assert e.value.field == field and field in str(e.value) and SHARED_ENV[field] in str(e.value)
+
+
+def test_lmcache_lookup_url_alias(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("lookup_url: redis://h:6379/0\n")
+    assert CacheEngineConfig.from_file(p).lookup_server_url == "redis://h:6379/0"
+    assert CacheEngineConfig.from_dict({"lookup_url": "unix:///run/r.sock"}).lookup_server_url == "unix:///run/r.sock"
+    with pytest.raises(ConfigError) as e:
+        CacheEngineConfig.from_dict({"lookup_url": "redis://a", "lookup_server_url": "redis://b"})
+    assert e.value.field == "lookup_url"
+    assert CacheEngineConfig.from_env({"LMCACHE_LOOKUP_URL": " redis://h "}).lookup_server_url == "redis://h"
+    assert CacheEngineConfig.from_env({"LMCACHE_LOOKUP_URL": "none"}).lookup_server_url is None
+    # Our own name wins over LMCache's.
+    assert CacheEngineConfig.from_env({"LMCACHE_LOOKUP_URL": "redis://a",
+                                       "GDS_KVCACHE_LOOKUP_SERVER_URL": "redis://b"}).lookup_server_url == "redis://b"
+    with pytest.raises(ConfigError) as e:
+        CacheEngineConfig.from_env({"GDS_KVCACHE_LOOKUP_URL": "http://h"})
+    assert e.value.field == "lookup_server_url" and "GDS_KVCACHE_LOOKUP_URL" in str(e.value)
+
+
+def test_shared_fields_survive_replace_and_pickle():
+    c = CacheEngineConfig(writer_id="w", lease_ttl=9, redis_backoff=1)
+    assert pickle.loads(pickle.dumps(c)) == c
+    d = c.replace(chunk_size=64)
+    assert (d.writer_id, d.lease_ttl, d.redis_backoff) == ("w", 9.0, 1.0)
+    with pytest.raises(ConfigError, match="claim_ttl"):
+        c.replace(claim_ttl=0)

@@ -5,6 +5,7 @@ import pytest
 from gds_kvcache import CacheEngineKey
 from gds_kvcache.errors import StorageFullError
 from gds_kvcache.storage.disk_index import DiskEntry, DiskIndex
+from gds_kvcache.storage.eviction import DeferredFree
 from gds_kvcache.storage.pool_file import PoolDirectory, index_reserve
 from gds_kvcache.units import MiB, PAGE
 
@@ -90,15 +91,18 @@ def test_closed_index_refuses_calls(tmp_path):
     pool.release()
 
 
-# -- owner_frees: the owner (shared mode) evicts and frees, after telling Redis --------------------------
+# -- DeferredFree: the owner (shared mode) evicts and frees, after telling Redis --------------------------
 def open_owned(path, cap=8 * MiB):
     pool = PoolDirectory(str(path), cap, 1)
-    idx = DiskIndex(pool, index_reserve(cap), owner_frees=True)
+    strategy = DeferredFree()
+    idx = DiskIndex(pool, index_reserve(cap), eviction=strategy)
+    strategy.attach(idx, lambda off, size: None)
     idx.recover()
+    idx.strategy = strategy      # the tests reach it through the index they hold
     return pool, idx
 
 
-def test_owner_frees_index_never_evicts_or_reuses_by_itself(tmp_path):
+def test_deferred_free_index_never_evicts_or_reuses_by_itself(tmp_path):
     pool, idx = open_owned(tmp_path)
     q = idx.capacity // 4 // PAGE * PAGE
     offs = [put(idx, key(i), q) for i in range(4)]
@@ -109,8 +113,8 @@ def test_owner_frees_index_never_evicts_or_reuses_by_itself(tmp_path):
     assert idx.remove(key(0)) == (True, None)
     assert not idx.contains(key(0)) and idx.used == 4 * q
     assert idx.reserve([key(9)], [q]).keys == []
-    retired = idx.drain_retired()
-    assert [(e.key, e.offset) for e in retired] == [(key(0), offs[0])] and idx.drain_retired() == []
+    retired = idx.strategy.drain()
+    assert [(e.key, e.offset) for e in retired] == [(key(0), offs[0])] and idx.strategy.drain() == []
     idx.free(retired[0].offset)
     assert idx.reserve([key(9)], [q]).offsets == [offs[0]]
     idx.abort([key(9)])
@@ -119,7 +123,7 @@ def test_owner_frees_index_never_evicts_or_reuses_by_itself(tmp_path):
     pool.release()
 
 
-def test_owner_frees_a_read_chunk_retires_when_its_last_reader_ends(tmp_path):
+def test_deferred_free_a_read_chunk_retires_when_its_last_reader_ends(tmp_path):
     pool, idx = open_owned(tmp_path)
     put(idx, key(0), MiB)
     put(idx, key(1), MiB)
@@ -127,13 +131,13 @@ def test_owner_frees_a_read_chunk_retires_when_its_last_reader_ends(tmp_path):
     assert idx.eviction_candidates(2 * MiB) == [idx.entry(key(1))]      # a read chunk is no candidate
     assert idx.evict([e0]) == []                                         # nor evicted
     idx.remove(key(0))
-    assert idx.drain_retired() == []                                     # still read here
+    assert idx.strategy.drain() == []                                     # still read here
     idx.end_read([e0])
-    assert [e.key for e in idx.drain_retired()] == [key(0)]
+    assert [e.key for e in idx.strategy.drain()] == [key(0)]
     # a chunk found bad by its reader is retired too, never freed behind the owner's back
     [e1] = idx.begin_read([key(1)])
     idx.end_read([e1], bad=[e1])
-    assert [e.key for e in idx.drain_retired()] == [key(1)] and idx.used == 2 * MiB
+    assert [e.key for e in idx.strategy.drain()] == [key(1)] and idx.used == 2 * MiB
     idx.close()
     pool.release()
 
@@ -151,9 +155,9 @@ def test_owner_evicts_lru_with_one_delete_append_and_requeues(tmp_path):
     assert [e.key for e in gone] == [key(1), key(2), key(3)] and idx.stats["evictions"] == 3
     assert idx._log.records == before + 3
     assert idx.evict(cands) == []                                         # idempotent
-    ret = idx.drain_retired()
-    idx.requeue_retired(ret[1:])                                          # the owner could not retract these
-    assert [e.key for e in idx.drain_retired()] == [key(2), key(3)]
+    ret = idx.strategy.drain()
+    idx.strategy.requeue(ret[1:])                                          # the owner could not retract these
+    assert [e.key for e in idx.strategy.drain()] == [key(2), key(3)]
     idx.close()
     pool.release()
     # The deletes are durable: a reopen has neither the chunks nor their space allocated.

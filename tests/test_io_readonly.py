@@ -228,7 +228,7 @@ class _Obj:
     """The two things ``IOEngine._one_span`` reads off a MemoryObj, over an existing slab."""
 
     def __init__(self, buf, offset):
-        self._alloc = type("A", (), {"buffer": buf})()
+        self.slab = buf
         self.offset = offset
         self.phys_size = 1 << 30
 

@@ -230,8 +230,8 @@ def test_redis_restart_rebuilt_from_index_logs(tmp_path, ns):
             RedisIndex(srv.url, ns).client.flushdb()
             r = RedisIndex(srv.url, ns)
             r.set_epoch()
-            w._epoch = r.epoch()          # the same server: only the request brings them back
-            rd._epoch = r.epoch()
+            w.pub.epoch = r.epoch()          # the same server: only the request brings them back
+            rd.pub.epoch = r.epoch()
             r.request_rebuild()
             deadline = time.monotonic() + 30
             while rd.batched_contains(keys) < 50 and time.monotonic() < deadline:
@@ -316,9 +316,9 @@ def test_leased_extent_is_not_reused_until_the_lease_ends(tmp_path, server, ns):
         assert w.stats["shared_evictions"] > 0
         r.release("reader:1", leased)
         deadline = time.monotonic() + 30       # freed by housekeeping once the lease time is over
-        while w._quarantine and time.monotonic() < deadline:
+        while w.eviction.quarantine_ends() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not w._quarantine and w.memcheck()
+        assert not w.eviction.quarantine_ends() and w.memcheck()
         r.close()
     finally:
         w.close()
@@ -409,8 +409,7 @@ def test_cache_engine_shared_mode_one_field(tmp_path, server, device, engine):
     from .kernel_cases import make_cache, ref_rows, zeros_like_cache
     from .helpers import same_bytes
 
-    if engine == "kvikio":
-        pytest.importorskip("kvikio")
+    # A KvikIO case skips where KvikIO cannot run (conftest's _kvikio_cases decides for every test).
     cfg, md = engine_setup(tmp_path, server.url, device, engine)
     kv = make_cache("vllm", 3, 40, 8, 2, 16, torch.bfloat16, device)
     gen = torch.Generator().manual_seed(7)

@@ -185,7 +185,7 @@ class IOEngine(abc.ABC):
 
     # -- one-object transfers, as one-span batches ------------------------------------
     def _one_span(self, obj: MemoryObj, file_offset: int, nbytes: int) -> Span:
-        buf = obj._alloc.buffer
+        buf = obj.slab
         if self._buffer is None:
             self.attach(buf)
         elif self._buffer is not buf:

@@ -18,12 +18,38 @@ __all__ = ["MemoryAllocatorInterface", "SlabMemoryAllocator", "allocate_batch"]
 
 
 class MemoryAllocatorInterface(abc.ABC):
-    """What storage backends need from an allocator."""
+    """What the storage tiers rely on from an allocator: one slab, 4 KiB-aligned objects.
+
+    Every object an allocator hands out is a view of its one ``buffer``; the
+    I/O engines attach to that buffer once and move spans of it, and the
+    checksum kernel reads it in one launch per batch. ``kind`` says where the
+    buffer lives (``cuda``, ``pinned`` or ``host``) so a tier can pick its I/O
+    path; ``capacity`` and ``free_bytes`` let callers size batches and make
+    room for reads before they ask.
+
+    Notes
+    -----
+    Allocation never raises for "no room" and never waits: it returns None
+    (or a shorter prefix, for ``batched_allocate``) and the caller evicts or
+    gives up.
+    """
 
     @abc.abstractmethod
     def allocate(self, shape, dtype: torch.dtype,
                  fmt: MemoryFormat = MemoryFormat.KV_2LTD) -> Optional[MemoryObj]:
         """A new object holding one reference, or None when there is no room."""
+
+    def batched_allocate(self, shapes, dtypes, fmts) -> list[MemoryObj]:
+        """Objects for the parallel lists ``shapes``/``dtypes``/``fmts``; a prefix of them (all,
+        or as many as fit, in order). The default allocates one at a time; a slab allocator
+        places them adjacently so a batch moves as one transfer."""
+        out = []
+        for s, d, f in zip(shapes, dtypes, fmts):
+            o = self.allocate(s, d, f)
+            if o is None:
+                break
+            out.append(o)
+        return out
 
     @abc.abstractmethod
     def free(self, obj: MemoryObj) -> None:
@@ -37,6 +63,26 @@ class MemoryAllocatorInterface(abc.ABC):
     @abc.abstractmethod
     def device(self) -> torch.device:
         """Where allocated objects live."""
+
+    @property
+    @abc.abstractmethod
+    def buffer(self) -> SlabBuffer:
+        """The one slab every object of this allocator lies in."""
+
+    @property
+    def kind(self) -> str:
+        """``cuda``, ``pinned`` or ``host``: where ``buffer`` lives."""
+        return self.buffer.kind
+
+    @property
+    @abc.abstractmethod
+    def capacity(self) -> int:
+        """Bytes the slab can hand out in all."""
+
+    @property
+    @abc.abstractmethod
+    def free_bytes(self) -> int:
+        """Bytes not handed out now (in pieces: a batch may still not fit)."""
 
 
 class SlabMemoryAllocator(MemoryAllocatorInterface):
@@ -62,19 +108,19 @@ class SlabMemoryAllocator(MemoryAllocatorInterface):
     """
 
     def __init__(self, nbytes: int, kind: str = "host", cuda_device: int = 0):
-        self.buffer = SlabBuffer(nbytes, kind, cuda_device)
-        self._extents = ExtentAllocator(self.buffer.nbytes)
+        self._buffer = SlabBuffer(nbytes, kind, cuda_device)
+        self._extents = ExtentAllocator(self._buffer.nbytes)
         self._lock = threading.Lock()
         self._live: dict[int, MemoryObj] = {}
         self._closed = False
 
     @property
-    def device(self) -> torch.device:
-        return self.buffer.device
+    def buffer(self) -> SlabBuffer:
+        return self._buffer
 
     @property
-    def kind(self) -> str:
-        return self.buffer.kind
+    def device(self) -> torch.device:
+        return self._buffer.device
 
     @property
     def capacity(self) -> int:
@@ -175,21 +221,9 @@ class SlabMemoryAllocator(MemoryAllocatorInterface):
                 obj._refs = 0
                 obj._tensor = None
             self._live.clear()
-        self.buffer.close()
+        self._buffer.close()
 
 
 def allocate_batch(allocator: MemoryAllocatorInterface, shapes, dtypes, fmts) -> list[MemoryObj]:
-    """A prefix of objects for ``shapes``: adjacent through ``batched_allocate`` where the allocator
-    has it, else one ``allocate`` at a time, stopping at the first that finds no room."""
-    if not shapes:
-        return []
-    batched = getattr(allocator, "batched_allocate", None)
-    if batched is not None:
-        return batched(shapes, dtypes, fmts)
-    out = []
-    for s, d, f in zip(shapes, dtypes, fmts):
-        o = allocator.allocate(s, d, f)
-        if o is None:
-            break
-        out.append(o)
-    return out
+    """``allocator.batched_allocate`` (kept for callers of the earlier helper)."""
+    return allocator.batched_allocate(shapes, dtypes, fmts) if shapes else []

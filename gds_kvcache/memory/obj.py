@@ -11,6 +11,7 @@ from .format import MemoryFormat
 
 if TYPE_CHECKING:  # pragma: no cover
     from .allocator import SlabMemoryAllocator
+    from .buffers import SlabBuffer
 
 __all__ = ["MemoryObj"]
 
@@ -67,6 +68,12 @@ class MemoryObj:
         return self._refs > 0
 
     # -- views ------------------------------------------------------------
+    @property
+    def slab(self) -> "SlabBuffer":
+        """The slab this object lies in (``offset`` counts from its start): what I/O engines
+        attach to and the batched checksum reads."""
+        return self._alloc.buffer
+
     @property
     def raw_data(self) -> torch.Tensor:
         """All ``phys_size`` bytes as ``uint8`` (includes the alignment tail)."""

@@ -18,33 +18,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
-import torch
-
 from ..config import CacheEngineConfig
 from ..errors import GdsKvCacheError
 from ..io import open_engine
-from ..kernels.checksum import checksum_batch
 from ..key import CacheEngineKey
-from ..memory.allocator import allocate_batch
-from ..memory.format import MemoryFormat, str_to_dtype
-from ..memory.obj import MemoryObj
-from ..storage.pool_file import POOL_NAME, pieces
+from ..memory.allocator import MemoryAllocatorInterface
+from ..storage.pool_file import LayoutError, PoolLayout
 from ..storage.transfer import DiskTransfer
 from .redis_index import Published, RedisIndex, redis_errors
 
 __all__ = ["RemoteReader"]
 
 log = logging.getLogger(__name__)
-
-
-class _RemotePool:
-    """Another writer's pool layout, as ``DiskTransfer`` maps logical offsets with it."""
-
-    def __init__(self, stripes: int, stripe_bytes: int, unit: int):
-        self.stripes, self.stripe_bytes, self.unit = stripes, stripe_bytes, unit
-
-    def pieces(self, offset: int, nbytes: int):
-        return pieces(offset, nbytes, self.stripes, self.unit)
 
 
 class RemoteReader:
@@ -69,8 +54,8 @@ class RemoteReader:
         ``remote_corrupt``, ``redis_errors``), updated in place.
     """
 
-    def __init__(self, redis: RedisIndex, shared_dir: str, config: CacheEngineConfig, memory_allocator,
-                 lease_ttl: float, writer: str, stats: dict):
+    def __init__(self, redis: RedisIndex, shared_dir: str, config: CacheEngineConfig,
+                 memory_allocator: MemoryAllocatorInterface, lease_ttl: float, writer: str, stats: dict):
         self.redis = redis
         self.shared_dir = shared_dir
         self.config = config
@@ -79,8 +64,6 @@ class RemoteReader:
         self.writer = writer
         self._stats = stats
         self._errors = redis_errors()
-        self._memory = getattr(memory_allocator, "kind", str(memory_allocator.device))
-        self._buffer = getattr(memory_allocator, "buffer", None)
         self._readers: dict[str, tuple] = {}    # writer -> (boot, DiskTransfer over its files)
         self._r_lock = threading.Lock()
         self._retired_engines: list = []
@@ -99,68 +82,48 @@ class RemoteReader:
             self._stats["redis_errors"] += 1
             log.debug("remote read: Redis unreachable: %s", e)
             return
-        objs: list[MemoryObj] = []
+        got: list[tuple[int, object]] = []        # (index into keys, object read and verified)
         try:
             if self._hold_s and held:
                 time.sleep(self._hold_s)
             # Another writer's chunks, grouped by writer (one transfer per writer); an entry of a
             # writer's earlier run (its boot changed) may point at reused bytes: a miss.
-            todo: dict[str, list[tuple[int, Published]]] = {}
+            todo: dict[tuple[str, str], list[tuple[int, Published, object]]] = {}
             for i, p in zip(which, pubs):
                 if p is None or p.writer == self.writer or p.boot != p.writer_boot:
                     continue
-                todo.setdefault(p.writer, []).append((i, p))
-            got: list[tuple[int, Published, MemoryObj]] = []
-            for w, items in todo.items():
-                shapes, dtypes, fmts, ok = [], [], [], []
-                for i, p in items:
-                    try:
-                        dtype, shape, fmt = str_to_dtype(p.dtype), torch.Size(p.shape), MemoryFormat[p.fmt]
-                    except (GdsKvCacheError, KeyError) as exc:
-                        log.warning("ignoring entry %s of writer %s: %s", p.key, p.writer, exc)
-                        continue
-                    shapes.append(shape)
-                    dtypes.append(dtype)
-                    fmts.append(fmt)
-                    ok.append((i, p))
-                batch = allocate_batch(self.memory_allocator, shapes, dtypes, fmts)
-                objs += batch
-                ok = ok[: len(batch)]            # no slab room for the rest: misses
                 try:
-                    tr = self._transfer_of(w, items[0][1].boot)
-                except self._errors as e:          # its layout unreadable now: misses
+                    e = p.to_entry()
+                except (GdsKvCacheError, ValueError) as exc:
+                    self._stats["remote_malformed"] += 1
+                    log.warning("ignoring entry %s of writer %s: %s", p.key, p.writer, exc)
+                    continue
+                todo.setdefault((p.writer, p.boot), []).append((i, p, e))
+            for (w, boot), items in todo.items():
+                try:
+                    tr = self._transfer_of(w, boot)
+                except self._errors as exc:          # its layout unreadable now: misses
                     self._stats["redis_errors"] += 1
-                    log.debug("remote read: Redis unreachable: %s", e)
+                    log.debug("remote read: Redis unreachable: %s", exc)
                     tr = None
                 if tr is None:
                     continue
-                sized = [(i, p, o) for (i, p), o in zip(ok, batch) if o.nbytes == p.nbytes
-                         and o.phys_size == p.phys_size]
-                errs = tr.read([o for _, _, o in sized], [p.offset for _, p, _ in sized])
-                for (i, p, o), err in zip(sized, errs):
-                    if err is None:
-                        got.append((i, p, o))
-                    else:
-                        self._read_error(p, err)
-            if got:
-                buf = got[0][2]._alloc.buffer.tensor
-                sums = checksum_batch(buf, [(o.offset, o.nbytes) for _, _, o in got], ordered=False)
-                late = time.monotonic() > t0 + self.lease_ttl
-                for (i, p, o), s in zip(got, sums):
-                    if late:
-                        self._stats["lease_expired"] += 1
-                    elif s != p.checksum:
-                        self._stats["remote_corrupt"] += 1
-                        log.warning("chunk %s of writer %s failed its checksum: a miss", p.key, p.writer)
-                    else:
-                        out[i] = o
+                res = tr.read_verified(self.memory_allocator, [e for _, _, e in items], verify=True)
+                for j, why in res.bad:
+                    self._read_error(items[j][1], why)
+                got += [(items[j][0], o) for j, o in enumerate(res.objs) if o is not None]
+            late = time.monotonic() > t0 + self.lease_ttl
+            for i, o in got:
+                if late:       # the extent may have been reused before the check: a miss
+                    self._stats["lease_expired"] += 1
+                else:
+                    out[i] = o
             n_hit = sum(1 for i in which if out[i] is not None)
             self._stats["remote_hits"] += n_hit
             self._stats["remote_misses"] += len(which) - n_hit
         finally:
-            kept = {id(o) for o in out if o is not None}
-            for o in objs:
-                if id(o) not in kept:
+            for i, o in got:
+                if out[i] is not o:
                     o.ref_count_down()
             if held:
                 # Off the caller's path (a round trip): until it lands, the owner just waits a little longer.
@@ -169,7 +132,7 @@ class RemoteReader:
     def _read_error(self, p: Published, err: BaseException) -> None:
         """A miss; warned once per writer run (a writer restarting with a smaller pool makes every
         read of its last run's entries fail until it re-registers), the rest at debug level."""
-        self._stats["remote_read_errors"] += 1
+        self._stats["remote_corrupt" if "checksum" in str(err) else "remote_read_errors"] += 1
         if (p.writer, p.boot) in self._warned:
             log.debug("reading chunk %s of writer %s: %s", p.key, p.writer, err)
             return
@@ -195,19 +158,25 @@ class RemoteReader:
             if have is not None and have[0] == boot:
                 return have[1]
         lay = self.redis.layout(writer)
-        if not lay or lay.get("boot", "") != boot:
+        if not isinstance(lay, dict) or lay.get("boot", "") != boot:
             return None
-        path = os.path.join(self.shared_dir, lay["dir"])
-        stripes, stripe_bytes, unit = int(lay["stripes"]), int(lay["stripe_bytes"]), int(lay["unit"])
-        paths = [os.path.join(path, f"{POOL_NAME}.{f}") for f in range(stripes)]
+        rel = lay.get("dir")
         try:
-            engine = open_engine(paths, self.config, self._memory, stripe_bytes, read_only=True)
-            if self._buffer is not None:
-                engine.attach(self._buffer)
+            if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in rel.split("/"):
+                raise LayoutError(f"pool layout field 'dir' is {rel!r}, not a path inside the shared directory")
+            layout = PoolLayout.from_fields(os.path.join(self.shared_dir, rel), lay)
+        except LayoutError as e:
+            self._stats["remote_malformed"] += 1
+            log.warning("ignoring writer %s: its Redis layout is unusable: %s", writer, e)
+            return None
+        try:
+            engine = open_engine(layout.pool_paths, self.config, self.memory_allocator.kind, layout.stripe_bytes,
+                                 read_only=True)
+            engine.attach(self.memory_allocator.buffer)
         except (OSError, GdsKvCacheError) as e:
             log.warning("cannot open writer %s's pool files: %s", writer, e)
             return None
-        tr = DiskTransfer(engine, _RemotePool(stripes, stripe_bytes, unit))
+        tr = DiskTransfer(engine, layout)
         with self._r_lock:
             old = self._readers.pop(writer, None)
             self._readers[writer] = (boot, tr)

@@ -11,9 +11,10 @@ reader from ever seeing another chunk's bytes:
   written and its index record appended, and its put's future resolves only
   after that (so a lookup anywhere sees it once the future is done);
 * retract before reuse: the writer's disk index never frees an extent by
-  itself (``owner_frees``); every extent it drops (eviction, removal, a bad
-  chunk, ENOSPC) is retired, its Redis entry deleted in the same Lua script
-  that reads its leases, and it is reused only once the last lease ends;
+  itself (its eviction strategy is ``RetractThenFree``); every extent it
+  drops (eviction, removal, a bad chunk, ENOSPC) is retired, its Redis entry
+  deleted in the same Lua script that reads its leases, and it is reused
+  only once the last lease ends;
 * a reader leases the entry in the same script that reads it, and counts a
   read as a miss when its lease ran out before the bytes were checked, or
   when the entry was published by an earlier run of its writer.
@@ -38,75 +39,25 @@ from ..errors import (ClosedError, ConfigError, DirectoryLockedError, GdsKvCache
 from ..io import IOPathReport
 from ..key import CacheEngineKey
 from ..memory.obj import MemoryObj
-from ..storage.abstract_backend import StorageBackendInterface
+from ..storage import LocalDiskBackend, StorageBackendInterface, check_keys
 from ..storage.disk_index import DiskEntry
-from ..storage.local_disk_backend import LocalDiskBackend, check_keys
-from .redis_index import Published, RedisIndex, redis_errors
+from .eviction import RetractThenFree
+from .identity import cache_id
+from .publisher import LEASE_MARGIN, WRITERS_DIR, Publisher
+from .redis_index import RedisIndex, redis_errors
 from .remote_reader import RemoteReader
 
 __all__ = ["SharedDiskBackend", "WRITERS_DIR", "cache_id"]
 
 log = logging.getLogger(__name__)
 
-WRITERS_DIR = "writers"
-CACHE_ID_NAME = "cache-id"
 _WRITER_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-#: Extra seconds an owner waits past a lease's end (clock granularity, scheduling).
-_LEASE_MARGIN = 0.05
 
 
 def _redis_config_errors() -> tuple:
     """Errors at start that waiting will not cure: a wrong password, a database out of range."""
     from redis import exceptions as e
     return (e.AuthenticationError, e.AuthorizationError, e.ResponseError)
-
-
-class DiskEvictionError(Exception):
-    """An eviction's index record could not be written (the file system said why): not a Redis error."""
-
-    def __init__(self, cause: OSError):
-        super().__init__(str(cause))
-        self.cause = cause
-
-
-def cache_id(shared_dir: str) -> str:
-    """The shared directory's id (created by the first process to open it): the Redis namespace
-    of its chunks, the same on every node whatever the mount point, and different for two caches
-    sharing one Redis server.
-
-    Raises
-    ------
-    StorageUnavailableError
-        The directory or its id file cannot be created or read.
-    ConfigError
-        The id file holds something else than an id.
-    """
-    path = os.path.join(shared_dir, CACHE_ID_NAME)
-    try:
-        os.makedirs(shared_dir, exist_ok=True)
-        if not os.path.exists(path):
-            # Written in full under a temporary name, then linked into place: the id file is
-            # never seen empty, and of two processes creating it at once one link wins.
-            tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-            with open(tmp, "w") as f:
-                f.write(uuid.uuid4().hex[:16] + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                pass
-            finally:
-                os.unlink(tmp)
-        with open(path) as f:
-            text = f.read(64).strip()
-    except OSError as e:
-        raise StorageUnavailableError(f"shared directory {shared_dir!r}: cannot create or read its "
-                                      f"{CACHE_ID_NAME} file: {e.strerror or e}") from None
-    if not re.fullmatch(r"[0-9a-f]{16}", text):
-        raise ConfigError("local_disk", shared_dir, f"a shared directory whose {CACHE_ID_NAME} file holds 16 hex "
-                          f"digits (it holds {text[:40]!r}); delete that file to start a new cache there")
-    return text
 
 
 class SharedDiskBackend(StorageBackendInterface):
@@ -155,21 +106,23 @@ class SharedDiskBackend(StorageBackendInterface):
     Run Redis without persistence.
     """
 
-    #: Lookups answer for every tensor-parallel rank (the storage manager asks only this tier).
-    lookup_for_all_ranks = True
-    #: A put skips keys published by any writer (its claim does), so callers need not ask first.
-    put_skips_stored = True
-
     def __init__(self, config: CacheEngineConfig, loop, memory_allocator, dst_device: str = "cuda",
-                 writer_id: Optional[str] = None, namespace: Optional[str] = None, lease_ttl: float = 5.0,
-                 claim_ttl: float = 30.0, tick: float = 0.2):
+                 writer_id: Optional[str] = None, namespace: Optional[str] = None,
+                 lease_ttl: Optional[float] = None, claim_ttl: Optional[float] = None,
+                 tick: Optional[float] = None):
         super().__init__(dst_device)
-        url = getattr(config, "lookup_server_url", None)
+        url = config.lookup_server_url
         if not url:
             raise ConfigError("lookup_server_url", url, "a redis:// URL for shared mode")
         if config.local_disk is None:
             raise ConfigError("local_disk", None, "the shared directory (every process gives the same path)")
-        if writer_id is not None and not (isinstance(writer_id, str) and _WRITER_ID.fullmatch(writer_id)):
+        # Arguments override the config's fields (tests, tools); both are validated the same way.
+        writer_id = config.writer_id if writer_id is None else writer_id
+        lease_ttl = config.lease_ttl if lease_ttl is None else lease_ttl
+        claim_ttl = config.claim_ttl if claim_ttl is None else claim_ttl
+        tick = config.shared_tick if tick is None else tick
+        if writer_id is not None and not (isinstance(writer_id, str) and _WRITER_ID.fullmatch(writer_id)
+                                         and writer_id not in (".", "..")):
             raise ConfigError("writer_id", writer_id, "1-64 letters, digits, '.', '_' or '-'")
         for name, v in (("lease_ttl", lease_ttl), ("claim_ttl", claim_ttl), ("tick", tick)):
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < 3600:
@@ -180,22 +133,14 @@ class SharedDiskBackend(StorageBackendInterface):
         self.lease_ttl = lease_ttl
         self.tick = tick
         self.memory_allocator = memory_allocator
-        self.redis = RedisIndex(url, self.namespace, lease_ttl, claim_ttl)
+        self.redis = RedisIndex(url, self.namespace, lease_ttl, claim_ttl, config.redis_socket_timeout)
         self._errors = redis_errors()
-        self._pub_lock = threading.RLock()
-        self._registered = False
-        self._quarantine: list[tuple[float, DiskEntry]] = []   # (monotonic release time, retired entry)
-        self._q_lock = threading.Lock()
-        self._retire_lock = threading.Lock()
         self._stats = {"published": 0, "duplicates": 0, "republishes": 0, "remote_hits": 0, "remote_misses": 0,
-                       "lease_expired": 0, "remote_corrupt": 0, "claims_lost": 0, "redis_errors": 0,
-                       "leased_evictions": 0, "shared_evictions": 0, "retracted": 0, "unregistered_skips": 0,
-                       "leased_skips": 0, "evict_errors": 0, "remote_read_errors": 0}
-        self.last_republish: Optional[float] = None
-        self._epoch: Optional[str] = None
-        self._rebuild_seen = 0
-        self._dirty = False
-        self._no_reuse_until = 0.0
+                       "lease_expired": 0, "remote_corrupt": 0, "remote_malformed": 0, "claims_lost": 0,
+                       "redis_errors": 0, "leased_evictions": 0, "shared_evictions": 0, "retracted": 0,
+                       "unregistered_skips": 0, "leased_skips": 0, "evict_errors": 0, "remote_read_errors": 0,
+                       "put_retries": 0}
+        self.eviction = RetractThenFree(lease_ttl, self._stats, self._errors)
         self._cond = threading.Condition()
         self._ops = 0
         self._closing = False
@@ -205,12 +150,14 @@ class SharedDiskBackend(StorageBackendInterface):
             self.redis.close()
             raise
         self.boot = uuid.uuid4().hex[:12]
+        self.pub = Publisher(self.redis, self.writer, self.boot, self.local, self._stats)
+        self.eviction.bind(self.pub)
         self._prefetch = ThreadPoolExecutor(max(2, config.io_threads), thread_name_prefix="gds-kvcache-shared-get")
         self.remote = RemoteReader(self.redis, self.shared_dir, config, memory_allocator, lease_ttl, self.writer,
                                    self._stats)
         try:
             try:
-                self._register()
+                self.pub.register()
             except _redis_config_errors() as e:
                 raise ConfigError("lookup_server_url", url, f"a Redis this process may use ({e})") from None
             except self._errors as e:
@@ -226,6 +173,15 @@ class SharedDiskBackend(StorageBackendInterface):
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._housekeeping, name="gds-kvcache-shared", daemon=True)
         self._thread.start()
+
+    # -- capabilities (StorageBackendInterface) ------------------------------------------------
+    def lookup_for_all_ranks(self) -> bool:
+        """Lookups answer for every tensor-parallel rank (Redis lists every rank's shard)."""
+        return True
+
+    def put_skips_stored(self) -> bool:
+        """A put skips keys published by any writer (its claim does), so callers need not ask first."""
+        return True
 
     # -- lifetime ----------------------------------------------------------------------------
     def _enter(self) -> None:
@@ -248,33 +204,16 @@ class SharedDiskBackend(StorageBackendInterface):
             cfg = config.replace(local_disk=os.path.join(base, wid))
             try:
                 return wid, LocalDiskBackend(cfg, loop, alloc, dst_device, lookup_server=None,
-                                             evictor=self._evict_on_full)
+                                             eviction=self.eviction)
             except DirectoryLockedError:
                 if writer_id is not None:
                     raise
         raise DirectoryLockedError(f"no free writer directory under {base!r}")
 
     # -- publishing --------------------------------------------------------------------
-    def _published(self, e: DiskEntry) -> Published:
-        return Published(e.key.to_string(), self.writer, str(e.seq), e.offset, e.nbytes, e.phys_size,
-                         tuple(e.shape), e.dtype, e.fmt, e.checksum, self.boot)
-
-    def _register(self) -> None:
-        """First contact with Redis in this run: wait out leases on the last run's extents, drop
-        what it published (this writer's log is the truth now), then publish every chunk.
-
-        This run's boot is registered first: from then on no reader leases an entry of the last
-        run (the acquire script refuses it), so the leases measured next are all there will be.
-        """
-        d = self.local._dir
-        self.redis.register(self.writer, {"dir": os.path.join(WRITERS_DIR, self.writer), "stripes": d.stripes,
-                                          "stripe_bytes": d.stripe_bytes, "unit": d.unit, "boot": self.boot})
-        wait_ms = self.redis.lease_left_ms(self.writer)
-        if wait_ms > 0:
-            # A reader of this writer's last run may still read an extent now free here.
-            log.info("writer %s: waiting %.1f s for readers' leases of its last run", self.writer, wait_ms / 1000)
-            time.sleep(wait_ms / 1000 + _LEASE_MARGIN)
-        self.republish(purge=True)
+    @property
+    def last_republish(self) -> Optional[float]:
+        return self.pub.last_republish
 
     def republish(self, purge: bool = False, batch: int = 2000) -> int:
         """Register this writer and publish every chunk of its index (one round trip per ``batch``).
@@ -284,28 +223,7 @@ class SharedDiskBackend(StorageBackendInterface):
         """
         if self._closing:
             raise ClosedError(f"shared disk backend on {self.shared_dir} is closed")
-        idx = self.local.index
-        d = self.local._dir
-        with self._pub_lock:
-            epoch = self.redis.set_epoch()
-            self._rebuild_seen = self.redis.rebuild_requests()
-            self.redis.register(self.writer, {"dir": os.path.join(WRITERS_DIR, self.writer), "stripes": d.stripes,
-                                              "stripe_bytes": d.stripe_bytes, "unit": d.unit, "boot": self.boot})
-            if purge:
-                self.redis.purge(self.writer)
-            keys = idx.keys()
-            n = 0
-            for i in range(0, len(keys), batch):
-                es = [e for e in (idx.entry(k) for k in keys[i:i + batch]) if e is not None]
-                dups = self.redis.publish(self.writer, [self._published(e) for e in es])
-                self._drop_duplicates(dups)
-                n += len(es)
-            self._epoch = epoch
-            self._registered = True
-            self._stats["republishes"] += 1
-            self.last_republish = time.monotonic()
-        log.info("writer %s: %d chunk(s) published to %s", self.writer, n, self.redis.url)
-        return n
+        return self.pub.republish(purge, batch)
 
     def request_rebuild(self) -> None:
         """Ask every writer (this one included) to re-publish its chunks within a tick."""
@@ -314,24 +232,25 @@ class SharedDiskBackend(StorageBackendInterface):
         self.redis.request_rebuild()
 
     def _housekeeping(self) -> None:
+        pub = self.pub
         while not self._stop.wait(self.tick):
             try:
-                if not self._registered:
-                    self._register()
+                if not pub.registered:
+                    pub.register()
                 epoch = self.redis.epoch()
-                restarted = epoch is None or epoch != self._epoch
-                if restarted or self._dirty or self.redis.rebuild_requests() != self._rebuild_seen:
+                restarted = epoch is None or epoch != pub.epoch
+                if restarted or pub.dirty or self.redis.rebuild_requests() != pub.rebuild_seen:
                     if restarted:
-                        self._leases_lost()
+                        self.eviction.leases_lost()
                         log.warning("Redis %s restarted or was emptied: re-publishing writer %s",
                                     self.redis.url, self.writer)
-                    dirty, self._dirty = self._dirty, False
+                    dirty, pub.dirty = pub.dirty, False
                     try:
-                        self.republish(purge=dirty and not restarted)
+                        pub.republish(purge=dirty and not restarted)
                     except BaseException:
-                        self._dirty = self._dirty or dirty
+                        pub.dirty = pub.dirty or dirty
                         raise
-                self._process_retired()
+                self.eviction.process_retired()
             except self._errors as e:
                 self._stats["redis_errors"] += 1
                 log.debug("housekeeping: Redis unreachable: %s", e)
@@ -339,131 +258,7 @@ class SharedDiskBackend(StorageBackendInterface):
                 return
             except Exception:   # never let the thread die: a missed pass is retried next tick
                 log.exception("shared-mode housekeeping failed")
-            self._release_quarantine()
-
-    def _leases_lost(self) -> None:
-        """Redis restarted: every lease it held is gone, so no extent is reused for one lease period."""
-        self._no_reuse_until = max(self._no_reuse_until, time.monotonic() + self.lease_ttl + _LEASE_MARGIN)
-
-    # -- eviction: retract from Redis, wait out leases, then reuse -------------------------
-    def _process_retired(self) -> None:
-        """Retract the extents the index dropped (one round trip) and give back those no reader
-        leases; leased ones wait in quarantine. If Redis does not answer they stay retired."""
-        with self._retire_lock:
-            es = self.local.index.drain_retired()
-            if not es:
-                return
-            try:
-                with self._pub_lock:
-                    same, left = self.redis.retract(self.writer, self._epoch,
-                                                    [(e.key.to_string(), str(e.seq)) for e in es])
-                if not same:
-                    self._leases_lost()          # restarted: its leases are forgotten, not over
-                    self._dirty = True
-            except BaseException:
-                self.local.index.requeue_retired(es)
-                raise
-        self._stats["retracted"] += len(es)
-        now = time.monotonic()
-        free_now = []
-        with self._q_lock:
-            for e, ms in zip(es, left):
-                until = max(self._no_reuse_until, now + ms / 1000 + _LEASE_MARGIN if ms > 0 else 0.0)
-                if until > now:
-                    self._quarantine.append((until, e))
-                    self._stats["leased_evictions"] += 1
-                else:
-                    free_now.append(e)
-        for e in free_now:
-            self.local.release_extent(e)
-
-    def _release_quarantine(self, all_due: bool = False) -> None:
-        now = time.monotonic()
-        with self._q_lock:
-            due = [e for t, e in self._quarantine if all_due or t <= now]
-            self._quarantine = [(t, e) for t, e in self._quarantine if not (all_due or t <= now)]
-        for e in due:
-            self.local.release_extent(e)
-
-    def _evict(self, need: int, count: int = 0) -> int:
-        """Evict this writer's LRU chunks that no one reads, here or (by lease) elsewhere, until
-        ``need`` bytes and ``count`` chunks went; returns how many went.
-
-        Each round retracts its victims from Redis in one script that skips
-        leased ones (a chunk others are reading is warm: it stays), then drops
-        them here; their extents are free at once, since no lease can start on
-        an entry that is gone. Nothing goes while Redis is unreachable or has
-        restarted less than a lease period ago.
-        """
-        idx = self.local.index
-        if time.monotonic() < self._no_reuse_until:
-            return 0
-        skip: dict[int, DiskEntry] = {}      # id -> a leased victim, left in place
-        went = freed = 0
-        for _ in range(8):
-            victims = [e for e in idx.eviction_candidates(need - freed + sum(e.phys_size for e in skip.values()),
-                                                          count - went + len(skip))
-                       if id(e) not in skip]
-            if not victims:
-                break
-            with self._pub_lock:
-                same, left = self.redis.retract(self.writer, self._epoch,
-                                                [(e.key.to_string(), str(e.seq)) for e in victims], unleased=True)
-                if not same:
-                    self._leases_lost()
-                    self._dirty = True
-                    break
-                out = [e for e, ms in zip(victims, left) if ms == 0]
-                skip.update((id(e), e) for e, ms in zip(victims, left) if ms > 0)
-                try:
-                    gone = idx.evict(out)
-                except OSError as exc:
-                    # The delete records could not be written (a full file system): nothing was
-                    # dropped here, so what was retracted is published again and the put fails
-                    # with the disk's error rather than a Redis one.
-                    try:
-                        self._publish_current([e.key for e in out if idx.entry(e.key) is not None])
-                    except self._errors:
-                        self._dirty = True          # the next housekeeping pass publishes them
-                    raise DiskEvictionError(exc) from exc
-                # Retracted but read here meanwhile (or replaced): publish it again.
-                gone_ids = {id(e) for e in gone}
-                back = [e.key for e in out if id(e) not in gone_ids and idx.entry(e.key) is not None]
-                if back:
-                    self._publish_current(back)
-            self._stats["shared_evictions"] += len(gone)
-            self._stats["retracted"] += len(out)
-            self._stats["leased_skips"] += len(victims) - len(out)
-            went += len(gone)
-            freed += sum(e.phys_size for e in gone)
-            for e in idx.drain_retired_of(gone):
-                self.local.release_extent(e)
-            if freed >= need and went >= count:
-                break
-        return went
-
-    def _make_room(self, need: int, adding: int) -> None:
-        """Free ``need`` pool bytes and index room for ``adding`` chunks, evicting as needed."""
-        idx = self.local.index
-        self._release_quarantine()
-        self._process_retired()
-        short = need - (idx.capacity - idx.used)
-        over = idx.over_reserve(adding)
-        if short > 0 or over > 0:
-            self._evict(max(0, short), over)
-
-    def _evict_on_full(self) -> bool:
-        """The file system is full (ENOSPC): evict one more chunk; False when none is left."""
-        try:
-            return self._evict(1, 1) > 0
-        except DiskEvictionError as e:
-            self._stats["evict_errors"] += 1
-            log.warning("writer %s: cannot evict: %s", self.writer, e)
-            return False
-        except self._errors as e:
-            self._stats["redis_errors"] += 1
-            log.debug("no eviction while Redis is unreachable: %s", e)
-            return False
+            self.eviction.release_quarantine()
 
     # -- puts ---------------------------------------------------------------------------------
     def batched_submit_put_task(self, keys: Sequence[CacheEngineKey],
@@ -480,14 +275,14 @@ class SharedDiskBackend(StorageBackendInterface):
         check_keys(keys)
         self._enter()
         try:
-            self.local._check_objs(objs)       # before any claim: a refused call leaves none behind
+            self.local.check_objs(objs)       # before any claim: a refused call leaves none behind
             return self._put(keys, objs)
         finally:
             self._exit()
 
     def _put(self, keys: list, objs: list) -> list[Optional[Future]]:
         out: list[Optional[Future]] = [None] * len(keys)
-        if not self._registered:
+        if not self.pub.registered:
             self._stats["unregistered_skips"] += len(keys)
             return out
         idx = self.local.index
@@ -506,8 +301,8 @@ class SharedDiskBackend(StorageBackendInterface):
             again = [i for i in sel if futs[i] is not None and futs[i].done()
                      and isinstance(futs[i].exception(), StorageFullError)]
             if again:
-                # Those refusals are not the caller's errors: the retry's outcome is.
-                self.local._stats["put_errors"] -= len(again)
+                # Those refusals are not the caller's errors: the retry's outcome is (``stats``).
+                self._stats["put_retries"] += len(again)
                 futs.update(self._submit(keys, objs, again, 2))
         except BaseException:
             self._unclaim(claimed)
@@ -548,13 +343,13 @@ class SharedDiskBackend(StorageBackendInterface):
             try:
                 self._unclaim(failed)
                 if done:
-                    self._publish_current(done)
+                    self.pub.publish_current(done)
             except self._errors as e:
-                self._dirty = True        # written and indexed here: published by the next pass
+                self.pub.dirty = True        # written and indexed here: published by the next pass
                 self._stats["redis_errors"] += 1
                 log.debug("publish failed (%s): re-published when Redis answers", e)
             except Exception:             # the puts themselves succeeded: never lose their results
-                self._dirty = True
+                self.pub.dirty = True
                 log.exception("publishing %d chunk(s) failed", len(done))
             finally:
                 for (_, f), o in zip(pairs, outs):
@@ -570,14 +365,10 @@ class SharedDiskBackend(StorageBackendInterface):
         return outs
 
     def _submit(self, keys, objs, sel: list[int], factor: int) -> dict:
-        try:
-            self._make_room(factor * sum(objs[i].phys_size for i in sel), len(sel))
-        except DiskEvictionError as e:   # the put below meets the same disk and says so
-            self._stats["evict_errors"] += 1
-            log.warning("writer %s: cannot evict: %s", self.writer, e)
-        except self._errors as e:     # no reuse without Redis: a reader may hold a lease
-            self._stats["redis_errors"] += 1
-            log.debug("no eviction while Redis is unreachable: %s", e)
+        if factor > 1:
+            # The put itself makes room for what it asks (the strategy's make_room); a retry
+            # after a refusal (room fragmented or leased) asks for more first.
+            self.eviction.make_room(factor * sum(objs[i].phys_size for i in sel), len(sel))
         futs = self.local.batched_submit_put_task([keys[i] for i in sel], [objs[i] for i in sel])
         return dict(zip(sel, futs))
 
@@ -596,25 +387,6 @@ class SharedDiskBackend(StorageBackendInterface):
             except Exception as e:
                 out.append(e)
         return out
-
-    def _publish_current(self, keys: Sequence[CacheEngineKey]) -> None:
-        """Publish the current entries of ``keys`` (idempotent with the insert events)."""
-        with self._pub_lock:
-            es = [e for e in (self.local.index.entry(k) for k in keys) if e is not None]
-            dups = self.redis.publish(self.writer, [self._published(e) for e in es])
-            self._stats["published"] += len(es)
-            self._drop_duplicates(dups)
-
-    def _drop_duplicates(self, dups: Sequence[str]) -> None:
-        """Drop this writer's copies of keys another writer published first (both stored them
-        while Redis was down or restarting). Unpublished here, so no remote reader holds them;
-        kept, they would stay unlisted when the other writer evicts its copy."""
-        for k in dups:
-            self._stats["duplicates"] += 1
-            try:
-                self.local.remove(CacheEngineKey.from_string(k))
-            except GdsKvCacheError as e:     # closing: the next start re-publishes or drops it
-                log.debug("keeping duplicate %s: %s", k, e)
 
     def exists_in_put_tasks(self, key: CacheEngineKey) -> bool:
         return self.local.exists_in_put_tasks(key)
@@ -672,6 +444,11 @@ class SharedDiskBackend(StorageBackendInterface):
     def entry(self, key: CacheEngineKey) -> Optional[DiskEntry]:
         """This writer's entry of ``key`` (None for other writers' chunks)."""
         return self.local.entry(key)
+
+    def entry_size(self, key: CacheEngineKey) -> int:
+        """Slab bytes a read of this writer's ``key`` takes (0 for other writers' chunks: their
+        size is known only once leased)."""
+        return self.local.entry_size(key)
 
     # -- gets ---------------------------------------------------------------------------------------
     def batched_get_blocking(self, keys: Sequence[CacheEngineKey]) -> list[Optional[MemoryObj]]:
@@ -741,7 +518,7 @@ class SharedDiskBackend(StorageBackendInterface):
             self._exit()
         if was:
             try:
-                self._process_retired()
+                self.eviction.process_retired()
             except self._errors as exc:
                 self._stats["redis_errors"] += 1
                 log.warning("removed %s here; Redis unreachable (%s): retracted when it answers",
@@ -775,6 +552,7 @@ class SharedDiskBackend(StorageBackendInterface):
     def stats(self) -> dict:
         out = self.local.stats
         out.update(self._stats)
+        out["put_errors"] -= self._stats["put_retries"]     # a refusal that was retried is not an error
         return out
 
     def memcheck(self) -> bool:
@@ -789,22 +567,22 @@ class SharedDiskBackend(StorageBackendInterface):
                 return
             self._closing = True
             self._cond.wait_for(lambda: self._ops == 0)
+        self.pub.closing = True
         self._stop.set()
         self._thread.join()
         self._prefetch.shutdown(wait=True)
         self.remote.drain()
         try:
             try:
-                self._process_retired()
+                self.eviction.process_retired()
             except self._errors as e:
                 self._stats["redis_errors"] += 1
                 log.warning("closing writer %s: Redis unreachable (%s); its next start waits out leases",
                             self.writer, e)
-            with self._q_lock:
-                last = max((t for t, _ in self._quarantine), default=0.0)
+            last = self.eviction.quarantine_ends()
             if last > time.monotonic():
-                time.sleep(min(last - time.monotonic(), self.lease_ttl + _LEASE_MARGIN))
-            self._release_quarantine(all_due=True)
+                time.sleep(min(last - time.monotonic(), self.lease_ttl + LEASE_MARGIN))
+            self.eviction.release_quarantine(all_due=True)
         finally:
             try:
                 self.local.close()

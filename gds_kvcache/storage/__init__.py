@@ -1,19 +1,39 @@
-"""Storage tiers: the backend interface, the hot tier, the disk tier and their manager."""
+"""Storage tiers: the tier interface, the hot tier, the local disk tier, their factory and manager.
+
+Layers, bottom up: ``entry``/``index_*`` (the index format), ``disk_index``
+(which chunk lives where; no GPU, no I/O engine), ``transfer`` (the verified
+read and checksummed write; no index), ``eviction`` (when an extent is
+reused), ``local_disk_backend`` (index + transfer behind the tier interface),
+``tier_factory`` and ``storage_manager``. Nothing here imports ``shared``.
+"""
 
 from .abstract_backend import StorageBackendInterface
 from .disk_index import DiskEntry, DiskIndex
+from .eviction import DeferredFree, EvictionStrategy, FreeAtOnce
 from .hot_backend import LocalCPUBackend
-from .local_disk_backend import LocalDiskBackend
+from .local_disk_backend import LocalDiskBackend, check_keys
 from .lookup_server import LookupServerInterface
-from .storage_manager import CreateStorageBackends, StorageManager
+from .pool_file import PoolLayout
+from .storage_manager import StorageManager
+from .tier_factory import CreateStorageBackends, disk_tier_kind, register_disk_tier
+from .transfer import DiskTransfer, VerifiedRead
 
 __all__ = [
     "CreateStorageBackends",
+    "DeferredFree",
     "DiskEntry",
     "DiskIndex",
+    "DiskTransfer",
+    "EvictionStrategy",
+    "FreeAtOnce",
     "LocalCPUBackend",
     "LocalDiskBackend",
     "LookupServerInterface",
+    "PoolLayout",
     "StorageBackendInterface",
     "StorageManager",
+    "VerifiedRead",
+    "check_keys",
+    "disk_tier_kind",
+    "register_disk_tier",
 ]

@@ -11,41 +11,32 @@ and the lookup server, all outside the index lock.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
-import math
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from ..config import CacheEngineConfig
-from ..errors import (ClosedError, CorruptChunkError, GdsKvCacheError, KeyFormatError, ShapeMismatchError)
+from ..errors import ClosedError, GdsKvCacheError, KeyFormatError, ShapeMismatchError
 from ..io import IOPathReport, open_engine
 from ..kernels.checksum import checksum_host, warmup_cuda
 from ..key import CacheEngineKey
-from ..memory.allocator import MemoryAllocatorInterface, allocate_batch
-from ..memory.format import MemoryFormat, check_dtype, check_shape, dtype_to_str, str_to_dtype
+from ..memory.allocator import MemoryAllocatorInterface
+from ..memory.format import check_dtype, check_shape, dtype_to_str
 from ..memory.obj import MemoryObj
 from .abstract_backend import StorageBackendInterface
 from .disk_index import DiskEntry, DiskIndex
+from .eviction import EvictionStrategy, FreeAtOnce
 from .lookup_server import LookupServerInterface
-from .pool_file import PoolDirectory, index_reserve, punch_hole
+from .pool_file import PoolDirectory, PoolLayout, index_reserve, punch_hole
 from .transfer import DiskTransfer
 
 __all__ = ["LocalDiskBackend", "check_keys"]
 
 log = logging.getLogger(__name__)
-
-
-def _is_no_space(exc: BaseException) -> bool:
-    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    # An engine that gives no errno (a RuntimeError from a C++ layer) still says it in words.
-    return not isinstance(exc, OSError) and (
-        "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc))
 
 
 def check_keys(keys: Sequence) -> None:
@@ -75,14 +66,12 @@ class LocalDiskBackend(StorageBackendInterface):
         Told of every key stored and dropped, outside every lock; its errors
         are logged and counted (``stats["lookup_errors"]``) and never change
         what this backend stores.
-    evictor
-        None (the default): the backend evicts LRU chunks on its own when the
-        pool or the file system is full. Given: an owner evicts instead (shared
-        mode, which must retract a chunk from Redis before its extent is
-        reused). The index then never frees an extent by itself; the owner
-        drains ``index.drain_retired()`` and gives each back with
-        ``release_extent``, and ``evictor()`` is called when the file system
-        is full, returning whether it evicted anything.
+    eviction
+        When dropped extents are reused and who makes room
+        (``storage.eviction``). None: ``FreeAtOnce``, the backend evicts LRU
+        chunks on its own when the pool or the file system is full. Shared
+        mode hands a ``DeferredFree`` strategy that retracts a chunk from
+        Redis and waits out readers' leases before its extent is reused.
 
     Notes
     -----
@@ -97,7 +86,7 @@ class LocalDiskBackend(StorageBackendInterface):
     def __init__(self, config: CacheEngineConfig, loop: Optional[asyncio.AbstractEventLoop],
                  memory_allocator: MemoryAllocatorInterface, dst_device: str = "cuda",
                  lookup_server: Optional[LookupServerInterface] = None,
-                 evictor: Optional[Callable[[], bool]] = None):
+                 eviction: Optional[EvictionStrategy] = None):
         super().__init__(dst_device)
         if config.local_disk is None:
             raise GdsKvCacheError("LocalDiskBackend needs config.local_disk")
@@ -105,23 +94,22 @@ class LocalDiskBackend(StorageBackendInterface):
         self.loop = loop
         self.memory_allocator = memory_allocator
         self._lookup = lookup_server
-        self._evictor = evictor
+        self.eviction = eviction if eviction is not None else FreeAtOnce()
         self.verify = config.verify_checksums
-        self._buffer = getattr(memory_allocator, "buffer", None)
+        self._buffer = memory_allocator.buffer
         self._dir = PoolDirectory(config.local_disk, config.disk_bytes, config.pool_files, config.preallocate)
         self.index: Optional[DiskIndex] = None
         self._engine = None
         try:
             self.index = DiskIndex(self._dir, index_reserve(config.disk_bytes), events=lookup_server is not None,
-                                   owner_frees=evictor is not None)
+                                   eviction=self.eviction)
+            self.eviction.attach(self.index, self._punch)
             free = self.index.recover()
-            memory = getattr(memory_allocator, "kind", str(memory_allocator.device))
-            self._engine = open_engine(self._dir.pool_paths, config, memory, self._dir.stripe_bytes)
-            if self._buffer is not None:
-                self._engine.attach(self._buffer)
-            if evictor is None:
-                # An owner frees only once other processes' leases on an extent ended, which
-                # it cannot know yet: it reuses (and overwrites) the free extents later instead.
+            self._engine = open_engine(self._dir.pool_paths, config, memory_allocator.kind, self._dir.stripe_bytes)
+            self._engine.attach(self._buffer)
+            if self.eviction.evicts_inline:
+                # A deferring owner frees only once other processes' leases on an extent ended,
+                # which it cannot know yet: it reuses (and overwrites) the free extents later.
                 self._punch_free(free)
         except BaseException:
             self._abort_open()
@@ -251,7 +239,8 @@ class LocalDiskBackend(StorageBackendInterface):
     def exists_in_put_tasks(self, key: CacheEngineKey) -> bool:
         return self.index.in_flight(key)
 
-    def _check_objs(self, objs: Sequence[MemoryObj]) -> None:
+    def check_objs(self, objs: Sequence[MemoryObj]) -> None:
+        """Raise unless every object can be stored here (live, non-empty, in this backend's slab)."""
         for o in objs:
             if not isinstance(o, MemoryObj):
                 raise GdsKvCacheError(f"a chunk must be a MemoryObj, got {type(o).__name__}")
@@ -259,7 +248,7 @@ class LocalDiskBackend(StorageBackendInterface):
                 raise GdsKvCacheError(f"{o!r} was already freed")
             if o.nbytes <= 0:
                 raise ShapeMismatchError(f"cannot store an empty chunk (shape {tuple(o.shape)})")
-            if self._buffer is not None and o._alloc.buffer is not self._buffer:
+            if o.slab is not self._buffer:
                 raise GdsKvCacheError("the chunk was not allocated from this backend's memory_allocator")
 
     def batched_submit_put_task(self, keys: Sequence[CacheEngineKey],
@@ -286,9 +275,10 @@ class LocalDiskBackend(StorageBackendInterface):
         if len(keys) != len(objs):
             raise GdsKvCacheError(f"{len(keys)} keys but {len(objs)} objects")
         check_keys(keys)
-        self._check_objs(objs)
+        self.check_objs(objs)
         self._enter()
         try:
+            self.eviction.make_room(sum(o.phys_size for o in objs), len(objs))
             res = self.index.reserve(keys, [o.phys_size for o in objs])
             futs: dict[CacheEngineKey, Future] = {}
             for k, exc in res.errors.items():
@@ -335,8 +325,7 @@ class LocalDiskBackend(StorageBackendInterface):
         try:
             if ready is not None:
                 ready.synchronize()
-            csums = self._transfer.checksums(objs)
-            errs = self._write_making_room(objs, offsets)
+            csums, errs = self._transfer.write_checksummed(objs, offsets, on_full=self._on_full)
             done, failed = [], []
             for i, (k, o, off, err) in enumerate(zip(keys, objs, offsets, errs)):
                 if err is None:
@@ -372,31 +361,12 @@ class LocalDiskBackend(StorageBackendInterface):
         finally:
             self._exit()
 
-    def _write_making_room(self, objs, offsets) -> list[Optional[BaseException]]:
-        """Write; when the file system is full, evict LRU chunks (giving their blocks back)
-        and retry the writes that hit ENOSPC, until they fit or nothing is left to evict."""
-        errs = self._transfer.write(objs, offsets)
-        while True:
-            full = [i for i, e in enumerate(errs) if e is not None and _is_no_space(e)]
-            if not full:
-                return errs
-            if self._evictor is not None:
-                if not self._evictor():
-                    return errs
-                again = self._transfer.write([objs[i] for i in full], [offsets[i] for i in full])
-                for i, e in zip(full, again):
-                    errs[i] = e
-                continue
-            victim = self.index.evict_one()
-            if victim is None:
-                return errs
-            key, off, size = victim
-            self._punch(off, size)
-            self.index.free(off)
-            log.warning("file system of %s full: evicted %s to make room", self._dir.path, key.to_string())
-            again = self._transfer.write([objs[i] for i in full], [offsets[i] for i in full])
-            for i, e in zip(full, again):
-                errs[i] = e
+    def _on_full(self) -> bool:
+        """The file system is full: the strategy makes room (True) or cannot (False)."""
+        if not self.eviction.on_full():
+            return False
+        log.warning("file system of %s full: evicted a chunk to make room", self._dir.path)
+        return True
 
     def insert_key(self, key: CacheEngineKey, memory_obj: MemoryObj) -> None:
         """Store ``memory_obj`` under ``key`` and return once it is on disk and indexed."""
@@ -430,77 +400,20 @@ class LocalDiskBackend(StorageBackendInterface):
         out: list[Optional[MemoryObj]] = [None] * len(keys)
         pinned = [e for e in entries if e is not None]
         bad: list[DiskEntry] = []
-        objs: list[MemoryObj] = []
         try:
             self._stats["gets"] += len(keys)
-            hits = sorted((i for i, e in enumerate(entries) if e is not None), key=lambda i: entries[i].offset)
-            shapes, dtypes, fmts, idx = [], [], [], []
-            for i in hits:
-                e = entries[i]
-                try:
-                    dtype, shape, fmt = str_to_dtype(e.dtype), torch.Size(e.shape), MemoryFormat[e.fmt]
-                except (GdsKvCacheError, KeyError) as exc:
-                    log.warning("dropping chunk %s: %s", e.key.to_string(), exc)
-                    bad.append(e)
-                    continue
-                if want is not None:
-                    shape, dtype = self._wanted(e, shape, dtype, *want)
-                shapes.append(shape)
-                dtypes.append(dtype)
-                fmts.append(fmt)
-                idx.append(i)
-            objs = allocate_batch(self.memory_allocator, shapes, dtypes, fmts)
-            if len(objs) < len(idx):
-                log.debug("no slab room to read %d of %d chunk(s)", len(idx) - len(objs), len(idx))
-            idx = idx[: len(objs)]
-            errs = self._transfer.read(objs, [entries[i].offset for i in idx])
-            ok = []
-            for j, (i, err) in enumerate(zip(idx, errs)):
-                if err is None:
-                    ok.append(j)
-                    continue
-                log.warning("dropping chunk %s from %s: %s", entries[i].key.to_string(), self._dir.path, err)
-                bad.append(entries[i])
-            if self.verify and ok:
-                sums = self._transfer.checksums([objs[j] for j in ok])
-                good = []
-                for j, s in zip(ok, sums):
-                    e = entries[idx[j]]
-                    if s != e.checksum:
-                        log.warning("dropping chunk %s from %s: %s", e.key.to_string(), self._dir.path,
-                                    CorruptChunkError("checksum mismatch"))
-                        bad.append(e)
-                    else:
-                        good.append(j)
-                ok = good
-            for j in ok:
-                out[idx[j]] = objs[j]
-            self._stats["hits"] += len(ok)
+            hits = [i for i, e in enumerate(entries) if e is not None]
+            got = self._transfer.read_verified(self.memory_allocator, pinned, self.verify, want)
+            for j, why in got.bad:
+                log.warning("dropping chunk %s from %s: %s", pinned[j].key.to_string(), self._dir.path, why)
+                bad.append(pinned[j])
+            for i, o in zip(hits, got.objs):
+                out[i] = o
+            self._stats["hits"] += got.hits
             self._stats["corrupt"] += len(bad)
-            for j, o in enumerate(objs):
-                if out[idx[j]] is not o:
-                    o.ref_count_down()
-            objs = []
             return out
-        except BaseException:
-            for o in objs:
-                o.ref_count_down()
-            raise
         finally:
             self.index.end_read(pinned, bad)
-
-    @staticmethod
-    def _wanted(e: DiskEntry, shape, dtype, want_dtype, want_shape):
-        if want_dtype is not None and want_dtype != dtype:
-            raise ShapeMismatchError(f"chunk {e.key.to_string()} holds {e.dtype}, not {dtype_to_str(want_dtype)}")
-        if want_shape is not None:
-            want_shape = torch.Size(want_shape)
-            if any(d < 0 for d in want_shape) or math.prod(want_shape) != math.prod(shape):
-                raise ShapeMismatchError(
-                    f"chunk {e.key.to_string()} holds shape {tuple(shape)} ({e.nbytes} bytes); "
-                    f"cannot load it as {tuple(want_shape)}")
-            shape = want_shape
-        return shape, dtype
 
     def get_blocking(self, key: CacheEngineKey) -> Optional[MemoryObj]:
         """Read ``key``; the object (one reference, the caller's) or None if absent or unreadable."""
@@ -591,12 +504,6 @@ class LocalDiskBackend(StorageBackendInterface):
             self._exit()
             self._notify()
 
-    def release_extent(self, entry: DiskEntry) -> None:
-        """Give a retired extent (``index.drain_retired()``) back to the file system and the pool;
-        only for an ``evictor`` owner, once no other process can be reading it."""
-        self._punch(entry.offset, entry.phys_size)
-        self.index.free(entry.offset)
-
     def batched_exists(self, keys: Sequence[CacheEngineKey]) -> list[bool]:
         """Per key, whether it is stored (not only the hit prefix)."""
         check_keys(keys)
@@ -608,6 +515,11 @@ class LocalDiskBackend(StorageBackendInterface):
     def entry(self, key: CacheEngineKey) -> Optional[DiskEntry]:
         return self.index.entry(key)
 
+    def entry_size(self, key: CacheEngineKey) -> int:
+        """Slab bytes a read of ``key`` takes (0 if it is not stored)."""
+        e = self.index.entry(key)
+        return 0 if e is None else e.phys_size
+
     @property
     def path(self) -> str:
         return self._dir.path
@@ -615,6 +527,11 @@ class LocalDiskBackend(StorageBackendInterface):
     @property
     def pool_paths(self) -> list[str]:
         return list(self._dir.pool_paths)
+
+    @property
+    def layout(self) -> PoolLayout:
+        """This directory's pool layout (what readers of its files in other processes need)."""
+        return self._dir.layout
 
     def locate(self, offset: int) -> tuple[str, int]:
         """(pool file, offset in it) of a chunk's logical offset (``entry(key).offset``)."""

@@ -1,4 +1,10 @@
-"""The pool's directory: lock, layout (stripe files), sizing and hole punching."""
+"""The pool's directory: lock, layout (stripe files), sizing and hole punching.
+
+``PoolLayout`` is the one reader of a pool's layout (files and interleave),
+whether it comes from a directory's layout file or from a shared index: every
+value is validated there, so code that maps offsets to files never meets a
+layout it cannot use.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +15,14 @@ import fcntl
 import json
 import logging
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import Mapping, Optional
 
-from ..errors import DirectoryLockedError, LayoutChangedError, StorageUnavailableError
+from ..errors import DirectoryLockedError, GdsKvCacheError, LayoutChangedError, StorageUnavailableError
 from ..units import MiB, PAGE, align_down
 
-__all__ = ["PoolDirectory", "punch_hole", "preallocate_keep_size", "index_reserve", "pool_layout", "pieces"]
+__all__ = ["PoolDirectory", "PoolLayout", "LayoutError", "punch_hole", "preallocate_keep_size", "index_reserve",
+           "pool_layout", "pieces"]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +107,81 @@ def index_reserve(cap: int) -> int:
     return align_down(max(64 * PAGE, min(cap // 32, max(1024 * MiB, cap // 256))))
 
 
+class LayoutError(GdsKvCacheError, ValueError):
+    """A pool layout that cannot be used (a missing, non-integer or out-of-range field)."""
+
+
+#: Most pool files a layout may name (the config allows 64; older directories fewer).
+_MAX_STRIPES = 1024
+
+
+@dataclass(frozen=True)
+class PoolLayout:
+    """Where a pool's bytes lie: ``stripes`` files of ``stripe_bytes`` in directory ``path``,
+    interleaved in ``unit``-byte units (see ``pieces``)."""
+
+    path: str
+    stripes: int
+    stripe_bytes: int
+    unit: int
+
+    @classmethod
+    def from_fields(cls, path: str, fields: Mapping) -> "PoolLayout":
+        """A layout from its fields (a layout file's JSON, a shared index's hash), validated.
+
+        Raises ``LayoutError`` naming the first field that is missing, not an
+        integer, or out of range.
+        """
+        vals = []
+        for name, lo, hi in (("stripes", 1, _MAX_STRIPES), ("stripe_bytes", PAGE, 1 << 50),
+                             ("unit", PAGE, 1 << 40)):
+            raw = fields.get(name) if isinstance(fields, Mapping) else None
+            if isinstance(raw, bytes):
+                raw = raw.decode("ascii", "replace")
+            try:
+                v = int(raw)
+            except (TypeError, ValueError):
+                raise LayoutError(f"pool layout field {name!r} is {raw!r}, not an integer") from None
+            if isinstance(raw, bool) or not lo <= v <= hi or (name != "stripes" and v % PAGE):
+                raise LayoutError(f"pool layout field {name!r} is {v}: allowed {lo}..{hi}"
+                                  f"{'' if name == 'stripes' else ', a multiple of 4096'}")
+            vals.append(v)
+        return cls(path, *vals)
+
+    @classmethod
+    def read(cls, path: str) -> "PoolLayout":
+        """The layout of directory ``path`` from its layout file (written by its owner).
+
+        Raises ``StorageUnavailableError`` if there is none or it is unusable.
+        """
+        try:
+            with open(os.path.join(path, LAYOUT_NAME)) as f:
+                fields = json.load(f)
+            return cls.from_fields(path, fields)
+        except (OSError, ValueError) as e:
+            raise StorageUnavailableError(f"{path!r} has no usable {LAYOUT_NAME} ({e})") from None
+
+    @property
+    def pool_paths(self) -> list[str]:
+        return [os.path.join(self.path, f"{POOL_NAME}.{i}") for i in range(self.stripes)]
+
+    def fields(self) -> dict:
+        """What ``from_fields`` reads back."""
+        return {"stripes": self.stripes, "stripe_bytes": self.stripe_bytes, "unit": self.unit}
+
+    def pieces(self, offset: int, nbytes: int):
+        """Where logical ``[offset, +nbytes)`` lies: ``[(file, offset in file, offset into range, bytes)]``."""
+        return pieces(offset, nbytes, self.stripes, self.unit)
+
+    def fits(self, offset: int, nbytes: int) -> bool:
+        """Whether logical ``[offset, +nbytes)`` lies inside the files."""
+        if offset < 0 or nbytes < 0:
+            return False
+        if offset + nbytes <= self.stripe_bytes // self.unit * self.unit * self.stripes:
+            return True  # within the rows of whole units
+        return all(local + n <= self.stripe_bytes for _, local, _, n in self.pieces(offset, nbytes))
+
+
 class PoolDirectory:
     """A cache directory owned by one process.
 
@@ -173,8 +256,10 @@ class PoolDirectory:
             with open(os.path.join(self.path, LAYOUT_NAME)) as f:
                 have = json.load(f)
             if have.get("version") == LAYOUT_VERSION:
-                return (int(have["stripes"]), int(have["stripe_bytes"]), int(have["unit"])), "layout file"
-            return (int(have["stripes"]), int(have["stripe_bytes"]), 0), "layout file of version 1"
+                lay = PoolLayout.from_fields(self.path, have)
+                return (lay.stripes, lay.stripe_bytes, lay.unit), "layout file"
+            lay = PoolLayout.from_fields(self.path, dict(have, unit=UNIT))
+            return (lay.stripes, lay.stripe_bytes, 0), "layout file of version 1"
         except FileNotFoundError:
             pass
         except (ValueError, KeyError, TypeError, AttributeError):
@@ -242,10 +327,16 @@ class PoolDirectory:
             return {}
         return {(full * self.stripes + f) * self.unit + rest: self.unit - rest for f in range(self.stripes)}
 
+    @property
+    def layout(self) -> PoolLayout:
+        """The directory's pool layout (what readers of its files need)."""
+        return PoolLayout(self.path, self.stripes, self.stripe_bytes, self.unit)
+
     def fits(self, offset: int, nbytes: int) -> bool:
-        """Whether logical ``[offset, +nbytes)`` lies inside the files."""
+        """Whether logical ``[offset, +nbytes)`` lies inside the files (``PoolLayout.fits``,
+        without building a layout: recovery asks this once per chunk)."""
         if offset + nbytes <= self.stripe_bytes // self.unit * self.unit * self.stripes:
-            return True  # within the rows of whole units
+            return True
         return all(local + n <= self.stripe_bytes for _, local, _, n in self.pieces(offset, nbytes))
 
     def pieces(self, offset: int, nbytes: int):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import threading
@@ -14,7 +13,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..config import CacheEngineConfig, CacheEngineMetadata
-from ..errors import ClosedError, ConfigError, GdsKvCacheError
+from ..errors import ClosedError, GdsKvCacheError
 from ..io import IOPathReport
 from ..key import CacheEngineKey
 from ..memory.allocator import MemoryAllocatorInterface, SlabMemoryAllocator, allocate_batch
@@ -24,50 +23,13 @@ from ..memory.obj import MemoryObj
 from ..units import PAGE, align_up
 from .abstract_backend import StorageBackendInterface
 from .hot_backend import LocalCPUBackend
-from .local_disk_backend import LocalDiskBackend, check_keys
+from .local_disk_backend import check_keys
 from .lookup_server import LookupServerInterface
+from .tier_factory import CreateStorageBackends
 
 __all__ = ["StorageManager", "CreateStorageBackends"]
 
 log = logging.getLogger(__name__)
-
-
-def CreateStorageBackends(config: CacheEngineConfig, metadata: Optional[CacheEngineMetadata],
-                          loop: Optional[asyncio.AbstractEventLoop], memory_allocator: MemoryAllocatorInterface,
-                          dst_device: str = "cuda",
-                          lookup_server: Optional[LookupServerInterface] = None
-                          ) -> "OrderedDict[str, StorageBackendInterface]":
-    """The backends ``config`` asks for, in lookup order: ``Hot`` then ``LocalDiskBackend``.
-
-    With ``config.lookup_server_url`` set, the disk tier (still named
-    ``LocalDiskBackend``) is a ``gds_kvcache.shared.SharedDiskBackend``: this
-    process writes its own subdirectory of ``local_disk`` and reads every
-    other process's, found through Redis. Redis replaces ``lookup_server``.
-    """
-    shared = bool(getattr(config, "lookup_server_url", None))
-    if shared and config.local_disk is None:
-        raise ConfigError("local_disk", None, "the shared directory when lookup_server_url is set "
-                          "(every process gives the same path)")
-    if shared and lookup_server is not None:
-        raise ConfigError("lookup_server", type(lookup_server).__name__,
-                          "None when lookup_server_url is set (Redis is the lookup server)")
-    backends: OrderedDict[str, StorageBackendInterface] = OrderedDict()
-    if config.local_cpu:
-        # With a disk tier the lookup server tracks the disk (the durable copy);
-        # hot-tier evictions would otherwise report keys gone that are still stored.
-        hot_lookup = lookup_server if config.local_disk is None else None
-        backends["Hot"] = LocalCPUBackend(config.hot_bytes, dst_device, hot_lookup)
-    if shared:
-        from ..shared.shared_backend import SharedDiskBackend   # imports redis only in shared mode
-        try:
-            backends["LocalDiskBackend"] = SharedDiskBackend(config, loop, memory_allocator, dst_device)
-        except BaseException:
-            for b in backends.values():
-                b.close()
-            raise
-    elif config.local_disk is not None:
-        backends["LocalDiskBackend"] = LocalDiskBackend(config, loop, memory_allocator, dst_device, lookup_server)
-    return backends
 
 
 class StorageManager:
@@ -82,6 +44,11 @@ class StorageManager:
         ``memory_device``).
     lookup_server
         Told of stored and dropped keys; None for none.
+    backends
+        The tiers to manage (``Hot`` then ``LocalDiskBackend``, any
+        ``StorageBackendInterface``), built by the caller over ``allocator``;
+        None builds them from ``config`` (``CreateStorageBackends``). The
+        manager closes them at ``close``.
 
     Notes
     -----
@@ -102,7 +69,8 @@ class StorageManager:
 
     def __init__(self, config: CacheEngineConfig, metadata: Optional[CacheEngineMetadata] = None,
                  allocator: Optional[MemoryAllocatorInterface] = None,
-                 lookup_server: Optional[LookupServerInterface] = None):
+                 lookup_server: Optional[LookupServerInterface] = None,
+                 backends: "Optional[OrderedDict[str, StorageBackendInterface]]" = None):
         self.config = config
         self.metadata = metadata
         self._own_allocator: Optional[SlabMemoryAllocator] = None
@@ -112,17 +80,19 @@ class StorageManager:
             self._own_allocator = allocator
         self.allocator = allocator
         try:
-            # No event loop: the disk tier's puts and prefetches run on its own
-            # pools, and its coroutine API uses whatever loop awaits it.
-            self.storage_backends = CreateStorageBackends(config, metadata, None, allocator,
-                                                          str(allocator.device), lookup_server)
+            if backends is None:
+                # No event loop: the disk tier's puts and prefetches run on its own
+                # pools, and its coroutine API uses whatever loop awaits it.
+                backends = CreateStorageBackends(config, metadata, None, allocator, str(allocator.device),
+                                                 lookup_server)
+            self.storage_backends: OrderedDict[str, StorageBackendInterface] = OrderedDict(backends)
         except BaseException:
             if self._own_allocator is not None:
                 self._own_allocator.close()
             raise
         self.hot: Optional[LocalCPUBackend] = self.storage_backends.get("Hot")  # type: ignore[assignment]
-        # A LocalDiskBackend, or in shared mode a SharedDiskBackend (the same methods).
-        self.disk: Optional[LocalDiskBackend] = self.storage_backends.get("LocalDiskBackend")  # type: ignore
+        # The disk tier, local or shared: used only through StorageBackendInterface.
+        self.disk: Optional[StorageBackendInterface] = self.storage_backends.get("LocalDiskBackend")
         self._lock = threading.Lock()
         self._prefetching: dict[CacheEngineKey, Future] = {}
         self._removes = 0        # bumped by every remove: a read that saw another value is not cached
@@ -161,7 +131,7 @@ class StorageManager:
                 return objs
             for o in objs:
                 o.ref_count_down()
-            cap = getattr(self.allocator, "capacity", need)
+            cap = self.allocator.capacity
             if need > cap:
                 # The whole batch can never fit: aim for the longest prefix that can.
                 sizes = [align_up(max(1, math.prod(s) * dtype.itemsize), PAGE) for s in shapes]
@@ -183,13 +153,9 @@ class StorageManager:
         """Drop unheld hot-tier chunks so the disk reads of ``keys`` find slab room (never waits)."""
         if self.hot is None or self.disk is None:
             return
-        need = 0
-        for k in keys:
-            e = self.disk.entry(k)
-            if e is not None:
-                need += e.phys_size
-        free = getattr(self.allocator, "free_bytes", None)
-        if free is not None and need > free:
+        need = sum(self.disk.entry_size(k) for k in keys)
+        free = self.allocator.free_bytes
+        if need > free:
             self.hot.evict_unused(need - free)
 
     # -- puts ------------------------------------------------------------------
@@ -217,7 +183,7 @@ class StorageManager:
             for o in objs:
                 if not isinstance(o, MemoryObj) or not o.valid:
                     raise GdsKvCacheError(f"a chunk must be a live MemoryObj, got {o!r}")
-            if getattr(self.disk, "put_skips_stored", False):
+            if self.disk is not None and self.disk.put_skips_stored():
                 # The disk tier's own put skips what is stored anywhere (shared mode's claim),
                 # so only the hot tier is asked here: one Redis round trip less per store.
                 stored = [self.hot is not None and self.hot.contains(k) for k in keys]
@@ -348,7 +314,8 @@ class StorageManager:
     def _ranks_answered_by_disk(self, keys: Sequence[CacheEngineKey]) -> bool:
         """In shared mode a tensor-parallel chunk counts only when every rank's shard is
         published, which only the disk tier (Redis) knows: this rank's hot copy proves nothing."""
-        return getattr(self.disk, "lookup_for_all_ranks", False) and any(k.world_size > 1 for k in keys)
+        return (self.disk is not None and self.disk.lookup_for_all_ranks()
+                and any(k.world_size > 1 for k in keys))
 
     def contains(self, key: CacheEngineKey, search_range: Optional[List[str]] = None) -> bool:
         """Whether ``key`` is stored in the named tiers (``Hot``, ``LocalDiskBackend``; None for all).
@@ -356,7 +323,7 @@ class StorageManager:
         In shared mode a key of a tensor-parallel model counts only when every rank's shard
         is published (asked of the disk tier whatever ``search_range`` says about ``Hot``).
         """
-        if self._ranks_answered_by_disk([key]) and (search_range is None or "LocalDiskBackend" in search_range):
+        if self._ranks_answered_by_disk([key]):
             return self.disk.contains(key)
         for name, backend in self.storage_backends.items():
             if search_range is not None and name not in search_range:

@@ -1,24 +1,56 @@
-"""``DiskTransfer``: a batch of chunks between the slab and the pool in few large transfers.
+"""``DiskTransfer``: a batch of chunks between the slab and a pool in few large transfers.
 
-The transfer side of the disk tier. Chunks that sit next to each other both
-in the slab and in one pool file become one span, so a batch stored or read
-together is one ``pwrite``/``pread`` per run (split over the engine's threads
-by task size), and its checksums are one kernel launch.
+The transfer side of every disk tier, and the one verified read and the one
+checksummed write of the library: the local tier, reads of other writers'
+chunks (shared mode) and the vLLM worker all move chunk bytes through it.
+Chunks that sit next to each other both in the slab and in one pool file
+become one span, so a batch stored or read together is one ``pwrite`` /
+``pread`` per run (split over the engine's threads by task size), and its
+checksums are one kernel launch.
+
+Invariants: ``read_verified`` hands out an object only when its descriptor is
+consistent (shape, dtype and byte count agree, the extent lies in the pool),
+its bytes were read without error and (``verify``) their checksum equals the
+descriptor's; everything else is a miss, reported with its reason, and no
+object of a miss outlives the call. It needs no index and no lock: the caller
+keeps the extents from reuse while it reads (index pins, leases).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
-from typing import Optional, Sequence
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
 
+import torch
+
+from ..errors import CorruptChunkError, GdsKvCacheError, ShapeMismatchError
 from ..io import IOEngine
 from ..io.base import Span
 from ..kernels.checksum import checksum_batch
+from ..memory.allocator import MemoryAllocatorInterface
+from ..memory.format import MemoryFormat, str_to_dtype
 from ..memory.obj import MemoryObj
 
-__all__ = ["DiskTransfer", "runs"]
+__all__ = ["DiskTransfer", "VerifiedRead", "is_no_space", "runs"]
 
 log = logging.getLogger(__name__)
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """Whether a write failed for a full file system (ENOSPC, EDQUOT)."""
+    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    # An engine that gives no errno (a RuntimeError from a C++ layer) still says it in words.
+    return not isinstance(exc, OSError) and (
+        "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc))
+
+
+def _name(d) -> str:
+    k = getattr(d, "key", None)
+    return k.to_string() if hasattr(k, "to_string") else str(k)
 
 
 def runs(objs: Sequence[MemoryObj], offsets: Sequence[int], pool) -> tuple[list[Span], list[list[int]]]:
@@ -53,6 +85,49 @@ def runs(objs: Sequence[MemoryObj], offsets: Sequence[int], pool) -> tuple[list[
     return spans, which
 
 
+@dataclass
+class VerifiedRead:
+    """What ``DiskTransfer.read_verified`` gives back for a batch of descriptors.
+
+    ``objs[i]`` is the chunk of descriptor ``i`` (one reference, the caller's)
+    or None; ``bad`` lists ``(i, reason)`` for descriptors that are unusable
+    (inconsistent, unreadable, or failing the checksum): callers drop those
+    from their index. A None without a ``bad`` entry found no slab room.
+    """
+
+    objs: list
+    bad: list = field(default_factory=list)
+
+    @property
+    def hits(self) -> int:
+        return sum(o is not None for o in self.objs)
+
+
+def _layout_of(d, want) -> tuple:
+    """(shape, dtype, fmt) a descriptor's bytes are read as; raises what makes it unusable."""
+    try:
+        dtype, shape, fmt = str_to_dtype(d.dtype), torch.Size(tuple(d.shape)), MemoryFormat[d.fmt]
+    except (GdsKvCacheError, KeyError, TypeError, ValueError) as e:
+        raise ShapeMismatchError(f"unusable layout {d.shape!r}/{d.dtype!r}/{d.fmt!r}: {e}") from None
+    if any(n < 0 for n in shape) or math.prod(shape) * dtype.itemsize != d.nbytes or d.nbytes <= 0:
+        raise ShapeMismatchError(f"shape {tuple(shape)} of {d.dtype} is not the {d.nbytes} bytes stored")
+    if want is not None:
+        want_dtype, want_shape = want
+        if want_dtype is not None and want_dtype != dtype:
+            raise _Refused(f"holds {d.dtype}, not {want_dtype}")
+        if want_shape is not None:
+            want_shape = torch.Size(want_shape)
+            if any(n < 0 for n in want_shape) or math.prod(want_shape) != math.prod(shape):
+                raise _Refused(f"holds shape {tuple(shape)} ({d.nbytes} bytes); cannot load it as "
+                               f"{tuple(want_shape)}")
+            shape = want_shape
+    return shape, dtype, fmt
+
+
+class _Refused(ShapeMismatchError):
+    """The caller asked for a layout the chunk does not have: the caller's error, not the chunk's."""
+
+
 class DiskTransfer:
     """Moves batches of slab objects to and from pool extents.
 
@@ -61,7 +136,8 @@ class DiskTransfer:
     engine
         The I/O engine over the pool's files (already attached to the slab).
     pool
-        The pool directory: its interleave maps logical offsets to files.
+        The pool's layout (``PoolLayout``, or a ``PoolDirectory``): its
+        interleave maps logical offsets to files.
     """
 
     def __init__(self, engine: IOEngine, pool):
@@ -74,9 +150,93 @@ class DiskTransfer:
         if not objs:
             return []
         self.stats["checksum_calls"] += 1
-        buf = objs[0]._alloc.buffer.tensor
+        buf = objs[0].slab.tensor
         # The bytes are complete: the producer was waited for (puts) or the engine synchronised (gets).
         return checksum_batch(buf, [(o.offset, o.nbytes) for o in objs], ordered=False)
+
+    def write_checksummed(self, objs: Sequence[MemoryObj], offsets: Sequence[int],
+                          on_full: Optional[Callable[[], bool]] = None
+                          ) -> tuple[list[int], list[Optional[BaseException]]]:
+        """Checksum ``objs`` (one launch) and write them at ``offsets``: (checksums, per object
+        None or the write's error).
+
+        ``on_full`` is called when writes fail for a full file system
+        (ENOSPC/EDQUOT); while it returns True (it made room) those writes are
+        tried again.
+        """
+        sums = self.checksums(objs)
+        errs = self.write(objs, offsets)
+        while on_full is not None:
+            full = [i for i, e in enumerate(errs) if e is not None and is_no_space(e)]
+            if not full or not on_full():
+                break
+            for i, e in zip(full, self.write([objs[i] for i in full], [offsets[i] for i in full])):
+                errs[i] = e
+        return sums, errs
+
+    def read_verified(self, allocator: MemoryAllocatorInterface, descs: Sequence, verify: bool = True,
+                      want: Optional[tuple] = None) -> VerifiedRead:
+        """Read the chunks ``descs`` describe (``DiskEntry``-like: offset, nbytes, phys_size,
+        shape, dtype, fmt, checksum) into new objects of ``allocator``, one transfer per run and
+        one checksum launch for the batch.
+
+        ``want`` is an optional ``(dtype, shape)`` to read every chunk as
+        (raises ``ShapeMismatchError`` when a chunk cannot be). Objects are
+        allocated in pool order, adjacent where the slab allows; descriptors
+        that find no room are misses.
+        """
+        out = VerifiedRead([None] * len(descs))
+        order = sorted(range(len(descs)), key=lambda i: descs[i].offset)
+        layouts, idx = [], []
+        for i in order:
+            d = descs[i]
+            try:
+                if not self.pool.fits(d.offset, d.phys_size) or d.phys_size % 4096 or d.offset % 4096:
+                    raise ShapeMismatchError(f"extent [{d.offset}, +{d.phys_size}) is not in the pool")
+                layouts.append(_layout_of(d, want))
+            except _Refused as e:
+                raise _Refused(f"chunk {_name(d)} {e}") from None
+            except ShapeMismatchError as e:
+                out.bad.append((i, e))
+                continue
+            idx.append(i)
+        objs = allocator.batched_allocate([s for s, _, _ in layouts], [t for _, t, _ in layouts],
+                                          [f for _, _, f in layouts]) if layouts else []
+        if len(objs) < len(idx):
+            log.debug("no slab room to read %d of %d chunk(s)", len(idx) - len(objs), len(idx))
+        try:
+            idx = idx[: len(objs)]
+            sized = []
+            for j, (i, o) in enumerate(zip(idx, objs)):
+                if o.phys_size <= descs[i].phys_size:
+                    sized.append(j)
+                else:   # a phys_size below the 4 KiB-rounded nbytes: reading would pass its extent
+                    out.bad.append((i, ShapeMismatchError(f"extent of {descs[i].phys_size} bytes is smaller "
+                                                          f"than the chunk's {o.phys_size}")))
+            errs = self.read([objs[j] for j in sized], [descs[idx[j]].offset for j in sized])
+            ok = []
+            for j, err in zip(sized, errs):
+                if err is None:
+                    ok.append(j)
+                else:
+                    out.bad.append((idx[j], err))
+            if verify and ok:
+                sums = self.checksums([objs[j] for j in ok])
+                good = []
+                for j, s in zip(ok, sums):
+                    if s == descs[idx[j]].checksum:
+                        good.append(j)
+                    else:
+                        out.bad.append((idx[j], CorruptChunkError("checksum mismatch")))
+                ok = good
+            for j in ok:
+                out.objs[idx[j]] = objs[j]
+        finally:
+            kept = {id(o) for o in out.objs if o is not None}
+            for o in objs:
+                if id(o) not in kept:
+                    o.ref_count_down()
+        return out
 
     def write(self, objs: Sequence[MemoryObj], offsets: Sequence[int]) -> list[Optional[BaseException]]:
         """Write each object's ``phys_size`` bytes at its pool offset; per object, None or the error."""

@@ -17,7 +17,7 @@ import torch
 
 from gds_kvcache.config import CacheEngineConfig
 from gds_kvcache.integrations.vllm.channel import take_result
-from gds_kvcache.integrations.vllm.specs import DiskLoadSpec, DiskStoreSpec
+from gds_kvcache.integrations.vllm.specs import DiskLoadSpec, DiskStoreSpec, entry_to_wire
 from gds_kvcache.integrations.vllm.worker import DiskOffloadingWorker
 from gds_kvcache.key import CacheEngineKey
 from gds_kvcache.storage.disk_index import DiskEntry, DiskIndex
@@ -77,8 +77,7 @@ def test_worker_roundtrip_and_corrupt_chunk(tmp_path, device):
     # Load chunks 1..3 starting inside chunk 0's successor at block index 3 (a partial first chunk).
     entries = index.begin_read(keys)
     entries[2].checksum ^= 1   # the index says another checksum: chunk 2 must fail, never land
-    load = DiskLoadSpec("l1", [[(e.key.to_string(), e.offset, e.nbytes, e.phys_size, e.shape, e.checksum)
-                                for e in entries]])
+    load = DiskLoadSpec("l1", [[entry_to_wire(e) for e in entries]])
     dst = [40, 41, 42, 43, 44, 45, 46]       # blocks 1..7 of the 8 stored
     before = torch.stack([t[dst] for t in ts]).clone()
     assert w.submit_load(2, load, gpu_spec(dst, start=1))

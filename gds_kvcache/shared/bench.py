@@ -16,197 +16,14 @@ import shutil
 import statistics
 import tempfile
 import time
-import traceback
+
+from .bench_readers import (HEADROOM, PHASE_TIMEOUT, disk_for, fill_chunks, local_process, open_backend,
+                            reader_process)
 
 __all__ = ["main"]
 
-#: Seconds a reader process may take to start (spawn, CUDA context, kernel load) or to finish a phase.
-_PHASE_TIMEOUT = 600
 #: Bytes of a rebuild chunk (a small chunk: the figure is entries per second).
 _SMALL = 4096
-#: Slab bytes beyond one batch (allocator rounding, a warm-up batch still being released).
-_HEADROOM = 32 << 20
-
-
-def _cfg(path, url, disk_bytes, engine):
-    from ..config import CacheEngineConfig
-    from ..units import GB
-    return CacheEngineConfig(local_disk=path, max_local_disk_size=disk_bytes / GB, io_engine=engine, io_threads=4,
-                             lookup_server_url=url, pool_files=4)
-
-
-def _open(path, url, ns, wid, disk_bytes, slab_bytes, memory, engine):
-    from ..memory import SlabMemoryAllocator
-    from .shared_backend import SharedDiskBackend
-    alloc = SlabMemoryAllocator(slab_bytes, memory)
-    try:
-        b = SharedDiskBackend(_cfg(path, url, disk_bytes, engine), None, alloc,
-                              "cpu" if memory == "host" else "cuda", writer_id=wid, namespace=ns, tick=0.5)
-    except BaseException:
-        alloc.close()
-        raise
-    return b, alloc
-
-
-def _disk_for(n: int, nbytes: int) -> int:
-    # Pool for every chunk with room to spare (the index's reserve, 4 KiB rounding): no eviction.
-    return int(n * (-(-nbytes // 4096) * 4096) * 1.1) + (64 << 20)
-
-
-def _local_put(b):
-    """``batched_put`` for a ``LocalDiskBackend``: submit, then wait for every write."""
-    def put(ks, objs):
-        return [f.result() if f is not None else None for f in b.batched_submit_put_task(ks, objs)]
-    return put
-
-
-def _fill(put, alloc, keys, nbytes, batch):
-    """Store ``keys`` (random chunks of ``nbytes``) ``batch`` at a time through ``put(keys, objs)``
-    (a ``batched_put``); every put must succeed."""
-    import torch
-    for i in range(0, len(keys), batch):
-        ks = keys[i:i + batch]
-        # One random source per batch, made where the slab is: filling is not what is measured.
-        src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=alloc.device)
-        objs = []
-        try:
-            for _ in ks:
-                o = alloc.allocate((nbytes // 4,), torch.float32)
-                if o is None:
-                    raise RuntimeError(f"slab of {alloc.capacity} bytes too small for {len(ks)} chunks of {nbytes}")
-                objs.append(o)
-                o.byte_array.copy_(src)
-            res = put(ks, objs)
-            bad = [r for r in res if not isinstance(r, int)]
-            if bad:
-                raise RuntimeError(f"{len(bad)} of {len(ks)} puts failed, first: {bad[0]!r}")
-        finally:
-            for o in objs:
-                o.ref_count_down()
-
-
-class _Plain:
-    """Plain ``os.preadv`` of given byte ranges of pool files into host memory (pinned and then copied
-    to the GPU for ``memory='cuda'``): the baseline, with no Redis, lease, checksum or engine."""
-
-    def __init__(self, paths, plan, batch, memory):
-        import torch
-        self.fds = [os.open(p, os.O_RDONLY) for p in paths]
-        self.plan, self.batch = plan, batch
-        self.size = max(sum(p[3] for p in pcs) for pcs in plan)
-        n = batch * self.size
-        self.cuda = memory == "cuda"
-        self.host = torch.empty(n, dtype=torch.uint8, pin_memory=self.cuda)
-        self.dev = torch.empty(n, dtype=torch.uint8, device="cuda") if self.cuda else None
-        self.mv = memoryview(self.host.numpy()).cast("B")
-
-    def read(self, lo: int) -> int:
-        """Read chunks ``lo .. lo + batch`` (each into its own slot); bytes read."""
-        got = 0
-        for j, pcs in enumerate(self.plan[lo:lo + self.batch]):
-            base = j * self.size
-            for f, local, delta, n in pcs:
-                if os.preadv(self.fds[f], [self.mv[base + delta:base + delta + n]], local) != n:
-                    raise RuntimeError(f"short read of pool file {f} at {local}")
-            size = sum(p[3] for p in pcs)
-            if self.cuda:
-                self.dev[base:base + size].copy_(self.host[base:base + size], non_blocking=True)
-            got += size
-        if self.cuda:
-            import torch
-            torch.cuda.current_stream().synchronize()   # the batch is on the GPU before the next reuses the slots
-        return got
-
-    def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-
-
-def _reader(args, q, barrier):
-    """One reader process: the shared read, then the plain-preadv baseline of the same bytes; each phase
-    starts when every reader (and the parent) is at the barrier."""
-    rid = args["rid"]
-    try:
-        from ..key import CacheEngineKey
-        b, _ = _open(args["root"], args["url"], args["ns"], rid, 8 << 20,
-                     args["batch"] * args["nbytes"] + _HEADROOM, args["memory"], args["engine"])
-        ks = [CacheEngineKey.from_string(k) for k in args["keys"]]
-        batch = args["batch"]
-
-        def shared(lo):
-            n = 0
-            for o in b.batched_get_blocking(ks[lo:lo + batch]):
-                if o is None:
-                    raise RuntimeError(f"reader {rid}: a miss ({ {k: v for k, v in b.stats.items() if v} })")
-                n += o.nbytes
-                o.ref_count_down()
-            return n
-
-        plain = _Plain(args["paths"], args["plan"], batch, args["memory"])
-        # The baseline must read the very bytes a shared read returns: compare the first chunk.
-        o = b.batched_get_blocking(ks[:1])[0]
-        if o is None:
-            raise RuntimeError(f"reader {rid}: a miss on the first chunk")
-        n = plain.read(0)
-        same = o.byte_array.cpu().numpy().tobytes() == plain.mv[:o.nbytes].tobytes() and n >= o.nbytes
-        o.ref_count_down()
-        if not same:
-            raise RuntimeError(f"reader {rid}: the plain preadv read other bytes than the shared read")
-        for phase, fn in (("shared", shared), ("preadv", plain.read)):
-            fn(0)    # warm-up: kernel load, file opens, first-touch of buffers
-            barrier.wait(_PHASE_TIMEOUT)
-            nbytes = 0
-            t0 = time.perf_counter()
-            for lo in range(0, len(ks), batch):
-                nbytes += fn(lo)
-            q.put((phase, rid, nbytes, t0, time.perf_counter()))
-        plain.close()
-        b.close()
-    except BaseException:
-        q.put(("error", rid, traceback.format_exc()))    # before the abort wakes the parent
-        barrier.abort()
-
-
-def _local(args, q, barrier):
-    """The local-mode baseline: one process reading its own chunks through ``LocalDiskBackend``."""
-    try:
-        from ..config import CacheEngineConfig
-        from ..key import CacheEngineKey
-        from ..memory import SlabMemoryAllocator
-        from ..storage.local_disk_backend import LocalDiskBackend
-        from ..units import GB
-        n, nbytes, batch = args["n"], args["nbytes"], args["batch"]
-        cfg = CacheEngineConfig(local_disk=args["path"], max_local_disk_size=_disk_for(n, nbytes) / GB,
-                                io_engine=args["engine"], io_threads=4, pool_files=4)
-        fill = max(1, min(256, (256 << 20) // nbytes))
-        alloc = SlabMemoryAllocator(max(batch, fill) * nbytes + _HEADROOM, args["memory"])
-        b = LocalDiskBackend(cfg, None, alloc, "cpu" if args["memory"] == "host" else "cuda")
-        ks = [CacheEngineKey("vllm", "local", 1, 0, i) for i in range(n)]
-        _fill(_local_put(b), alloc, ks, nbytes, fill)
-
-        def read(lo):
-            got = 0
-            for o in b.batched_get_blocking(ks[lo:lo + batch]):
-                if o is None:
-                    raise RuntimeError("local baseline: a miss")
-                got += o.nbytes
-                o.ref_count_down()
-            return got
-
-        read(0)
-        barrier.wait(_PHASE_TIMEOUT)
-        total = 0
-        t0 = time.perf_counter()
-        for lo in range(0, n, batch):
-            total += read(lo)
-        q.put(("local", "local", total, t0, time.perf_counter()))
-        engine = b.io_report().engine
-        b.close()
-        alloc.close()
-        q.put(("engine", "local", engine, 0.0, 0.0))
-    except BaseException:
-        q.put(("error", "local", traceback.format_exc()))
-        barrier.abort()
 
 
 def _run(ctx, target, arg_list, phases: int) -> list[tuple]:
@@ -237,10 +54,10 @@ def _run(ctx, target, arg_list, phases: int) -> list[tuple]:
     try:
         for _ in range(phases):
             try:
-                barrier.wait(_PHASE_TIMEOUT)
+                barrier.wait(PHASE_TIMEOUT)
             except threading.BrokenBarrierError:
                 fail("a reader process failed before a phase")
-            deadline = time.monotonic() + _PHASE_TIMEOUT
+            deadline = time.monotonic() + PHASE_TIMEOUT
             want = len(got) + len(arg_list)
             while len(got) < want:
                 try:
@@ -251,7 +68,7 @@ def _run(ctx, target, arg_list, phases: int) -> list[tuple]:
                 if g[0] == "error":
                     fail("a reader process failed")
         for p in ps:
-            p.join(_PHASE_TIMEOUT)
+            p.join(PHASE_TIMEOUT)
         while True:        # late reports (the local baseline's engine name)
             try:
                 got.append(q.get(timeout=0.5))
@@ -353,7 +170,7 @@ def main(argv=None) -> int:
         ap.error("--memory cuda but torch sees no CUDA device")
     base = a.dir or tempfile.gettempdir()
     nbytes = a.chunk_mib << 20
-    need = 2 * _disk_for(a.read_chunks, nbytes) + _disk_for(a.chunks, _SMALL)
+    need = 2 * disk_for(a.read_chunks, nbytes) + disk_for(a.chunks, _SMALL)
     st = os.statvfs(base)
     if st.f_bavail * st.f_frsize < need:
         ap.error(f"--dir {base} has {st.f_bavail * st.f_frsize >> 20} MiB free; this run needs about "
@@ -368,12 +185,11 @@ def main(argv=None) -> int:
         idx = RedisIndex(srv.url, "b")
         # -- rebuild: one writer with N small chunks re-publishes them all --------------------
         keys = [CacheEngineKey("vllm", "bench", 1, 0, i) for i in range(a.chunks)]
-        w, alloc = _open(root, srv.url, "b", "w0", _disk_for(a.chunks, _SMALL), 64 << 20, memory, a.engine)
+        w, alloc = open_backend(root, srv.url, "b", "w0", disk_for(a.chunks, _SMALL), 64 << 20, memory, a.engine)
         t = time.perf_counter()
-        _fill(w.batched_put, alloc, keys, _SMALL, 256)
+        fill_chunks(w.batched_put, alloc, keys, _SMALL, 256)
         out["fill_s"] = time.perf_counter() - t
-        w._stop.set()     # no housekeeping re-publish racing the timed one
-        w._thread.join()
+        w.stop_housekeeping()     # no housekeeping re-publish racing the timed one
         idx.client.flushdb()
         t = time.perf_counter()
         n = w.republish()
@@ -402,10 +218,10 @@ def main(argv=None) -> int:
         # -- aggregate read GB/s: N reader processes read another writer's chunks -------------------
         rkeys = [CacheEngineKey("vllm", "read", 1, 0, i).to_string() for i in range(a.read_chunks)]
         fill = max(1, min(256, (256 << 20) // nbytes))
-        w, alloc = _open(root, srv.url, "r", "w1", _disk_for(a.read_chunks, nbytes), fill * nbytes + _HEADROOM,
+        w, alloc = open_backend(root, srv.url, "r", "w1", disk_for(a.read_chunks, nbytes), fill * nbytes + HEADROOM,
                          memory, a.engine)
         t = time.perf_counter()
-        _fill(w.batched_put, alloc, [CacheEngineKey.from_string(k) for k in rkeys], nbytes, fill)
+        fill_chunks(w.batched_put, alloc, [CacheEngineKey.from_string(k) for k in rkeys], nbytes, fill)
         out["read_fill_GBps"] = a.read_chunks * nbytes / (time.perf_counter() - t) / 1e9
         out["writer_engine"] = w.local.io_report().engine
         w.close()
@@ -415,9 +231,9 @@ def main(argv=None) -> int:
         ridx.close()
         ctx = mp.get_context("spawn")      # CUDA cannot survive a fork
         for nr in a.readers:
-            got = _run(ctx, _reader, [{"root": root, "url": srv.url, "ns": "r", "rid": f"rd{nr}-{i}", "keys": rkeys,
-                                       "batch": a.batch, "nbytes": nbytes, "memory": memory, "engine": a.engine,
-                                       "paths": paths, "plan": plan} for i in range(nr)], 2)
+            got = _run(ctx, reader_process, [{"root": root, "url": srv.url, "ns": "r", "rid": f"rd{nr}-{i}",
+                                              "keys": rkeys, "batch": a.batch, "nbytes": nbytes, "memory": memory,
+                                              "engine": a.engine, "paths": paths, "plan": plan} for i in range(nr)], 2)
             shared, plain = _aggregate(got, "shared"), _aggregate(got, "preadv")
             out[f"read_{nr}_readers_GBps"] = shared
             out[f"baseline_preadv_{nr}_readers_GBps"] = plain
@@ -425,8 +241,8 @@ def main(argv=None) -> int:
             rows.append({"readers": nr, "shared GB/s": shared, "plain preadv GB/s": plain, "ratio": shared / plain})
         # -- local mode: one process, its own chunks ------------------------------------------------
         shutil.rmtree(os.path.join(root, "writers", "w1"), ignore_errors=True)
-        got = _run(ctx, _local, [{"path": os.path.join(root, "local"), "n": a.read_chunks, "nbytes": nbytes,
-                                  "batch": a.batch, "memory": memory, "engine": a.engine}], 1)
+        got = _run(ctx, local_process, [{"path": os.path.join(root, "local"), "n": a.read_chunks, "nbytes": nbytes,
+                                         "batch": a.batch, "memory": memory, "engine": a.engine}], 1)
         out["local_1_process_GBps"] = _aggregate(got, "local")
         out["local_engine"] = next((g[2] for g in got if g[0] == "engine"), "")
         out["read"] = rows

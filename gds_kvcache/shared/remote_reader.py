@@ -12,7 +12,6 @@ earlier run of its writer, or that fails its checksum is a miss.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,9 +22,9 @@ from ..errors import GdsKvCacheError
 from ..io import open_engine
 from ..key import CacheEngineKey
 from ..memory.allocator import MemoryAllocatorInterface
-from ..storage.pool_file import LayoutError, PoolLayout
 from ..storage.transfer import DiskTransfer
-from .redis_index import Published, RedisIndex, redis_errors
+from .redis_index import redis_errors
+from .shared_index import Pin, Pins, SharedIndex
 
 __all__ = ["RemoteReader"]
 
@@ -37,8 +36,8 @@ class RemoteReader:
 
     Parameters
     ----------
-    redis
-        The shared index (leases, entries, writer layouts).
+    index
+        The shared index (pins, writer layouts).
     shared_dir
         The shared directory (writer layouts name paths below it).
     config
@@ -54,10 +53,9 @@ class RemoteReader:
         ``remote_corrupt``, ``redis_errors``), updated in place.
     """
 
-    def __init__(self, redis: RedisIndex, shared_dir: str, config: CacheEngineConfig,
+    def __init__(self, index: SharedIndex, config: CacheEngineConfig,
                  memory_allocator: MemoryAllocatorInterface, lease_ttl: float, writer: str, stats: dict):
-        self.redis = redis
-        self.shared_dir = shared_dir
+        self.index = index
         self.config = config
         self.memory_allocator = memory_allocator
         self.lease_ttl = lease_ttl
@@ -74,31 +72,25 @@ class RemoteReader:
     def read(self, keys: Sequence[CacheEngineKey], which: list[int], out: list) -> None:
         """Read ``keys[i]`` for ``i`` in ``which`` from other writers' files into ``out[i]`` (a
         chunk with one reference, the caller's; left None on a miss)."""
-        token = self.redis.new_token(self.writer)
         t0 = time.monotonic()
         try:
-            pubs, held = self.redis.acquire(token, [keys[i].to_string() for i in which])
+            pins = self.index.pin([keys[i] for i in which])
         except self._errors as e:
             self._stats["redis_errors"] += 1
             log.debug("remote read: Redis unreachable: %s", e)
             return
+        self._stats["remote_malformed"] += pins.malformed
         got: list[tuple[int, object]] = []        # (index into keys, object read and verified)
         try:
-            if self._hold_s and held:
+            if self._hold_s and pins.held:
                 time.sleep(self._hold_s)
             # Another writer's chunks, grouped by writer (one transfer per writer); an entry of a
             # writer's earlier run (its boot changed) may point at reused bytes: a miss.
-            todo: dict[tuple[str, str], list[tuple[int, Published, object]]] = {}
-            for i, p in zip(which, pubs):
-                if p is None or p.writer == self.writer or p.boot != p.writer_boot:
+            todo: dict[tuple[str, str], list[tuple[int, Pin]]] = {}
+            for i, p in zip(which, pins.pins):
+                if p is None or p.writer == self.writer or p.stale:
                     continue
-                try:
-                    e = p.to_entry()
-                except (GdsKvCacheError, ValueError) as exc:
-                    self._stats["remote_malformed"] += 1
-                    log.warning("ignoring entry %s of writer %s: %s", p.key, p.writer, exc)
-                    continue
-                todo.setdefault((p.writer, p.boot), []).append((i, p, e))
+                todo.setdefault((p.writer, p.boot), []).append((i, p))
             for (w, boot), items in todo.items():
                 try:
                     tr = self._transfer_of(w, boot)
@@ -108,7 +100,7 @@ class RemoteReader:
                     tr = None
                 if tr is None:
                     continue
-                res = tr.read_verified(self.memory_allocator, [e for _, _, e in items], verify=True)
+                res = tr.read_verified(self.memory_allocator, [p.entry for _, p in items], verify=True)
                 for j, why in res.bad:
                     self._read_error(items[j][1], why)
                 got += [(items[j][0], o) for j, o in enumerate(res.objs) if o is not None]
@@ -125,28 +117,28 @@ class RemoteReader:
             for i, o in got:
                 if out[i] is not o:
                     o.ref_count_down()
-            if held:
+            if pins.held:
                 # Off the caller's path (a round trip): until it lands, the owner just waits a little longer.
-                self._releaser.submit(self._release, token, held)
+                self._releaser.submit(self._release, pins)
 
-    def _read_error(self, p: Published, err: BaseException) -> None:
+    def _read_error(self, p: Pin, err: BaseException) -> None:
         """A miss; warned once per writer run (a writer restarting with a smaller pool makes every
         read of its last run's entries fail until it re-registers), the rest at debug level."""
         self._stats["remote_corrupt" if "checksum" in str(err) else "remote_read_errors"] += 1
         if (p.writer, p.boot) in self._warned:
-            log.debug("reading chunk %s of writer %s: %s", p.key, p.writer, err)
+            log.debug("reading chunk %s of writer %s: %s", p.entry.key.to_string(), p.writer, err)
             return
         self._warned.add((p.writer, p.boot))
         log.warning("reading chunk %s of writer %s: %s (further read errors of this writer run at debug level)",
-                    p.key, p.writer, err)
+                    p.entry.key.to_string(), p.writer, err)
 
     def drain(self) -> None:
         """Wait for the lease releases queued so far (``close`` of the backend, tests)."""
         self._releaser.submit(lambda: None).result()
 
-    def _release(self, token: str, held: list) -> None:
+    def _release(self, pins: Pins) -> None:
         try:
-            self.redis.release(token, held)
+            self.index.unpin(pins)
         except self._errors as e:    # the leases expire on their own
             self._stats["redis_errors"] += 1
             log.debug("lease release failed: %s", e)
@@ -157,17 +149,8 @@ class RemoteReader:
             have = self._readers.get(writer)
             if have is not None and have[0] == boot:
                 return have[1]
-        lay = self.redis.layout(writer)
-        if not isinstance(lay, dict) or lay.get("boot", "") != boot:
-            return None
-        rel = lay.get("dir")
-        try:
-            if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in rel.split("/"):
-                raise LayoutError(f"pool layout field 'dir' is {rel!r}, not a path inside the shared directory")
-            layout = PoolLayout.from_fields(os.path.join(self.shared_dir, rel), lay)
-        except LayoutError as e:
-            self._stats["remote_malformed"] += 1
-            log.warning("ignoring writer %s: its Redis layout is unusable: %s", writer, e)
+        layout = self.index.layout(writer, boot)
+        if layout is None:          # not that run's, or unusable (SharedIndex.layout says which)
             return None
         try:
             engine = open_engine(layout.pool_paths, self.config, self.memory_allocator.kind, layout.stripe_bytes,

@@ -22,7 +22,6 @@ reader from ever seeing another chunk's bytes:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import re
@@ -46,6 +45,7 @@ from .identity import cache_id
 from .publisher import LEASE_MARGIN, WRITERS_DIR, Publisher
 from .redis_index import RedisIndex, redis_errors
 from .remote_reader import RemoteReader
+from .shared_index import SharedIndex
 
 __all__ = ["SharedDiskBackend", "WRITERS_DIR", "cache_id"]
 
@@ -153,8 +153,8 @@ class SharedDiskBackend(StorageBackendInterface):
         self.pub = Publisher(self.redis, self.writer, self.boot, self.local, self._stats)
         self.eviction.bind(self.pub)
         self._prefetch = ThreadPoolExecutor(max(2, config.io_threads), thread_name_prefix="gds-kvcache-shared-get")
-        self.remote = RemoteReader(self.redis, self.shared_dir, config, memory_allocator, lease_ttl, self.writer,
-                                   self._stats)
+        self.index = SharedIndex(self.redis, self.shared_dir, self.writer)
+        self.remote = RemoteReader(self.index, config, memory_allocator, lease_ttl, self.writer, self._stats)
         try:
             try:
                 self.pub.register()
@@ -225,6 +225,12 @@ class SharedDiskBackend(StorageBackendInterface):
             raise ClosedError(f"shared disk backend on {self.shared_dir} is closed")
         return self.pub.republish(purge, batch)
 
+    def stop_housekeeping(self) -> None:
+        """Stop the background pass (re-publishing, retractions) until close (benchmarks timing
+        ``republish`` alone; a backend without it no longer follows Redis restarts)."""
+        self._stop.set()
+        self._thread.join()
+
     def request_rebuild(self) -> None:
         """Ask every writer (this one included) to re-publish its chunks within a tick."""
         if self._closing:
@@ -287,7 +293,7 @@ class SharedDiskBackend(StorageBackendInterface):
             return out
         idx = self.local.index
         try:
-            mine = self.redis.claim(self.writer, [k.to_string() for k in keys])
+            mine = self.index.claim(self.writer, keys)
         except self._errors as e:
             self._stats["redis_errors"] += 1
             log.debug("claim failed (%s): storing locally", e)
@@ -321,7 +327,7 @@ class SharedDiskBackend(StorageBackendInterface):
         if not keys:
             return
         try:
-            self.redis.unclaim(self.writer, [k.to_string() for k in keys])
+            self.index.unclaim(self.writer, keys)
         except self._errors as e:     # the claims expire on their own (claim_ttl)
             self._stats["redis_errors"] += 1
             log.debug("unclaim failed: %s", e)
@@ -398,12 +404,7 @@ class SharedDiskBackend(StorageBackendInterface):
         return self.local.wait_for_puts(timeout)
 
     # -- lookups ---------------------------------------------------------------------------------
-    @staticmethod
-    def shards(key: CacheEngineKey) -> list[str]:
-        """The key of every tensor-parallel rank's shard of ``key``'s chunk."""
-        if key.world_size <= 1:
-            return [key.to_string()]
-        return [dataclasses.replace(key, worker_id=r).to_string() for r in range(key.world_size)]
+    shards = staticmethod(SharedIndex.shards)
 
     def batched_contains(self, keys: Sequence[CacheEngineKey]) -> int:
         """Hit prefix of ``keys`` over all writers and all ranks, in one Redis round trip (0 if
@@ -414,7 +415,7 @@ class SharedDiskBackend(StorageBackendInterface):
             return 0
         self._enter()
         try:
-            return self.redis.prefix([self.shards(k) for k in keys])
+            return self.index.prefix(keys)
         except self._errors as e:
             self._stats["redis_errors"] += 1
             log.debug("lookup failed: %s", e)
@@ -430,7 +431,7 @@ class SharedDiskBackend(StorageBackendInterface):
             return []
         self._enter()
         try:
-            return self.redis.exists([self.shards(k) for k in keys])
+            return self.index.exists(keys)
         except self._errors as e:
             self._stats["redis_errors"] += 1
             log.debug("lookup failed: %s", e)
@@ -527,7 +528,11 @@ class SharedDiskBackend(StorageBackendInterface):
 
     def keys(self) -> list[CacheEngineKey]:
         """This writer's chunks."""
-        return self.local.keys()
+        self._enter()      # after close() a ClosedError, as every other call
+        try:
+            return self.local.keys()
+        finally:
+            self._exit()
 
     @property
     def path(self) -> str:

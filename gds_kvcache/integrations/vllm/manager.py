@@ -27,7 +27,7 @@ from ...storage.disk_index import DiskEntry, DiskIndex
 from ...storage.pool_file import PoolDirectory, index_reserve
 from ...units import PAGE, align_up
 from .channel import JOBS_DIR, take_result
-from .specs import DiskLoadSpec, DiskStoreSpec
+from .specs import DiskLoadSpec, DiskStoreSpec, entry_from_stored, entry_to_wire
 
 __all__ = ["DiskOffloadingManager", "DiskLoadSpec", "DiskStoreSpec", "KeyMaker", "STATS_NAME"]
 
@@ -195,8 +195,7 @@ class DiskOffloadingManager(OffloadingManager):
         for s, idx in enumerate(self._indexes):
             entries = idx.begin_read([self._ck(k, s) for k in keys])
             pinned.append(entries)
-            chunks.append([None if e is None else (e.key.to_string(), e.offset, e.nbytes, e.phys_size,
-                                                   tuple(e.shape), e.checksum) for e in entries])
+            chunks.append([entry_to_wire(e) for e in entries])
         for i, k in enumerate(keys):
             self._loads.setdefault(k, []).append((token, [pinned[s][i] for s in range(len(self._indexes))]))
         self._load_tokens[token] = keys
@@ -306,11 +305,11 @@ class DiskOffloadingManager(OffloadingManager):
             written = {} if res is None else res.get("chunks", {})
             for ck, (_, off, phys) in zip(cks, extents[s]):
                 w = written.get(ck.to_string())
-                if w is None or int(w["nbytes"]) > phys:
+                e = None if w is None else entry_from_stored(ck, off, phys, w)
+                if e is None:
                     failed.append(ck)
-                    continue
-                done.append(DiskEntry(ck, off, int(w["nbytes"]), phys, tuple(w["shape"]), w["dtype"],
-                                      w["fmt"], int(w["checksum"])))
+                else:
+                    done.append(e)
             try:
                 idx.commit(done, failed)
             except OSError as exc:  # the index append failed: nothing was recorded

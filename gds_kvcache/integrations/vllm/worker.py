@@ -14,7 +14,6 @@ the bytes between GPU memory and NVMe directly.
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 import platform
@@ -45,38 +44,20 @@ except ImportError:  # a GPU test machine without vLLM drives the worker directl
         transfer_time: float | None = None
 
 from ...config import CacheEngineConfig
-from ...errors import ShapeMismatchError, StorageUnavailableError
+from ...errors import GdsKvCacheError, ShapeMismatchError, StorageUnavailableError
 from ...io import open_engine
 from ...kernels import pack, unpack
 from ...kernels.checksum import checksum_host, warmup_cuda
 from ...memory.allocator import SlabMemoryAllocator
-from ...memory.format import MemoryFormat, dtype_to_str
-from ...storage.pool_file import LAYOUT_NAME, POOL_NAME, pieces
+from ...memory.format import MemoryFormat
+from ...storage.pool_file import PoolLayout
 from ...storage.transfer import DiskTransfer
 from .channel import JOBS_DIR, write_result
-from .specs import DiskLoadSpec, DiskStoreSpec
+from .specs import DiskLoadSpec, DiskStoreSpec, entry_from_wire, stored_fields
 
-__all__ = ["DiskOffloadingWorker", "PoolFiles", "canonical_layers", "allow_amx"]
+__all__ = ["DiskOffloadingWorker", "canonical_layers", "allow_amx"]
 
 log = logging.getLogger(__name__)
-
-
-class PoolFiles:
-    """A shard's pool files and interleave, read from its layout file (no lock: the scheduler holds it)."""
-
-    def __init__(self, path: str):
-        try:
-            with open(os.path.join(path, LAYOUT_NAME)) as f:
-                lay = json.load(f)
-            self.stripes, self.stripe_bytes, self.unit = int(lay["stripes"]), int(lay["stripe_bytes"]), int(lay["unit"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise StorageUnavailableError(f"{path!r} has no readable {LAYOUT_NAME} ({e}); the vLLM scheduler "
-                                          "creates it: was it started with the same local_disk?") from None
-        self.path = path
-        self.pool_paths = [os.path.join(path, f"{POOL_NAME}.{i}") for i in range(self.stripes)]
-
-    def pieces(self, offset: int, nbytes: int):
-        return pieces(offset, nbytes, self.stripes, self.unit)
 
 
 def allow_amx() -> bool:
@@ -170,7 +151,7 @@ class DiskOffloadingWorker(OffloadingWorker):
         self.allocator = SlabMemoryAllocator(config.slab_bytes, kind, dev.index or 0)
         self.reports_failed_blocks = False
         os.makedirs(os.path.join(self.root, JOBS_DIR), exist_ok=True)
-        self._pools: dict[int, tuple[PoolFiles, object, DiskTransfer]] = {}
+        self._pools: dict[int, DiskTransfer] = {}
         self._pool_lock = threading.Lock()
         self._jobs: dict[int, Future] = {}
         self._failed: set[int] = set()
@@ -198,17 +179,21 @@ class DiskOffloadingWorker(OffloadingWorker):
             objs[0].ref_count_down()
 
     # -- plumbing -------------------------------------------------------------
-    def _pool(self, shard: int) -> tuple[PoolFiles, DiskTransfer]:
+    def _pool(self, shard: int) -> DiskTransfer:
         """The shard's pool, opened at first use (the scheduler creates it, maybe after this worker)."""
         with self._pool_lock:
             p = self._pools.get(shard)
             if p is None:
-                files = PoolFiles(os.path.join(self.root, f"rank{shard}"))
-                eng = open_engine(files.pool_paths, self.config, self.allocator.kind, files.stripe_bytes)
+                try:
+                    layout = PoolLayout.read(os.path.join(self.root, f"rank{shard}"))
+                except StorageUnavailableError as e:
+                    raise StorageUnavailableError(f"{e}; the vLLM scheduler creates it: was it started with "
+                                                  "the same local_disk?") from None
+                eng = open_engine(layout.pool_paths, self.config, self.allocator.kind, layout.stripe_bytes)
                 eng.attach(self.allocator.buffer)
-                p = (files, eng, DiskTransfer(eng, files))
+                p = DiskTransfer(eng, layout)
                 self._pools[shard] = p
-            return p[0], p[2]
+            return p
 
     def _shape(self, nblocks: int) -> tuple:
         return (1, len(self.layers), nblocks, self.page)
@@ -249,8 +234,8 @@ class DiskOffloadingWorker(OffloadingWorker):
 
     def shutdown(self) -> None:
         self._exec.shutdown(wait=True)
-        for _, eng, _ in self._pools.values():
-            eng.close()
+        for tr in self._pools.values():
+            tr.engine.close()
         self._pools.clear()
         self.allocator.close()
 
@@ -273,7 +258,7 @@ class DiskOffloadingWorker(OffloadingWorker):
         written: dict[str, dict] = {}
         objs = []
         try:
-            _, transfer = self._pool(self.store_shard)
+            transfer = self._pool(self.store_shard)
             blocks = self._chunk_blocks(src, len(extents))
             if src.block_indices and int(src.block_indices[0]) % self.bpc:
                 raise ShapeMismatchError(f"store starts at block {int(src.block_indices[0])}, inside a chunk")
@@ -284,16 +269,11 @@ class DiskOffloadingWorker(OffloadingWorker):
             for o, (_, b) in zip(objs, todo):
                 pack(self.layers, "mla", self._slots(bid for _, bid in b), o.tensor, check=False)
             self._sync()
-            errs = transfer.write(objs, [off for (_, off, _), _ in todo])
-            ok = [i for i, e in enumerate(errs) if e is None]
-            sums = transfer.checksums([objs[i] for i in ok])
-            for i, s in zip(ok, sums):
-                (key, _, _), _ = todo[i]
-                o = objs[i]
-                written[key] = {"nbytes": o.nbytes, "shape": list(o.shape), "dtype": dtype_to_str(o.dtype),
-                                "fmt": o.fmt.name, "checksum": int(s)}
-            for i, e in enumerate(errs):
-                if e is not None:
+            sums, errs = transfer.write_checksummed(objs, [off for (_, off, _), _ in todo])
+            for i, (e, s) in enumerate(zip(errs, sums)):
+                if e is None:
+                    written[todo[i][0][0]] = stored_fields(objs[i], s)
+                else:
                     log.warning("store of %s failed: %s", todo[i][0][0], e)
         except Exception as e:  # noqa: BLE001 - a failed store is an uncached chunk, never a crash
             log.warning("store job %d failed: %s", job_id, e)
@@ -320,7 +300,7 @@ class DiskOffloadingWorker(OffloadingWorker):
         bad: list[str] = []
         nbytes = 0
         try:
-            _, transfer = self._pool(self.load_shard)
+            transfer = self._pool(self.load_shard)
             want = [j for j, c in enumerate(chunks) if c is not None and blocks[j]]
             budget = max(1, self.allocator.capacity // 2)
             i = 0
@@ -358,31 +338,25 @@ class DiskOffloadingWorker(OffloadingWorker):
 
     def _load_batch(self, transfer: DiskTransfer, chunks, blocks, batch: list[int], bad: list[str]) -> set[int]:
         """Read, verify and unpack the chunks ``batch``; the indexes that landed."""
-        objs = self.allocator.batched_allocate([tuple(chunks[j][4]) for j in batch], [torch.int8] * len(batch),
-                                               [MemoryFormat.KV_MLA_FMT] * len(batch))
+        descs = []
+        for j in batch:
+            try:
+                descs.append(entry_from_wire(chunks[j]))
+            except (ValueError, TypeError, GdsKvCacheError) as e:
+                log.warning("load spec item %r unusable: %s", chunks[j][:1], e)
+                bad.append(str(chunks[j][0]))
+                descs.append(None)
+        usable = [(j, d) for j, d in zip(batch, descs) if d is not None]
+        got = transfer.read_verified(self.allocator, [d for _, d in usable], self.config.verify_checksums)
+        for i, why in got.bad:
+            log.warning("chunk %s failed to load (%s): dropped, its blocks are recomputed", usable[i][1].key.to_string(),
+                        why)
+            bad.append(usable[i][1].key.to_string())
         landed: set[int] = set()
         try:
-            batch = batch[:len(objs)]
-            errs = transfer.read(objs, [chunks[j][1] for j in batch])
-            ok = [i for i, e in enumerate(errs) if e is None]
-            for i, e in enumerate(errs):
-                if e is not None:
-                    log.warning("chunk %s unreadable: %s", chunks[batch[i]][0], e)
-                    bad.append(chunks[batch[i]][0])
-            if self.config.verify_checksums and ok:
-                sums = transfer.checksums([objs[i] for i in ok])
-                good = []
-                for i, s in zip(ok, sums):
-                    if s != chunks[batch[i]][5]:
-                        log.warning("chunk %s failed its checksum: dropped, its blocks are recomputed",
-                                    chunks[batch[i]][0])
-                        bad.append(chunks[batch[i]][0])
-                    else:
-                        good.append(i)
-                ok = good
-            for i in ok:
-                j = batch[i]
-                o = objs[i]
+            for (j, d), o in zip(usable, got.objs):
+                if o is None:
+                    continue
                 nstored = o.shape[2]
                 slots = [-1] * nstored
                 for sub, b in blocks[j]:
@@ -393,9 +367,10 @@ class DiskOffloadingWorker(OffloadingWorker):
                     unpack(o.tensor, self.layers, "mla", self._slots(slots), check=False)
                     landed.add(j)
                     continue
-                log.warning("chunk %s holds %d block(s), fewer than the load needs", chunks[j][0], nstored)
+                log.warning("chunk %s holds %d block(s), fewer than the load needs", d.key.to_string(), nstored)
             self._sync()
         finally:
-            for o in objs:
-                o.ref_count_down()
+            for o in got.objs:
+                if o is not None:
+                    o.ref_count_down()
         return landed

@@ -33,7 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional, Sequence
 
 from ..config import CacheEngineConfig
-from ..errors import (ClosedError, ConfigError, DirectoryLockedError, GdsKvCacheError, StorageFullError,
+from ..errors import (ClosedError, ConfigError, DirectoryLockedError, GdsKvCacheError,
                       StorageUnavailableError)
 from ..io import IOPathReport
 from ..key import CacheEngineKey
@@ -43,6 +43,7 @@ from ..storage.disk_index import DiskEntry
 from .eviction import RetractThenFree
 from .identity import cache_id
 from .publisher import LEASE_MARGIN, WRITERS_DIR, Publisher
+from .put_path import PutPath
 from .redis_index import RedisIndex, redis_errors
 from .remote_reader import RemoteReader
 from .shared_index import SharedIndex
@@ -133,7 +134,8 @@ class SharedDiskBackend(StorageBackendInterface):
         self.lease_ttl = lease_ttl
         self.tick = tick
         self.memory_allocator = memory_allocator
-        self.redis = RedisIndex(url, self.namespace, lease_ttl, claim_ttl, config.redis_socket_timeout)
+        self.redis = RedisIndex(url, self.namespace, lease_ttl, claim_ttl, config.redis_socket_timeout,
+                                config.redis_backoff)
         self._errors = redis_errors()
         self._stats = {"published": 0, "duplicates": 0, "republishes": 0, "remote_hits": 0, "remote_misses": 0,
                        "lease_expired": 0, "remote_corrupt": 0, "remote_malformed": 0, "claims_lost": 0,
@@ -151,9 +153,10 @@ class SharedDiskBackend(StorageBackendInterface):
             raise
         self.boot = uuid.uuid4().hex[:12]
         self.pub = Publisher(self.redis, self.writer, self.boot, self.local, self._stats)
-        self.eviction.bind(self.pub)
-        self._prefetch = ThreadPoolExecutor(max(2, config.io_threads), thread_name_prefix="gds-kvcache-shared-get")
         self.index = SharedIndex(self.redis, self.shared_dir, self.writer)
+        self.eviction.bind(self.pub)
+        self.puts = PutPath(self.index, self.local, self.pub, self.eviction, self._stats, self._errors)
+        self._prefetch = ThreadPoolExecutor(max(2, config.io_threads), thread_name_prefix="gds-kvcache-shared-get")
         self.remote = RemoteReader(self.index, config, memory_allocator, lease_ttl, self.writer, self._stats)
         try:
             try:
@@ -282,101 +285,9 @@ class SharedDiskBackend(StorageBackendInterface):
         self._enter()
         try:
             self.local.check_objs(objs)       # before any claim: a refused call leaves none behind
-            return self._put(keys, objs)
+            return self.puts.put(keys, objs)
         finally:
             self._exit()
-
-    def _put(self, keys: list, objs: list) -> list[Optional[Future]]:
-        out: list[Optional[Future]] = [None] * len(keys)
-        if not self.pub.registered:
-            self._stats["unregistered_skips"] += len(keys)
-            return out
-        idx = self.local.index
-        try:
-            mine = self.index.claim(self.writer, keys)
-        except self._errors as e:
-            self._stats["redis_errors"] += 1
-            log.debug("claim failed (%s): storing locally", e)
-            mine = [True] * len(keys)
-        self._stats["claims_lost"] += mine.count(False)
-        sel = [i for i in range(len(keys)) if mine[i] and not idx.contains(keys[i])]
-        claimed = [k for k, m in zip(keys, mine) if m]
-        try:
-            futs = self._submit(keys, objs, sel, 1) if sel else {}
-            # Refused at reservation (room fragmented or leased): evict more and try once again.
-            again = [i for i in sel if futs[i] is not None and futs[i].done()
-                     and isinstance(futs[i].exception(), StorageFullError)]
-            if again:
-                # Those refusals are not the caller's errors: the retry's outcome is (``stats``).
-                self._stats["put_retries"] += len(again)
-                futs.update(self._submit(keys, objs, again, 2))
-        except BaseException:
-            self._unclaim(claimed)
-            raise
-        writing = [i for i in sel if futs[i] is not None]
-        # A claim on a key not being written (stored here already, or a repeat) is given back now.
-        written = {keys[i] for i in writing}
-        self._unclaim([k for k in claimed if k not in written])
-        pairs = [(keys[i], futs[i]) for i in writing]
-        for i, f in zip(writing, self._published_when_done(pairs)):
-            out[i] = f
-        return out
-
-    def _unclaim(self, keys: Sequence[CacheEngineKey]) -> None:
-        """Give back this writer's put claims on ``keys`` so another writer may store them."""
-        if not keys:
-            return
-        try:
-            self.index.unclaim(self.writer, keys)
-        except self._errors as e:     # the claims expire on their own (claim_ttl)
-            self._stats["redis_errors"] += 1
-            log.debug("unclaim failed: %s", e)
-
-    def _published_when_done(self, pairs: list[tuple[CacheEngineKey, Future]]) -> list[Future]:
-        """Futures that resolve like the local puts' ``pairs``, but only after the chunks written
-        are published (one round trip for the whole batch, from the thread that finished last)."""
-        outs = [Future() for _ in pairs]
-        left = [len(pairs)]
-        lock = threading.Lock()
-
-        def one_done(_: Future) -> None:
-            with lock:
-                left[0] -= 1
-                if left[0]:
-                    return
-            done = [k for k, f in pairs if not f.cancelled() and f.exception() is None]
-            failed = [k for k, f in pairs if f.cancelled() or f.exception() is not None]
-            try:
-                self._unclaim(failed)
-                if done:
-                    self.pub.publish_current(done)
-            except self._errors as e:
-                self.pub.dirty = True        # written and indexed here: published by the next pass
-                self._stats["redis_errors"] += 1
-                log.debug("publish failed (%s): re-published when Redis answers", e)
-            except Exception:             # the puts themselves succeeded: never lose their results
-                self.pub.dirty = True
-                log.exception("publishing %d chunk(s) failed", len(done))
-            finally:
-                for (_, f), o in zip(pairs, outs):
-                    if f.cancelled():
-                        o.cancel()
-                    elif f.exception() is not None:
-                        o.set_exception(f.exception())
-                    else:
-                        o.set_result(f.result())
-
-        for _, f in pairs:
-            f.add_done_callback(one_done)
-        return outs
-
-    def _submit(self, keys, objs, sel: list[int], factor: int) -> dict:
-        if factor > 1:
-            # The put itself makes room for what it asks (the strategy's make_room); a retry
-            # after a refusal (room fragmented or leased) asks for more first.
-            self.eviction.make_room(factor * sum(objs[i].phys_size for i in sel), len(sel))
-        futs = self.local.batched_submit_put_task([keys[i] for i in sel], [objs[i] for i in sel])
-        return dict(zip(sel, futs))
 
     def submit_put_task(self, key: CacheEngineKey, obj: MemoryObj) -> Optional[Future]:
         return self.batched_submit_put_task([key], [obj])[0]
@@ -558,6 +469,7 @@ class SharedDiskBackend(StorageBackendInterface):
         out = self.local.stats
         out.update(self._stats)
         out["put_errors"] -= self._stats["put_retries"]     # a refusal that was retried is not an error
+        out["redis_timeouts"] = self.redis.timeouts
         return out
 
     def memcheck(self) -> bool:

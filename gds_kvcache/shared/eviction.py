@@ -172,14 +172,15 @@ class RetractThenFree(DeferredFree):
                 break
         return went
 
-    def make_room(self, nbytes: int, adding: int) -> None:
-        """Free ``nbytes`` pool bytes and index room for ``adding`` chunks, evicting as needed;
-        never raises (a put that still finds no room fails with the reason)."""
+    def make_room(self, nbytes: int, adding: int, force: bool = False) -> None:
+        """Free ``nbytes`` pool bytes and index room for ``adding`` chunks, evicting as needed
+        (``force``: evict ``nbytes`` of unleased LRU chunks even if that many are free, in
+        pieces); never raises (a put that still finds no room fails with the reason)."""
         idx = self.index
         try:
             self.release_quarantine()
             self.process_retired()
-            short = nbytes - (idx.capacity - idx.used)
+            short = nbytes if force else nbytes - (idx.capacity - idx.used)
             over = idx.over_reserve(adding)
             if short > 0 or over > 0:
                 self.evict(max(0, short), over)

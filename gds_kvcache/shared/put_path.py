@@ -56,13 +56,16 @@ class PutPath:
         claimed = [k for k, m in zip(keys, mine) if m]
         try:
             futs = self._submit(keys, objs, sel, 1) if sel else {}
-            # Refused at reservation (room fragmented or leased): evict more and try once again.
-            again = [i for i in sel if futs[i] is not None and futs[i].done()
-                     and isinstance(futs[i].exception(), StorageFullError)]
-            if again:
-                # Those refusals are not the caller's errors: the retry's outcome is (``stats``).
+            # Refused at reservation (free space fragmented, or held by leased chunks): evict
+            # unleased LRU chunks around the leased ones, more each round, and try again.
+            for factor in (2, 4, 8):
+                again = [i for i in sel if futs[i] is not None and futs[i].done()
+                         and isinstance(futs[i].exception(), StorageFullError)]
+                if not again:
+                    break
+                # Those refusals are not the caller's errors: the last round's outcome is (``stats``).
                 self._stats["put_retries"] += len(again)
-                futs.update(self._submit(keys, objs, again, 2))
+                futs.update(self._submit(keys, objs, again, factor))
         except BaseException:
             self._unclaim(claimed)
             raise
@@ -126,7 +129,8 @@ class PutPath:
     def _submit(self, keys, objs, sel: list[int], factor: int) -> dict:
         if factor > 1:
             # The put itself makes room for what it asks (the strategy's make_room); a retry
-            # after a refusal (room fragmented or leased) asks for more first.
-            self.eviction.make_room(factor * sum(objs[i].phys_size for i in sel), len(sel))
+            # after a refusal evicts that many LRU bytes whatever the free count says, since
+            # free bytes in pieces smaller than a chunk do not hold it.
+            self.eviction.make_room(factor * sum(objs[i].phys_size for i in sel), len(sel), force=True)
         futs = self.local.batched_submit_put_task([keys[i] for i in sel], [objs[i] for i in sel])
         return dict(zip(sel, futs))

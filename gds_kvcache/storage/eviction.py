@@ -54,8 +54,9 @@ class EvictionStrategy:
         it from reuse until the strategy calls ``index.free(entry.offset)`` itself."""
         return True
 
-    def make_room(self, nbytes: int, adding: int) -> None:
-        """Before a reservation of ``nbytes`` for ``adding`` chunks (no-op: the index evicts inline)."""
+    def make_room(self, nbytes: int, adding: int, force: bool = False) -> None:
+        """Before a reservation of ``nbytes`` for ``adding`` chunks (no-op: the index evicts inline).
+        ``force``: a reservation was refused; evict ``nbytes`` even if that many are free in pieces."""
 
     def on_full(self) -> bool:
         """The file system is full: drop the LRU chunk nobody reads and give its blocks back;
@@ -92,7 +93,7 @@ class DeferredFree(EvictionStrategy):
             self._retired.append(entry)
         return False
 
-    def make_room(self, nbytes: int, adding: int) -> None:
+    def make_room(self, nbytes: int, adding: int, force: bool = False) -> None:
         pass
 
     def on_full(self) -> bool:

@@ -5,13 +5,15 @@ writer alone while Redis is unreachable: it stores locally and publishes
 once Redis answers); a claim on a key not written is given back at once; a
 put's future resolves only after its chunk is published (or marked for the
 next re-publish pass), so a lookup anywhere sees the chunk once the future
-is done. Nothing is stored before this writer's run is registered.
+is done. A writer that has not reached Redis since it started stores locally
+(its first contact publishes its whole index) and evicts nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future
 from typing import Optional, Sequence
 
@@ -26,6 +28,9 @@ __all__ = ["PutPath"]
 
 log = logging.getLogger(__name__)
 
+#: Seconds between warnings that puts are stored without Redis.
+_WARN_EVERY = 60.0
+
 
 class PutPath:
     """The put side of one writer of a shared directory (see the module docstring)."""
@@ -38,19 +43,25 @@ class PutPath:
         self.eviction = eviction
         self._stats = stats
         self._errors = errors
+        self._warned_at = -_WARN_EVERY
+        self._warned_count = 0
 
     def put(self, keys: list, objs: list) -> list[Optional[Future]]:
         out: list[Optional[Future]] = [None] * len(keys)
-        if not self.pub.registered:
-            self._stats["unregistered_skips"] += len(keys)
-            return out
         idx = self.local.index
-        try:
-            mine = self.index.claim(self.pub.writer, keys)
-        except self._errors as e:
-            self._stats["redis_errors"] += 1
-            log.debug("claim failed (%s): storing locally", e)
+        if not self.pub.registered:
+            # Redis has not answered since this writer started: store here all the same (its first
+            # contact publishes every chunk of the index); a reader of the last run's entries meets
+            # reused bytes only as a checksum miss, and no extent is evicted until then.
             mine = [True] * len(keys)
+            self._local_only(len(keys), "not registered with Redis yet")
+        else:
+            try:
+                mine = self.index.claim(self.pub.writer, keys)
+            except self._errors as e:
+                self._stats["redis_errors"] += 1
+                mine = [True] * len(keys)
+                self._local_only(len(keys), f"claim failed: {e}")
         self._stats["claims_lost"] += mine.count(False)
         sel = [i for i in range(len(keys)) if mine[i] and not idx.contains(keys[i])]
         claimed = [k for k, m in zip(keys, mine) if m]
@@ -77,6 +88,15 @@ class PutPath:
         for i, f in zip(writing, self._published_when_done(pairs)):
             out[i] = f
         return out
+
+    def _local_only(self, n: int, why: str) -> None:
+        """Count puts stored without Redis; warn at most once a minute, with the count since."""
+        self._stats["local_only_puts"] += n
+        now = time.monotonic()
+        if now - self._warned_at >= _WARN_EVERY:
+            log.warning("writer %s: Redis unreachable (%s): %d put(s) stored here only, published once it answers",
+                        self.pub.writer, why, self._stats["local_only_puts"] - self._warned_count)
+            self._warned_at, self._warned_count = now, self._stats["local_only_puts"]
 
     def _unclaim(self, keys: Sequence[CacheEngineKey]) -> None:
         """Give back this writer's put claims on ``keys`` so another writer may store them."""

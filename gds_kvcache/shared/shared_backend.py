@@ -99,8 +99,9 @@ class SharedDiskBackend(StorageBackendInterface):
     While Redis is unreachable lookups and other writers' chunks miss, puts
     still go to this writer's files (published when Redis is back), and no
     extent is reused: an eviction is retracted from Redis before its space
-    is. A writer that starts while Redis is unreachable stores nothing until
-    it has registered, because Redis may still list its previous run's chunks.
+    is. A writer that starts while Redis is unreachable stores locally too
+    (``local_only_puts``, warned once a minute) and evicts nothing until it
+    has registered, since Redis may still list its previous run's chunks.
     After Redis restarts empty, every writer re-publishes its chunks within
     one ``tick`` plus the publish time (about 1 s per 100k chunks on loopback)
     and reuses no extent for one ``lease_ttl``, since the leases were lost.
@@ -140,7 +141,7 @@ class SharedDiskBackend(StorageBackendInterface):
         self._stats = {"published": 0, "duplicates": 0, "republishes": 0, "remote_hits": 0, "remote_misses": 0,
                        "lease_expired": 0, "remote_corrupt": 0, "remote_malformed": 0, "claims_lost": 0,
                        "redis_errors": 0, "leased_evictions": 0, "shared_evictions": 0, "retracted": 0,
-                       "unregistered_skips": 0, "leased_skips": 0, "evict_errors": 0, "remote_read_errors": 0,
+                       "local_only_puts": 0, "removed_unretracted": 0, "leased_skips": 0, "evict_errors": 0, "remote_read_errors": 0,
                        "put_retries": 0}
         self.eviction = RetractThenFree(lease_ttl, self._stats, self._errors)
         self._cond = threading.Condition()
@@ -165,7 +166,7 @@ class SharedDiskBackend(StorageBackendInterface):
                 raise ConfigError("lookup_server_url", url, f"a Redis this process may use ({e})") from None
             except self._errors as e:
                 self._stats["redis_errors"] += 1
-                log.warning("Redis %s unreachable at start (%s): writer %s stores nothing until it answers",
+                log.warning("Redis %s unreachable at start (%s): writer %s stores locally until it answers",
                             self.redis.url, e, self.writer)
         except BaseException:
             self._prefetch.shutdown()
@@ -425,6 +426,7 @@ class SharedDiskBackend(StorageBackendInterface):
         check_keys([key])
         self._enter()
         try:
+            e = self.local.entry(key)
             was = self.local.remove(key)
         finally:
             self._exit()
@@ -433,6 +435,12 @@ class SharedDiskBackend(StorageBackendInterface):
                 self.eviction.process_retired()
             except self._errors as exc:
                 self._stats["redis_errors"] += 1
+                if e is not None:
+                    # Redis still lists the chunk for other processes: give its blocks back now, so a
+                    # read of that entry is a checksum miss, never the removed version. The extent
+                    # itself stays retired (not reused) until the retraction goes through.
+                    self.eviction.punch(e.offset, e.phys_size)
+                    self._stats["removed_unretracted"] += 1
                 log.warning("removed %s here; Redis unreachable (%s): retracted when it answers",
                             key.to_string(), exc)
         return was

@@ -20,7 +20,7 @@ local function fix(k, want)
 end
 """
 
-__all__ = ["PUBLISH", "RETRACT", "UNCLAIM", "ACQUIRE", "RELEASE", "PREFIX", "EXISTS", "CLAIM", "PURGE"]
+__all__ = ["PUBLISH", "RETRACT", "UNCLAIM", "ACQUIRE", "RELEASE", "PREFIX", "EXISTS", "CLAIM", "PURGE", "STATUS"]
 
 PUBLISH = _TYP + """
 local ns, w = ARGV[1], ARGV[2]
@@ -40,7 +40,9 @@ for i = 3, #ARGV, 10 do
   end
   redis.call('DEL', ns .. ':c:' .. k)
 end
-return dups
+fix(ns .. ':s:' .. w, 'string')
+local seq = redis.call('INCR', ns .. ':s:' .. w)
+return {seq, dups}
 """
 
 # Retract (key, generation) entries of writer w and say, per item, how many ms the longest
@@ -56,7 +58,8 @@ fix(ns .. ':k:' .. w, 'set')
 if unleased and ok == 0 then return {0} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local out = {ok}
+fix(ns .. ':s:' .. w, 'string')
+local out = {ok, redis.call('INCR', ns .. ':s:' .. w)}
 for i = 5, #ARGV, 2 do
   local k, g = ARGV[i], ARGV[i+1]
   local l = ns .. ':l:' .. w .. ':' .. g
@@ -177,7 +180,10 @@ local ns, w, ttl = ARGV[1], ARGV[2], ARGV[3]
 local out = {}
 for i = 4, #ARGV do
   local k = ARGV[i]
-  fix(ns .. ':c:' .. k, 'string')
+  local c = ns .. ':c:' .. k
+  fix(c, 'string')
+  -- A claim left without expiry (written by hand, or PERSISTed) would block the key for good.
+  if redis.call('PTTL', c) == -1 then redis.call('DEL', c) end
   if typ(ns .. ':e:' .. k) == 'hash' then
     out[#out + 1] = 0
   elseif redis.call('SET', ns .. ':c:' .. k, w, 'NX', 'PX', ttl) then
@@ -206,4 +212,15 @@ for _, k in ipairs(redis.call('SMEMBERS', s)) do
 end
 redis.call('DEL', s)
 return n
+"""
+
+# What a writer's housekeeping pass needs in one round trip: the epoch token, the rebuild
+# counter and writer w's state counter (false where absent or not a string).
+STATUS = _TYP + """
+local ns, w = ARGV[1], ARGV[2]
+local function str(k)
+  if typ(k) == 'string' then return redis.call('GET', k) end
+  return false
+end
+return {str(ns .. ':epoch'), str(ns .. ':rebuild'), str(ns .. ':s:' .. w)}
 """

@@ -58,6 +58,8 @@ class Publisher:
         self.dirty = False                # something here may be unpublished: re-publish on the next pass
         self.last_republish: Optional[float] = None
         self.closing = False
+        self._audit_keys: list = []
+        self._audit_pos = 0
 
     def entry(self, e) -> Published:
         """The Redis record of this writer's index entry ``e``."""
@@ -104,6 +106,25 @@ class Publisher:
             self.last_republish = time.monotonic()
         log.info("writer %s: %d chunk(s) published to %s", self.writer, n, self.redis.url)
         return n
+
+    def audit(self, batch: int = 512) -> int:
+        """Check the next ``batch`` of this writer's chunks are still listed in Redis (one round trip)
+        and publish those that are not (entries lost while the epoch key survived: a maxmemory
+        eviction, a hand-made delete). The whole index is covered every ``len / batch`` passes.
+        Returns the chunks published again."""
+        if self._audit_pos >= len(self._audit_keys):
+            self._audit_keys, self._audit_pos = self.local.index.keys(), 0
+        keys = self._audit_keys[self._audit_pos:self._audit_pos + batch]
+        self._audit_pos += batch
+        if not keys:
+            return 0
+        there = self.redis.exists([[k.to_string()] for k in keys])
+        lost = [k for k, t in zip(keys, there) if not t and self.local.index.entry(k) is not None]
+        if lost:
+            log.warning("writer %s: %d chunk(s) no longer listed in Redis: published again", self.writer, len(lost))
+            self.publish_current(lost)
+            self._stats["audit_republished"] += len(lost)
+        return len(lost)
 
     def publish_current(self, keys: Sequence[CacheEngineKey]) -> None:
         """Publish the current entries of ``keys`` (idempotent)."""

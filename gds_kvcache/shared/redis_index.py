@@ -15,6 +15,8 @@ namespace ``ns``:
 ``ns:k:<w>``          set: keys writer ``w`` has published (for its purge at start)
 ``ns:epoch``          token set by the first writer after the server started empty
 ``ns:rebuild``        counter: any process bumps it to ask every writer to re-publish
+``ns:s:<w>``          counter: bumped by every publish and retract of writer ``w`` (an older
+                      state of Redis shows a lower value than the writer last saw)
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Optional, Sequence
 from ..errors import StorageUnavailableError
 from ..key import CacheEngineKey
 from ..storage.disk_index import DiskEntry
-from .lua_scripts import ACQUIRE, CLAIM, EXISTS, PREFIX, PUBLISH, PURGE, RELEASE, RETRACT, UNCLAIM
+from .lua_scripts import ACQUIRE, CLAIM, EXISTS, PREFIX, PUBLISH, PURGE, RELEASE, RETRACT, STATUS, UNCLAIM
 from .redis_gate import Gate, gated
 
 __all__ = ["RedisIndex", "Published", "connect", "redis_errors"]
@@ -63,6 +65,15 @@ class Published:
         or ``ValueError`` for a record whose key or generation is not well formed."""
         return DiskEntry(CacheEngineKey.from_string(self.key), self.offset, self.nbytes, self.phys_size,
                          tuple(self.shape), self.dtype, self.fmt, self.checksum, int(self.generation))
+
+
+@dataclass
+class Status:
+    """What ``RedisIndex.status`` read: epoch token (None: absent), rebuild counter, state went back."""
+
+    epoch: Optional[str]
+    rebuild: int
+    went_back: bool
 
 
 def redis_errors() -> tuple:
@@ -128,8 +139,9 @@ class RedisIndex:
         self._gate = Gate(self.client, backoff)
         self._scripts = {name: self.client.register_script(src) for name, src in (
             ("publish", PUBLISH), ("retract", RETRACT), ("unclaim", UNCLAIM), ("acquire", ACQUIRE),
-            ("prefix", PREFIX), ("claim", CLAIM), ("purge", PURGE), ("exists", EXISTS), ("release", RELEASE))}
+            ("prefix", PREFIX), ("claim", CLAIM), ("purge", PURGE), ("exists", EXISTS), ("release", RELEASE), ("status", STATUS))}
         self._tokens = 0
+        self._seq: dict[str, int] = {}        # writer -> its state counter as this client last wrote it
 
     def _run(self, name: str, args: Sequence) -> object:
         return self._scripts[name](args=[self.ns, *args])
@@ -166,7 +178,11 @@ class RedisIndex:
         for e in entries:
             args += [e.key, e.generation, e.offset, e.nbytes, e.phys_size, ",".join(map(str, e.shape)),
                      e.dtype, e.fmt, str(e.checksum), e.boot]
-        return list(self._run("publish", args)) if entries else []
+        if not entries:
+            return []
+        seq, dups = self._run("publish", args)
+        self._saw(writer, seq)
+        return list(dups)
 
     @gated
     def retract(self, writer: str, epoch: Optional[str], items: Sequence[tuple[str, str]],
@@ -183,8 +199,42 @@ class RedisIndex:
         for k, g in items:
             args += [k, g]
         out = [int(x) for x in self._run("retract", args)]
-        ok, ms = bool(out[0]), out[1:]
+        if len(out) == 1:          # refused (the epoch changed): nothing was retracted
+            return False, [1] * len(items)
+        ok, ms = bool(out[0]), out[2:]
+        self._saw(writer, out[1])
         return ok, (ms if ok or not unleased else [1] * len(items))
+
+    def _saw(self, writer: str, seq) -> None:
+        self._seq[writer] = max(self._seq.get(writer, 0), int(seq))
+
+    @gated
+    def status(self, writer: str) -> "Status":
+        """The epoch, the rebuild counter and whether ``writer``'s state went back, in one round trip.
+
+        The state went back when Redis holds an older state of ``writer``'s
+        entries than this client last wrote (restored from a snapshot, a
+        lagging replica after failover): every write of the writer bumps its
+        counter ``ns:s:<writer>``, so a counter below the last one seen went back.
+        """
+        epoch, rebuild, seq = self._run("status", [writer])
+        try:
+            rebuild = int(rebuild) if rebuild else 0
+        except ValueError:
+            rebuild = self.rebuild_requests.__wrapped__(self)     # repairs it
+        back = False
+        if writer in self._seq:
+            try:
+                back = int(seq) < self._seq[writer]
+            except (TypeError, ValueError):
+                back = True
+        return Status(epoch or None, rebuild, back)
+
+    @gated
+    def resync(self, writer: str) -> None:
+        """Set ``writer``'s counter back to the last one seen (after re-publishing over an old state)."""
+        if writer in self._seq:
+            self.client.set(f"{self.ns}:s:{writer}", self._seq[writer])
 
     @gated
     def unclaim(self, writer: str, keys: Sequence[str]) -> None:

@@ -141,7 +141,7 @@ class SharedDiskBackend(StorageBackendInterface):
         self._stats = {"published": 0, "duplicates": 0, "republishes": 0, "remote_hits": 0, "remote_misses": 0,
                        "lease_expired": 0, "remote_corrupt": 0, "remote_malformed": 0, "claims_lost": 0,
                        "redis_errors": 0, "leased_evictions": 0, "shared_evictions": 0, "retracted": 0,
-                       "local_only_puts": 0, "removed_unretracted": 0, "leased_skips": 0, "evict_errors": 0, "remote_read_errors": 0,
+                       "local_only_puts": 0, "removed_unretracted": 0, "state_went_back": 0, "audit_republished": 0, "leased_skips": 0, "evict_errors": 0, "remote_read_errors": 0,
                        "put_retries": 0}
         self.eviction = RetractThenFree(lease_ttl, self._stats, self._errors)
         self._cond = threading.Condition()
@@ -247,9 +247,17 @@ class SharedDiskBackend(StorageBackendInterface):
             try:
                 if not pub.registered:
                     pub.register()
-                epoch = self.redis.epoch()
-                restarted = epoch is None or epoch != pub.epoch
-                if restarted or pub.dirty or self.redis.rebuild_requests() != pub.rebuild_seen:
+                st = self.redis.status(self.writer)
+                restarted = st.epoch is None or st.epoch != pub.epoch
+                if st.went_back and not restarted:
+                    # An older state (a snapshot, a lagging replica): it may list entries retracted
+                    # since and lacks leases taken since; like a restart, but its entries are purged.
+                    self.eviction.leases_lost()
+                    self._stats["state_went_back"] += 1
+                    pub.dirty = True
+                    log.warning("Redis %s came back with an older state of writer %s: re-publishing",
+                                self.redis.url, self.writer)
+                if restarted or pub.dirty or st.rebuild != pub.rebuild_seen:
                     if restarted:
                         self.eviction.leases_lost()
                         log.warning("Redis %s restarted or was emptied: re-publishing writer %s",
@@ -257,9 +265,13 @@ class SharedDiskBackend(StorageBackendInterface):
                     dirty, pub.dirty = pub.dirty, False
                     try:
                         pub.republish(purge=dirty and not restarted)
+                        if st.went_back:
+                            self.redis.resync(self.writer)
                     except BaseException:
                         pub.dirty = pub.dirty or dirty
                         raise
+                else:
+                    pub.audit()
                 self.eviction.process_retired()
             except self._errors as e:
                 self._stats["redis_errors"] += 1

@@ -23,23 +23,20 @@ import argparse
 import os
 import shutil
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from ..cli import ArgumentParser, creatable_dir, existing_dir, int_range
 from ..config import CacheEngineConfig
 from ..io.driver import kvikio_error
 from ..io.page_cache import drop_page_cache
-from ..io.posix_engine import probe_direct_io
 from ..io.select import ram_backed_fs
 from ..key import CacheEngineKey
-from ..memory.buffers import SlabBuffer
 from ..storage.storage_manager import StorageManager
 from ..units import GB, KiB, MiB
+from .baselines import path_bounce, path_kvikio_default, path_raw, path_torch
+from .case import Case, timed
 from .common import header, print_table, write_json
 from .progress import Progress
 
@@ -59,44 +56,6 @@ def _fs_type(path: str) -> str:
     except OSError:
         pass
     return fstype
-
-
-def _sync(dev) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def _timed(fn, dev) -> float:
-    _sync(dev)
-    t = time.perf_counter()
-    fn()
-    _sync(dev)
-    return time.perf_counter() - t
-
-
-class Case:
-    """One chunk size: the source chunks and where their files go."""
-
-    def __init__(self, root: str, src: torch.Tensor, size: int, threads: int, task: int, files: int,
-                 preallocate: bool, batch: int = 64):
-        self.root = root
-        self.batch = batch
-        self.size = size
-        self.n = src.numel() // size
-        self.parts = [src[i * size:(i + 1) * size] for i in range(self.n)]
-        self.dev = src.device
-        self.threads = threads
-        self.task = task
-        self.files = files
-        self.preallocate = preallocate
-
-    def dir(self, name: str) -> str:
-        d = os.path.join(self.root, f"{name}-{self.size}")
-        os.makedirs(d, exist_ok=True)
-        return d
-
-    def same(self, i: int, t: torch.Tensor) -> bool:
-        return torch.equal(t.reshape(-1).view(torch.uint8), self.parts[i])
 
 
 def path_library(c: Case, engine: str, hot: bool, memory: str) -> dict:
@@ -128,7 +87,7 @@ def path_library(c: Case, engine: str, hot: bool, memory: str) -> dict:
                 f.result()
 
         before = dict(sm.disk.stats)
-        out["put"] = _timed(put, c.dev)
+        out["put"] = timed(put, c.dev)
         got = []
 
         def get():
@@ -137,7 +96,7 @@ def path_library(c: Case, engine: str, hot: bool, memory: str) -> dict:
                 got.extend(f.result())
 
         drop_page_cache(sm.disk.pool_paths)
-        out["get"] = _timed(get, c.dev)
+        out["get"] = timed(get, c.dev)
         st = sm.disk.stats
         out["calls"] = {k: (st[k] - before.get(k, 0)) / (2 * c.n) for k in ("write_calls", "read_calls",
                                                                              "checksum_calls", "spans")}
@@ -147,7 +106,7 @@ def path_library(c: Case, engine: str, hot: bool, memory: str) -> dict:
                 g.ref_count_down()
         if hot:
             got.clear()
-            out["hot"] = _timed(get, c.dev)
+            out["hot"] = timed(get, c.dev)
             out["ok"] &= all(g is not None and c.same(i, g.tensor) for i, g in enumerate(got))
             for g in got:
                 if g is not None:
@@ -157,132 +116,14 @@ def path_library(c: Case, engine: str, hot: bool, memory: str) -> dict:
     return out
 
 
-def path_raw(c: Case, hot: bool) -> dict:
-    """Chunks round-robin over ``c.files`` files, task-sized pieces in parallel, O_DIRECT where allowed."""
-    total = c.n * c.size
-    src = SlabBuffer(total, "host")
-    src.tensor.copy_(torch.cat(c.parts).cpu() if c.dev.type == "cuda" else torch.cat(c.parts))
-    dst = SlabBuffer(total, "host")
-    k = max(1, min(c.files, c.n))
-    per_file = -(-c.n // k) * c.size
-    paths = [os.path.join(c.dir("raw"), f"raw.{i}") for i in range(k)]
-    fds = []
-    direct, reason = True, "ok"
-    for p in paths:
-        with open(p, "wb") as f:
-            f.truncate(per_file)
-            if c.preallocate:
-                os.posix_fallocate(f.fileno(), 0, per_file)
-        fd, why = probe_direct_io(p)
-        if fd is None:
-            direct, reason = False, why
-            fd = os.open(p, os.O_RDWR)
-        fds.append(fd)
-    sa, da = memoryview(src.host_array()), memoryview(dst.host_array())
-    pieces = []
-    for i in range(c.n):
-        fd, base = fds[i % k], (i // k) * c.size
-        for o in range(0, c.size, c.task):
-            pieces.append((fd, base + o, i * c.size + o, min(c.task, c.size - o)))
-    pool = ThreadPoolExecutor(c.threads)
-
-    def io(op, mv):
-        list(pool.map(lambda p: op(p[0], [mv[p[2]:p[2] + p[3]]], p[1]), pieces))
-
-    try:
-        out = {"put": _timed(lambda: io(os.pwritev, sa), torch.device("cpu")),
-               "io": ("O_DIRECT" if direct else f"buffered ({reason})") + f", {k} files"}
-        drop_page_cache(paths)
-        out["get"] = _timed(lambda: io(os.preadv, da), torch.device("cpu"))
-        out["ok"] = bool(np.array_equal(src.host_array(), dst.host_array()))
-        if hot:
-            out["hot"] = _timed(lambda: io(os.preadv, da), torch.device("cpu"))
-    finally:
-        pool.shutdown()
-        for fd in fds:
-            os.close(fd)
-    return out
-
-
-def path_torch(c: Case) -> dict:
-    d = c.dir("torch")
-    files = [os.path.join(d, f"{i}.pt") for i in range(c.n)]
-    owned = [p.clone() for p in c.parts]  # save() of a view would write the whole storage
-    out = {"put": _timed(lambda: [torch.save(t, f) for t, f in zip(owned, files)], c.dev)}
-    drop_page_cache(files)
-    got = []
-    out["get"] = _timed(lambda: got.extend(torch.load(f, map_location=c.dev, weights_only=True) for f in files), c.dev)
-    out["ok"] = all(c.same(i, g) for i, g in enumerate(got))
-    return out
-
-
-def path_bounce(c: Case) -> dict:
-    d = c.dir("bounce")
-    files = [os.path.join(d, f"{i}.bin") for i in range(c.n)]
-    staging = SlabBuffer(c.size, "pinned" if c.dev.type == "cuda" else "host")
-    st, sa = staging.tensor, staging.host_array()
-
-    def put():
-        for p, f in zip(c.parts, files):
-            st.copy_(p)
-            with open(f, "wb") as fh:
-                fh.write(sa)
-
-    outs = [torch.empty(c.size, dtype=torch.uint8, device=c.dev) for _ in range(c.n)]
-
-    def get():
-        for o, f in zip(outs, files):
-            with open(f, "rb") as fh:
-                fh.readinto(sa)
-            o.copy_(st)
-
-    out = {"put": _timed(put, c.dev)}
-    drop_page_cache(files)
-    out["get"] = _timed(get, c.dev)
-    out["ok"] = all(c.same(i, o) for i, o in enumerate(outs))
-    return out
-
-
-def path_kvikio_default(c: Case) -> dict:
-    err = kvikio_error()
-    if err is not None:
-        return {"skipped": err}
-    import kvikio
-    import kvikio.defaults
-
-    d = c.dir("kvikio")
-    files = [os.path.join(d, f"{i}.bin") for i in range(c.n)]
-    outs = [torch.empty(c.size, dtype=torch.uint8, device=c.dev) for _ in range(c.n)]
-
-    def buf(t):
-        return t if t.is_cuda else t.numpy()
-
-    def put():
-        for p, f in zip(c.parts, files):
-            with kvikio.CuFile(f, "w") as fh:
-                fh.write(buf(p))
-
-    def get():
-        for o, f in zip(outs, files):
-            with kvikio.CuFile(f, "r") as fh:
-                fh.read(buf(o))
-
-    with kvikio.defaults.set({"num_threads": 1, "task_size": 4 * MiB}):
-        out = {"put": _timed(put, c.dev)}
-        drop_page_cache(files)
-        out["get"] = _timed(get, c.dev)
-    out["ok"] = all(c.same(i, o) for i, o in enumerate(outs))
-    return out
-
-
 def h2d_ceiling(dev, nbytes: int) -> dict:
     """Pinned host <-> GPU copy rates, the ceiling a get/put through host memory can reach."""
     if dev.type != "cuda":
         return {}
     h = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     g = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-    h2d = min(_timed(lambda: g.copy_(h, non_blocking=True), dev) for _ in range(3))
-    d2h = min(_timed(lambda: h.copy_(g, non_blocking=True), dev) for _ in range(3))
+    h2d = min(timed(lambda: g.copy_(h, non_blocking=True), dev) for _ in range(3))
+    d2h = min(timed(lambda: h.copy_(g, non_blocking=True), dev) for _ in range(3))
     return {"h2d_gbps": nbytes / h2d / 1e9, "d2h_gbps": nbytes / d2h / 1e9}
 
 

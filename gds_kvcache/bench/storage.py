@@ -29,7 +29,7 @@ import torch
 
 from ..cli import ArgumentParser, creatable_dir, existing_dir, int_range
 from ..config import CacheEngineConfig
-from ..io.driver import kvikio_error
+from ..io.driver import fs_type, kvikio_error
 from ..io.page_cache import drop_page_cache
 from ..io.select import ram_backed_fs
 from ..key import CacheEngineKey
@@ -43,19 +43,6 @@ from .progress import Progress
 __all__ = ["run", "main"]
 
 ALL_PATHS = ("library-mapped", "library-kvikio", "library-posix", "raw", "torch", "bounce", "kvikio-default")
-
-
-def _fs_type(path: str) -> str:
-    best, fstype = "", "?"
-    try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 3 and os.path.abspath(path).startswith(parts[1]) and len(parts[1]) > len(best):
-                    best, fstype = parts[1], parts[2]
-    except OSError:
-        pass
-    return fstype
 
 
 def path_library(c: Case, engine: str, hot: bool, memory: str) -> dict:
@@ -135,7 +122,7 @@ def run(directory: str | None, sizes, total: int, paths=ALL_PATHS, threads: int 
     gen = torch.Generator(device=dev).manual_seed(0)
     src = torch.randint(0, 256, (total,), dtype=torch.uint8, device=dev, generator=gen)
     rows = []
-    meta = {**header(), "directory": root, "fs_type": _fs_type(root), "total_bytes": total, "threads": threads,
+    meta = {**header(), "directory": root, "fs_type": fs_type(root), "total_bytes": total, "threads": threads,
             "task_size": task, "memory": memory, "pool_files": files, "preallocate": preallocate, "batch": batch,
             **h2d_ceiling(dev, min(total, GB))}
     steps = [(s, p) for s in sizes for p in paths]
@@ -148,7 +135,7 @@ def run(directory: str | None, sizes, total: int, paths=ALL_PATHS, threads: int 
                         if p == "library-kvikio" and kvikio_error() is not None:
                             r = {"skipped": kvikio_error()}
                         elif p == "library-mapped" and ram_backed_fs(root) is None:
-                            r = {"skipped": f"{_fs_type(root)} is not RAM-backed"}
+                            r = {"skipped": f"{fs_type(root)} is not RAM-backed"}
                         else:
                             r = path_library(c, p.split("-", 1)[1], hot, memory)
                     elif p == "raw":

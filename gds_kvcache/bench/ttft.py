@@ -39,7 +39,7 @@ from ..errors import StorageFullError
 from ..io.page_cache import drop_page_cache
 from ..units import GB, MiB
 from .common import header, print_table, write_json
-from .storage import _fs_type
+from ..io.driver import fs_type
 
 __all__ = ["LLAMA3_8B", "build_model", "cache_root", "main", "missing_requirements", "parse_tokens", "room_problem",
            "run"]
@@ -112,7 +112,7 @@ def room_problem(root: Optional[str], tokens, layers: int, shape: Optional[dict]
     free = shutil.disk_usage(path).free
     if free >= need:
         return None
-    return (f"{path} ({_fs_type(path)}) has {free / 1e9:.1f} GB free; {max(tokens)} tokens of {layers} layers "
+    return (f"{path} ({fs_type(path)}) has {free / 1e9:.1f} GB free; {max(tokens)} tokens of {layers} layers "
             f"need {need / 1e9:.1f} GB: pass --dir on a larger file system")
 
 
@@ -263,7 +263,7 @@ def run(tokens=(8192, 32768), layers: int = 32, directory: Optional[str] = None,
     if root is not None:
         os.makedirs(root, exist_ok=True)
     work = tempfile.mkdtemp(prefix="gds_kvcache-ttft-", dir=root)
-    fs = _fs_type(work)
+    fs = fs_type(work)
     cold = fs != "tmpfs"
     model = build_model(layers, max(tokens), dev, shape)
     gen = torch.Generator().manual_seed(0)

@@ -167,3 +167,34 @@ def test_contains_hot_asks_the_disk_tier_for_a_tp_chunk(tmp_path, server):
         assert sm.hot.contains(k0)                   # this rank's copy is in the hot tier
         assert sm.contains(k0, ["Hot"]) is False     # but rank 1's shard was never stored
         assert sm.contains(k0) is False
+
+
+def test_a_copied_cache_directory_gets_its_own_identity(tmp_path, server):
+    """``cp -a`` of a shared directory copies ``cache-id``: the copy must not take over the
+    original's namespace (and with it the original's writer ids in Redis)."""
+    import shutil
+    from gds_kvcache.shared.identity import cache_id
+    a = tmp_path / "a"
+    w, walloc = open_backend(tmp_path / "orig", server, None, "w0")
+    try:
+        keys = [key(i) for i in range(6)]
+        put(w, walloc, keys)
+        src = tmp_path / "orig" / "shared"
+        shutil.copytree(src, a, symlinks=True, copy_function=shutil.copy2)
+        assert cache_id(str(a)) != cache_id(str(src))
+        assert cache_id(str(a)) == cache_id(str(a))              # stable once settled
+        cfg = make_cfg(a, server.url)
+        alloc = SlabMemoryAllocator(16 * MiB, "host")
+        from gds_kvcache.shared import SharedDiskBackend
+        c = SharedDiskBackend(cfg, None, alloc, writer_id="w0")  # the copy's writer w0
+        try:
+            # the original's reader still hits only the original's chunks, all of them
+            r, ralloc = open_backend(tmp_path / "orig", server, None, "r0")
+            assert check(r.batched_get_blocking(keys), keys) == [True] * 6
+            assert r.stats["remote_hits"] == 6
+            r.close()
+        finally:
+            c.close()
+            alloc.close()
+    finally:
+        w.close()

@@ -28,7 +28,8 @@ import numpy as np
 
 from gds_kvcache.key import CacheEngineKey
 from gds_kvcache.storage import index_log as il
-from gds_kvcache.storage.index_log import DiskEntry, IndexLog
+from gds_kvcache.storage.entry import DiskEntry
+from gds_kvcache.storage.index_log import IndexLog
 
 TARGET_10M_S = 10.0
 BATCH = 64

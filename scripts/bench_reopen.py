@@ -21,7 +21,8 @@ import numpy as np
 
 from gds_kvcache import CacheEngineConfig, CacheEngineKey, LocalDiskBackend, SlabMemoryAllocator
 from gds_kvcache.bench.common import header, print_table, write_json
-from gds_kvcache.storage.index_log import DiskEntry, IndexLog
+from gds_kvcache.storage.entry import DiskEntry
+from gds_kvcache.storage.index_log import IndexLog
 from gds_kvcache.units import GB, MiB
 
 CHUNK = 64 * 1024

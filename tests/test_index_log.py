@@ -15,7 +15,9 @@ import pytest
 from gds_kvcache.errors import ClosedError, IndexFormatError
 from gds_kvcache.key import CacheEngineKey
 from gds_kvcache.storage import index_log as il
-from gds_kvcache.storage.index_log import SLOT, DiskEntry, IndexEntryError, IndexLog
+from gds_kvcache.storage.entry import DiskEntry, IndexEntryError
+from gds_kvcache.storage.index_codec import SLOT
+from gds_kvcache.storage.index_log import IndexLog
 
 DTYPES = {"float16": 2, "bfloat16": 2, "float32": 4, "uint8": 1, "int64": 8, "float8_e4m3fn": 1}
 FMTS = ["KV_2LTD", "KV_T2D", "KV_MLA_FMT", "BINARY", "UNDEFINED"]

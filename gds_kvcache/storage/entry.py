@@ -1,0 +1,67 @@
+"""The library's chunk descriptor, :class:`DiskEntry`, and :class:`IndexEntryError`.
+
+One ``DiskEntry`` says where one chunk lives in the disk pool and what it is.
+The disk index keeps one per chunk, the on-disk index (``index_log``) records
+their persisted fields, and the vLLM channel hands them across processes.
+This module holds only the type: how its fields are laid out on disk is
+described in ``index_codec``, and what values they may take is checked there
+(``check_entry``) before anything is recorded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import GdsKvCacheError
+from ..key import CacheEngineKey
+
+__all__ = ["DiskEntry", "IndexEntryError"]
+
+
+class IndexEntryError(GdsKvCacheError, ValueError):
+    """An entry handed to :class:`~.index_log.IndexLog` cannot be recorded (a bug in the caller)."""
+
+
+@dataclass(slots=True)
+class DiskEntry:
+    """Where one chunk lives in the pool, and what it is.
+
+    Attributes
+    ----------
+    key
+        The chunk's key.
+    offset
+        Logical pool offset of its bytes, a multiple of 4 KiB.
+    nbytes
+        Logical bytes of the chunk (> 0): ``prod(shape)`` times the dtype's itemsize.
+    phys_size
+        Bytes of the pool extent it takes: ``nbytes`` rounded up to 4 KiB (or
+        more); a multiple of 4 KiB.
+    shape
+        The tensor shape (ints >= 0; a ``tuple``, as the index gives it back).
+    dtype
+        The dtype's name, as ``memory.format.dtype_to_str`` gives it.
+    fmt
+        The ``MemoryFormat`` member's name.
+    checksum
+        A 64-bit unsigned checksum of the chunk's bytes.
+    seq
+        Order of the put (recency); assigned by ``IndexLog.append``, kept by
+        ``IndexLog.snapshot``.
+    readers, doomed
+        Runtime state of the disk index, never written to disk: the reads
+        in flight that keep the extent alive, and whether the entry was
+        dropped while read (its extent is freed when the last read ends).
+    """
+
+    key: CacheEngineKey
+    offset: int             # logical pool offset, 4 KiB-aligned
+    nbytes: int             # logical bytes (> 0)
+    phys_size: int          # nbytes rounded up to 4 KiB (or more); a 4 KiB multiple
+    shape: tuple            # ints >= 0
+    dtype: str              # as memory.format.dtype_to_str gives
+    fmt: str                # MemoryFormat name
+    checksum: int           # 64-bit unsigned
+    seq: int = 0            # order of the put (recency); assigned by IndexLog.append
+    readers: int = 0        # runtime only, never persisted
+    doomed: bool = False    # runtime only, never persisted

@@ -1,0 +1,395 @@
+"""Decoding the disk index's binary files in bulk: slots -> operations -> live ``DiskEntry`` objects.
+
+The format is described in ``index_codec`` (and only there). Three steps,
+each a few NumPy passes over all records, with Python running once per table
+entry and, per record, only to make the objects: :func:`parse_slots` checks
+and decodes one file's slots into an :class:`Ops` (operations in file
+order), :func:`live_ops` keeps the last operation of each key where it is a
+put, and :func:`build_entries` makes the ``DiskEntry`` objects.
+
+Invariants: decoding never raises on a file's slots (its header is checked
+first, by ``index_codec.parse_header``): a slot that fails its check, a
+record naming an unusable table entry or an impossible value, and a torn
+tail are each skipped and counted once as unusable; of a key's operations
+the latest in file order (snapshot, then log) wins; entries come back in
+``seq`` order.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import struct
+from itertools import repeat
+from typing import Optional
+
+import numpy as np
+
+from ..key import MAX_KEY_STRING, CacheEngineKey
+from ..units import PAGE
+from .entry import DiskEntry
+from .index_codec import (BUILD_BLOCK, CONT, CONT_HEAD, DEF_HEAD, DEF_LAYOUT, DEF_PREFIX, DEL, DEL_WIDE, NARROW,
+                          OFF_BITS, PUT, PUT_WIDE, SLOT, SLOT_DTYPE, Tables, mix, parse_layout, parse_prefix,
+                          slot_checks, slot_words)
+
+__all__ = ["Ops", "build_entries", "live_ops", "parse_slots"]
+
+log = logging.getLogger(__name__)
+
+
+# -- decoded operations ----------------------------------------------------------------
+class Ops:
+    """Put/delete operations in file order, as columns (ids are global)."""
+
+    __slots__ = ("is_put", "prefix", "ndig", "lo", "hi", "layout", "phys", "offset", "seq", "csum")
+
+    def __init__(self, n: int = 0, wide: bool = False):
+        self.is_put = np.zeros(n, bool)
+        self.prefix = np.zeros(n, np.int64)
+        self.ndig = np.zeros(n, np.uint8)
+        self.lo = np.zeros((n, 16), np.uint8)                        # low 128 bits of the hash, big-endian
+        self.hi = np.zeros((n, 16), np.uint8) if wide else None      # high 128 bits, where any hash is wide
+        self.layout = np.zeros(n, np.int64)                          # -1 for deletes
+        self.phys = np.zeros(n, np.uint64)                           # bytes
+        self.offset = np.zeros(n, np.uint64)                         # bytes
+        self.seq = np.zeros(n, np.uint64)
+        self.csum = np.zeros(n, np.uint64)
+
+    def __len__(self) -> int:
+        return self.is_put.shape[0]
+
+    def take(self, idx: np.ndarray) -> "Ops":
+        o = Ops.__new__(Ops)
+        for f in Ops.__slots__:
+            v = getattr(self, f)
+            setattr(o, f, None if v is None else v[idx])
+        return o
+
+    @staticmethod
+    def concat(parts: list["Ops"]) -> "Ops":
+        parts = [p for p in parts if len(p)] or [Ops()]
+        if len(parts) == 1:
+            return parts[0]
+        o = Ops.__new__(Ops)
+        wide = any(p.hi is not None for p in parts)
+        for f in Ops.__slots__:
+            if f == "hi":
+                o.hi = np.concatenate([p.hi if p.hi is not None else np.zeros((len(p), 16), np.uint8)
+                                       for p in parts]) if wide else None
+            else:
+                setattr(o, f, np.concatenate([getattr(p, f) for p in parts]))
+        return o
+
+
+def _leading_zero_nibbles(b: np.ndarray) -> np.ndarray:
+    """Leading zero hex digits of each row of big-endian bytes ``b`` (``(n, m)`` uint8)."""
+    nib = np.empty((b.shape[0], 2 * b.shape[1]), np.uint8)
+    nib[:, 0::2] = b >> 4
+    nib[:, 1::2] = b & 15
+    nz = nib != 0
+    return np.where(nz.any(axis=1), nz.argmax(axis=1), nib.shape[1])
+
+
+def _hex_strings(b: np.ndarray, ndig: np.ndarray) -> list:
+    """The last ``ndig[i]`` hex digits of each row of big-endian bytes ``b``, as ``str``."""
+    n, m = b.shape
+    # bytes.hex over a void view loops in C: twice as fast as NumPy's unicode
+    # conversion (and an "S" view would drop trailing zero bytes).
+    out = list(map(bytes.hex, np.ascontiguousarray(b).view(f"V{m}").ravel().tolist()))
+    short = np.flatnonzero(ndig != 2 * m)
+    if short.size:
+        for i, c in zip(short.tolist(), (2 * m - ndig[short].astype(np.int64)).tolist()):
+            out[i] = out[i][c:]
+    return out
+
+
+def _u64_cols(b: np.ndarray) -> list[np.ndarray]:
+    """The two 64-bit words of each row of ``(n, 16)`` bytes (a view where the rows allow)."""
+    w = b.view("<u8") if b.strides[-1] == 1 else np.ascontiguousarray(b).view("<u8")
+    return [w[:, 0], w[:, 1]]
+
+
+# -- one file's slots ------------------------------------------------------------
+def parse_slots(buf: bytes, tables: Tables) -> tuple[Ops, int, tuple]:
+    """Decode one binary file (header already checked) into operations.
+
+    Returns the valid operations, the count of unusable records, and
+    the file's own tables: (prefix ids, layout ids, next free prefix id,
+    next free layout id, the file's length without its torn tail).
+
+    Notes
+    -----
+    Each lost record counts once: a slot failing its check, an intact
+    record or table entry that cannot be used, and the torn tail (a
+    partial slot, or a record whose later slots are past the end).
+    """
+    whole = (len(buf) - SLOT) // SLOT
+    torn = (len(buf) - SLOT) % SLOT != 0
+    end = whole                   # slots before the torn tail, if any
+    bad = 0
+    body = memoryview(buf)[SLOT:SLOT + whole * SLOT]     # no copy
+    rows = np.frombuffer(body, SLOT_DTYPE)
+    ok = slot_checks(slot_words(body)) == rows["check"]
+    bad += int(whole - np.count_nonzero(ok))
+    tag = rows["tag"]
+    span = rows["span"]
+
+    # Table entries: few, decoded one by one.
+    local_prefix: dict[int, int] = {}   # id in this file -> global id (-1: unusable)
+    local_layout: dict[int, int] = {}
+    prefix_ids: dict[tuple, int] = {}
+    layout_ids: dict[tuple, int] = {}
+    max_prefix = max_layout = -1
+    for i in np.flatnonzero(ok & ((tag == DEF_PREFIX) | (tag == DEF_LAYOUT))).tolist():
+        ident = int(rows["prefix"][i])
+        is_prefix = tag[i] == DEF_PREFIX
+        if is_prefix:
+            max_prefix = max(max_prefix, ident)
+        else:
+            max_layout = max(max_layout, ident)
+        payload = _gather(body, ok, tag, span, i)
+        if payload is None:
+            if i + int(span[i]) > whole:
+                torn = True       # the write of this entry was cut short
+                end = min(end, i)
+            elif all(ok[i:i + int(span[i])]):
+                bad += 1          # else a slot of it failed its check and is counted already
+            continue
+        try:
+            fields = parse_prefix(payload) if is_prefix else parse_layout(payload)
+        except (ValueError, struct.error, UnicodeDecodeError) as e:
+            log.warning("index table entry at slot %d unusable (%s)", i + 1, e)
+            bad += 1
+            continue
+        g = tables.prefix(fields) if is_prefix else tables.layout(fields)
+        target = local_prefix if is_prefix else local_layout
+        if target.get(ident, g) != g:
+            g = -1    # one id, two meanings: trust neither
+        target[ident] = g
+        (prefix_ids if is_prefix else layout_ids)[fields] = ident
+
+    narrow = ok & (tag == PUT) & (span == 1)
+    n_defs = len(local_prefix) + len(local_layout)
+    if np.count_nonzero(narrow) + n_defs == whole and n_defs == np.count_nonzero(ok & (span == 1) & (
+            (tag == DEF_PREFIX) | (tag == DEF_LAYOUT))):
+        # The usual snapshot: one-slot table entries and one-slot puts, all intact.
+        is_rec = narrow
+        wide_head = np.zeros_like(ok)
+    else:
+        is_narrow = (tag == PUT) | (tag == DEL)
+        is_wide_tag = (tag == PUT_WIDE) | (tag == DEL_WIDE)
+        is_rec = ok & (is_narrow | is_wide_tag)
+        narrow = is_rec & is_narrow & (span == 1)
+        wide_head = is_rec & is_wide_tag & (span == 2)
+        bad += int(np.count_nonzero(is_rec & ~narrow & ~wide_head))     # a wrong span
+        other = ok & ~is_rec & (tag != DEF_PREFIX) & (tag != DEF_LAYOUT) & (tag != CONT)
+        bad += int(np.count_nonzero(other))     # intact, but no record, table entry or continuation
+    if wide_head.any():
+        cont = np.zeros_like(ok)
+        cont[:-1] = ok[1:] & (tag[1:] == CONT) & (span[1:] == 1)
+        if wide_head[-1]:
+            torn = True                    # its second slot is past the end
+            end = min(end, whole - 1)
+            wide_head[-1] = False
+        # A second slot that failed its check is counted already; an intact wrong one is not.
+        nxt_ok = np.zeros_like(ok)
+        nxt_ok[:-1] = ok[1:]
+        bad += int(np.count_nonzero(wide_head & ~cont & nxt_ok))
+        wide_head &= cont
+    usable = narrow | wide_head
+    # Ids that intact records use count as taken even where their table
+    # entry was lost, so appends never give them a second meaning.
+    max_prefix = max(max_prefix, int(rows["prefix"][is_rec].max(initial=0)))
+    max_layout = max(max_layout, int(rows["layout"][is_rec].max(initial=0)))
+
+    idx = np.flatnonzero(usable)
+    if idx.shape[0] and idx[-1] - idx[0] + 1 == idx.shape[0]:
+        r = rows[idx[0]:idx[-1] + 1]    # the usual file: tables, then only records; no copy
+    else:
+        r = rows[idx]
+    is_wide = wide_head[idx]
+    ops = Ops(0, wide=bool(is_wide.any()))
+    if ops.hi is not None:
+        ops.hi = np.zeros((idx.shape[0], 16), np.uint8)
+        ops.hi[is_wide] = rows["hash"][idx[is_wide] + 1]
+    t = r["tag"]
+    ops.is_put = (t == PUT) | (t == PUT_WIDE)
+    pmap = np.full(max(local_prefix, default=-1) + 2, -1, np.int64)   # last entry: "no such id"
+    for k, g in local_prefix.items():
+        pmap[k] = g
+    lmap = np.full(max(local_layout, default=-1) + 2, -1, np.int64)
+    for k, g in local_layout.items():
+        lmap[k] = g
+    ops.prefix = pmap[np.minimum(r["prefix"], pmap.shape[0] - 1)]
+    ops.layout = np.where(ops.is_put, lmap[np.minimum(r["layout"], lmap.shape[0] - 1)], -1)
+    ops.ndig = r["ndig"]
+    ops.lo = r["hash"]
+    ext = r["ext"]
+    ops.offset = (ext & np.uint64((1 << OFF_BITS) - 1)) * np.uint64(PAGE)
+    ops.phys = (ext >> np.uint64(OFF_BITS)) * np.uint64(PAGE)
+    ops.seq = r["seq"]
+    ops.csum = r["csum"]
+    good = _valid_ops(ops, is_wide, tables)
+    bad += int(idx.shape[0] - np.count_nonzero(good)) + int(torn)
+    local = (prefix_ids, layout_ids, max_prefix + 1, max_layout + 1, SLOT * (1 + end))
+    return (ops if good.all() else ops.take(np.flatnonzero(good))), bad, local
+
+
+def _gather(body: bytes, ok, tag, span, i: int) -> Optional[bytes]:
+    """The payload of the table entry whose first slot is ``i``, or None if incomplete."""
+    n = int(span[i])
+    if n < 1 or i + n > tag.shape[0]:
+        return None
+    parts = [body[i * SLOT + DEF_HEAD.size:(i + 1) * SLOT]]
+    for j in range(1, n):
+        s = i + j
+        if not ok[s] or tag[s] != CONT or span[s] != j:
+            return None
+        parts.append(body[s * SLOT + CONT_HEAD.size:(s + 1) * SLOT])
+    payload = b"".join(parts)
+    (length,) = struct.unpack_from("<I", payload)
+    return payload[4:4 + length] if length <= len(payload) - 4 else None
+
+
+def _valid_ops(ops: Ops, is_wide: np.ndarray, tables: Tables) -> np.ndarray:
+    """Which operations name a possible key (and, for puts, a possible extent)."""
+    good = ops.prefix >= 0
+    if not len(ops):
+        return good
+    nd = ops.ndig.astype(np.int64)
+    good &= np.where(is_wide, (nd > NARROW) & (nd <= 2 * NARROW), (nd >= 1) & (nd <= NARROW))
+    strlen = np.array([p.strlen for p in tables.prefixes] + [0], np.int64)
+    good &= strlen[ops.prefix] + nd <= MAX_KEY_STRING
+    # A hash may have no more significant digits than its recorded length.
+    short = np.flatnonzero(good & ~is_wide & (nd < NARROW))
+    if short.size:
+        good[short] &= _leading_zero_nibbles(ops.lo[short]) >= NARROW - nd[short]
+    w = np.flatnonzero(good & is_wide)
+    if w.size:
+        both = np.concatenate([ops.hi[w], ops.lo[w]], axis=1)
+        good[w] &= _leading_zero_nibbles(both) >= 2 * NARROW - nd[w]
+    # phys is below 2**36, so float64 compares exactly wherever it can pass.
+    need = np.array([float(min(v.nbytes, 1 << 63)) for v in tables.layouts] + [0.0], np.float64)
+    lay_ok = ops.layout >= 0
+    ext_ok = lay_ok & (ops.phys > 0) & (ops.phys.astype(np.float64) >= need[ops.layout])
+    good &= ~ops.is_put | ext_ok
+    return good
+
+
+# -- merging and building ------------------------------------------------------------
+def live_ops(ops: Ops, fingerprint=mix) -> Ops:
+    """The last operation of each key, where it is a put, in ``seq`` order.
+
+    ``fingerprint`` hashes the key columns (``index_codec.mix``); keys that
+    share a fingerprint are told apart exactly, whatever it returns.
+    """
+    n = len(ops)
+    if n == 0:
+        return ops
+    ident = [(ops.prefix.astype(np.uint64) << np.uint64(8)) | ops.ndig.astype(np.uint64)]
+    ident += _u64_cols(ops.lo)
+    if ops.hi is not None:
+        ident += _u64_cols(ops.hi)
+    fp = fingerprint(ident)
+    order = np.argsort(fp)
+    sfp = fp[order]
+    first = np.empty(n, bool)
+    first[0] = True
+    np.not_equal(sfp[1:], sfp[:-1], out=first[1:])
+    if first.all():
+        # Every key once: the common case, nothing to merge.
+        live = ops if ops.is_put.all() else ops.take(np.flatnonzero(ops.is_put))
+    else:
+        starts = np.flatnonzero(first)
+        # A key's last operation is the one latest in the files.
+        win = np.maximum.reduceat(order, starts)
+        pairs = np.flatnonzero(~first[1:])
+        a, b = order[pairs], order[pairs + 1]
+        differ = np.zeros(pairs.shape[0], bool)
+        for c in ident:
+            differ |= c[a] != c[b]
+        if differ.any():
+            # Distinct keys with one fingerprint (about 2**-64 a pair): settle exactly.
+            win = _settle_collisions(order, sfp, starts, win, ident, np.unique(sfp[pairs[differ]]))
+        win.sort()
+        live = ops.take(win[ops.is_put[win]])
+    seq = live.seq
+    if seq.shape[0] > 1 and not (seq[1:] >= seq[:-1]).all():
+        live = live.take(np.argsort(seq, kind="stable"))
+    return live
+
+
+def _settle_collisions(order, sfp, starts, win, ident, fps) -> np.ndarray:
+    keep = np.ones(win.shape[0], bool)
+    extra = []
+    for f in fps.tolist():
+        keep[int(np.searchsorted(sfp[starts], f))] = False
+        final: dict = {}
+        for i in sorted(order[sfp == f].tolist()):
+            final[tuple(int(c[i]) for c in ident)] = i
+        extra += final.values()
+    return np.concatenate([win[keep], np.array(extra, win.dtype)])
+
+
+def build_entries(ops: Ops, tables: Tables) -> list[DiskEntry]:
+    """The ``DiskEntry`` of each of ``ops`` (all valid puts), made in bulk.
+
+    Notes
+    -----
+    Keys are made without ``CacheEngineKey.__init__``: their prefix was
+    validated once per table entry and their hash is hex by construction,
+    so the per-key checks (about 5 us a key, more than all the rest of
+    the load) would only repeat themselves. Writing a new key's instance
+    dict is the cheapest way to fill it (a frozen dataclass only guards
+    setattr); the key equals and hashes as the constructor's would, and
+    its dict is smaller than the one the constructor leaves.
+    """
+    n = len(ops)
+    out: list[DiskEntry] = []
+    if n == 0:
+        return out
+    new = object.__new__
+    templates = [dict(zip(("fmt", "model_name", "world_size", "worker_id"), p.fields)) for p in tables.prefixes]
+    by_prefix = np.empty(len(templates) + 1, object)
+    for i, t in enumerate(templates):
+        by_prefix[i] = t     # one by one: NumPy would unpack a sequence
+    by_layout = np.empty(len(tables.layouts) + 1, object)
+    for i, v in enumerate(tables.layouts):
+        by_layout[i] = v
+    was_enabled = gc.isenabled()
+    gc.disable()   # millions of new objects would set off repeated full collections
+    try:
+        for s in range(0, n, BUILD_BLOCK):
+            sl = slice(s, s + BUILD_BLOCK)
+            pid = ops.prefix[sl]
+            lid = ops.layout[sl]
+            m = pid.shape[0]
+            if ops.hi is None:
+                hashes = _hex_strings(ops.lo[sl], ops.ndig[sl])
+            else:
+                hashes = _hex_strings(np.concatenate([ops.hi[sl], ops.lo[sl]], axis=1), ops.ndig[sl])
+            keys = list(map(new, repeat(CacheEngineKey, m)))
+            if (pid == pid[0]).all():
+                t = templates[int(pid[0])]
+                for k, h in zip(keys, hashes):
+                    d = k.__dict__
+                    d.update(t)
+                    d["chunk_hash"] = h
+            else:
+                for k, t, h in zip(keys, by_prefix[pid].tolist(), hashes):
+                    d = k.__dict__
+                    d.update(t)
+                    d["chunk_hash"] = h
+            if (lid == lid[0]).all():
+                v = tables.layouts[int(lid[0])]
+                nb, sh, dt, fm = repeat(v.nbytes), repeat(v.shape), repeat(v.dtype), repeat(v.fmt)
+            else:
+                vs = by_layout[lid].tolist()
+                nb, sh = [v.nbytes for v in vs], [v.shape for v in vs]
+                dt, fm = [v.dtype for v in vs], [v.fmt for v in vs]
+            out.extend(map(DiskEntry, keys, ops.offset[sl].tolist(), nb, ops.phys[sl].tolist(), sh, dt, fm,
+                           ops.csum[sl].tolist(), ops.seq[sl].tolist()))
+    finally:
+        if was_enabled:
+            gc.enable()
+    return out

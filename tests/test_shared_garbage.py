@@ -198,3 +198,33 @@ def test_a_copied_cache_directory_gets_its_own_identity(tmp_path, server):
             alloc.close()
     finally:
         w.close()
+
+
+def test_redis_lost_while_a_writer_is_down_a_live_process_republishes_its_chunks(tmp_path, ns):
+    from gds_kvcache.shared import LocalRedis, find_redis_server
+    if find_redis_server() is None:
+        pytest.skip("no redis-server binary")
+    with LocalRedis() as srv:
+        w, walloc = open_backend(tmp_path, srv, ns, "w0", tick=0.05)
+        keys = [key(i) for i in range(40)]
+        put(w, walloc, keys)
+        w.close()                                   # the node goes away for good
+        rd, ralloc = open_backend(tmp_path, srv, ns, "r1", tick=0.05)
+        try:
+            assert check(rd.batched_get_blocking(keys[:4]), keys[:4]) == [True] * 4
+            srv.restart()                           # Redis loses everything while w0 is down
+            deadline = time.monotonic() + 30
+            while rd.batched_contains(keys) < 40 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert rd.batched_contains(keys) == 40 and rd.stats["adopted"] >= 40
+            assert check(rd.batched_get_blocking(keys), keys) == [True] * 40
+            # the writer comes back after all: its own run wins, its chunks stay readable
+            w2, walloc2 = open_backend(tmp_path, srv, ns, "w0", tick=0.05)
+            try:
+                assert check(rd.batched_get_blocking(keys), keys) == [True] * 40
+                put(w2, walloc2, [key(100)])
+                assert check(rd.batched_get_blocking([key(100)]), [key(100)]) == [True]
+            finally:
+                w2.close()
+        finally:
+            rd.close()

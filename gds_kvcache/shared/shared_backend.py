@@ -40,6 +40,7 @@ from ..key import CacheEngineKey
 from ..memory.obj import MemoryObj
 from ..storage import LocalDiskBackend, StorageBackendInterface, check_keys
 from ..storage.disk_index import DiskEntry
+from .adoption import adopt_dead_writers
 from .eviction import RetractThenFree
 from .identity import cache_id
 from .publisher import LEASE_MARGIN, WRITERS_DIR, Publisher
@@ -104,7 +105,9 @@ class SharedDiskBackend(StorageBackendInterface):
     has registered, since Redis may still list its previous run's chunks.
     After Redis restarts empty, every writer re-publishes its chunks within
     one ``tick`` plus the publish time (about 1 s per 100k chunks on loopback)
-    and reuses no extent for one ``lease_ttl``, since the leases were lost.
+    and reuses no extent for one ``lease_ttl``, since the leases were lost;
+    the chunks of writers that are down are re-published by a live process
+    from their index logs (``shared.adoption``).
     Run Redis without persistence.
     """
 
@@ -141,7 +144,7 @@ class SharedDiskBackend(StorageBackendInterface):
         self._stats = {"published": 0, "duplicates": 0, "republishes": 0, "remote_hits": 0, "remote_misses": 0,
                        "lease_expired": 0, "remote_corrupt": 0, "remote_malformed": 0, "claims_lost": 0,
                        "redis_errors": 0, "leased_evictions": 0, "shared_evictions": 0, "retracted": 0,
-                       "local_only_puts": 0, "removed_unretracted": 0, "state_went_back": 0, "audit_republished": 0, "leased_skips": 0, "evict_errors": 0, "remote_read_errors": 0,
+                       "local_only_puts": 0, "removed_unretracted": 0, "state_went_back": 0, "audit_republished": 0, "adopted": 0, "leased_skips": 0, "evict_errors": 0, "remote_read_errors": 0,
                        "put_retries": 0}
         self.eviction = RetractThenFree(lease_ttl, self._stats, self._errors)
         self._cond = threading.Condition()
@@ -162,6 +165,7 @@ class SharedDiskBackend(StorageBackendInterface):
         try:
             try:
                 self.pub.register()
+                self._stats["adopted"] += adopt_dead_writers(self.shared_dir, self.writer, self.redis)
             except _redis_config_errors() as e:
                 raise ConfigError("lookup_server_url", url, f"a Redis this process may use ({e})") from None
             except self._errors as e:
@@ -258,6 +262,7 @@ class SharedDiskBackend(StorageBackendInterface):
                     log.warning("Redis %s came back with an older state of writer %s: re-publishing",
                                 self.redis.url, self.writer)
                 if restarted or pub.dirty or st.rebuild != pub.rebuild_seen:
+                    adopt = restarted or st.rebuild != pub.rebuild_seen
                     if restarted:
                         self.eviction.leases_lost()
                         log.warning("Redis %s restarted or was emptied: re-publishing writer %s",
@@ -270,6 +275,8 @@ class SharedDiskBackend(StorageBackendInterface):
                     except BaseException:
                         pub.dirty = pub.dirty or dirty
                         raise
+                    if adopt:
+                        self._stats["adopted"] += adopt_dead_writers(self.shared_dir, self.writer, self.redis)
                 else:
                     pub.audit()
                 self.eviction.process_retired()

@@ -18,15 +18,16 @@ import fcntl
 import logging
 import os
 import re
+import socket
 import uuid
+from typing import Iterator, Optional
 
 from ..errors import ConfigError, StorageUnavailableError
 
-__all__ = ["CACHE_ID_NAME", "cache_id"]
+__all__ = ["CACHE_ID_NAME", "cache_id", "writer_ids"]
 
 CACHE_ID_NAME = "cache-id"
 ORIGIN_NAME = "cache-id.origin"
-LOCK_NAME = "cache-id.lock"
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def _origin_matches(shared_dir: str, path: str) -> bool:
 def _settle_copy(shared_dir: str, path: str) -> str:
     """Under the directory's id lock: record the id file's inode where none is recorded (a
     directory made before origins existed), or give a copied directory a new id. Returns the id."""
-    fd = os.open(os.path.join(shared_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(shared_dir, os.O_RDONLY | os.O_DIRECTORY)     # the lock is on the directory itself
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         origin = os.path.join(shared_dir, ORIGIN_NAME)
@@ -113,3 +114,14 @@ def _settle_copy(shared_dir: str, path: str) -> str:
         return _read_id(path)
     finally:
         os.close(fd)
+
+
+def writer_ids(writer_id: Optional[str]) -> Iterator[str]:
+    """The writer ids a process tries, in order: ``writer_id`` alone, or ``<hostname>-<n>`` for
+    n = 0, 1, ... (the first free one: a restarted process gets its old directory back)."""
+    if writer_id is not None:
+        yield writer_id
+        return
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:48]
+    for n in range(1024):
+        yield f"{host}-{n}"

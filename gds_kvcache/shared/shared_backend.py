@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import socket
 import threading
 import time
 import uuid
@@ -33,8 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional, Sequence
 
 from ..config import CacheEngineConfig
-from ..errors import (ClosedError, ConfigError, DirectoryLockedError, GdsKvCacheError,
-                      StorageUnavailableError)
+from ..errors import ClosedError, ConfigError, DirectoryLockedError, GdsKvCacheError
 from ..io import IOPathReport
 from ..key import CacheEngineKey
 from ..memory.obj import MemoryObj
@@ -42,7 +40,8 @@ from ..storage import LocalDiskBackend, StorageBackendInterface, check_keys
 from ..storage.disk_index import DiskEntry
 from .adoption import adopt_dead_writers
 from .eviction import RetractThenFree
-from .identity import cache_id
+from .housekeeping import Housekeeper
+from .identity import cache_id, writer_ids
 from .publisher import LEASE_MARGIN, WRITERS_DIR, Publisher
 from .put_path import PutPath
 from .redis_index import RedisIndex, redis_errors
@@ -144,8 +143,9 @@ class SharedDiskBackend(StorageBackendInterface):
         self._stats = {"published": 0, "duplicates": 0, "republishes": 0, "remote_hits": 0, "remote_misses": 0,
                        "lease_expired": 0, "remote_corrupt": 0, "remote_malformed": 0, "claims_lost": 0,
                        "redis_errors": 0, "leased_evictions": 0, "shared_evictions": 0, "retracted": 0,
-                       "local_only_puts": 0, "removed_unretracted": 0, "state_went_back": 0, "audit_republished": 0, "adopted": 0, "leased_skips": 0, "evict_errors": 0, "remote_read_errors": 0,
-                       "put_retries": 0}
+                       "local_only_puts": 0, "removed_unretracted": 0, "state_went_back": 0,
+                       "audit_republished": 0, "adopted": 0, "leased_skips": 0, "evict_errors": 0,
+                       "remote_read_errors": 0, "put_retries": 0}
         self.eviction = RetractThenFree(lease_ttl, self._stats, self._errors)
         self._cond = threading.Condition()
         self._ops = 0
@@ -178,9 +178,8 @@ class SharedDiskBackend(StorageBackendInterface):
             self.local.close()
             self.redis.close()
             raise
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._housekeeping, name="gds-kvcache-shared", daemon=True)
-        self._thread.start()
+        self.housekeeper = Housekeeper(self.redis, self.pub, self.eviction, self.shared_dir, self.tick, self._stats,
+                                       self._errors)
 
     # -- capabilities (StorageBackendInterface) ------------------------------------------------
     def lookup_for_all_ranks(self) -> bool:
@@ -206,9 +205,7 @@ class SharedDiskBackend(StorageBackendInterface):
 
     def _open_local(self, config, loop, alloc, dst_device, writer_id) -> tuple[str, LocalDiskBackend]:
         base = os.path.join(self.shared_dir, WRITERS_DIR)
-        ids = [writer_id] if writer_id is not None else [
-            f"{re.sub(r'[^A-Za-z0-9._-]', '_', socket.gethostname())[:48]}-{n}" for n in range(1024)]
-        for wid in ids:
+        for wid in writer_ids(writer_id):
             cfg = config.replace(local_disk=os.path.join(base, wid))
             try:
                 return wid, LocalDiskBackend(cfg, loop, alloc, dst_device, lookup_server=None,
@@ -236,58 +233,13 @@ class SharedDiskBackend(StorageBackendInterface):
     def stop_housekeeping(self) -> None:
         """Stop the background pass (re-publishing, retractions) until close (benchmarks timing
         ``republish`` alone; a backend without it no longer follows Redis restarts)."""
-        self._stop.set()
-        self._thread.join()
+        self.housekeeper.stop()
 
     def request_rebuild(self) -> None:
         """Ask every writer (this one included) to re-publish its chunks within a tick."""
         if self._closing:
             raise ClosedError(f"shared disk backend on {self.shared_dir} is closed")
         self.redis.request_rebuild()
-
-    def _housekeeping(self) -> None:
-        pub = self.pub
-        while not self._stop.wait(self.tick):
-            try:
-                if not pub.registered:
-                    pub.register()
-                st = self.redis.status(self.writer)
-                restarted = st.epoch is None or st.epoch != pub.epoch
-                if st.went_back and not restarted:
-                    # An older state (a snapshot, a lagging replica): it may list entries retracted
-                    # since and lacks leases taken since; like a restart, but its entries are purged.
-                    self.eviction.leases_lost()
-                    self._stats["state_went_back"] += 1
-                    pub.dirty = True
-                    log.warning("Redis %s came back with an older state of writer %s: re-publishing",
-                                self.redis.url, self.writer)
-                if restarted or pub.dirty or st.rebuild != pub.rebuild_seen:
-                    adopt = restarted or st.rebuild != pub.rebuild_seen
-                    if restarted:
-                        self.eviction.leases_lost()
-                        log.warning("Redis %s restarted or was emptied: re-publishing writer %s",
-                                    self.redis.url, self.writer)
-                    dirty, pub.dirty = pub.dirty, False
-                    try:
-                        pub.republish(purge=dirty and not restarted)
-                        if st.went_back:
-                            self.redis.resync(self.writer)
-                    except BaseException:
-                        pub.dirty = pub.dirty or dirty
-                        raise
-                    if adopt:
-                        self._stats["adopted"] += adopt_dead_writers(self.shared_dir, self.writer, self.redis)
-                else:
-                    pub.audit()
-                self.eviction.process_retired()
-            except self._errors as e:
-                self._stats["redis_errors"] += 1
-                log.debug("housekeeping: Redis unreachable: %s", e)
-            except ClosedError:
-                return
-            except Exception:   # never let the thread die: a missed pass is retried next tick
-                log.exception("shared-mode housekeeping failed")
-            self.eviction.release_quarantine()
 
     # -- puts ---------------------------------------------------------------------------------
     def batched_submit_put_task(self, keys: Sequence[CacheEngineKey],
@@ -512,8 +464,7 @@ class SharedDiskBackend(StorageBackendInterface):
             self._closing = True
             self._cond.wait_for(lambda: self._ops == 0)
         self.pub.closing = True
-        self._stop.set()
-        self._thread.join()
+        self.housekeeper.stop()
         self._prefetch.shutdown(wait=True)
         self.remote.drain()
         try:

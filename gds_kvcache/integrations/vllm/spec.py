@@ -13,41 +13,24 @@ Keys read from ``kv_connector_extra_config`` (besides vLLM's own
 ``slab_size``
     GB of staging memory per worker (default 0.5): GPU memory for a CUDA
     cache (GDS reads and writes it directly), host memory otherwise.
+
+``settings`` checks them before the model loads (``library_config``).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from vllm.v1.kv_offload.base import CanonicalKVCaches, OffloadingSpec
 from vllm.v1.kv_offload.config import OffloadingConfig
 
-from ...config import CacheEngineConfig
-from ...errors import ConfigError
 from .manager import DiskOffloadingManager, KeyMaker
+from .settings import library_config
 from .worker import DiskOffloadingWorker
 
 __all__ = ["GdsKvCacheSpec", "library_config"]
 
 log = logging.getLogger(__name__)
-
-_PASSED = ("pool_files", "io_engine", "io_threads", "memory_device", "verify_checksums", "io_task_size",
-           "direct_io")
-
-
-def library_config(extra: dict[str, Any]) -> CacheEngineConfig:
-    """The library settings in ``kv_connector_extra_config`` (checked; ``ConfigError`` names the field)."""
-    if not extra.get("local_disk"):
-        raise ConfigError("kv_connector_extra_config.local_disk", extra.get("local_disk"),
-                          "a directory path for the disk tier")
-    if extra.get("max_local_disk_size") in (None, ""):
-        raise ConfigError("kv_connector_extra_config.max_local_disk_size", None, "the disk budget in GB (> 0)")
-    values = {k: extra[k] for k in _PASSED if k in extra}
-    return CacheEngineConfig(local_cpu=False, local_disk=str(extra["local_disk"]),
-                             max_local_disk_size=extra["max_local_disk_size"],
-                             slab_size=extra.get("slab_size", 0.5), **values)
-
 
 class GdsKvCacheSpec(OffloadingSpec):
     """vLLM offloading tier on local NVMe: capacity-bounded, checksummed, persistent across restarts.

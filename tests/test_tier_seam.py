@@ -199,6 +199,10 @@ def test_verified_read_misses_bad_descriptors_alone(tmp_path):
     assert sorted(i for i, _ in res.bad) == [0, 1, 2, 3, 4]
     assert res.objs[:5] == [None] * 5 and torch.equal(res.objs[5].tensor, want[5])
     res.objs[5].ref_count_down()
+    # a well-formed entry copied to another key (an index or Redis entry pointing at another
+    # chunk's bytes) is a miss: every checksum is bound to its key
+    moved = tr.read_verified(alloc, [dataclasses.replace(es[1], key=key(99))])
+    assert moved.objs == [None] and [i for i, _ in moved.bad] == [0]
     healthy = tr.read_verified(alloc, es)
     assert healthy.bad == [] and all(torch.equal(o.tensor, w) for o, w in zip(healthy.objs, want))
     for o in healthy.objs:
@@ -297,3 +301,39 @@ def test_shared_index_alone_looks_up_claims_and_pins(redis_url, tmp_path):
     assert idx.layout("w1", "b1") is None
     assert "torch.cuda" not in sys.modules or not torch.cuda.is_initialized()
     r.close()
+
+
+# -- checksums bound to keys, and the migration of directories written before -------------------------
+def test_directory_of_an_earlier_version_is_migrated_once(tmp_path):
+    import dataclasses
+    from gds_kvcache.kernels.checksum import checksum_host
+    from gds_kvcache.storage.index_log import IndexLog
+    from gds_kvcache.storage.pool_file import KEYED_NAME
+    alloc = SlabMemoryAllocator(8 * MiB, "host")
+    be = LocalDiskBackend(cfg(tmp_path), None, alloc, "cpu")
+    keys = [key(i) for i in range(5)]
+    want = []
+    for k in keys:
+        o = alloc.allocate((2048,), torch.float32)
+        o.tensor.copy_(torch.randn(2048))
+        want.append(o.tensor.clone())
+        be.submit_put_task(k, o).result()
+        o.ref_count_down()
+    be.close()
+    # Rewrite the index as an earlier version wrote it: raw checksums of the bytes, no marker.
+    lg = IndexLog(str(tmp_path))
+    entries, _ = lg.load()
+    raw = [dataclasses.replace(e, checksum=checksum_host(w.numpy().tobytes()))
+           for e, w in zip(sorted(entries, key=lambda e: keys.index(e.key)), want)]
+    lg.snapshot(raw)
+    lg.close()
+    os.unlink(tmp_path / KEYED_NAME)
+    for _ in range(2):           # the first open migrates; the second must not bind them again
+        be = LocalDiskBackend(cfg(tmp_path), None, alloc, "cpu")
+        got = be.batched_get_blocking(keys)
+        assert all(o is not None and torch.equal(o.tensor, w) for o, w in zip(got, want))
+        for o in got:
+            o.ref_count_down()
+        assert (tmp_path / KEYED_NAME).exists() and be.stats["corrupt"] == 0
+        be.close()
+    alloc.close()

@@ -3,19 +3,37 @@
 One ``DiskEntry`` says where one chunk lives in the disk pool and what it is.
 The disk index keeps one per chunk, the on-disk index (``index_log``) records
 their persisted fields, and the vLLM channel hands them across processes.
-This module holds only the type: how its fields are laid out on disk is
+Its ``checksum`` is bound to its ``key`` (``keyed_checksum``): the same bytes
+under another key check differently. This module holds only the type: how its fields are laid out on disk is
 described in ``index_codec``, and what values they may take is checked there
 (``check_entry``) before anything is recorded.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from ..errors import GdsKvCacheError
 from ..key import CacheEngineKey
 
-__all__ = ["DiskEntry", "IndexEntryError"]
+__all__ = ["DiskEntry", "IndexEntryError", "keyed_checksum"]
+
+_MASK = (1 << 64) - 1
+
+
+def keyed_checksum(raw: int, key) -> int:
+    """A chunk's checksum bound to its key: ``raw`` (the bytes' checksum) mixed with a hash of the
+    key (a ``CacheEngineKey`` or its string), so the same bytes under another key check differently.
+
+    What the index, Redis and the vLLM channel record; every read compares against it.
+    """
+    name = key.to_string() if hasattr(key, "to_string") else str(key)
+    x = (raw ^ int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK       # splitmix64's finaliser
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
 
 
 class IndexEntryError(GdsKvCacheError, ValueError):

@@ -10,9 +10,11 @@ checksums are one kernel launch.
 
 Invariants: ``read_verified`` hands out an object only when its descriptor is
 consistent (shape, dtype and byte count agree, the extent lies in the pool),
-its bytes were read without error and (``verify``) their checksum equals the
-descriptor's; everything else is a miss, reported with its reason, and no
-object of a miss outlives the call. It needs no index and no lock: the caller
+its bytes were read without error and (``verify``) their checksum, bound to
+the descriptor's key (``keyed_checksum``), equals the descriptor's; so an
+index or Redis entry that points at another chunk's bytes is a miss too.
+Everything else is a miss, reported with its reason, and no object of a miss
+outlives the call. It needs no index and no lock: the caller
 keeps the extents from reuse while it reads (index pins, leases).
 """
 
@@ -33,8 +35,9 @@ from ..kernels.checksum import checksum_batch
 from ..memory.allocator import MemoryAllocatorInterface
 from ..memory.format import MemoryFormat, str_to_dtype
 from ..memory.obj import MemoryObj
+from .entry import keyed_checksum
 
-__all__ = ["DiskTransfer", "VerifiedRead", "is_no_space", "runs"]
+__all__ = ["DiskTransfer", "VerifiedRead", "is_no_space", "keyed_checksum", "runs"]
 
 log = logging.getLogger(__name__)
 
@@ -154,17 +157,17 @@ class DiskTransfer:
         # The bytes are complete: the producer was waited for (puts) or the engine synchronised (gets).
         return checksum_batch(buf, [(o.offset, o.nbytes) for o in objs], ordered=False)
 
-    def write_checksummed(self, objs: Sequence[MemoryObj], offsets: Sequence[int],
+    def write_checksummed(self, objs: Sequence[MemoryObj], offsets: Sequence[int], keys: Sequence,
                           on_full: Optional[Callable[[], bool]] = None
                           ) -> tuple[list[int], list[Optional[BaseException]]]:
-        """Checksum ``objs`` (one launch) and write them at ``offsets``: (checksums, per object
-        None or the write's error).
+        """Checksum ``objs`` (one launch) and write them at ``offsets``: (checksums bound to
+        ``keys``, per object None or the write's error).
 
         ``on_full`` is called when writes fail for a full file system
         (ENOSPC/EDQUOT); while it returns True (it made room) those writes are
         tried again.
         """
-        sums = self.checksums(objs)
+        sums = [keyed_checksum(c, k) for c, k in zip(self.checksums(objs), keys)]
         errs = self.write(objs, offsets)
         while on_full is not None:
             full = [i for i, e in enumerate(errs) if e is not None and is_no_space(e)]
@@ -224,7 +227,8 @@ class DiskTransfer:
                 sums = self.checksums([objs[j] for j in ok])
                 good = []
                 for j, s in zip(ok, sums):
-                    if s == descs[idx[j]].checksum:
+                    d = descs[idx[j]]
+                    if keyed_checksum(s, d.key) == d.checksum:
                         good.append(j)
                     else:
                         out.bad.append((idx[j], CorruptChunkError("checksum mismatch")))

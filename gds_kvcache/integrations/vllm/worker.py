@@ -269,7 +269,8 @@ class DiskOffloadingWorker(OffloadingWorker):
             for o, (_, b) in zip(objs, todo):
                 pack(self.layers, "mla", self._slots(bid for _, bid in b), o.tensor, check=False)
             self._sync()
-            sums, errs = transfer.write_checksummed(objs, [off for (_, off, _), _ in todo])
+            sums, errs = transfer.write_checksummed(objs, [off for (_, off, _), _ in todo],
+                                                    [key for (key, _, _), _ in todo])
             for i, (e, s) in enumerate(zip(errs, sums)):
                 if e is None:
                     written[todo[i][0][0]] = stored_fields(objs[i], s)

@@ -9,7 +9,7 @@ import torch
 from gds_kvcache import (CacheEngineConfig, CacheEngineKey, LocalDiskBackend,
                          ShapeMismatchError, SlabMemoryAllocator, StorageFullError, StorageUnavailableError)
 from gds_kvcache.memory import MemoryFormat
-from gds_kvcache.storage.index_log import SLOT
+from gds_kvcache.storage.index_codec import SLOT
 from gds_kvcache.units import GB, MiB, PAGE
 
 from .helpers import random_tensor, run_threads, same_bytes
@@ -318,7 +318,8 @@ def test_threads_put_and_get_at_once(tmp_path):
 
 def test_recovery_gives_overlapping_extents_to_the_newer_chunk(tmp_path):
     """A lost delete record leaves two index entries on one extent: only the newer may own it."""
-    from gds_kvcache.storage.index_log import DiskEntry, IndexLog
+    from gds_kvcache.storage.entry import DiskEntry
+    from gds_kvcache.storage.index_log import IndexLog
 
     be, alloc = make(tmp_path)
     o = put_obj(alloc, (3, PAGE), torch.uint8)
@@ -327,10 +328,14 @@ def test_recovery_gives_overlapping_extents_to_the_newer_chunk(tmp_path):
     o.ref_count_down()
     e = be.entry(key(1))
     be.close()
-    # Forge a newer entry for key 2 claiming the same bytes (key 1's delete record lost).
+    # Forge a newer entry for key 2 claiming the same bytes (key 1's delete record lost), with
+    # its checksum bound to key 2 as a put of those bytes under key 2 would have recorded it.
+    from gds_kvcache.kernels.checksum import checksum_host
+    from gds_kvcache.storage.entry import keyed_checksum
+    csum = keyed_checksum(checksum_host(ref.numpy().tobytes()), key(2))
     log_ = IndexLog(str(tmp_path / "disk"))
     log_.load()
-    log_.append(puts=[DiskEntry(key(2), e.offset, e.nbytes, e.phys_size, e.shape, e.dtype, e.fmt, e.checksum)])
+    log_.append(puts=[DiskEntry(key(2), e.offset, e.nbytes, e.phys_size, e.shape, e.dtype, e.fmt, csum)])
     log_.close()
     be, alloc = make(tmp_path)
     assert be.contains(key(2)) and not be.contains(key(1))

@@ -9,13 +9,15 @@ needs no GPU and no I/O engine, so a scheduler process can run it alone.
 Every method takes the index lock only for in-memory updates and, where a
 record must be down before the state changes, one ``write`` of the records of
 a whole batch (no fsync). Chunk I/O, hole punching and lookup-server calls
-happen outside it, in the disk backend.
+happen outside it, in the disk backend. Which logged chunks survive a reopen
+is decided in ``recovery``, which chunk may be evicted in ``victims``, and
+the index files' share of the disk budget is ``log_reserve``'s arithmetic:
+helpers the index calls with its own state, taking no lock of their own.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -24,17 +26,17 @@ from typing import Iterable, Optional, Sequence
 from ..errors import ClosedError, StorageFullError
 from ..key import CacheEngineKey
 from ..memory.extents import ExtentAllocator
-from ..units import PAGE
-from .index_log import LEGACY_NAME, SNAP_NAME, DiskEntry, IndexLog
-from .pool_file import PoolDirectory, preallocate_keep_size
+from .entry import DiskEntry, keyed_checksum
+from .index_log import IndexLog
+from .eviction import EvictionStrategy, FreeAtOnce
+from .log_reserve import LogReserve
+from .pool_file import PoolDirectory
+from .recovery import recover_entries
+from .victims import largest_hole_without_unread, oldest_unread, still_unread, unread_holding, unread_keys
 
 __all__ = ["DiskIndex", "Reservation", "DiskEntry"]
 
 log = logging.getLogger(__name__)
-
-#: Files of the directory besides pool and index (layout, lock), in blocks the
-#: budget must leave room for.
-_OTHER_FILES = 2 * PAGE
 
 
 @dataclass
@@ -58,13 +60,14 @@ class DiskIndex:
         Bytes of the disk budget the index files may take (the pool has the rest).
     events
         Keep the ordered inserts/removals for ``drain_events`` (a lookup server).
-    owner_frees
-        False: the index evicts LRU chunks itself to make room and frees the
-        extents it drops. True: it never evicts on its own, and every extent it
-        drops (``remove``, ``evict``, a bad chunk, the last reader of a removed
-        chunk) goes to ``drain_retired`` instead of the free list; the owner
-        calls ``free`` once no one else can be reading it (shared mode
-        retracts the chunk from Redis and waits out readers' leases first).
+    eviction
+        When a dropped extent may be reused (``storage.eviction``): None is
+        ``FreeAtOnce`` (the index evicts LRU chunks itself to make room and
+        frees what it drops); a ``DeferredFree`` strategy never lets it evict
+        by itself and keeps every extent it drops (``remove``, ``evict``, a
+        bad chunk, the last reader of a removed chunk) until its owner frees
+        it (shared mode retracts the chunk from Redis and waits out readers'
+        leases first).
 
     Notes
     -----
@@ -75,10 +78,12 @@ class DiskIndex:
     only when its last reader is done.
     """
 
-    def __init__(self, pool: PoolDirectory, reserve: int, events: bool = True, owner_frees: bool = False):
+    def __init__(self, pool: PoolDirectory, reserve: int, events: bool = True,
+                 eviction: Optional[EvictionStrategy] = None):
         self._pool = pool
         self._reserve = reserve
         self._log = IndexLog(pool.path)
+        self._files = LogReserve(self._log, reserve)        # the log's share of the disk budget
         self._space = ExtentAllocator(pool.capacity)
         self._holes = pool.holes()       # allocated for good: no file backs them
         self._entries: OrderedDict[CacheEngineKey, DiskEntry] = OrderedDict()
@@ -88,8 +93,7 @@ class DiskIndex:
         self._events: deque = deque()                      # ("insert" | "remove", key) for the lookup server
         self._track = events
         self._freed_after_compaction: list[int] = []
-        self._owner_frees = owner_frees
-        self._retired: list[DiskEntry] = []                # dropped, not yet freed (owner_frees)
+        self._eviction = eviction if eviction is not None else FreeAtOnce()
         self._closed = False
         self.stats = {"evictions": 0, "index_evictions": 0, "compactions": 0, "dropped_at_open": 0}
 
@@ -105,58 +109,34 @@ class DiskIndex:
         IndexFormatError
             The index is of a newer or foreign format (left untouched).
         """
-        entries, bad = self._log.load()
-        old = self._pool.old_layout
-        if old is not None:
-            entries = self._translate(entries, old)
-        kept = self._resolve_extents(entries)
-        dropped = bad + len(entries) - len(kept)
+        got = recover_entries(self._log, self._pool, self._space.capacity)
+        kept, dropped = got.entries, got.dropped
+        migrate = not self._pool.checksums_keyed
+        if migrate:
+            # Written before checksums were bound to their keys: bind them now, once, in memory;
+            # the snapshot below makes it durable and the layout file then says so. (A crash
+            # between the two re-binds at the next open: every chunk a miss, never wrong bytes.)
+            for e in kept:
+                e.checksum = keyed_checksum(e.checksum, e.key)
         self._space.rebuild({**self._holes, **{e.offset: e.phys_size for e in kept}})
-        kept.sort(key=lambda e: e.seq)
         self._entries.update((e.key, e) for e in kept)
         if self._track:
             self._events.extend(("insert", e.key) for e in kept)
-        fresh = not os.path.exists(os.path.join(self._pool.path, SNAP_NAME))
-        legacy = os.path.exists(os.path.join(self._pool.path, LEGACY_NAME))
-        if dropped or old is not None or fresh or legacy or self._log.records != len(kept):
-            self._snapshot_locked(kept)
+        if got.rewrite or migrate:
+            self._files.snapshot(kept)
+            if migrate:
+                self._pool.mark_checksums_keyed()
+                log.info("index of %s: %d checksum(s) bound to their keys", self._pool.path, len(kept))
         else:
             # A clean reopen: the log just continues (a snapshot of millions
             # of entries would double the restart time for nothing).
-            self._reserve_log_room()
+            self._files.preallocate()
         self.stats["dropped_at_open"] = dropped
         if dropped:
             log.warning("index of %s: %d unusable or out-of-pool record(s) dropped", self._pool.path, dropped)
         log.info("disk tier %s: %d chunk(s) recovered, %d of %d pool bytes used",
                  self._pool.path, len(kept), self._space.used, self._space.capacity)
         return sorted(self._space.free_extents().items())  # holes are allocated: never listed
-
-    def _translate(self, entries: list[DiskEntry], old: tuple[int, int, int]) -> list[DiskEntry]:
-        """Entries that keep their place under this layout: the same file count and unit (a budget
-        change) keeps every chunk still inside the files; a version-1 layout (unit 0) maps nothing."""
-        files, _, unit = old
-        if (files, unit) != (self._pool.stripes, self._pool.unit):
-            return []
-        return entries
-
-    def _resolve_extents(self, entries: list[DiskEntry]) -> list[DiskEntry]:
-        """Entries whose extents lie in the pool and overlap no other, in one sweep by offset.
-
-        Where two claim overlapping bytes only the newer (higher seq) can own them.
-        """
-        cap = self._space.capacity
-        kept: list[DiskEntry] = []
-        for e in sorted(entries, key=lambda e: e.offset):
-            if e.offset % PAGE or e.offset + e.phys_size > cap or not self._pool.fits(e.offset, e.phys_size):
-                continue
-            if kept and kept[-1].offset + kept[-1].phys_size > e.offset:
-                loser = kept[-1] if kept[-1].seq < e.seq else e
-                log.warning("dropping index entry %s: its extent overlaps a newer chunk's", loser.key.to_string())
-                if loser is e:
-                    continue
-                kept.pop()
-            kept.append(e)
-        return kept
 
     # -- lookups -----------------------------------------------------------
     def contains(self, key: CacheEngineKey) -> bool:
@@ -236,8 +216,11 @@ class DiskIndex:
                     off = self._allocate_evicting_locked(n)
                     if off is None:
                         res.errors[k] = StorageFullError(
-                            f"no room for a {n}-byte chunk in the {self._space.capacity}-byte pool: the "
-                            "space is held by puts in flight and chunks being read")
+                            f"no room for a {n}-byte chunk in the {self.capacity}-byte pool "
+                            f"({self.capacity - self.used} bytes free, the largest free run "
+                            f"{self._space.largest_free()} bytes): the rest is held by puts in flight "
+                            "and chunks being read" + ("" if self._eviction.evicts_inline else
+                                                       " or leased by other processes"))
                         continue
                     res.keys.append(k)
                     res.offsets.append(off)
@@ -245,17 +228,6 @@ class DiskIndex:
             for k, off in zip(res.keys, res.offsets):
                 self._pending[k] = off
         return res
-
-    def _largest_hole_without_evictable_locked(self) -> int:
-        """The largest free run the pool would have if every chunk nobody reads were evicted."""
-        evictable = {e.offset for e in self._entries.values() if e.readers == 0}
-        best, pos = 0, 0
-        for o, n in sorted(self._space.extents().items()):
-            if o in evictable:
-                continue
-            best = max(best, o - pos)
-            pos = o + n
-        return max(best, self._space.capacity - pos)
 
     def _never_fits_locked(self, nbytes: int) -> Optional[str]:
         if nbytes > self.capacity:
@@ -265,14 +237,14 @@ class DiskIndex:
 
     def _allocate_evicting_locked(self, nbytes: int) -> Optional[int]:
         off = self._space.allocate(nbytes)
-        if off is not None or self._owner_frees:
+        if off is not None or not self._eviction.evicts_inline:
             return off
         # Evict only if that can work: the pool must have a hole of nbytes
         # once every chunk nobody reads is gone (in-flight puts and chunks
         # being read stay where they are).
-        if self._largest_hole_without_evictable_locked() < nbytes:
+        if largest_hole_without_unread(self._entries, self._space) < nbytes:
             return None
-        for victim in [k for k, e in self._entries.items() if e.readers == 0]:
+        for victim in unread_keys(self._entries):
             self._drop_locked(victim, free=True)
             self.stats["evictions"] += 1
             off = self._space.allocate(nbytes)
@@ -321,14 +293,12 @@ class DiskIndex:
     def _make_index_room_locked(self, adding: int) -> None:
         """Keep index files within their reserve: compact when dead records pile up, and evict
         LRU chunks when even the live index would not fit (many tiny chunks)."""
-        half = (self._reserve - _OTHER_FILES) // 2
-        # Two snapshots coexist for a moment during compaction, hence half.
-        if self._log.bytes + IndexLog.size_of(adding) + IndexLog.size_of(1) <= half:
+        if self._files.has_room(adding):
             return
         live = len(self._entries)
-        # An owner that frees evicts ahead of the put (``over_reserve``); here only compaction.
-        while live and not self._owner_frees and IndexLog.size_of(live + adding) + IndexLog.size_of(1) > half:
-            victim = next((k for k, e in self._entries.items() if e.readers == 0), None)
+        # A strategy that does not evict inline evicts ahead of the put (``over_reserve``).
+        while live and self._eviction.evicts_inline and not self._files.fits(live + adding):
+            victim = oldest_unread(self._entries)
             if victim is None:
                 break
             # No delete record: the snapshot below leaves it out, and the
@@ -341,24 +311,11 @@ class DiskIndex:
             self.stats["index_evictions"] += 1
         self._compact_locked()
 
-    def _snapshot_locked(self, entries) -> None:
-        self._log.snapshot(entries)
-        self._reserve_log_room()
-
-    def _reserve_log_room(self) -> None:
-        # Give the log its blocks now (within the index reserve), so an
-        # append never meets a full file system: the put that needs it has
-        # its bytes written already, and failing it then would waste them.
-        half = (self._reserve - _OTHER_FILES) // 2
-        room = half - self._log.bytes
-        if room > 0 and not preallocate_keep_size(self._log.log_path, room):
-            log.debug("could not preallocate %d bytes for %s", room, self._log.log_path)
-
     def _compact_locked(self) -> None:
         # Rare (after about as many dead records as live ones) and bounded by
         # the reserve; it runs under the lock so no append can slip between
         # the snapshot and the new log.
-        self._snapshot_locked(self._entries.values())
+        self._files.snapshot(self._entries.values())
         self.stats["compactions"] += 1
         for off in self._freed_after_compaction:
             self._space.free_extent(off)
@@ -410,10 +367,8 @@ class DiskIndex:
         return e
 
     def _release_locked(self, e: DiskEntry) -> None:
-        """An extent no local reader uses any more: free now, or hand it to the owner."""
-        if self._owner_frees:
-            self._retired.append(e)
-        else:
+        """An extent no local reader uses any more: free now, or as the strategy says."""
+        if self._eviction.retire(e):
             self._space.free_extent(e.offset)
 
     def remove(self, key: CacheEngineKey) -> tuple[bool, Optional[tuple[int, int]]]:
@@ -426,18 +381,19 @@ class DiskIndex:
             if key in self._pending:
                 self._cancelled.add(key)
                 return True, None
-            e = self._drop_locked(key, free=self._owner_frees)
+            deferred = not self._eviction.evicts_inline
+            e = self._drop_locked(key, free=deferred)
             if e is None:
                 return False, None
-            if e.doomed or self._owner_frees:
+            if e.doomed or deferred:
                 return True, None
             return True, (e.offset, e.phys_size)
 
     def evict_one(self) -> Optional[tuple[CacheEngineKey, int, int]]:
         """Drop the LRU chunk nobody reads (the file system is full); (key, offset, size) to punch then ``free``."""
-        assert not self._owner_frees, "with owner_frees the owner evicts (eviction_candidates, evict)"
+        assert self._eviction.evicts_inline, "a deferring strategy evicts itself (eviction_candidates, evict)"
         with self._lock:
-            victim = next((k for k, e in self._entries.items() if e.readers == 0), None)
+            victim = oldest_unread(self._entries)
             if victim is None:
                 return None
             e = self._drop_locked(victim, free=False)
@@ -448,29 +404,21 @@ class DiskIndex:
         with self._lock:
             self._space.free_extent(offset)
 
-    # -- eviction by the owner (owner_frees) ---------------------------------------
+    # -- eviction by a strategy that does not evict inline (DeferredFree) -----------
     def eviction_candidates(self, nbytes: int, count: int = 0) -> list[DiskEntry]:
         """LRU chunks nobody reads here, oldest first, until they hold ``nbytes`` and number at
         least ``count`` (fewer if the pool has no more). Nothing is dropped: see ``evict``."""
-        out: list[DiskEntry] = []
-        got = 0
         with self._lock:
-            for e in self._entries.values():
-                if got >= nbytes and len(out) >= count:
-                    break
-                if e.readers == 0:
-                    out.append(e)
-                    got += e.phys_size
-        return out
+            return unread_holding(self._entries, nbytes, count)
 
     def evict(self, entries: Sequence[DiskEntry]) -> list[DiskEntry]:
         """Drop those of ``entries`` that are still current and unread, with one delete append.
 
-        Returns the entries dropped (with ``owner_frees`` they are retired, else freed)."""
+        Returns the entries dropped (retired or freed, as the strategy says)."""
         with self._lock:
             if self._closed:
                 raise ClosedError("disk index is closed")
-            gone = [e for e in entries if self._entries.get(e.key) is e and e.readers == 0]
+            gone = still_unread(entries, self._entries)
             if gone:
                 self._log.append(dels=[e.key for e in gone])
             for e in gone:
@@ -480,41 +428,10 @@ class DiskIndex:
 
     def over_reserve(self, adding: int) -> int:
         """How many chunks must go so that the index, with ``adding`` more, fits its reserve
-        (what the index evicts by itself unless ``owner_frees``)."""
-        half = (self._reserve - _OTHER_FILES) // 2
+        (what the index evicts by itself when its strategy evicts inline)."""
         with self._lock:
             live = len(self._entries)
-        if IndexLog.size_of(live + adding) + IndexLog.size_of(1) <= half:
-            return 0
-        lo, hi = 0, live           # the most chunks that may stay: lo fits (or is 0), hi + 1 does not
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if IndexLog.size_of(mid + adding) + IndexLog.size_of(1) <= half:
-                lo = mid
-            else:
-                hi = mid - 1
-        return live - lo
-
-    def requeue_retired(self, entries: Sequence[DiskEntry]) -> None:
-        """Put back retired entries the owner could not release yet (Redis unreachable)."""
-        with self._lock:
-            self._retired[:0] = entries
-
-    def drain_retired_of(self, entries: Sequence[DiskEntry]) -> list[DiskEntry]:
-        """Take ``entries`` off the retired list (those on it): an owner that retracted them
-        already frees them itself, leaving other retired entries to ``drain_retired``."""
-        want = {id(e) for e in entries}
-        with self._lock:
-            out = [e for e in self._retired if id(e) in want]
-            self._retired = [e for e in self._retired if id(e) not in want]
-        return out
-
-    def drain_retired(self) -> list[DiskEntry]:
-        """Extents dropped since the last call and not yet freed (``owner_frees``): the owner
-        calls ``free(e.offset)`` for each once no other process can be reading it."""
-        with self._lock:
-            out, self._retired = self._retired, []
-        return out
+        return self._files.excess(live, adding)
 
     # -- lookup-server events -------------------------------------------------
     def track_events(self, on: bool) -> None:
@@ -556,6 +473,6 @@ class DiskIndex:
             self._closed = True
             try:
                 if self._log.records != len(self._entries):
-                    self._log.snapshot(self._entries.values())
+                    self._files.compact_at_close(self._entries.values(), self._pool.path)
             finally:
                 self._log.close()

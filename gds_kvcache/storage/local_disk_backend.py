@@ -3,51 +3,47 @@
 A thin facade: ``DiskIndex`` decides which chunk lives where (and owns
 recovery, eviction and the index files); ``DiskTransfer`` moves a batch of
 chunks in few large transfers through an ``IOEngine`` and checksums them in
-one launch. This module adds what joins them: batching, the put and get
-thread pools, lifetime (``close`` drains every call in flight), hole punching
-and the lookup server, all outside the index lock.
+one launch. This module adds what joins them: batching and the put and get
+thread pools, outside the index lock. Its helpers each hold one idea:
+``disk_catalog`` (the base class: lookups that move no bytes), ``pool_open``
+(opening a directory, all or nothing), ``call_gate`` (lifetime: ``close``
+drains every call in flight), ``holes`` (hole punching), ``lookup_events``
+(the lookup server) and ``checks`` (argument checks).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional, Sequence
 
 import torch
 
 from ..config import CacheEngineConfig
-from ..errors import ClosedError, GdsKvCacheError, KeyFormatError, ShapeMismatchError
-from ..io import IOPathReport, open_engine
+from ..errors import GdsKvCacheError
 from ..kernels.checksum import checksum_host, warmup_cuda
 from ..key import CacheEngineKey
 from ..memory.allocator import MemoryAllocatorInterface
 from ..memory.format import check_dtype, check_shape, dtype_to_str
 from ..memory.obj import MemoryObj
-from .abstract_backend import StorageBackendInterface
-from .disk_index import DiskEntry, DiskIndex
+from .call_gate import CallGate
+from .checks import check_chunks, check_keys, key_from_path
+from .disk_catalog import DiskCatalog
+from .disk_index import DiskEntry
 from .eviction import EvictionStrategy, FreeAtOnce
+from .lookup_events import LookupEvents
 from .lookup_server import LookupServerInterface
-from .pool_file import PoolDirectory, PoolLayout, index_reserve, punch_hole
+from .pool_open import open_pool
 from .transfer import DiskTransfer
 
-__all__ = ["LocalDiskBackend", "check_keys"]
+__all__ = ["LocalDiskBackend", "check_keys"]   # check_keys: re-exported from ``checks``
 
 log = logging.getLogger(__name__)
 
 
-def check_keys(keys: Sequence) -> None:
-    """Raise ``KeyFormatError`` unless every key is a ``CacheEngineKey``."""
-    for k in keys:
-        if not isinstance(k, CacheEngineKey):
-            raise KeyFormatError(f"a key must be a CacheEngineKey, got {type(k).__name__} {k!r}")
-
-
-class LocalDiskBackend(StorageBackendInterface):
-    """The disk tier.
+class LocalDiskBackend(DiskCatalog):
+    """The disk tier (its lookups that move no bytes: ``DiskCatalog``).
 
     Parameters
     ----------
@@ -87,47 +83,26 @@ class LocalDiskBackend(StorageBackendInterface):
                  memory_allocator: MemoryAllocatorInterface, dst_device: str = "cuda",
                  lookup_server: Optional[LookupServerInterface] = None,
                  eviction: Optional[EvictionStrategy] = None):
-        super().__init__(dst_device)
         if config.local_disk is None:
             raise GdsKvCacheError("LocalDiskBackend needs config.local_disk")
         self.config = config
         self.loop = loop
         self.memory_allocator = memory_allocator
-        self._lookup = lookup_server
         self.eviction = eviction if eviction is not None else FreeAtOnce()
         self.verify = config.verify_checksums
         self._buffer = memory_allocator.buffer
-        self._dir = PoolDirectory(config.local_disk, config.disk_bytes, config.pool_files, config.preallocate)
-        self.index: Optional[DiskIndex] = None
-        self._engine = None
-        try:
-            self.index = DiskIndex(self._dir, index_reserve(config.disk_bytes), events=lookup_server is not None,
-                                   eviction=self.eviction)
-            self.eviction.attach(self.index, self._punch)
-            free = self.index.recover()
-            self._engine = open_engine(self._dir.pool_paths, config, memory_allocator.kind, self._dir.stripe_bytes)
-            self._engine.attach(self._buffer)
-            if self.eviction.evicts_inline:
-                # A deferring owner frees only once other processes' leases on an extent ended,
-                # which it cannot know yet: it reuses (and overwrites) the free extents later.
-                self._punch_free(free)
-        except BaseException:
-            self._abort_open()
-            raise
+        opened = open_pool(config, memory_allocator, self.eviction, events=lookup_server is not None)
+        super().__init__(dst_device, opened)
+        self._holes = opened.holes
         self._transfer = DiskTransfer(self._engine, self._dir)
         # Separate pools: a read waiting for slab room can never hold up the
         # write that would free it, and the reverse.
         self._writer = ThreadPoolExecutor(config.io_threads, thread_name_prefix="gds-kvcache-put")
         self._reader = ThreadPoolExecutor(config.io_threads, thread_name_prefix="gds-kvcache-get")
-        self._cond = threading.Condition()
-        self._ops = 0
-        self._puts_in_flight = 0
-        self._put_generation = 0
-        self._closing = False
-        self._closed = False
-        self._notify_lock = threading.Lock()
-        self._stats = {"puts": 0, "gets": 0, "hits": 0, "corrupt": 0, "put_errors": 0, "lookup_errors": 0}
-        self._notify()
+        self._gate = CallGate(f"disk backend on {self._dir.path}")
+        self._events = LookupEvents(self.index, lookup_server)
+        self._stats = {"puts": 0, "gets": 0, "hits": 0, "corrupt": 0, "put_errors": 0}
+        self._events.deliver()
         # Compile (or load from Numba's cache) the checksum kernel now rather
         # than inside the first put's timing.
         if memory_allocator.device.type == "cuda":
@@ -135,121 +110,28 @@ class LocalDiskBackend(StorageBackendInterface):
         else:
             checksum_host(b"warm")
 
-    def _abort_open(self) -> None:
-        try:
-            if self._engine is not None:
-                self._engine.close()
-            if self.index is not None:
-                self.index.close()
-        except Exception as e:  # the original error is the one to report
-            log.warning("cleanup after a failed open of %s: %s", self._dir.path, e)
-        finally:
-            self._dir.release()
-
-    def _punch_free(self, free: list[tuple[int, int]]) -> None:
-        """Give blocks of interrupted writes back to the file system (unless preallocated)."""
-        if self.config.preallocate or not self._engine.punch_ok:
-            return
-        fds = [os.open(p, os.O_RDWR) for p in self._dir.pool_paths]
-        try:
-            for start, size in free:
-                for f, local, _, n in self._dir.pieces(start, size):
-                    punch_hole(fds[f], local, n)
-        finally:
-            for fd in fds:
-                os.close(fd)
-
-    def _punch(self, offset: int, size: int) -> None:
-        if self.config.preallocate or not self._engine.punch_ok:
-            return
-        for f, local, _, n in self._dir.pieces(offset, size):
-            path = self._dir.pool_paths[f]
-            try:
-                fd = os.open(path, os.O_RDWR)
-            except OSError as e:
-                log.warning("cannot punch %s: %s", path, e)
-                return
-            try:
-                punch_hole(fd, local, n)
-            finally:
-                os.close(fd)
-
-    # -- lifetime -----------------------------------------------------------
-    def _enter(self, n: int = 1) -> None:
-        with self._cond:
-            if self._closing:
-                raise ClosedError(f"disk backend on {self._dir.path} is closed")
-            self._ops += n
-
-    def _exit(self, n: int = 1) -> None:
-        with self._cond:
-            self._ops -= n
-            if self._ops == 0:
-                self._cond.notify_all()
-
+    # -- the lookup server and counters ------------------------------------------
     @property
     def lookup_server(self) -> Optional[LookupServerInterface]:
-        return self._lookup
+        return self._events.server
 
     @lookup_server.setter
     def lookup_server(self, server: Optional[LookupServerInterface]) -> None:
         """Attach (or detach) a lookup server after construction; it hears of changes from then on."""
-        self._lookup = server
-        if self.index is not None:
-            self.index.track_events(server is not None)
-
-    def _notify(self) -> None:
-        """Pass index inserts/removals to the lookup server, in order, outside the index lock.
-
-        One thread at a time delivers; a caller that finds another delivering
-        returns at once (that thread delivers its events too), so a slow
-        lookup server never holds up a get or a put.
-        """
-        if self._lookup is None:
-            self.index.drain_events()
-            return
-        while self.index.has_events():
-            if not self._notify_lock.acquire(blocking=False):
-                return  # the holder re-checks for events after it lets go
-            try:
-                for op, key in self.index.drain_events():
-                    try:
-                        (self._lookup.insert if op == "insert" else self._lookup.remove)(key)
-                    except Exception as e:  # advisory: never changes what is stored here
-                        self._stats["lookup_errors"] += 1
-                        log.warning("lookup server %s of %s failed: %s", op, key.to_string(), e)
-            finally:
-                self._notify_lock.release()
+        self._events.attach(server)
 
     @property
     def stats(self) -> dict:
         out = dict(self._stats)
+        out["lookup_errors"] = self._events.errors
         out.update(self.index.stats)
         out.update(self._transfer.stats)
         return out
 
     # -- puts ------------------------------------------------------------------
-    def contains(self, key: CacheEngineKey) -> bool:
-        return self.index.contains(key)
-
-    def batched_contains(self, keys: Sequence[CacheEngineKey]) -> int:
-        """How many of ``keys``, from the first, are stored (the hit prefix)."""
-        return self.index.prefix_length(keys)
-
-    def exists_in_put_tasks(self, key: CacheEngineKey) -> bool:
-        return self.index.in_flight(key)
-
     def check_objs(self, objs: Sequence[MemoryObj]) -> None:
         """Raise unless every object can be stored here (live, non-empty, in this backend's slab)."""
-        for o in objs:
-            if not isinstance(o, MemoryObj):
-                raise GdsKvCacheError(f"a chunk must be a MemoryObj, got {type(o).__name__}")
-            if not o.valid:
-                raise GdsKvCacheError(f"{o!r} was already freed")
-            if o.nbytes <= 0:
-                raise ShapeMismatchError(f"cannot store an empty chunk (shape {tuple(o.shape)})")
-            if o.slab is not self._buffer:
-                raise GdsKvCacheError("the chunk was not allocated from this backend's memory_allocator")
+        check_chunks(objs, self._buffer)
 
     def batched_submit_put_task(self, keys: Sequence[CacheEngineKey],
                                 objs: Sequence[MemoryObj]) -> list[Optional[Future]]:
@@ -276,7 +158,7 @@ class LocalDiskBackend(StorageBackendInterface):
             raise GdsKvCacheError(f"{len(keys)} keys but {len(objs)} objects")
         check_keys(keys)
         self.check_objs(objs)
-        self._enter()
+        self._gate.enter()
         try:
             self.eviction.make_room(sum(o.phys_size for o in objs), len(objs))
             res = self.index.reserve(keys, [o.phys_size for o in objs])
@@ -294,13 +176,11 @@ class LocalDiskBackend(StorageBackendInterface):
                 mine = [Future() for _ in res.keys]
                 futs.update(zip(res.keys, mine))
                 ready = self._producer_done(batch[0])
-                with self._cond:
-                    self._ops += 1
-                    self._puts_in_flight += 1
+                self._gate.put_started()
                 self._writer.submit(self._write_batch, res.keys, batch, res.offsets, mine, ready)
         finally:
-            self._exit()
-        self._notify()
+            self._gate.exit()
+        self._events.deliver()
         out: list[Optional[Future]] = []
         for k in keys:
             out.append(futs.pop(k, None))  # a repeated key gets None the second time
@@ -325,7 +205,7 @@ class LocalDiskBackend(StorageBackendInterface):
         try:
             if ready is not None:
                 ready.synchronize()
-            csums, errs = self._transfer.write_checksummed(objs, offsets, on_full=self._on_full)
+            csums, errs = self._transfer.write_checksummed(objs, offsets, keys, on_full=self._on_full)
             done, failed = [], []
             for i, (k, o, off, err) in enumerate(zip(keys, objs, offsets, errs)):
                 if err is None:
@@ -342,10 +222,7 @@ class LocalDiskBackend(StorageBackendInterface):
         finally:
             for o in objs:
                 o.ref_count_down()
-            with self._cond:
-                self._puts_in_flight -= 1
-                self._put_generation += 1
-                self._cond.notify_all()
+            self._gate.put_finished()
         n_ok = 0
         for k, f, r in zip(keys, futs, results):
             if isinstance(r, BaseException):
@@ -357,9 +234,9 @@ class LocalDiskBackend(StorageBackendInterface):
         self._stats["puts"] += n_ok
         self._stats["put_errors"] += len(keys) - n_ok
         try:
-            self._notify()
+            self._events.deliver()
         finally:
-            self._exit()
+            self._gate.exit()
 
     def _on_full(self) -> bool:
         """The file system is full: the strategy makes room (True) or cannot (False)."""
@@ -388,12 +265,12 @@ class LocalDiskBackend(StorageBackendInterface):
         """
         keys = list(keys)
         check_keys(keys)
-        self._enter()
+        self._gate.enter()
         try:
             return self._read(keys)
         finally:
-            self._exit()
-            self._notify()
+            self._gate.exit()
+            self._events.deliver()
 
     def _read(self, keys, want=None) -> list[Optional[MemoryObj]]:
         entries = self.index.begin_read(keys)
@@ -436,147 +313,81 @@ class LocalDiskBackend(StorageBackendInterface):
         return self._submit_read([key], 0)
 
     def _submit_read(self, keys, single: Optional[int]) -> Future:
-        self._enter()  # held until the read is done, so close() waits for it
+        self._gate.enter()  # held until the read is done, so close() waits for it
 
         def job():
             try:
                 objs = self._read(keys)
             finally:
-                self._exit()
-                self._notify()
+                self._gate.exit()
+                self._events.deliver()
             return objs if single is None else objs[single]
 
         try:
             return self._reader.submit(job)
         except BaseException:
-            self._exit()
+            self._gate.exit()
             raise
-
-    def _key_from_path(self, path: str) -> CacheEngineKey:
-        name = os.path.basename(str(path))
-        try:
-            return CacheEngineKey.from_string(name)
-        except KeyFormatError as e:
-            raise KeyFormatError(f"{path!r} names no chunk of this backend: {e}") from None
 
     def _load(self, key, dtype, shape) -> Optional[MemoryObj]:
         if dtype is not None:
             check_dtype(dtype)
         if shape is not None:
             shape = check_shape(shape)
-        self._enter()
+        self._gate.enter()
         try:
             return self._read([key], (dtype, shape))[0]
         finally:
-            self._exit()
-            self._notify()
+            self._gate.exit()
+            self._events.deliver()
 
     def load_bytes_from_disk(self, path: str, dtype: torch.dtype, shape) -> Optional[MemoryObj]:
         """Load the chunk named ``path`` (its key string) as ``shape``/``dtype``.
 
         Raises ``ShapeMismatchError`` if they do not match the stored bytes.
         """
-        return self._load(self._key_from_path(path), dtype, shape)
+        return self._load(key_from_path(path), dtype, shape)
 
     def load_disk(self, path: str, backend: str = "bytes", dtype: Optional[torch.dtype] = None,
                   shape=None) -> Optional[MemoryObj]:
         """Load the chunk named ``path``; ``backend`` must be ``bytes`` (the only on-disk format)."""
         if backend != "bytes":
             raise GdsKvCacheError(f"load_disk backend {backend!r} not supported; use 'bytes'")
-        return self._load(self._key_from_path(path), dtype, shape)
+        return self._load(key_from_path(path), dtype, shape)
 
     async def async_load_bytes_from_disk(self, path: str, dtype: torch.dtype, shape) -> Optional[MemoryObj]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._reader, self.load_bytes_from_disk, path, dtype, shape)
 
-    # -- management ------------------------------------------------------------------
+    # -- removal and lifetime ----------------------------------------------------------
     def remove(self, key: CacheEngineKey) -> bool:
         """Drop ``key`` (and give its blocks back to the file system); True if it was there."""
         check_keys([key])
-        self._enter()
+        self._gate.enter()
         try:
             was, extent = self.index.remove(key)
             if extent is not None:
-                self._punch(*extent)  # before the extent can be handed out again
+                self._holes.punch(*extent)  # before the extent can be handed out again
                 self.index.free(extent[0])
             return was
         finally:
-            self._exit()
-            self._notify()
-
-    def batched_exists(self, keys: Sequence[CacheEngineKey]) -> list[bool]:
-        """Per key, whether it is stored (not only the hit prefix)."""
-        check_keys(keys)
-        return [self.index.contains(k) for k in keys]
-
-    def keys(self) -> list[CacheEngineKey]:
-        return self.index.keys()
-
-    def entry(self, key: CacheEngineKey) -> Optional[DiskEntry]:
-        return self.index.entry(key)
-
-    def entry_size(self, key: CacheEngineKey) -> int:
-        """Slab bytes a read of ``key`` takes (0 if it is not stored)."""
-        e = self.index.entry(key)
-        return 0 if e is None else e.phys_size
-
-    @property
-    def path(self) -> str:
-        return self._dir.path
-
-    @property
-    def pool_paths(self) -> list[str]:
-        return list(self._dir.pool_paths)
-
-    @property
-    def layout(self) -> PoolLayout:
-        """This directory's pool layout (what readers of its files in other processes need)."""
-        return self._dir.layout
-
-    def locate(self, offset: int) -> tuple[str, int]:
-        """(pool file, offset in it) of a chunk's logical offset (``entry(key).offset``)."""
-        return self._dir.locate(offset)
-
-    @property
-    def used_bytes(self) -> int:
-        return self.index.used
-
-    @property
-    def capacity_bytes(self) -> int:
-        return self.index.capacity
-
-    def disk_usage(self) -> int:
-        return self._dir.disk_usage()
-
-    def io_report(self) -> IOPathReport:
-        return self._engine.report()
+            self._gate.exit()
+            self._events.deliver()
 
     def wait_for_puts(self, timeout: Optional[float] = None) -> bool:
         """Wait until no put is in flight; False if ``timeout`` passed first."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._puts_in_flight == 0, timeout)
+        return self._gate.wait_for_puts(timeout)
 
     def wait_for_put_progress(self, timeout: float) -> bool:
         """Wait (at most ``timeout`` s) until some put in flight finishes; False if none was in flight
         or none finished in time. The storage manager's back-pressure for stores."""
-        with self._cond:
-            if self._puts_in_flight == 0:
-                return False
-            gen = self._put_generation
-            return self._cond.wait_for(lambda: self._put_generation != gen, timeout)
-
-    def memcheck(self) -> bool:
-        return self.index.memcheck()
+        return self._gate.wait_for_put_progress(timeout)
 
     def close(self) -> None:
         """Refuse new calls, finish those in flight (puts included), snapshot the index and
         release the directory, which is released even if a step before fails."""
-        with self._cond:
-            if self._closed:
-                return
-            self._closing = True
-            self._cond.wait_for(lambda: self._ops == 0)
-            self._closed = True
+        if not self._gate.close():
+            return
         try:
             self._writer.shutdown(wait=True)
             self._reader.shutdown(wait=True)

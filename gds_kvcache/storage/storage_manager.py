@@ -1,11 +1,16 @@
-"""``StorageManager``: the hot tier in front of the disk tier, over one slab allocator."""
+"""``StorageManager``: the hot tier in front of the disk tier, over one slab allocator.
+
+It routes stores, lookups and loads across the tiers and keeps the hot tier
+filled from disk reads and prefetches. Invariant: ``remove`` wins over a
+read racing it (a chunk read before the remove is never cached after it).
+Slab room (the store side waits, the read side never does) is
+``back_pressure``'s.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
-import time
 from collections import OrderedDict
 from concurrent.futures import Future
 from typing import List, Optional, Sequence
@@ -16,14 +21,14 @@ from ..config import CacheEngineConfig, CacheEngineMetadata
 from ..errors import ClosedError, GdsKvCacheError
 from ..io import IOPathReport
 from ..key import CacheEngineKey
-from ..memory.allocator import MemoryAllocatorInterface, SlabMemoryAllocator, allocate_batch
+from ..memory.allocator import MemoryAllocatorInterface, SlabMemoryAllocator
 from ..memory.buffers import resolve_memory_device
 from ..memory.format import MemoryFormat, check_dtype, check_shape
 from ..memory.obj import MemoryObj
-from ..units import PAGE, align_up
 from .abstract_backend import StorageBackendInterface
+from .back_pressure import allocate_waiting, room_for_reads
+from .checks import check_keys
 from .hot_backend import LocalCPUBackend
-from .local_disk_backend import check_keys
 from .lookup_server import LookupServerInterface
 from .tier_factory import CreateStorageBackends
 
@@ -122,41 +127,8 @@ class StorageManager:
         shapes = [check_shape(s) for s in shapes]
         if not shapes:
             return []
-        dtypes, fmts = [dtype] * len(shapes), [fmt] * len(shapes)
-        need = sum(align_up(max(1, math.prod(s) * dtype.itemsize), PAGE) for s in shapes)
-        deadline = time.monotonic() + self.store_wait_s
-        while True:
-            objs = allocate_batch(self.allocator, shapes, dtypes, fmts)
-            if len(objs) == len(shapes) or not eviction:
-                return objs
-            for o in objs:
-                o.ref_count_down()
-            cap = self.allocator.capacity
-            if need > cap:
-                # The whole batch can never fit: aim for the longest prefix that can.
-                sizes = [align_up(max(1, math.prod(s) * dtype.itemsize), PAGE) for s in shapes]
-                k, need = 0, 0
-                while k < len(sizes) and need + sizes[k] <= cap:
-                    need += sizes[k]
-                    k += 1
-                if k == 0:
-                    return []
-                shapes, dtypes, fmts = shapes[:k], dtypes[:k], fmts[:k]
-                continue
-            if self.hot is not None and self.hot.evict_unused(need) > 0:
-                continue
-            left = deadline - time.monotonic()
-            if left <= 0 or self.disk is None or not self.disk.wait_for_put_progress(left):
-                return allocate_batch(self.allocator, shapes, dtypes, fmts)
-
-    def _room_for_reads(self, keys: Sequence[CacheEngineKey]) -> None:
-        """Drop unheld hot-tier chunks so the disk reads of ``keys`` find slab room (never waits)."""
-        if self.hot is None or self.disk is None:
-            return
-        need = sum(self.disk.entry_size(k) for k in keys)
-        free = self.allocator.free_bytes
-        if need > free:
-            self.hot.evict_unused(need - free)
+        return allocate_waiting(self.allocator, self.hot, self.disk, shapes, dtype, fmt, eviction,
+                                self.store_wait_s)
 
     # -- puts ------------------------------------------------------------------
     def put(self, key: CacheEngineKey, memory_obj: MemoryObj) -> Optional[Future]:
@@ -243,7 +215,7 @@ class StorageManager:
                 rest = still
         if rest and self.disk is not None:
             want = [keys[i] for i in rest]
-            self._room_for_reads(want)
+            room_for_reads(self.allocator, self.hot, self.disk, want)
             with self._lock:
                 epoch = self._removes
             objs = self.disk.batched_get_blocking(want)
@@ -286,7 +258,7 @@ class StorageManager:
             want = [k for k in want if k not in self._prefetching]
             if not want:
                 return None
-            self._room_for_reads(want)
+            room_for_reads(self.allocator, self.hot, self.disk, want)
             epoch = self._removes
             fut = self.disk.batched_submit_prefetch_task(want)
             if fut is None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,6 +36,7 @@ from ..io import IOPathReport
 from ..key import CacheEngineKey
 from ..memory.obj import MemoryObj
 from ..storage import LocalDiskBackend, StorageBackendInterface, check_keys
+from ..storage.call_gate import CallGate
 from ..storage.disk_index import DiskEntry
 from .adoption import adopt_dead_writers
 from .eviction import RetractThenFree
@@ -147,9 +147,7 @@ class SharedDiskBackend(StorageBackendInterface):
                        "audit_republished": 0, "adopted": 0, "leased_skips": 0, "evict_errors": 0,
                        "remote_read_errors": 0, "put_retries": 0}
         self.eviction = RetractThenFree(lease_ttl, self._stats, self._errors)
-        self._cond = threading.Condition()
-        self._ops = 0
-        self._closing = False
+        self._gate = CallGate(f"shared disk backend on {self.shared_dir}")
         try:
             self.writer, self.local = self._open_local(config, loop, memory_allocator, dst_device, writer_id)
         except BaseException:
@@ -191,18 +189,6 @@ class SharedDiskBackend(StorageBackendInterface):
         return True
 
     # -- lifetime ----------------------------------------------------------------------------
-    def _enter(self) -> None:
-        with self._cond:
-            if self._closing:
-                raise ClosedError(f"shared disk backend on {self.shared_dir} is closed")
-            self._ops += 1
-
-    def _exit(self) -> None:
-        with self._cond:
-            self._ops -= 1
-            if self._ops == 0:
-                self._cond.notify_all()
-
     def _open_local(self, config, loop, alloc, dst_device, writer_id) -> tuple[str, LocalDiskBackend]:
         base = os.path.join(self.shared_dir, WRITERS_DIR)
         for wid in writer_ids(writer_id):
@@ -226,7 +212,7 @@ class SharedDiskBackend(StorageBackendInterface):
         ``purge`` first drops what this writer published before (at start:
         its log is the truth). Returns the chunks published.
         """
-        if self._closing:
+        if self._gate.closing:
             raise ClosedError(f"shared disk backend on {self.shared_dir} is closed")
         return self.pub.republish(purge, batch)
 
@@ -237,7 +223,7 @@ class SharedDiskBackend(StorageBackendInterface):
 
     def request_rebuild(self) -> None:
         """Ask every writer (this one included) to re-publish its chunks within a tick."""
-        if self._closing:
+        if self._gate.closing:
             raise ClosedError(f"shared disk backend on {self.shared_dir} is closed")
         self.redis.request_rebuild()
 
@@ -254,12 +240,12 @@ class SharedDiskBackend(StorageBackendInterface):
         if len(keys) != len(objs):
             raise GdsKvCacheError(f"{len(keys)} keys but {len(objs)} objects")
         check_keys(keys)
-        self._enter()
+        self._gate.enter()
         try:
             self.local.check_objs(objs)       # before any claim: a refused call leaves none behind
             return self.puts.put(keys, objs)
         finally:
-            self._exit()
+            self._gate.exit()
 
     def submit_put_task(self, key: CacheEngineKey, obj: MemoryObj) -> Optional[Future]:
         return self.batched_submit_put_task([key], [obj])[0]
@@ -296,7 +282,7 @@ class SharedDiskBackend(StorageBackendInterface):
         check_keys(keys)
         if not keys:
             return 0
-        self._enter()
+        self._gate.enter()
         try:
             return self.index.prefix(keys)
         except self._errors as e:
@@ -304,7 +290,7 @@ class SharedDiskBackend(StorageBackendInterface):
             log.debug("lookup failed: %s", e)
             return 0
         finally:
-            self._exit()
+            self._gate.exit()
 
     def batched_exists(self, keys: Sequence[CacheEngineKey]) -> list[bool]:
         """Per key, whether every rank's shard of it is published (one round trip)."""
@@ -312,7 +298,7 @@ class SharedDiskBackend(StorageBackendInterface):
         check_keys(keys)
         if not keys:
             return []
-        self._enter()
+        self._gate.enter()
         try:
             return self.index.exists(keys)
         except self._errors as e:
@@ -320,7 +306,7 @@ class SharedDiskBackend(StorageBackendInterface):
             log.debug("lookup failed: %s", e)
             return [False] * len(keys)
         finally:
-            self._exit()
+            self._gate.exit()
 
     def contains(self, key: CacheEngineKey) -> bool:
         return self.batched_contains([key]) == 1
@@ -340,11 +326,11 @@ class SharedDiskBackend(StorageBackendInterface):
         own files, others' from theirs under a lease, each checked against its checksum."""
         keys = list(keys)
         check_keys(keys)
-        self._enter()
+        self._gate.enter()
         try:
             return self._get(keys)
         finally:
-            self._exit()
+            self._gate.exit()
 
     def _get(self, keys: list) -> list[Optional[MemoryObj]]:
         out: list[Optional[MemoryObj]] = [None] * len(keys)
@@ -374,19 +360,19 @@ class SharedDiskBackend(StorageBackendInterface):
         return self._submit_read([key], 0)
 
     def _submit_read(self, keys: list, single: Optional[int]) -> Future:
-        self._enter()      # held until the read is done, so close() waits for it
+        self._gate.enter()      # held until the read is done, so close() waits for it
 
         def job():
             try:
                 objs = self._get(keys)
             finally:
-                self._exit()
+                self._gate.exit()
             return objs if single is None else objs[single]
 
         try:
             return self._prefetch.submit(job)
         except BaseException:
-            self._exit()
+            self._gate.exit()
             raise
 
     # -- management ---------------------------------------------------------------------------------
@@ -395,12 +381,12 @@ class SharedDiskBackend(StorageBackendInterface):
         is only ever removed by that writer). Its Redis entry is retracted before its extent is
         reused (at once, or once Redis answers)."""
         check_keys([key])
-        self._enter()
+        self._gate.enter()
         try:
             e = self.local.entry(key)
             was = self.local.remove(key)
         finally:
-            self._exit()
+            self._gate.exit()
         if was:
             try:
                 self.eviction.process_retired()
@@ -418,11 +404,11 @@ class SharedDiskBackend(StorageBackendInterface):
 
     def keys(self) -> list[CacheEngineKey]:
         """This writer's chunks."""
-        self._enter()      # after close() a ClosedError, as every other call
+        self._gate.enter()      # after close() a ClosedError, as every other call
         try:
             return self.local.keys()
         finally:
-            self._exit()
+            self._gate.exit()
 
     @property
     def path(self) -> str:
@@ -458,11 +444,8 @@ class SharedDiskBackend(StorageBackendInterface):
         """Stop housekeeping, retract what was evicted, wait out readers' leases on it (at most
         ``lease_ttl``), then close this writer's backend (its chunks stay published and readable:
         the files remain) and the Redis client."""
-        with self._cond:
-            if self._closing:
-                return
-            self._closing = True
-            self._cond.wait_for(lambda: self._ops == 0)
+        if not self._gate.close():
+            return
         self.pub.closing = True
         self.housekeeper.stop()
         self._prefetch.shutdown(wait=True)

@@ -28,7 +28,6 @@ class CallGate:
         self._puts_in_flight = 0
         self._put_generation = 0
         self._closing = False
-        self._closed = False
 
     def enter(self, n: int = 1) -> None:
         """Count ``n`` calls in; raises ``ClosedError`` once closing began."""
@@ -71,12 +70,17 @@ class CallGate:
             gen = self._put_generation
             return self._cond.wait_for(lambda: self._put_generation != gen, timeout)
 
+    @property
+    def closing(self) -> bool:
+        """Whether ``close`` began (new calls are refused from then on)."""
+        return self._closing
+
     def close(self) -> bool:
-        """Refuse new calls and wait for those in flight; False if an earlier ``close`` did it."""
+        """Refuse new calls and wait for those in flight; False (at once) if an earlier ``close``
+        began: exactly one caller tears the tier down."""
         with self._cond:
-            if self._closed:
+            if self._closing:          # another close did it, or is doing it
                 return False
             self._closing = True
             self._cond.wait_for(lambda: self._ops == 0)
-            self._closed = True
             return True

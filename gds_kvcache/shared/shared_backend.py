@@ -53,6 +53,11 @@ __all__ = ["SharedDiskBackend", "WRITERS_DIR", "cache_id"]
 log = logging.getLogger(__name__)
 
 _WRITER_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: The shared tier's counters (``stats``, besides the local tier's); the README lists them.
+COUNTERS = ("published", "duplicates", "republishes", "remote_hits", "remote_misses", "lease_expired",
+            "remote_corrupt", "remote_malformed", "claims_lost", "redis_errors", "leased_evictions",
+            "shared_evictions", "retracted", "local_only_puts", "removed_unretracted", "state_went_back",
+            "audit_republished", "adopted", "leased_skips", "evict_errors", "remote_read_errors", "put_retries")
 
 
 def _redis_config_errors() -> tuple:
@@ -140,12 +145,7 @@ class SharedDiskBackend(StorageBackendInterface):
         self.redis = RedisIndex(url, self.namespace, lease_ttl, claim_ttl, config.redis_socket_timeout,
                                 config.redis_backoff)
         self._errors = redis_errors()
-        self._stats = {"published": 0, "duplicates": 0, "republishes": 0, "remote_hits": 0, "remote_misses": 0,
-                       "lease_expired": 0, "remote_corrupt": 0, "remote_malformed": 0, "claims_lost": 0,
-                       "redis_errors": 0, "leased_evictions": 0, "shared_evictions": 0, "retracted": 0,
-                       "local_only_puts": 0, "removed_unretracted": 0, "state_went_back": 0,
-                       "audit_republished": 0, "adopted": 0, "leased_skips": 0, "evict_errors": 0,
-                       "remote_read_errors": 0, "put_retries": 0}
+        self._stats = dict.fromkeys(COUNTERS, 0)
         self.eviction = RetractThenFree(lease_ttl, self._stats, self._errors)
         self._gate = CallGate(f"shared disk backend on {self.shared_dir}")
         try:
@@ -278,33 +278,24 @@ class SharedDiskBackend(StorageBackendInterface):
     def batched_contains(self, keys: Sequence[CacheEngineKey]) -> int:
         """Hit prefix of ``keys`` over all writers and all ranks, in one Redis round trip (0 if
         Redis is unreachable: a miss, never a promise another rank cannot keep)."""
-        keys = list(keys)
-        check_keys(keys)
-        if not keys:
-            return 0
-        self._gate.enter()
-        try:
-            return self.index.prefix(keys)
-        except self._errors as e:
-            self._stats["redis_errors"] += 1
-            log.debug("lookup failed: %s", e)
-            return 0
-        finally:
-            self._gate.exit()
+        return self._lookup(self.index.prefix, keys, lambda n: 0)
 
     def batched_exists(self, keys: Sequence[CacheEngineKey]) -> list[bool]:
         """Per key, whether every rank's shard of it is published (one round trip)."""
+        return self._lookup(self.index.exists, keys, lambda n: [False] * n)
+
+    def _lookup(self, ask, keys, missed):
         keys = list(keys)
         check_keys(keys)
         if not keys:
-            return []
+            return missed(0)
         self._gate.enter()
         try:
-            return self.index.exists(keys)
+            return ask(keys)
         except self._errors as e:
             self._stats["redis_errors"] += 1
             log.debug("lookup failed: %s", e)
-            return [False] * len(keys)
+            return missed(len(keys))
         finally:
             self._gate.exit()
 
@@ -360,20 +351,10 @@ class SharedDiskBackend(StorageBackendInterface):
         return self._submit_read([key], 0)
 
     def _submit_read(self, keys: list, single: Optional[int]) -> Future:
-        self._gate.enter()      # held until the read is done, so close() waits for it
-
         def job():
-            try:
-                objs = self._get(keys)
-            finally:
-                self._gate.exit()
+            objs = self._get(keys)
             return objs if single is None else objs[single]
-
-        try:
-            return self._prefetch.submit(job)
-        except BaseException:
-            self._gate.exit()
-            raise
+        return self._gate.submit(self._prefetch, job)
 
     # -- management ---------------------------------------------------------------------------------
     def remove(self, key: CacheEngineKey) -> bool:

@@ -11,6 +11,7 @@ what the storage manager's store back-pressure waits on.
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 from typing import Optional
 
 from ..errors import ClosedError
@@ -69,6 +70,23 @@ class CallGate:
                 return False
             gen = self._put_generation
             return self._cond.wait_for(lambda: self._put_generation != gen, timeout)
+
+    def submit(self, executor, fn, *args) -> Future:
+        """Run ``fn(*args)`` on ``executor`` as a call in flight from now until it returns, so
+        ``close`` waits for it (a prefetch); raises ``ClosedError`` once closing began."""
+        self.enter()
+
+        def job():
+            try:
+                return fn(*args)
+            finally:
+                self.exit()
+
+        try:
+            return executor.submit(job)
+        except BaseException:
+            self.exit()
+            raise
 
     @property
     def closing(self) -> bool:

@@ -313,21 +313,13 @@ class LocalDiskBackend(DiskCatalog):
         return self._submit_read([key], 0)
 
     def _submit_read(self, keys, single: Optional[int]) -> Future:
-        self._gate.enter()  # held until the read is done, so close() waits for it
-
         def job():
             try:
                 objs = self._read(keys)
             finally:
-                self._gate.exit()
                 self._events.deliver()
             return objs if single is None else objs[single]
-
-        try:
-            return self._reader.submit(job)
-        except BaseException:
-            self._gate.exit()
-            raise
+        return self._gate.submit(self._reader, job)
 
     def _load(self, key, dtype, shape) -> Optional[MemoryObj]:
         if dtype is not None:

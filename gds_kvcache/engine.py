@@ -275,6 +275,9 @@ def _slot_tensor(slot_mapping) -> torch.Tensor:
         slots = slot_mapping
         if slots.dtype in (torch.bool, torch.complex64, torch.complex128) or slots.dtype.is_floating_point:
             raise ShapeMismatchError(f"slot_mapping is a {slots.dtype} tensor; {allowed}")
+        if slots.is_meta:    # a shape without values: torch's copy would raise NotImplementedError
+            raise ShapeMismatchError(f"slot_mapping must hold data (the slots); got a tensor of shape "
+                                     f"{tuple(slots.shape)} on the meta device, which has none; {allowed}")
     elif isinstance(slot_mapping, (np.ndarray, list, tuple)):
         if isinstance(slot_mapping, (list, tuple)) and len(slot_mapping) == 0:
             return torch.zeros(0, dtype=torch.int64)

@@ -19,9 +19,10 @@ _INT64_MAX = np.iinfo(np.int64).max
 def token_ids(tokens) -> np.ndarray:
     """``tokens`` as a 1-D little-endian int64 host array, or ``ShapeMismatchError`` saying why not.
 
-    Accepted: a 1-D integer tensor (any device), a 1-D integer NumPy array, or
-    a flat list/tuple of ints. Rejected: other ranks, bool, float and complex
-    values, and ids outside ``0 .. 2**63 - 1``.
+    Accepted: a 1-D integer tensor (any device holding data), a 1-D integer
+    NumPy array, or a flat list/tuple of ints. Rejected: other ranks, bool,
+    float and complex values, ids outside ``0 .. 2**63 - 1``, and tensors on
+    the ``meta`` device (a shape without values).
 
     Notes
     -----
@@ -39,6 +40,11 @@ def token_ids(tokens) -> np.ndarray:
         if tokens.dim() != 1:
             raise ShapeMismatchError(f"tokens must be 1-D (one sequence); got a tensor of shape "
                                      f"{tuple(tokens.shape)}")
+        if tokens.is_meta:
+            # A meta tensor has a shape and a dtype but no values to hash (torch's copy would
+            # raise NotImplementedError, not the library's error).
+            raise ShapeMismatchError(f"tokens must hold data (the token ids); got a tensor of shape "
+                                     f"{tuple(tokens.shape)} on the meta device, which has none")
         arr = tokens.detach().to("cpu").numpy()
     elif isinstance(tokens, (np.ndarray, list, tuple)):
         if isinstance(tokens, (list, tuple)) and len(tokens) == 0:

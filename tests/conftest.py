@@ -1,9 +1,12 @@
 import contextlib
+import ctypes
+import functools
 import os
 import shutil
 import subprocess
 import tempfile
 import warnings
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -82,13 +85,50 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("!", "CI: no test passed; failing the run (exit 5)", red=True, bold=True)
 
 
-def require_kvikio():
-    """Skip where KvikIO cannot run, except on CI, where it must (compat mode)."""
+@functools.lru_cache(maxsize=None)
+def kvikio_unavailable() -> Optional[str]:
+    """None where the KvikIO engine can run here, else why not: the one place the suite decides it.
+
+    The decision is the library's own (``gds_kvcache.io.kvikio_error``, what
+    ``io_engine="kvikio"`` and ``"auto"`` go by), so a test never runs KvikIO
+    where the library would refuse it, nor skips where it would run. A missing
+    driver library is named as the loader saw it: "KvikIO needs libcuda.so.1:
+    <dlopen's error>" (KvikIO loads ``libcuda.so.1`` for every read and write,
+    host memory and compat mode included; ``scripts/run-tests.sh`` puts a
+    fetched one on ``LD_LIBRARY_PATH``, a plain ``pytest`` may have none).
+    """
     err = kvikio_error()
+    if err is None:
+        return None
+    try:
+        import kvikio  # noqa: F401
+    except ImportError:
+        return err                      # not installed: the library's reason says how to install it
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        return f"KvikIO needs libcuda.so.1: {e}"
+    return err
+
+
+def require_kvikio():
+    """Skip where KvikIO cannot run (``kvikio_unavailable`` says why), except on CI, where it must
+    (compat mode)."""
+    err = kvikio_unavailable()
     if err is not None:
         if ON_CI:
             pytest.fail(f"KvikIO engine must run in CI (compat mode): {err}")
         pytest.skip(err)
+
+
+@pytest.fixture(autouse=True)
+def _kvikio_cases(request):
+    """Every test case parametrized with the value ``"kvikio"`` (any argument name: ``engine``,
+    ``name``, the ``engine_name`` fixture's param...) needs KvikIO: ``require_kvikio`` decides for
+    all of them, before the test body or its other function fixtures run."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and any(isinstance(v, str) and v == "kvikio" for v in callspec.params.values()):
+        require_kvikio()
 
 
 ENGINES = ["posix", "kvikio"]

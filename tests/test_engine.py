@@ -271,6 +271,7 @@ BAD_TOKENS = {
     "float numpy": lambda t: t.numpy().astype(np.float64),
     "negative id": lambda t: torch.cat([t[:10], torch.tensor([-1]), t[11:]]),
     "string": lambda t: "hello",
+    "meta tensor": lambda t: t.to("meta"),
 }
 
 
@@ -319,6 +320,7 @@ BAD_SLOTS = {
     "too short": (lambda s: s[:149], "149"),
     "past the cache": (lambda s: torch.cat([s[:-1], torch.tensor([DIMS["nb"] * DIMS["bs"]])]), "320"),
     "a dict": (lambda s: {"slots": s}, "dict"),
+    "meta tensor": (lambda s: s.to("meta"), "meta device"),
 }
 
 
@@ -337,6 +339,29 @@ def test_bad_slot_mapping_is_rejected_naming_what_was_given(tmp_path, case):
         assert _stored(eng, tokens, kv, slots) == 150
         with pytest.raises(ShapeMismatchError, match=given):
             eng.retrieve(tokens, zeros_like_cache("vllm", kv), bad)
+
+
+def test_meta_tokens_and_slots_are_the_librarys_error(tmp_path):
+    # A meta tensor has a shape but no values: torch's own copy raises NotImplementedError
+    # ("Cannot copy out of meta tensor"); every entry point must say so as the library's error.
+    cfg, md = setup(tmp_path, "vllm")
+    kv = make_cache("vllm", DIMS["L"], DIMS["nb"], DIMS["bs"], DIMS["h"], DIMS["d"], torch.bfloat16)
+    tokens, slots = _tokens(), _slots()
+    meta_tokens, meta_slots = tokens.to("meta"), slots.to("meta")
+    with CacheEngine(cfg, md, "vllm") as eng:
+        for call in (lambda: eng.store(meta_tokens, kv, slots), lambda: eng.lookup(meta_tokens),
+                     lambda: eng.prefetch(meta_tokens),
+                     lambda: eng.retrieve(meta_tokens, zeros_like_cache("vllm", kv), slots)):
+            with pytest.raises(ShapeMismatchError, match=r"tokens must hold data.*\(150,\) on the meta device"):
+                call()
+        for call in (lambda: eng.store(tokens, kv, meta_slots),
+                     lambda: eng.retrieve(tokens, zeros_like_cache("vllm", kv), meta_slots)):
+            with pytest.raises(ShapeMismatchError, match=r"slot_mapping must hold data.*\(150,\) on the meta device"):
+                call()
+        # Refused before anything was stored; the same call with real tensors works.
+        assert eng.lookup(tokens) == 0
+        assert _stored(eng, tokens, kv, slots) == 150
+        eng.storage.memcheck()
 
 
 @pytest.mark.gpu

@@ -413,7 +413,7 @@ def test_any_metadata_bytes_never_crash_or_lose_intact_chunks(tmp_path_factory, 
                 f.write(j)
     elif where == "prepend_line":
         # Whole junk records (slots) right after the snapshot's header.
-        from gds_kvcache.storage.index_log import SLOT
+        from gds_kvcache.storage.index_codec import SLOT
 
         data = snap.read_bytes()
         blob = b"".join(junk)

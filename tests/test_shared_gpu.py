@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 
 import pytest
@@ -210,6 +211,13 @@ def run_cross(root, a_mem=("cuda", 0), b_mem=("cuda", 0), engine="auto") -> dict
             assert r1["got"] == ["hit"] * N, r1["got"]
             assert r1["remote_hits"] == N and r1["puts"] == 0      # every chunk came from A's files
 
+            # B releases its leases off its read path: wait until they are gone, or the removed
+            # chunks' extents would wait out B's leases (quarantined, not free) and the new chunks
+            # could not reuse them, as a loaded machine may have it.
+            deadline = time.monotonic() + 60
+            while a.redis.lease_left_ms("A") > 0:
+                assert time.monotonic() < deadline, "B's leases on A's chunks never ended"
+                time.sleep(0.01)
             old = {i: a.local.entry(_key(i)) for i in gone}
             assert all(a.remove(_key(i)) for i in gone)
             _store(a, aalloc, [N + j for j in range(len(gone))], expected, layouts)

@@ -30,7 +30,7 @@ PHASES = 10
 CHUNKS = 12
 
 
-def _barrier(client, ns, name, n=RANKS, timeout=120.0):
+def _barrier(client, ns, name, n=RANKS, timeout=300.0):     # a bound for hangs: 4 starts on 2 loaded cores are slow
     client.incr(f"{ns}:barrier:{name}")
     deadline = time.monotonic() + timeout
     while int(client.get(f"{ns}:barrier:{name}") or 0) < n:
@@ -60,6 +60,9 @@ def child(args: dict) -> int:
         # Every chunk promised loads on this rank (its own shard).
         assert check_bytes(b.batched_get_blocking(mine[:n]), mine[:n]) == [True] * n, f"rank {rank} phase {phase}"
         _barrier(client, ns, f"sampled{phase}")
+    # Exit only once the parent took a sample while this rank was alive (the parent is the
+    # barrier's last member): samples > 0 by construction, however the processes were scheduled.
+    _barrier(client, ns, "end", n=RANKS + 1)
     b.close()
     return 0
 
@@ -99,6 +102,8 @@ def run_tp(root, memories, engine="posix") -> int:
                     continue
                 assert len(set(answers)) == 1, f"ranks disagree at one moment: {answers}"
                 samples += 1
+                if samples == 1:      # the ranks wait for this before they exit (their last barrier)
+                    idx.client.incr(f"{ns}:barrier:end")
                 time.sleep(0.002)
             for r, p in enumerate(procs):
                 errs[r].close()

@@ -97,6 +97,8 @@ class CacheEngine:
         with the same row size would otherwise pack and unpack without complaint)."""
         geom = geometry(self.layout, kv_caches)
         t = kv_caches if isinstance(kv_caches, torch.Tensor) else kv_caches[0]
+        if any(x.is_meta for x in ([kv_caches] if isinstance(kv_caches, torch.Tensor) else kv_caches)):
+            raise ShapeMismatchError("kv_caches must hold data (the paged KV); got tensors on the meta device")
         L, kv, _, h, d = self.metadata.kv_shape
         heads, size = (h, t.shape[-1]) if self.layout == "mla" else (t.shape[-2], t.shape[-1])
         if (geom.num_layers, geom.kv, heads, size, geom.dtype) != (L, kv, h, d, self.metadata.kv_dtype):

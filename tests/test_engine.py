@@ -385,3 +385,21 @@ def test_gpu_slot_check_is_one_transfer_per_call(tmp_path):
                 torch.cuda.set_sync_debug_mode("default")
         assert valid == 100 and out.device == kv[0].device
         assert len([w for w in seen if "synchroniz" in str(w.message)]) == 1
+
+
+def test_meta_kv_caches_are_the_librarys_error(tmp_path):
+    """A paged cache on the meta device (a shape without values) is refused with the library's
+    error by store and retrieve, never torch's NotImplementedError."""
+    from gds_kvcache import CacheEngine, CacheEngineConfig, CacheEngineMetadata
+    from gds_kvcache.errors import ShapeMismatchError
+    L, H, D, block, chunk = 2, 2, 16, 16, 32
+    cfg = CacheEngineConfig(chunk_size=chunk, local_disk=str(tmp_path), max_local_disk_size=0.05,
+                            max_local_cpu_size=0.01, io_engine="posix", memory_device="host", slab_size=0.01)
+    meta = CacheEngineMetadata("m", 1, 0, "vllm", torch.float32, (L, 2, chunk, H, D))
+    kv = [torch.empty(2, 8, block, H, D, device="meta") for _ in range(L)]
+    tokens = torch.arange(64)
+    slots = torch.arange(64)
+    with CacheEngine(cfg, meta, layout="vllm") as eng:
+        for call in (eng.store, eng.retrieve):
+            with pytest.raises(ShapeMismatchError, match="meta"):
+                call(tokens, kv, slots)

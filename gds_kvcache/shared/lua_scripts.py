@@ -11,13 +11,21 @@ written as it should be), so one bad value never fails the batch around it.
 An entry counts only when it is a hash with every field a reader needs.
 """
 
-# Lua shared by the scripts: ``typ(k)`` is Redis's type name of k ('none' when absent).
+# Lua shared by the scripts. ``typ(k)``: Redis's type name of k ('none' when absent); ``fix(k,
+# want)``: delete k if it holds another type. ``try(...)``: redis.pcall, with an error (a value of
+# the wrong type) as nil: the common path costs one call, as the plain command did.
 _TYP = """
 local function typ(k) return redis.call('TYPE', k)['ok'] end
 local function fix(k, want)
   local t = typ(k)
   if t ~= 'none' and t ~= want then redis.call('DEL', k) end
 end
+local function try(...)
+  local r = redis.pcall(...)
+  if type(r) == 'table' and r['err'] then return nil end
+  return r
+end
+local function is_entry(e) return try('HEXISTS', e, 'w') == 1 end
 """
 
 __all__ = ["PUBLISH", "RETRACT", "UNCLAIM", "ACQUIRE", "RELEASE", "PREFIX", "EXISTS", "CLAIM", "PURGE", "STATUS"]
@@ -29,8 +37,8 @@ fix(ns .. ':k:' .. w, 'set')
 for i = 3, #ARGV, 10 do
   local k = ARGV[i]
   local e = ns .. ':e:' .. k
-  fix(e, 'hash')
-  local cur = redis.call('HGET', e, 'w')
+  local cur = try('HGET', e, 'w')
+  if cur == nil then redis.call('DEL', e) cur = false end      -- not a hash: garbage, replaced
   if cur and cur ~= w then
     dups[#dups + 1] = k
   else
@@ -63,15 +71,14 @@ local out = {ok, redis.call('INCR', ns .. ':s:' .. w)}
 for i = 5, #ARGV, 2 do
   local k, g = ARGV[i], ARGV[i+1]
   local l = ns .. ':l:' .. w .. ':' .. g
-  fix(l, 'zset')      -- no lease can be in a value of another type (ZADD would have failed)
-  redis.call('ZREMRANGEBYSCORE', l, '-inf', now)
+  -- No lease can be in a value of another type (ZADD would have failed): such garbage goes.
+  if try('ZREMRANGEBYSCORE', l, '-inf', now) == nil then redis.call('DEL', l) end
   local last = redis.call('ZRANGE', l, -1, -1, 'WITHSCORES')
   local ms = 0
   if last[2] then ms = tonumber(last[2]) - now end
   if not (unleased and ms > 0) then
     local e = ns .. ':e:' .. k
-    local cur = {false, false}
-    if typ(e) == 'hash' then cur = redis.call('HMGET', e, 'w', 'g') end
+    local cur = try('HMGET', e, 'w', 'g') or {false, false}
     if cur[1] == w and cur[2] == g then
       redis.call('DEL', e)
       redis.call('SREM', ns .. ':k:' .. w, k)
@@ -104,25 +111,24 @@ local boots = {}
 local out = {}
 for i = 4, #ARGV do
   local e = ns .. ':e:' .. ARGV[i]
-  local v = {}
-  if typ(e) == 'hash' then v = redis.call('HMGET', e, 'w', 'g', 'o', 'n', 'p', 'sh', 'dt', 'fm', 'cs', 'b') end
+  local v = try('HMGET', e, 'w', 'g', 'o', 'n', 'p', 'sh', 'dt', 'fm', 'cs', 'b') or {}
   local whole = #v == 10
   for f = 1, #v do if not v[f] then whole = false end end
   local wb = nil
   if whole then
     wb = boots[v[1]]
     if not wb then
-      local wk = ns .. ':w:' .. v[1]
-      wb = ''
-      if typ(wk) == 'hash' then wb = redis.call('HGET', wk, 'boot') or '' end
+      wb = try('HGET', ns .. ':w:' .. v[1], 'boot') or ''
       boots[v[1]] = wb
     end
   end
-  local l = whole and (ns .. ':l:' .. v[1] .. ':' .. v[2]) or nil
-  if l then fix(l, 'zset') end
   -- An entry of an earlier run of its writer (which may be reusing that extent now) is not leased.
   if whole and wb ~= '' and v[10] == wb then
-    redis.call('ZADD', l, now + ttl, token)
+    local l = ns .. ':l:' .. v[1] .. ':' .. v[2]
+    if try('ZADD', l, now + ttl, token) == nil then       -- a garbage lease set: replaced
+      redis.call('DEL', l)
+      redis.call('ZADD', l, now + ttl, token)
+    end
     redis.call('PEXPIRE', l, ttl + 1000)
     v[11] = wb
     out[#out + 1] = table.concat(v, '\t')
@@ -138,7 +144,7 @@ RELEASE = _TYP + """
 local ns, token = ARGV[1], ARGV[2]
 for i = 3, #ARGV do
   local l = ns .. ':l:' .. ARGV[i]
-  if typ(l) == 'zset' then redis.call('ZREM', l, token) end
+  try('ZREM', l, token)
 end
 return 0
 """
@@ -151,7 +157,7 @@ local pos = 3 + n
 for j = 1, n do
   local per = tonumber(ARGV[2 + j])
   for i = pos, pos + per - 1 do
-    if typ(ns .. ':e:' .. ARGV[i]) ~= 'hash' then return j - 1 end
+    if not is_entry(ns .. ':e:' .. ARGV[i]) then return j - 1 end
   end
   pos = pos + per
 end
@@ -167,7 +173,7 @@ for j = 1, n do
   local per = tonumber(ARGV[2 + j])
   local all = 1
   for i = pos, pos + per - 1 do
-    if typ(ns .. ':e:' .. ARGV[i]) ~= 'hash' then all = 0 break end
+    if not is_entry(ns .. ':e:' .. ARGV[i]) then all = 0 break end
   end
   out[j] = all
   pos = pos + per
@@ -181,17 +187,20 @@ local out = {}
 for i = 4, #ARGV do
   local k = ARGV[i]
   local c = ns .. ':c:' .. k
-  fix(c, 'string')
-  -- A claim left without expiry (written by hand, or PERSISTed) would block the key for good.
-  if redis.call('PTTL', c) == -1 then redis.call('DEL', c) end
-  if typ(ns .. ':e:' .. k) == 'hash' then
+  if is_entry(ns .. ':e:' .. k) then
     out[#out + 1] = 0
-  elseif redis.call('SET', ns .. ':c:' .. k, w, 'NX', 'PX', ttl) then
-    out[#out + 1] = 1
-  elseif redis.call('GET', ns .. ':c:' .. k) == w then
+  elseif redis.call('SET', c, w, 'NX', 'PX', ttl) then
     out[#out + 1] = 1
   else
-    out[#out + 1] = 0
+    local holder = try('GET', c)
+    -- A claim of the wrong type, or left without expiry (written by hand, PERSISTed), would
+    -- block the key for good: it is replaced by this one.
+    if holder == nil or redis.call('PTTL', c) == -1 then
+      redis.call('DEL', c)
+      redis.call('SET', c, w, 'PX', ttl)
+      holder = w
+    end
+    out[#out + 1] = holder == w and 1 or 0
   end
 end
 return out

@@ -60,11 +60,13 @@ class Published:
         return cls(e.key.to_string(), writer, str(e.seq), e.offset, e.nbytes, e.phys_size, tuple(e.shape),
                    e.dtype, e.fmt, e.checksum, boot)
 
-    def to_entry(self) -> DiskEntry:
-        """The chunk descriptor of this record (``seq`` is its generation); raises ``KeyFormatError``
-        or ``ValueError`` for a record whose key or generation is not well formed."""
-        return DiskEntry(CacheEngineKey.from_string(self.key), self.offset, self.nbytes, self.phys_size,
-                         tuple(self.shape), self.dtype, self.fmt, self.checksum, int(self.generation))
+    def to_entry(self, key: Optional[CacheEngineKey] = None) -> DiskEntry:
+        """The chunk descriptor of this record (``seq`` is its generation); ``key`` is the key it was
+        looked up by (saves parsing ``self.key``, which names it). Raises ``KeyFormatError`` or
+        ``ValueError`` for a record whose key or generation is not well formed."""
+        return DiskEntry(key if key is not None else CacheEngineKey.from_string(self.key), self.offset,
+                         self.nbytes, self.phys_size, tuple(self.shape), self.dtype, self.fmt, self.checksum,
+                         int(self.generation))
 
 
 @dataclass

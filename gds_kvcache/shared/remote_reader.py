@@ -81,6 +81,8 @@ class RemoteReader:
             return
         self._stats["remote_malformed"] += pins.malformed
         got: list[tuple[int, object]] = []        # (index into keys, object read and verified)
+        bad: list[Pin] = []                       # pins whose chunk failed (unreadable, corrupt)
+        errs: list[BaseException] = []
         try:
             if self._hold_s and pins.held:
                 time.sleep(self._hold_s)
@@ -101,14 +103,17 @@ class RemoteReader:
                 if tr is None:
                     continue
                 res = tr.read_verified(self.memory_allocator, [p.entry for _, p in items], verify=True)
-                for j, why in res.bad:
-                    self._read_error(items[j][1], why)
+                bad += [items[j][1] for j, _ in res.bad]
+                errs += [why for _, why in res.bad]
                 got += [(items[j][0], o) for j, o in enumerate(res.objs) if o is not None]
-            late = time.monotonic() > t0 + self.lease_ttl
-            for i, o in got:
-                if late:       # the extent may have been reused before the check: a miss
-                    self._stats["lease_expired"] += 1
-                else:
+            if time.monotonic() > t0 + self.lease_ttl:
+                # The lease ran out before the check: the extent may have been reused, so a
+                # failed checksum says nothing about the chunk and a good one is not trusted.
+                self._stats["lease_expired"] += len(got) + len(bad)
+            else:
+                for p, why in zip(bad, errs):
+                    self._read_error(p, why)
+                for i, o in got:
                     out[i] = o
             n_hit = sum(1 for i in which if out[i] is not None)
             self._stats["remote_hits"] += n_hit

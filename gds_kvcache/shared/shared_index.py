@@ -106,7 +106,7 @@ class SharedIndex:
             if p is None:
                 continue
             try:
-                e = p.to_entry()
+                e = p.to_entry(keys[i])
             except (GdsKvCacheError, ValueError) as exc:
                 out.malformed += 1
                 log.warning("ignoring entry %s of writer %s: %s", p.key, p.writer, exc)

@@ -21,6 +21,7 @@ keeps the extents from reuse while it reads (index pins, leases).
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -106,14 +107,25 @@ class VerifiedRead:
         return sum(o is not None for o in self.objs)
 
 
+@functools.lru_cache(maxsize=1024)
+def _parse_layout(shape: tuple, dtype: str, fmt: str, nbytes: int) -> tuple:
+    """(torch shape, torch dtype, MemoryFormat) of a descriptor's layout; raises what makes it
+    unusable. Cached: a cache's chunks share a handful of layouts."""
+    try:
+        tdtype, tshape, tfmt = str_to_dtype(dtype), torch.Size(shape), MemoryFormat[fmt]
+    except (GdsKvCacheError, KeyError, TypeError, ValueError) as e:
+        raise ShapeMismatchError(f"unusable layout {shape!r}/{dtype!r}/{fmt!r}: {e}") from None
+    if any(n < 0 for n in tshape) or math.prod(tshape) * tdtype.itemsize != nbytes or nbytes <= 0:
+        raise ShapeMismatchError(f"shape {tuple(tshape)} of {dtype} is not the {nbytes} bytes stored")
+    return tshape, tdtype, tfmt
+
+
 def _layout_of(d, want) -> tuple:
     """(shape, dtype, fmt) a descriptor's bytes are read as; raises what makes it unusable."""
     try:
-        dtype, shape, fmt = str_to_dtype(d.dtype), torch.Size(tuple(d.shape)), MemoryFormat[d.fmt]
-    except (GdsKvCacheError, KeyError, TypeError, ValueError) as e:
+        shape, dtype, fmt = _parse_layout(tuple(d.shape), d.dtype, d.fmt, d.nbytes)
+    except TypeError as e:        # an unhashable field: a descriptor no index or Redis entry gives
         raise ShapeMismatchError(f"unusable layout {d.shape!r}/{d.dtype!r}/{d.fmt!r}: {e}") from None
-    if any(n < 0 for n in shape) or math.prod(shape) * dtype.itemsize != d.nbytes or d.nbytes <= 0:
-        raise ShapeMismatchError(f"shape {tuple(shape)} of {d.dtype} is not the {d.nbytes} bytes stored")
     if want is not None:
         want_dtype, want_shape = want
         if want_dtype is not None and want_dtype != dtype:

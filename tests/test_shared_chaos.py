@@ -303,11 +303,45 @@ def _wait(cond, timeout, what):
         time.sleep(0.02)
 
 
+def vandalise(srv, r, ns, seed: int = 7) -> dict:
+    """Redis faults for the campaign (step 4): SIGSTOP for longer than the clients' socket timeout,
+    then garbage under some entries, a lease set and the rebuild counter, and deleted entries."""
+    rnd = random.Random(seed)
+    os.kill(srv.proc.pid, signal.SIGSTOP)
+    time.sleep(2.5)                      # the children's socket timeout is 2 s
+    os.kill(srv.proc.pid, signal.SIGCONT)
+    entries = sorted(k.decode() if isinstance(k, bytes) else k for k in r.client.scan_iter(f"{ns}:e:*", count=1000))
+    picked = rnd.sample(entries, min(12, len(entries)))
+    done = {"stalled_s": 2.5, "string_entries": 0, "incomplete_entries": 0, "deleted_entries": 0,
+            "garbage_lease_sets": 0, "garbage_counter": 1}
+    for j, e in enumerate(picked):
+        kind = j % 4
+        if kind == 0:
+            g = r.client.hget(e, "g")
+            w = r.client.hget(e, "w")
+            r.client.delete(f"{ns}:l:{w}:{g}")
+            r.client.lpush(f"{ns}:l:{w}:{g}", "garbage")
+            done["garbage_lease_sets"] += 1
+        elif kind == 1:
+            r.client.delete(e)
+            r.client.set(e, "a string where an entry belongs")
+            done["string_entries"] += 1
+        elif kind == 2:
+            r.client.hdel(e, "g")
+            done["incomplete_entries"] += 1
+        else:
+            r.client.delete(e)
+            done["deleted_entries"] += 1
+    r.client.set(f"{ns}:rebuild", "not a counter")
+    return done
+
+
 def run_chaos(root, memories, ops=OPS, engine="posix", checker=("host", 0)) -> dict:
     """The campaign: three writers on ``root`` (child ``i``'s slab is ``memories[i]``, a
     ``(memory, device)`` pair), SIGKILL of writer w0, SIGKILL of reader w1 inside a read that
-    holds leases, an empty Redis restart, then a flood by every writer of more bytes than its
-    pool holds; then every listed chunk (and every flood chunk) is read back by a ``checker``.
+    holds leases, an empty Redis restart, a Redis stall and garbage in Redis (``vandalise``),
+    then a flood by every writer of more bytes than its pool holds; then every listed chunk
+    (and every flood chunk) is read back by a ``checker``.
 
     Returns the report printed as ``chaos: {...}``. It fails only on what must hold however the
     processes were scheduled: a wrong byte, a crash, a listed chunk that is not readable, an
@@ -372,6 +406,12 @@ def run_chaos(root, memories, ops=OPS, engine="posix", checker=("host", 0)) -> d
               "every writer to re-register after the Redis restart")
         report["reregistered_within_s"] = round(time.monotonic() - t_restart, 2)
 
+        # 4. Redis faults while the writers run: a stall longer than the socket timeout, then
+        # garbage behind their backs (wrong-type and incomplete entries, a wrong-type lease set,
+        # a counter that is no counter, deleted entries). None may cost a wrong byte or a crash,
+        # and every writer's chunks must be listed (and readable) again afterwards.
+        report["vandalised"] = vandalise(srv, r, ns)
+
         # All finish their operations and their floods; none may have died.
         def finished():
             for i, p in procs.items():
@@ -384,14 +424,8 @@ def run_chaos(root, memories, ops=OPS, engine="posix", checker=("host", 0)) -> d
         # writer that published that key first).
 
         def complete():
-            for i, res in results.items():
-                keys = res["keys"]
-                ws = r.client.pipeline()
-                for k in keys:
-                    ws.hget(f"{ns}:e:{k}", "w")
-                if any(w is None for w in ws.execute()):
-                    return False
-            return True
+            # Listed as a whole entry (the index's own check: garbage under a key does not count).
+            return all(all(r.exists([[k] for k in res["keys"]])) for res in results.values())
         _wait(complete, 300, "Redis to list every writer's chunks again")
         report["rebuilt_within_s"] = round(time.monotonic() - t_restart, 2)
 
@@ -399,6 +433,8 @@ def run_chaos(root, memories, ops=OPS, engine="posix", checker=("host", 0)) -> d
         # flood chunk is its own bytes or a miss.
         listed = [k[len(ns) + 3:] for k in r.client.scan_iter(f"{ns}:e:*", count=1000)]
         listed = [k.decode() if isinstance(k, bytes) else k for k in listed]
+        # Garbage the vandal left under keys no writer holds any more is not a listed chunk.
+        listed = [k for k, ok in zip(listed, r.exists([[k] for k in listed])) if ok]
         rd, _ = open_shared(root, srv.url, ns, "checker", *checker, engine=engine)
         ks = [CacheEngineKey.from_string(k) for k in listed]
         flood = {i: flood_keys(f"w{i}", res["flood"]["n"]) for i, res in results.items()}

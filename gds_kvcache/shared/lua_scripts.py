@@ -25,7 +25,12 @@ local function try(...)
   if type(r) == 'table' and r['err'] then return nil end
   return r
 end
-local function is_entry(e) return try('HEXISTS', e, 'w') == 1 end
+-- A whole entry: a hash with its 10 fields (a hash missing one is no entry: readers miss it,
+-- and its writer's audit publishes it again).
+local function is_entry(e)
+  local n = try('HLEN', e)
+  return n ~= nil and n >= 10
+end
 """
 
 __all__ = ["PUBLISH", "RETRACT", "UNCLAIM", "ACQUIRE", "RELEASE", "PREFIX", "EXISTS", "CLAIM", "PURGE", "STATUS"]

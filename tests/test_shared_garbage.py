@@ -228,3 +228,61 @@ def test_redis_lost_while_a_writer_is_down_a_live_process_republishes_its_chunks
                 w2.close()
         finally:
             rd.close()
+
+
+def test_a_claim_without_expiry_does_not_block_its_key(tmp_path, server, ns):
+    w, walloc = open_backend(tmp_path, server, ns, "w0")
+    cli = redis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        cli.set(f"{ns}:c:{key(3).to_string()}", "someone-gone")     # no PX: would block for good
+        assert put(w, walloc, [key(3)]) == [16384]
+        assert w.batched_contains([key(3)]) == 1
+    finally:
+        cli.close()
+        w.close()
+
+
+def test_entries_lost_while_the_epoch_survives_are_published_again(tmp_path, server, ns):
+    w, walloc = open_backend(tmp_path, server, ns, "w0", tick=0.05)
+    cli = redis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        keys = [key(i) for i in range(20)]
+        put(w, walloc, keys)
+        for k in keys[::2]:                        # a maxmemory eviction or a hand-made delete
+            cli.delete(f"{ns}:e:{k.to_string()}")
+        cli.hdel(f"{ns}:e:{keys[1].to_string()}", "cs")   # and an entry left incomplete
+        deadline = time.monotonic() + 30
+        while w.batched_contains(keys) < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert w.batched_contains(keys) == 20 and w.stats["audit_republished"] >= 11
+    finally:
+        cli.close()
+        w.close()
+
+
+def test_redis_back_with_an_older_state_is_detected_and_republished(tmp_path, server, ns):
+    """A snapshot restored (or a replica that lags) lists what was retracted since and lacks what
+    was published since: the writer's counter shows it went back; it purges and re-publishes."""
+    w, walloc = open_backend(tmp_path, server, ns, "w0", tick=0.05)
+    cli = redis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        put(w, walloc, [key(i) for i in range(4)])
+        old = {k: cli.dump(k) for k in cli.scan_iter(f"{ns}:*")}       # the "snapshot"
+        put(w, walloc, [key(i) for i in range(4, 8)])
+        w.remove(key(0))
+        for k in list(cli.scan_iter(f"{ns}:*")):                       # restore the older state
+            if k not in old:
+                cli.delete(k)
+        for k, v in old.items():
+            cli.restore(k, 0, v, replace=True)
+        assert cli.exists(f"{ns}:e:{key(0).to_string()}")            # the removed one is back...
+        deadline = time.monotonic() + 30
+        while (w.stats["state_went_back"] == 0 or w.batched_contains([key(i) for i in range(4, 8)]) < 4
+               or w.batched_exists([key(0)]) != [False]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert w.stats["state_went_back"] >= 1
+        assert w.batched_exists([key(0)]) == [False]                 # ...and gone again
+        assert w.batched_contains([key(i) for i in range(1, 8)]) == 7
+    finally:
+        cli.close()
+        w.close()

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
 from ..config import CacheEngineConfig
-from ..errors import GdsKvCacheError
+from ..errors import CorruptChunkError, GdsKvCacheError
 from ..io import open_engine
 from ..key import CacheEngineKey
 from ..memory.allocator import MemoryAllocatorInterface
@@ -129,7 +129,7 @@ class RemoteReader:
     def _read_error(self, p: Pin, err: BaseException) -> None:
         """A miss; warned once per writer run (a writer restarting with a smaller pool makes every
         read of its last run's entries fail until it re-registers), the rest at debug level."""
-        self._stats["remote_corrupt" if "checksum" in str(err) else "remote_read_errors"] += 1
+        self._stats["remote_corrupt" if isinstance(err, CorruptChunkError) else "remote_read_errors"] += 1
         if (p.writer, p.boot) in self._warned:
             log.debug("reading chunk %s of writer %s: %s", p.entry.key.to_string(), p.writer, err)
             return

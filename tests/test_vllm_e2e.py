@@ -160,7 +160,10 @@ def test_vllm_cpu_end_to_end(tmp_path):
     base = _run("baseline", model, root, tmp)
     ref = base["passes"][0]
     want = ref["tokens"]
-    assert base["passes"][1]["tokens"] == want        # one schedule, one result: vLLM-CPU is deterministic
+    # The baseline against itself holds to the same rule as the plug-in runs below: vLLM-CPU may
+    # batch the two passes differently, and a random-weight model has exact bf16 ties (seen in CI:
+    # a second baseline pass took the runner-up at token 1 of one prompt).
+    _same_output(base["passes"][1], ref, "baseline, second pass")
     assert len({tuple(t) for t in want}) > 1, "random weights must give different outputs per prompt"
 
     plug = _run("plugin", model, root, tmp)

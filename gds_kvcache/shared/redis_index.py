@@ -318,10 +318,14 @@ class RedisIndex:
             p.time()
             for n in names[i:i + 1000]:
                 p.zrange(n, -1, -1, withscores=True)
-            sec, usec = (res := p.execute())[0]
+            sec, usec = (res := p.execute(raise_on_error=False))[0]
             now = sec * 1000 + usec // 1000
-            for last in res[1:]:
-                if last:
+            for n, last in zip(names[i:i + 1000], res[1:]):
+                if isinstance(last, Exception):
+                    # Not a lease set (garbage someone wrote): it holds no lease; it goes.
+                    log.warning("Redis key %s is not a lease set: deleted", n)
+                    self.client.delete(n)
+                elif last:
                     best = max(best, int(last[0][1]) - now)
         return best
 

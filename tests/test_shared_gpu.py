@@ -73,6 +73,14 @@ def test_gpu_chaos_two_processes_on_one_gpu(shm_root):
               checker=("cuda", 0))
 
 
+def test_gpu_chaos_with_redis_faults(shm_root):
+    # The Redis-fault campaign (a stall past the socket timeout and the lease, garbage in Redis)
+    # with CUDA slabs on the production engine: no wrong byte, no checksum failure but tombstones.
+    rep = run_chaos(shm_root, [("cuda", 0), ("cuda", 0), ("host", 0)], ops=GPU_CHAOS_OPS, engine="auto",
+                    checker=("cuda", 0), redis_faults=True)
+    assert rep["vandalised"]["stalled_s"] > 2 and rep["readable"] == rep["listed"] > 0
+
+
 def test_gpu_chaos_one_writer_per_gpu(shm_root):
     if _gpus() < 2:
         pytest.skip("needs two GPUs")

@@ -71,36 +71,107 @@ def test_a_stalled_redis_is_waited_for_once_per_backoff(tmp_path, paused_redis):
         alloc.close()
 
 
-def test_a_remove_redis_did_not_hear_of_wins_over_the_entry_it_still_lists(tmp_path, paused_redis):
-    timeout = 0.5
-    cfg = lambda wid: CacheEngineConfig(local_disk=str(tmp_path), max_local_disk_size=16 * MiB / GB,  # noqa: E731
-                                        io_engine="posix", io_threads=2, lookup_server_url=paused_redis.url,
-                                        redis_socket_timeout=timeout, redis_backoff=0.5, writer_id=wid)
+# Hole punching made the old bytes unreadable in a sparse pool only: a preallocated pool (no
+# punching) and the mapped engine (a punch would detach its pinned pages) served the removed
+# version until the retraction landed. The tombstone covers all three.
+POOLS = {"posix-sparse": dict(io_engine="posix"), "posix-preallocated": dict(io_engine="posix", preallocate=True),
+         "mapped": dict(io_engine="mapped")}
+
+
+@pytest.fixture(params=sorted(POOLS))
+def pool_kind(request, tmp_path):
+    kw = dict(POOLS[request.param])
+    if kw["io_engine"] == "mapped":
+        kw["root"] = request.getfixturevalue("shm_dir")
+    else:
+        kw["root"] = str(tmp_path)
+    return kw
+
+
+def _cut_off(*a, **kw):           # this writer cannot reach Redis; the reader still can
+    raise redis.ConnectionError("partitioned")
+
+
+def _two_processes(pool_kind, url):
+    kw = dict(pool_kind)
+    root = kw.pop("root")
+    cfg = lambda wid: CacheEngineConfig(local_disk=root, max_local_disk_size=16 * MiB / GB,  # noqa: E731
+                                        io_threads=2, lookup_server_url=url, redis_socket_timeout=0.5,
+                                        redis_backoff=0.5, writer_id=wid, shared_tick=0.05, **kw)
     walloc, ralloc = SlabMemoryAllocator(8 * MiB, "host"), SlabMemoryAllocator(8 * MiB, "host")
-    w = SharedDiskBackend(cfg("w0"), None, walloc)
-    r = SharedDiskBackend(cfg("r0"), None, ralloc)
+    return SharedDiskBackend(cfg("w0"), None, walloc), walloc, SharedDiskBackend(cfg("r0"), None, ralloc), ralloc
+
+
+def _put(b, alloc, k, data):
+    o = alloc.allocate((1024,), torch.float32)
+    o.tensor.copy_(data)
     try:
-        o = walloc.allocate((1024,), torch.float32)
-        o.tensor.copy_(torch.randn(1024))
-        assert w.batched_put([key(0)], [o]) == [4096]
+        return b.batched_put([k], [o])
+    finally:
         o.ref_count_down()
+
+
+def test_a_remove_redis_did_not_hear_of_wins_over_the_entry_it_still_lists(pool_kind, paused_redis):
+    w, walloc, r, ralloc = _two_processes(pool_kind, paused_redis.url)
+    try:
+        assert _put(w, walloc, key(0), torch.randn(1024)) == [4096]
         got = r.batched_get_blocking([key(0)])[0]
         assert got is not None
         got.ref_count_down()
         real = w.redis.retract
-
-        def cut_off(*a, **kw):         # this writer cannot reach Redis; the reader still can
-            raise redis.ConnectionError("partitioned")
-        w.redis.retract = cut_off
+        w.redis.retract = _cut_off
         assert w.remove(key(0)) is True
-        # Until the retraction lands, Redis still lists version 1; reading it must not give it back.
+        # Until the retraction lands, Redis still lists version 1; reading it must not give it back,
+        # and the reader knows why it missed (a dropped chunk, not a corrupt one).
+        assert r.redis.exists([[key(0).to_string()]]) == [True]
         assert r.batched_get_blocking([key(0)]) == [None]
-        assert w.stats["removed_unretracted"] == 1
+        assert w.stats["removed_unretracted"] == 1 and w.stats["tombstoned"] == 1
+        assert r.stats["remote_removed"] == 1 and r.stats["remote_corrupt"] == 0
         w.redis.retract = real
         deadline = time.monotonic() + 10          # housekeeping retracts it once Redis answers
         while r.batched_contains([key(0)]) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert r.batched_contains([key(0)]) == 0
+    finally:
+        os.kill(paused_redis.proc.pid, signal.SIGCONT)
+        r.close()
+        w.close()
+        walloc.close()
+        ralloc.close()
+
+
+def test_a_remove_and_newer_put_redis_did_not_hear_of_win_over_the_version_it_still_lists(pool_kind, paused_redis):
+    # The chaos campaign's case: remove() returns and version 2's put resolves while the writer
+    # cannot reach Redis, which still lists version 1. No reader may get version 1 from then on.
+    w, walloc, r, ralloc = _two_processes(pool_kind, paused_redis.url)
+    v1, v2 = torch.randn(1024), torch.randn(1024)
+    try:
+        assert _put(w, walloc, key(1), v1) == [4096]
+        got = r.batched_get_blocking([key(1)])[0]
+        assert got is not None and torch.equal(got.tensor, v1)
+        got.ref_count_down()
+        cut = ("retract", "publish", "claim")
+        real = {m: getattr(w.redis, m) for m in cut}
+        for m in cut:
+            setattr(w.redis, m, _cut_off)
+        assert w.remove(key(1)) is True
+        assert _put(w, walloc, key(1), v2) == [4096]          # stored here only, for now
+        assert w.stats["local_only_puts"] >= 1
+        got = r.batched_get_blocking([key(1)])[0]
+        assert got is None or torch.equal(got.tensor, v2), "version 1 served after remove() and version 2's put"
+        if got is not None:
+            got.ref_count_down()
+        assert r.stats["remote_corrupt"] == 0
+        for m in cut:
+            setattr(w.redis, m, real[m])
+        deadline = time.monotonic() + 10          # version 2 is published once Redis answers
+        while time.monotonic() < deadline:
+            got = r.batched_get_blocking([key(1)])[0]
+            if got is not None:
+                break
+            time.sleep(0.05)
+        assert got is not None and torch.equal(got.tensor, v2)
+        got.ref_count_down()
     finally:
         os.kill(paused_redis.proc.pid, signal.SIGCONT)
         r.close()

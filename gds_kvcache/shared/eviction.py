@@ -8,6 +8,12 @@ Eviction skips chunks others are reading (retract-if-unleased in one
 script): their extents are free at once, since no lease can start on an
 entry that is gone. While Redis is unreachable, or for one lease period
 after it restarted (its leases were lost), no extent is reused.
+
+A dropped chunk whose retraction fails (Redis unreachable) is still listed
+for other processes: its extent is tombstoned (``storage.tombstone``) while
+it is retired, so what a remove or a newer put replaced is a miss for every
+reader from then on, never the old bytes; readers count such misses apart
+from corruption.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import threading
 import time
 
 from ..storage.eviction import DeferredFree
+from ..storage.tombstone import write_tombstone
 from .publisher import LEASE_MARGIN, Publisher
 
 __all__ = ["RetractThenFree", "DiskEvictionError"]
@@ -60,9 +67,12 @@ class RetractThenFree(DeferredFree):
         self._q_lock = threading.Lock()
         self._retire_lock = threading.Lock()
         self._no_reuse_until = 0.0
+        self._tombstoned: set[int] = set()    # offsets of retired extents tombstoned (reset when freed)
+        self.layout = None                     # this writer's PoolLayout, set with ``bind``
 
     def bind(self, publisher: Publisher) -> None:
         self.pub = publisher
+        self.layout = publisher.local.layout
 
     def leases_lost(self) -> None:
         """Redis restarted: every lease it held is gone, so no extent is reused for one lease period."""
@@ -87,6 +97,7 @@ class RetractThenFree(DeferredFree):
                     self.leases_lost()          # restarted: its leases are forgotten, not over
                     pub.dirty = True
             except BaseException:
+                self._tombstone(es)
                 self.requeue(es)
                 raise
         self._stats["retracted"] += len(es)
@@ -102,6 +113,24 @@ class RetractThenFree(DeferredFree):
                     free_now.append(e)
         for e in free_now:
             self.release(e)
+
+    def _tombstone(self, es) -> None:
+        """Make retired extents whose retraction failed unreadable as their chunks (under the
+        retire lock: none of them can be freed and reused meanwhile)."""
+        for e in es:
+            if e.offset in self._tombstoned:
+                continue
+            try:
+                write_tombstone(self.layout, e.offset)
+            except OSError as exc:     # the checksum still guards it; the old version may be served
+                log.warning("cannot tombstone the extent of dropped chunk %s: %s", e.key.to_string(), exc)
+                continue
+            self._tombstoned.add(e.offset)
+            self._stats["tombstoned"] += 1
+
+    def release(self, entry, punch=True) -> None:
+        self._tombstoned.discard(entry.offset)
+        super().release(entry, punch)
 
     def release_quarantine(self, all_due: bool = False) -> None:
         now = time.monotonic()

@@ -22,6 +22,7 @@ from ..errors import CorruptChunkError, GdsKvCacheError
 from ..io import open_engine
 from ..key import CacheEngineKey
 from ..memory.allocator import MemoryAllocatorInterface
+from ..storage.tombstone import is_tombstone
 from ..storage.transfer import DiskTransfer
 from .redis_index import redis_errors
 from .shared_index import Pin, Pins, SharedIndex
@@ -81,7 +82,7 @@ class RemoteReader:
             return
         self._stats["remote_malformed"] += pins.malformed
         got: list[tuple[int, object]] = []        # (index into keys, object read and verified)
-        bad: list[Pin] = []                       # pins whose chunk failed (unreadable, corrupt)
+        bad: list[tuple[Pin, DiskTransfer]] = []  # pins whose chunk failed (unreadable, corrupt)
         errs: list[BaseException] = []
         try:
             if self._hold_s and pins.held:
@@ -103,7 +104,7 @@ class RemoteReader:
                 if tr is None:
                     continue
                 res = tr.read_verified(self.memory_allocator, [p.entry for _, p in items], verify=True)
-                bad += [items[j][1] for j, _ in res.bad]
+                bad += [(items[j][1], tr) for j, _ in res.bad]
                 errs += [why for _, why in res.bad]
                 got += [(items[j][0], o) for j, o in enumerate(res.objs) if o is not None]
             if time.monotonic() > t0 + self.lease_ttl:
@@ -111,8 +112,8 @@ class RemoteReader:
                 # failed checksum says nothing about the chunk and a good one is not trusted.
                 self._stats["lease_expired"] += len(got) + len(bad)
             else:
-                for p, why in zip(bad, errs):
-                    self._read_error(p, why)
+                for (p, tr), why in zip(bad, errs):
+                    self._read_error(p, why, tr)
                 for i, o in got:
                     out[i] = o
             n_hit = sum(1 for i in which if out[i] is not None)
@@ -126,9 +127,15 @@ class RemoteReader:
                 # Off the caller's path (a round trip): until it lands, the owner just waits a little longer.
                 self._releaser.submit(self._release, pins)
 
-    def _read_error(self, p: Pin, err: BaseException) -> None:
+    def _read_error(self, p: Pin, err: BaseException, tr: DiskTransfer) -> None:
         """A miss; warned once per writer run (a writer restarting with a smaller pool makes every
-        read of its last run's entries fail until it re-registers), the rest at debug level."""
+        read of its last run's entries fail until it re-registers), the rest at debug level. A
+        checksum failure over a tombstone is a chunk its writer dropped while Redis could not be
+        told (``remote_removed``), not corruption."""
+        if isinstance(err, CorruptChunkError) and is_tombstone(tr.pool, p.entry.offset):
+            self._stats["remote_removed"] += 1
+            log.debug("chunk %s of writer %s was dropped by its writer", p.entry.key.to_string(), p.writer)
+            return
         self._stats["remote_corrupt" if isinstance(err, CorruptChunkError) else "remote_read_errors"] += 1
         if (p.writer, p.boot) in self._warned:
             log.debug("reading chunk %s of writer %s: %s", p.entry.key.to_string(), p.writer, err)

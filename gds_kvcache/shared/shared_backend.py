@@ -57,7 +57,8 @@ _WRITER_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 COUNTERS = ("published", "duplicates", "republishes", "remote_hits", "remote_misses", "lease_expired",
             "remote_corrupt", "remote_malformed", "claims_lost", "redis_errors", "leased_evictions",
             "shared_evictions", "retracted", "local_only_puts", "removed_unretracted", "state_went_back",
-            "audit_republished", "adopted", "leased_skips", "evict_errors", "remote_read_errors", "put_retries")
+            "audit_republished", "adopted", "leased_skips", "evict_errors", "remote_read_errors", "put_retries",
+            "tombstoned", "remote_removed")
 
 
 def _redis_config_errors() -> tuple:
@@ -374,10 +375,9 @@ class SharedDiskBackend(StorageBackendInterface):
             except self._errors as exc:
                 self._stats["redis_errors"] += 1
                 if e is not None:
-                    # Redis still lists the chunk for other processes: give its blocks back now, so a
-                    # read of that entry is a checksum miss, never the removed version. The extent
-                    # itself stays retired (not reused) until the retraction goes through.
-                    self.eviction.punch(e.offset, e.phys_size)
+                    # Redis still lists the chunk for other processes: the strategy tombstoned its
+                    # extent (a read of that entry is a miss, never the removed version), which stays
+                    # retired (not reused) until the retraction goes through.
                     self._stats["removed_unretracted"] += 1
                 log.warning("removed %s here; Redis unreachable (%s): retracted when it answers",
                             key.to_string(), exc)

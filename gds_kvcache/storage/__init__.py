@@ -7,7 +7,7 @@ layout and its locked directory); ``disk_index`` with ``recovery``,
 ``log_reserve`` and ``victims`` (which chunk lives where; no GPU, no I/O
 engine); ``transfer`` (the verified read and checksummed write; no index);
 ``eviction`` (when an extent is reused); ``local_disk_backend`` with
-``pool_open``, ``call_gate``, ``holes``, ``lookup_events``, ``disk_catalog``
+``pool_open``, ``call_gate``, ``holes``, ``tombstone``, ``lookup_events``, ``disk_catalog``
 and ``checks`` (index + transfer behind the tier interface,
 ``abstract_backend``); ``hot_backend``; ``tier_factory``, ``back_pressure``
 and ``storage_manager``. Nothing here imports ``shared``.

@@ -538,6 +538,33 @@ def test_gpu_staging_pipeline_round_trip(tmp_path, name, staging, threads, rnd):
 
 
 @pytest.mark.gpu
+def test_gpu_engines_share_one_lane_pool(tmp_path, rnd):
+    # Shared mode opens a read-only engine per writer: their bounce buffers are pinned once per process.
+    _, g = rnd
+    buf = SlabBuffer(4 * MiB, "cuda")
+    fill_random(buf, g)
+    torch.cuda.synchronize()
+    want = host_bytes(buf, 0, MiB)
+    a = PosixEngine(pool(tmp_path, name="a"), 4, 256 * KiB, True, "cuda", STRIPE)
+    b = PosixEngine(pool(tmp_path, name="b"), 4, 256 * KiB, True, "cuda", STRIPE)
+    a.attach(buf)
+    b.attach(buf)
+    shared = a._lanes
+    assert shared is b._lanes and shared is not None
+    assert a.write_spans([Span(0, 0, MiB)]) == [None]
+    a.close()  # b's share keeps the lanes
+    assert b.write_spans([Span(0, 0, MiB)]) == [None]
+    assert b.read_spans([Span(2 * MiB, 0, MiB)]) == [None]
+    assert host_bytes(buf, 2 * MiB, MiB) == want
+    b.close()
+    c = PosixEngine(pool(tmp_path, name="c"), 4, 256 * KiB, True, "cuda", STRIPE)
+    c.attach(buf)
+    assert c._lanes is not shared  # the last user closed the old pool: a new one is made
+    c.close()
+    buf.close()
+
+
+@pytest.mark.gpu
 def test_gpu_kvikio_staging_waits_for_the_default_stream(tmp_path):
     # KvikIO's own compat path orders after the default stream; the pipelined lanes keep that promise.
     require_kvikio()

@@ -291,3 +291,20 @@ def test_lane_pool_hands_a_released_lane_to_the_longest_waiter():
         t.join()
     pool.release(again)
     pool.close()
+
+
+def test_shared_lane_pool_closes_with_its_last_user():
+    closed = []
+    bufs = BounceBuffers(2, SLOT, "host")
+    made = [DeferredLane(bufs, 0, 2, Log())]
+    pool = LanePool(made, owned=[bufs], on_close=closed.append)
+    assert pool.share()
+    pool.close()  # one of two users gone: the lanes stay
+    lane = pool.acquire()
+    assert lane is made[0] and bufs.views and closed == []
+    pool.release(lane)
+    pool.close()
+    assert closed == [pool] and bufs.views == []
+    assert not pool.share()  # a closed pool takes no new user: the factory makes a new one
+    with pytest.raises(ClosedError):
+        pool.acquire()

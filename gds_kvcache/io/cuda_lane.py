@@ -187,23 +187,48 @@ class CudaLane(Lane):
         self._ctx = _P()
 
 
-def cuda_lane_pool(buffer, lanes: int, depth: int, slot_bytes: int, after_default_stream: bool) -> Optional[LanePool]:
-    """``lanes`` CUDA lanes of ``depth`` slots for ``buffer``'s device, all slots one pinned allocation.
+_POOLS: dict = {}
+_POOLS_LOCK = threading.Lock()
 
-    None for a slab that is not in GPU memory (host and pinned slabs need no staging).
+
+def cuda_lane_pool(buffer, lanes: int, depth: int, slot_bytes: int, after_default_stream: bool) -> Optional[LanePool]:
+    """``lanes`` CUDA lanes of ``depth`` slots for ``buffer``'s device, every slot in one pinned allocation.
+
+    None for a slab that is not in GPU memory (host and pinned slabs need no
+    staging). Engines asking for the same shape on the same device share one
+    pool (each engine's ``close`` drops its share): a process reading many
+    writers' pools in shared mode pins the bounce buffers once, not once per
+    engine.
     """
     if buffer.kind != "cuda":
         return None
-    bufs = BounceBuffers(lanes * depth, slot_bytes, "pinned", buffer.cuda_device)
+    key = (buffer.cuda_device, lanes, depth, slot_bytes, after_default_stream)
+    with _POOLS_LOCK:
+        pool = _POOLS.get(key)
+        if pool is not None and pool.share():
+            return pool
+        pool = _make_pool(buffer.cuda_device, lanes, depth, slot_bytes, after_default_stream, key)
+        _POOLS[key] = pool
+        return pool
+
+
+def _forget(key, pool: LanePool) -> None:
+    with _POOLS_LOCK:
+        if _POOLS.get(key) is pool:
+            del _POOLS[key]
+
+
+def _make_pool(device: int, lanes: int, depth: int, slot_bytes: int, after: bool, key) -> LanePool:
+    bufs = BounceBuffers(lanes * depth, slot_bytes, "pinned", device)
     made: list[CudaLane] = []
     try:
         for k in range(lanes):
-            made.append(CudaLane(bufs, k * depth, depth, buffer.cuda_device, after_default_stream))
+            made.append(CudaLane(bufs, k * depth, depth, device, after))
     except BaseException:
         for lane in made:
             lane.close()
         bufs.close()
         raise
     what = (f"{lanes} lane(s) x {depth} pinned slots x {bufs.size >> 10} KiB "
-            f"({bufs.nbytes / (1 << 20):.0f} MiB pinned once)")
-    return LanePool(made, owned=[bufs], describe=what, device=buffer.cuda_device)
+            f"({bufs.nbytes / (1 << 20):.0f} MiB pinned once, shared by the process's engines)")
+    return LanePool(made, owned=[bufs], describe=what, device=device, on_close=lambda p: _forget(key, p))

@@ -302,17 +302,31 @@ class LanePool:
     goes straight to the longest waiter, so a busy caller that releases and
     asks again cannot starve another. A holder never waits for anything but
     its own copies and file I/O, so every waiter gets a lane.
+
+    Several engines may share one pool (``share``): each ``close`` drops one
+    user, the last one closes the lanes and frees the memory, then calls
+    ``on_close``.
     """
 
-    def __init__(self, lanes: list, owned=(), describe: str = "", device: Optional[int] = None):
+    def __init__(self, lanes: list, owned=(), describe: str = "", device: Optional[int] = None, on_close=None):
         self._all = list(lanes)
         self._free = list(lanes)
         self._owned = list(owned)
         self._waiters: deque = deque()
         self._lock = threading.Lock()
         self._closed = False
+        self._users = 1
+        self._on_close = on_close
         self.describe = describe
         self.device = device
+
+    def share(self) -> bool:
+        """One more user of the pool; False if it is already closed (make a new one)."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._users += 1
+            return True
 
     @property
     def size(self) -> int:
@@ -341,9 +355,12 @@ class LanePool:
                 self._free.append(lane)
 
     def close(self) -> None:
-        """Close every lane and the bounce buffers; the engine has no transfer in flight by then."""
+        """Drop one user; the last closes every lane and the bounce buffers (no transfer may be in flight)."""
         with self._lock:
             if self._closed:
+                return
+            self._users -= 1
+            if self._users > 0:
                 return
             self._closed = True
             waiters, self._waiters = list(self._waiters), deque()
@@ -356,3 +373,5 @@ class LanePool:
                 log.warning("closing a GPU staging lane failed: %s", e)
         for o in self._owned:
             o.close()
+        if self._on_close is not None:
+            self._on_close(self)

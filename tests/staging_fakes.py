@@ -44,7 +44,9 @@ class DeferredLane(Lane):
     """A lane over a host slab whose copies happen only when waited for (see the module docstring).
 
     ``fail_copy`` (a set of copy numbers, counted per lane from 0): that copy's
-    start raises ``IOEngineError``; ``fail_wait``: waiting for it raises.
+    start raises ``IOEngineError``; ``fail_wait``: waiting for it raises. Each
+    number fails once, on the first lane that gets there (lanes of one factory
+    share the sets).
     """
 
     def __init__(self, bufs: BounceBuffers, first: int, depth: int, log: Log, seed: int = 0,
@@ -57,7 +59,8 @@ class DeferredLane(Lane):
         self._pending = {}
         self._slab = None
         self._n = 0
-        self.fail_copy, self.fail_wait = set(fail_copy), set(fail_wait)
+        self.fail_copy = fail_copy if isinstance(fail_copy, set) else set(fail_copy)
+        self.fail_wait = fail_wait if isinstance(fail_wait, set) else set(fail_wait)
         self.begun = 0
         self.ended = 0
 
@@ -80,6 +83,7 @@ class DeferredLane(Lane):
         if slot in self._pending:
             self.log.violations.append(f"{kind} on slot {slot} while copy {self._pending[slot][3]} is pending")
         if k in self.fail_copy:
+            self.fail_copy.discard(k)
             raise IOEngineError(f"injected failure starting copy {k}")
         if kind == "to_host":
             self._arrs[slot][:n] = POISON
@@ -100,6 +104,7 @@ class DeferredLane(Lane):
             self._slab[mem:mem + n] = self._arrs[slot][:n]
         self.log.add("copied", id(self), slot, mem, n)
         if k in self.fail_wait:
+            self.fail_wait.discard(k)
             raise IOEngineError(f"injected failure of copy {k}")
 
     def ready(self, slot) -> bool:

@@ -190,18 +190,23 @@ class KvikIOEngine(IOEngine):
             return
         self._release_registration()
         old, self._lanes = self._lanes, None
-        if old is not None:
-            old.close()
+        try:
+            self._attach(buffer)
+        finally:
+            if old is not None:
+                old.close()  # after the new lanes: an engine re-attached on one device keeps its pinned memory
+
+    def _attach(self, buffer: SlabBuffer) -> None:
         self._buffer = buffer
         self._memory = buffer.kind
         if buffer.kind != "cuda":
             self._host_mv = memoryview(buffer.host_array())
             self._registration = ""
-            self._stage_if_compat(buffer)
+            self._lanes = self._stage_if_compat(buffer)
             return
         self._dev_base = buffer.tensor.data_ptr()
         self._probe(buffer)
-        self._stage_if_compat(buffer)
+        self._lanes = self._stage_if_compat(buffer)
         if "gds" in self._file_paths:
             already = buffer.registered
             ok = buffer.register_gds()
@@ -211,10 +216,11 @@ class KvikIOEngine(IOEngine):
             why = "; ".join(sorted(set(self._file_reasons)))
             self._registration = f"not needed: no file takes the GDS path ({why})"
 
-    def _stage_if_compat(self, buffer: SlabBuffer) -> None:
+    def _stage_if_compat(self, buffer: SlabBuffer) -> Optional[LanePool]:
         # Lanes order each batch after the default stream: KvikIO's own device path does the same.
         if self._staging == "pipelined" and "kvikio-compat" in self._file_paths:
-            self._lanes = self.lane_factory(buffer, KVIKIO_LANES, max(2, self._threads), self._task, True)
+            return self.lane_factory(buffer, KVIKIO_LANES, max(2, self._threads), self._task, True)
+        return None
 
     def _release_registration(self) -> None:
         if self._registered_here and self._buffer is not None:

@@ -308,3 +308,19 @@ def test_shared_lane_pool_closes_with_its_last_user():
     assert not pool.share()  # a closed pool takes no new user: the factory makes a new one
     with pytest.raises(ClosedError):
         pool.acquire()
+
+
+def test_cuda_lane_entry_points_exist_in_the_driver():
+    # Binding needs no GPU, only libcuda.so.1 (scripts/run-tests.sh fetches one): a misspelt name fails here.
+    import ctypes
+
+    from gds_kvcache.io.cuda_lane import _Api
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        pytest.skip(f"no libcuda.so.1: {e}")
+    api = _Api("libcuda.so.1")
+    assert api.dtoh.argtypes and api.event_sync.restype is ctypes.c_int
+    with pytest.raises(IOEngineError, match="CUDA error 600"):
+        api.check(600, "probe")

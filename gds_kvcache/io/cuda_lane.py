@@ -37,8 +37,7 @@ class _Api:
     _inst: Optional["_Api"] = None
     _lock = threading.Lock()
 
-    def __init__(self):
-        name = cuda_driver()._name  # also runs cuInit
+    def __init__(self, name: str):
         held, free = ctypes.PyDLL(name), ctypes.CDLL(name)  # own instances: argtypes set here stay here
 
         def bind(lib, fn, *argtypes):
@@ -68,7 +67,7 @@ class _Api:
     def get(cls) -> "_Api":
         with cls._lock:
             if cls._inst is None:
-                cls._inst = cls()
+                cls._inst = cls(cuda_driver()._name)  # cuda_driver() runs cuInit first
             return cls._inst
 
     def check(self, rc: int, what: str) -> None:

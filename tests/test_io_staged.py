@@ -217,7 +217,7 @@ def test_close_races_transfers(tmp_path, name, rnd):
     r, g = rnd
     paths = pool(tmp_path)
     nthreads = 4
-    src, dst = SlabBuffer(8 * MiB, "host"), SlabBuffer(8 * MiB, "host")
+    src = SlabBuffer(8 * MiB, "host")
     fill_random(src, g)
     want = host_bytes(src, 0, 8 * MiB)
     factory = deferred_factory(Log())

@@ -99,10 +99,10 @@ class CudaLane(Lane):
         self.views = bufs.views[first:first + depth]
         self._addr = [bufs.addr(first + k) for k in range(depth)]
         self._after = after_default_stream
-        self._dev = device
         self._ctx, dev = _P(), _I()
         api.check(api.device_get(ctypes.byref(dev), device), f"cuDeviceGet({device})")
         api.check(api.ctx_retain(ctypes.byref(self._ctx), dev.value), "cuDevicePrimaryCtxRetain")
+        self._dev = dev.value  # the CUdevice whose primary context is retained, released in close()
         self._stream, self._events, self._order = _P(), [], _P()
         try:
             self._push()

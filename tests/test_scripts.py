@@ -24,7 +24,8 @@ def test_bench_smoke(tmp_path, cmd, out):
     assert r["rows"] and r["device"]
     if cmd[0] == "bench":
         paths = {row["path"] for row in r["rows"]}
-        assert {"library-posix", "raw", "torch", "bounce"} <= paths
+        assert {"library-posix", "raw", "pinned-pwrite", "pinned-pipelined", "torch", "bounce"} <= paths
+        assert {"library-kvikio", "library-kvikio-device"} <= paths  # measured or skipped, both named
         assert all(row.get("verified", True) for row in r["rows"])
         assert (tmp_path / "bench_storage.png").stat().st_size > 1000
     if cmd[0] == "bench-kernels":

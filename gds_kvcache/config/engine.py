@@ -103,6 +103,12 @@ class CacheEngineConfig:
     redis_backoff
         Shared mode: seconds Redis is treated as down after a timeout before it
         is probed again (0 < x <= 3600, default 5).
+    use_layerwise
+        Store each chunk as one object per layer (LMCache's name), so that
+        ``CacheEngine.retrieve_layer`` reads, verifies and unpacks one layer
+        while the model computes the one before (see ``gds_kvcache.layerwise``).
+        Chunks stored whole still load; an engine without it ignores
+        per-layer objects. Default False: one object per chunk.
 
     Notes
     -----
@@ -143,6 +149,7 @@ class CacheEngineConfig:
     shared_tick: float = 0.2
     redis_socket_timeout: float = 2.0
     redis_backoff: float = 5.0
+    use_layerwise: bool = False
 
     def __post_init__(self) -> None:
         self.chunk_size = _parse_number("chunk_size", self.chunk_size, int)
@@ -211,6 +218,7 @@ class CacheEngineConfig:
         self.redis_socket_timeout = _parse_seconds("redis_socket_timeout", self.redis_socket_timeout, 600,
                                                    limit_allowed=True)
         self.redis_backoff = _parse_seconds("redis_backoff", self.redis_backoff, 3600, limit_allowed=True)
+        self.use_layerwise = _parse_bool("use_layerwise", self.use_layerwise)
 
     # -- derived sizes -------------------------------------------------
     @property

@@ -1,0 +1,389 @@
+"""Layer-wise retrieve and store: a prompt's KV moved one layer at a time, next to a model forward.
+
+``CacheEngine.retrieve_layer`` and ``store_layer`` (LMCache's names) return
+generators the caller advances once per decoder layer; this module holds the
+work behind them, each operation on a thread of its own so that disk reads,
+checksums and kernel launches never hold up the caller's forward.
+
+Storage format. A chunk is either one object holding every layer (``store``,
+the default) or, with ``use_layerwise``, one object per layer under a key
+derived from the chunk's key (``layer_key``). Attention over the new tokens
+at layer ``l`` needs layer ``l`` of every cached chunk, and a chunk's
+checksum covers the whole object, so whole-chunk objects can only be used
+once every chunk has been read in full: the first layer waits for the whole
+prefix. Per-layer objects are read, verified and unpacked one layer at a
+time, so the read of layer ``l + 1`` overlaps the caller's compute of layer
+``l``. Whole chunks still load (first, all layers at once) in either mode, so
+existing directories keep working; an engine without ``use_layerwise`` does
+not look for per-layer objects.
+
+Invariants: no byte that failed its checksum (or has the wrong shape) reaches
+the paged cache; a chunk counts only when every layer of it loaded, and the
+counts are prefixes (a chunk missing at some layer drops it and every later
+chunk from that layer on). Nothing is written into the caller's cache after
+the generator is closed, finished or abandoned, or after ``CacheEngine.close``
+returns: the work is cancelled, its stream synchronised and its slab objects
+released before those return.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from contextlib import nullcontext
+from typing import Callable, Optional
+
+import torch
+
+from .errors import ClosedError
+from .key import CacheEngineKey
+from .layer_moves import move_layer
+
+__all__ = ["LayerRetrieve", "LayerStore", "layer_key", "retrieve_steps", "store_steps"]
+
+log = logging.getLogger(__name__)
+
+WHOLE, LAYERED = "whole", "layered"
+_LAYER_SEED = b"gds_kvcache/layer-key/v1\0"
+
+
+def layer_key(key: CacheEngineKey, layer: int) -> CacheEngineKey:
+    """The key of layer ``layer``'s object of the chunk ``key``: same fields, a hash over the chunk
+    hash and the layer (a 128-bit value like every prefix hash, so it never names another chunk)."""
+    h = hashlib.blake2b(_LAYER_SEED + key.chunk_hash.encode() + b"\0%d" % layer, digest_size=16).hexdigest()
+    return CacheEngineKey(key.fmt, key.model_name, key.world_size, key.worker_id, h)
+
+
+def stored_forms(storage, keys: list, layers: int, probe_all: bool, layerwise: bool) -> list:
+    """Per key, ``WHOLE``, ``LAYERED`` or None, up to the first chunk stored in neither form.
+
+    ``probe_all`` asks for every layer's object; otherwise only the first and
+    last layer's are asked (see ``CacheEngine.lookup``). Without
+    ``layerwise`` only whole chunks count.
+    """
+    if not layerwise:
+        return [WHOLE] * storage.batched_contains(keys)
+    whole = storage.batched_exists(keys)
+    probe = list(range(layers)) if probe_all else sorted({0, layers - 1})
+    ask = [i for i, w in enumerate(whole) if not w]
+    there = iter(storage.batched_exists([layer_key(keys[i], l) for i in ask for l in probe]) if ask else [])
+    layered = {i: all([next(there) for _ in probe]) for i in ask}
+    out = []
+    for i, w in enumerate(whole):
+        form = WHOLE if w else (LAYERED if layered[i] else None)
+        if form is None:
+            break
+        out.append(form)
+    return out
+
+
+class _Op:
+    """What a layer-wise operation shares between the caller's steps and its worker thread."""
+
+    def __init__(self, engine, kv_caches, slots: torch.Tensor, valid: int, name: str):
+        self.engine = engine
+        self.kv = kv_caches
+        self.slots = slots
+        self.valid = valid
+        self.layers = engine._layers
+        self.device = slots.device
+        self.cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.cond = threading.Condition()
+        self.cancelled = False
+        self.closed = False
+        self.error: Optional[BaseException] = None
+        self.finished = False
+        self.thread: Optional[threading.Thread] = None
+        self._name = name
+
+    def _start(self) -> None:
+        self.thread = threading.Thread(target=self._main, name=self._name, daemon=True)
+        self.thread.start()
+
+    def _main(self) -> None:
+        held: list = []
+        try:
+            dev = torch.cuda.device(self.device) if self.cuda else nullcontext()
+            with dev, (torch.cuda.stream(self.stream) if self.cuda else nullcontext()):
+                self._work(held)
+        except BaseException as e:  # handed to the caller's next step
+            self.error = e
+        finally:
+            try:
+                if self.cuda:
+                    self.stream.synchronize()  # no kernel of ours may still touch the slab or the cache
+            finally:
+                for o in held:
+                    o.ref_count_down()
+                with self.cond:
+                    self.finished = True
+                    self.cond.notify_all()
+
+    def _work(self, held: list) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _event(self):
+        """An event on our stream marking the work queued so far (None on the host)."""
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(self.stream)
+        return ev
+
+    def _raise_if_stopped(self) -> None:
+        if self.closed:
+            raise ClosedError("the cache engine was closed during a layer-wise operation")
+        if self.error is not None:
+            raise self.error
+
+    def abort(self, closed: bool = False) -> None:
+        """Cancel, and return once the worker has stopped, synchronised and released everything."""
+        with self.cond:
+            self.cancelled = True
+            self.closed = self.closed or closed
+            self.cond.notify_all()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join()
+
+
+class LayerRetrieve(_Op):
+    """One ``retrieve_layer`` call: its plan, its loader thread and what the loader has done."""
+
+    def __init__(self, engine, toks, kv_caches, slots, valid):
+        super().__init__(engine, kv_caches, slots, valid, "gds-kvcache-layer-load")
+        self.chunks = [c for c in engine._keys(toks) if c[1] < valid]
+        self.forms: list = []
+        self.done = 0
+        self.tokens: list[int] = []
+        self.events: list = []
+
+    def plan(self) -> int:
+        """Look the prefix up, start the loader; the tokens it will load if nothing fails."""
+        e = self.engine
+        self.forms = stored_forms(e.storage, [k for k, _, _ in self.chunks], self.layers, False, e.layerwise)
+        self.chunks = self.chunks[: len(self.forms)]
+        planned = self._tokens(len(self.chunks))
+        if planned:
+            eff = self.slots[:self.chunks[-1][2]].clone()
+            eff[self.valid:] = -1
+            self.slots_eff = eff
+            self.start_event = self._caller_event()
+        self._start()
+        return planned
+
+    def _caller_event(self):
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        return ev
+
+    def _tokens(self, limit: int) -> int:
+        return min(self.chunks[limit - 1][2], self.valid) if limit else 0
+
+    def _work(self, held: list) -> None:
+        limit = len(self.chunks)
+        if limit and self.cuda:
+            self.stream.wait_event(self.start_event)  # the caller's earlier work on these slots first
+        limit = self._load_whole(limit)
+        for layer in range(self.layers):
+            if self.cancelled:
+                return
+            if limit:
+                limit = self._load_layer(layer, limit, held)
+            with self.cond:
+                self.tokens.append(self._tokens(limit))
+                self.events.append(self._event())
+                self.done = layer + 1
+                self.cond.notify_all()
+
+    def _load_whole(self, limit: int) -> int:
+        """Read and unpack the chunks stored whole (every layer); the chunk limit after them."""
+        idx = [i for i in range(limit) if self.forms[i] == WHOLE]
+        pos = 0
+        for group in self.engine._groups([self.chunks[i] for i in idx]):
+            if self.cancelled:
+                return 0
+            loaded, ok = self.engine._retrieve_batch(group, self.kv, self.slots, self.valid)
+            if not ok:
+                return idx[pos + sum(1 for _, s, _ in group if s < loaded)]
+            pos += len(group)
+        return limit
+
+    def _load_layer(self, layer: int, limit: int, held: list) -> int:
+        """Read, verify and unpack layer ``layer`` of the per-layer chunks below ``limit``; the new limit."""
+        idx = [i for i in range(limit) if self.forms[i] == LAYERED]
+        if not idx:
+            return limit
+        objs = self.engine.storage.batched_get_blocking([layer_key(self.chunks[i][0], layer) for i in idx])
+        good = 0
+        for i, o in zip(idx, objs):
+            _, s, e = self.chunks[i]
+            if o is None or tuple(o.shape) != self.engine._layer_shape(e - s) or o.dtype != self.engine._dtype:
+                break
+            good += 1
+        for o in objs[good:]:
+            if o is not None:
+                o.ref_count_down()
+        if good < len(idx):
+            limit = idx[good]
+            log.warning("layer %d of chunk %d is missing or unusable; loading %d tokens, not %d", layer,
+                        limit, self._tokens(limit), self._tokens(len(self.chunks)))
+        # The previous layer's objects go back once its unpack has run (the reads above may have
+        # reused none of their extents: they were still held).
+        if held:
+            if self.cuda:
+                self.events[-1].synchronize()
+            for o in held:
+                o.ref_count_down()
+            held.clear()
+        objs, idx = objs[:good], idx[:good]
+        held.extend(objs)
+        move_layer(objs, idx, [self.chunks[i][1] for i in idx], self.slots_eff, self.kv, self.engine.layout,
+                   layer, 0, to_chunk=False)
+        return limit
+
+    def wait_layer(self, layer: int) -> int:
+        """Block until layer ``layer`` is in the cache (stream-ordered on a GPU); its token count."""
+        with self.cond:
+            while self.done <= layer and not self.finished:
+                self.cond.wait()
+            self._raise_if_stopped()
+            assert self.done > layer, "loader stopped without an error"
+            ev, tokens = self.events[layer], self.tokens[layer]
+        if ev is not None:
+            torch.cuda.current_stream(self.device).wait_event(ev)
+        return tokens
+
+    def finish(self) -> int:
+        """Wait for the loader (its stream synchronised, its objects released); the tokens loaded."""
+        self.thread.join()
+        self._raise_if_stopped()
+        return self.tokens[-1] if self.tokens else 0
+
+
+def retrieve_steps(op: LayerRetrieve):
+    """The generator ``retrieve_layer`` returns (see ``CacheEngine.retrieve_layer``)."""
+    op.engine._ops.add(op)
+    try:
+        yield op.plan()
+        for layer in range(op.layers):
+            yield op.wait_layer(layer)
+        yield op.finish()
+    finally:
+        op.abort()
+        op.engine._ops.discard(op)
+
+
+class LayerStore(_Op):
+    """One ``store_layer`` call: the layers handed over so far and the thread that packs and puts them."""
+
+    def __init__(self, engine, toks, kv_caches, slots, valid):
+        super().__init__(engine, kv_caches, slots, valid, "gds-kvcache-layer-store")
+        self.chunks = [c for c in engine._keys(toks) if c[2] <= valid]
+        self.handed: list = []
+        self.stored = 0
+        self.futures: list = []
+        self.done_event = None
+
+    def hand(self, layer: int) -> None:
+        """Layer ``layer`` is in the cache (queued on the caller's current stream): pack and store it."""
+        self._raise_if_stopped()
+        ev = None
+        if self.cuda:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+        with self.cond:
+            self.handed.append(ev)
+            self.cond.notify_all()
+        if self.thread is None:
+            self._start()
+
+    def _next_layer(self, layer: int) -> bool:
+        """Wait until layer ``layer`` is handed over; False when cancelled first."""
+        with self.cond:
+            while len(self.handed) <= layer and not self.cancelled:
+                self.cond.wait()
+            if self.cancelled:
+                return False
+            ev = self.handed[layer]
+        if ev is not None:
+            self.stream.wait_event(ev)
+        return True
+
+    def _todo(self) -> list:
+        """``(chunk index, key, start, end)`` of the chunks stored in no form and in no put in flight."""
+        e = self.engine
+        keys = [k for k, _, _ in self.chunks]
+        disk = e.storage.disk
+        busy = (lambda k: disk is not None and disk.exists_in_put_tasks(k))
+        whole = e.storage.batched_exists(keys)
+        if not e.layerwise:
+            return [(i, *c) for i, (c, w) in enumerate(zip(self.chunks, whole)) if not w and not busy(c[0])]
+        self.layer_keys = [[layer_key(k, l) for l in range(self.layers)] for k in keys]
+        ask = [lk for lk, w in zip(self.layer_keys, whole) if not w]
+        there = iter(e.storage.batched_exists([k for lk in ask for k in lk]) if ask else [])
+        return [(i, *c) for i, (c, w, lk) in enumerate(zip(self.chunks, whole, self.layer_keys))
+                if not w and not all([next(there) or busy(k) for k in lk])]
+
+    def _work(self, held: list) -> None:
+        e = self.engine
+        if not self._next_layer(0):
+            return
+        todo = self._todo()
+        for layer in range(self.layers):
+            if layer and not self._next_layer(layer):
+                return
+            if not todo:
+                continue
+            if e.layerwise or layer == 0:   # per-layer objects each layer; whole chunks once
+                shape = e._layer_shape if e.layerwise else e._shape
+                held[:] = e.storage.batched_allocate([shape(t[3] - t[2]) for t in todo], e._dtype, fmt=e.fmt)
+                todo = self._shortened(todo, len(held))
+            move_layer(held[: len(todo)], [t[0] for t in todo], [t[2] for t in todo], self.slots, self.kv,
+                       e.layout, layer, 0 if e.layerwise else layer, to_chunk=True)
+            if e.layerwise:
+                self._put([self.layer_keys[t[0]][layer] for t in todo], held)
+        if not e.layerwise and todo:
+            self._put([t[1] for t in todo], held)
+        self.stored = sum(t[3] - t[2] for t in todo)
+        self.done_event = self._event()
+
+    def _shortened(self, todo: list, fit: int) -> list:
+        if fit < len(todo):
+            log.warning("no slab room to store the rest of this prompt; storing %d of %d chunks", fit, len(todo))
+        return todo[:fit]
+
+    def _put(self, keys: list, held: list) -> None:
+        """Hand ``held``'s objects to storage (it takes over our references; its put waits for our stream)."""
+        objs = list(held[: len(keys)])
+        for o in held[len(keys):]:
+            o.ref_count_down()
+        held.clear()
+        futs = self.engine.storage.batched_submit_put_task(keys, objs)
+        self.futures.extend(f for f in futs if f is not None)
+
+    def finish(self) -> tuple[int, list]:
+        """Wait for every pack and put to be queued; the caller's stream then waits for the packs."""
+        if self.thread is None:   # no layer handed (a model of zero layers cannot exist; kept safe)
+            return 0, []
+        self.thread.join()
+        self._raise_if_stopped()
+        if self.done_event is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.done_event)
+        return self.stored, self.futures
+
+
+def store_steps(op: LayerStore, result: Callable[[int, list], object]):
+    """The generator ``store_layer`` returns (see ``CacheEngine.store_layer``)."""
+    op.engine._ops.add(op)
+    try:
+        for layer in range(op.layers):
+            op.hand(layer)
+            yield None
+        yield result(*op.finish())
+    finally:
+        op.abort()
+        op.engine._ops.discard(op)

@@ -284,6 +284,7 @@ class LayerStore(_Op):
         super().__init__(engine, kv_caches, slots, valid, "gds-kvcache-layer-store")
         self.chunks = [c for c in engine._keys(toks) if c[2] <= valid]
         self.handed: list = []
+        self.final = False
         self.stored = 0
         self.futures: list = []
         self.done_event = None
@@ -344,10 +345,18 @@ class LayerStore(_Op):
                 todo = self._shortened(todo, len(held))
             move_layer(held[: len(todo)], [t[0] for t in todo], [t[2] for t in todo], self.slots, self.kv,
                        e.layout, layer, 0 if e.layerwise else layer, to_chunk=True)
-            if e.layerwise:
+            if e.layerwise and layer < self.layers - 1:
                 self._put([self.layer_keys[t[0]][layer] for t in todo], held)
-        if not e.layerwise and todo:
-            self._put([t[1] for t in todo], held)
+        # The last layer's objects (or the whole chunks) go to storage only at the last step, so a
+        # generator abandoned before it leaves no chunk that counts as stored.
+        with self.cond:
+            while not self.final and not self.cancelled:
+                self.cond.wait()
+            if self.cancelled:
+                return
+        if todo:
+            last = self.layers - 1
+            self._put([self.layer_keys[t[0]][last] if e.layerwise else t[1] for t in todo], held)
         self.stored = sum(t[3] - t[2] for t in todo)
         self.done_event = self._event()
 
@@ -367,8 +376,9 @@ class LayerStore(_Op):
 
     def finish(self) -> tuple[int, list]:
         """Wait for every pack and put to be queued; the caller's stream then waits for the packs."""
-        if self.thread is None:   # no layer handed (a model of zero layers cannot exist; kept safe)
-            return 0, []
+        with self.cond:
+            self.final = True
+            self.cond.notify_all()
         self.thread.join()
         self._raise_if_stopped()
         if self.done_event is not None:

@@ -386,3 +386,65 @@ def test_two_operations_interleaved_on_one_engine(tmp_path):
         assert int(next(store)) == 64 and got == [150] * (L + 1) and next(load) == 150
         assert same_bytes(ref_rows("cross_layer", out, dst), ref_rows("cross_layer", kv, src))
         assert eng.lookup(other) == 64
+
+
+# -- GPU: stream order (run on the device machine) ------------------------------------------------------------------
+def gpu_config(tmp_path, layerwise, engine):
+    where = tmp_path / "kv"
+    if engine == "mapped":               # the mapped engine wants a RAM-backed directory
+        if not os.path.isdir("/dev/shm"):
+            pytest.skip("no /dev/shm")
+        import tempfile
+        where = Path(tempfile.mkdtemp(prefix="gds_kvcache-test-", dir="/dev/shm")) / "kv"
+    return CacheEngineConfig(chunk_size=CHUNK, local_disk=str(where), max_local_disk_size=32 * MiB / GB,
+                             max_local_cpu_size=4 * MiB / GB, slab_size=8 * MiB / GB, memory_device="cuda",
+                             io_engine=engine, io_threads=4, use_layerwise=layerwise)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layerwise", [False, True])
+@pytest.mark.parametrize("engine", ["posix", "mapped"])
+def test_gpu_layer_steps_are_stream_ordered(tmp_path, layerwise, engine):
+    """On a side stream of the caller's: a store whose layers are written after a GPU sleep stores them, and
+    work queued after retrieve step ``l`` (and before the first step) sees exactly layer ``l``'s KV."""
+    import shutil
+
+    cfg, md = gpu_config(tmp_path, layerwise, engine), meta("vllm")
+    kv, tokens, src, dst = case("vllm", 150, seed=21)
+    kv = [x.cuda() for x in kv]
+    src, dst = src.cuda(), dst.cuda()
+    want = ref_rows("vllm", kv, src)
+    torch.cuda.synchronize()                             # the copies above ran on the default stream
+    caller = torch.cuda.Stream()
+    try:
+        with CacheEngine(cfg, md, "vllm") as eng, torch.cuda.stream(caller):
+            late = [torch.zeros_like(x) for x in kv]
+            steps = eng.store_layer(tokens, late, src)
+            for layer in range(L):
+                torch.cuda._sleep(20_000_000)            # the layer is produced late on the caller's stream
+                late[layer].copy_(kv[layer])
+                next(steps)
+            r = next(steps)
+            for f in r.futures:
+                f.result()
+            assert int(r) == 150
+        with CacheEngine(cfg, md, "vllm") as eng, torch.cuda.stream(caller):
+            out = [torch.full_like(x, 7) for x in kv]
+            torch.cuda._sleep(20_000_000)
+            for x in out:
+                x.zero_()                                # queued before the first step: runs before any copy
+            steps = eng.retrieve_layer(tokens, out, dst)
+            assert next(steps) == 150
+            snaps = []
+            for layer in range(L):
+                assert next(steps) == 150
+                snaps.append(ref_rows("vllm", out, dst)[:, layer].clone())   # queued on the caller's stream
+            assert next(steps) == 150
+            caller.synchronize()
+            for layer in range(L):
+                assert same_bytes(snaps[layer], want[:, layer]), layer
+            assert same_bytes(ref_rows("vllm", out, dst), want)
+            eng.storage.memcheck()
+    finally:
+        if engine == "mapped":
+            shutil.rmtree(Path(cfg.local_disk).parent, ignore_errors=True)

@@ -183,9 +183,7 @@ class CacheEngine:
                 log.warning("no slab room to store the rest of this prompt; stored %d of %d tokens", stored,
                             sum(e - s for _, s, e in todo))
                 break
-        result = StoreResult(stored)
-        result.futures = futures
-        return result
+        return _store_result(stored, futures)
 
     def _groups(self, chunks):
         """``chunks`` ((key, start, end) triples) cut into batches of at most a quarter of the slab."""
@@ -310,19 +308,14 @@ class CacheEngine:
            layer; the generator is then exhausted.
 
         The loader reads layer ``l + 1`` while the caller computes layer ``l``
-        (per-layer chunks; chunks stored whole are all read, every layer at
-        once, before layer 0 is released). Work queued on the caller's stream
-        before the first ``next()`` is ordered before the first copy.
-
-        Counts are prefixes and only shrink: a chunk missing, corrupt or
-        unusable at some layer is dropped from that layer on, with every later
-        chunk, and no byte of it is written. Layers already released may then
-        hold KV for tokens past the final count; the caller must treat only
-        the final count as loaded (and recompute what a forward built on the
-        rest). Closing the generator early (``close()``, or dropping it)
-        cancels the loader and returns once nothing more will be written;
-        ``CacheEngine.close()`` does the same, and the next ``next()`` raises
-        ``ClosedError``.
+        (chunks stored whole are all read before layer 0 is released). Work
+        queued on the caller's stream before the first ``next()`` is ordered
+        before the first copy. Counts are prefixes and only shrink: a chunk
+        missing or corrupt at some layer is dropped from that layer on, with
+        every later chunk; treat only the final count as loaded. Closing the
+        generator early (or dropping it) cancels the loader and returns once
+        nothing more will be written; ``CacheEngine.close()`` does the same, and
+        the next ``next()`` raises ``ClosedError``.
         """
         self._check_open()
         toks = token_ids(tokens)

@@ -388,6 +388,25 @@ def test_two_operations_interleaved_on_one_engine(tmp_path):
         assert eng.lookup(other) == 64
 
 
+# -- the benchmark script, tiny on the CPU --------------------------------------------------------------------------
+def test_bench_script_tiny_on_the_cpu(tmp_path):
+    """Runs end to end, verifies the bytes and the logits, writes its JSON (timings on 2 shared cores mean nothing).
+    A subprocess: the script's own ``sys.path`` (transformers may import an unrelated ``kernels`` package, which
+    the repository's ``kernels/`` directory would shadow from the repository root)."""
+    pytest.importorskip("transformers")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "scripts" / "bench_layerwise.py"), "--tiny", "--cached", "160",
+                        "--new", "24", "--layers", "2", "--chunk", "32", "--reps", "1", "--dir", str(tmp_path),
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    import json
+    rows = json.loads((tmp_path / "out" / "bench_layerwise.json").read_text())["rows"]
+    assert [x["format"] for x in rows] == ["layered", "whole"]
+    for x in rows:
+        assert x["exact"] and x["logits d == c"] and x["within bf16 tol"] and x["stored tokens"] == 160
+        assert set(x["loaded tokens"]) == {160} and len(x["d ms all"]) == 1
+
+
 # -- GPU: stream order (run on the device machine) ------------------------------------------------------------------
 def gpu_config(tmp_path, layerwise, engine):
     where = tmp_path / "kv"

@@ -216,13 +216,13 @@ class CacheEngine:
         shorter count from ``retrieve_layer``, never as wrong KV.
         """
         keys = self._keys(token_ids(tokens))
-        n = len(stored_forms(self.storage, [k for k, _, _ in keys], self._layers, False, self.layerwise))
+        n = len(stored_forms(self.storage, [k for k, _, _ in keys], self._layers, self.layerwise))
         return keys[n - 1][2] if n else 0
 
     def prefetch(self, tokens) -> None:
         """Start moving the stored prefix's chunks from disk into the hot tier, as one batch."""
         keys = [k for k, _, _ in self._keys(token_ids(tokens))]
-        forms = stored_forms(self.storage, keys, self._layers, False, self.layerwise)
+        forms = stored_forms(self.storage, keys, self._layers, self.layerwise)
         want = [k for k, f in zip(keys, forms) if f == WHOLE]
         want += [layer_key(k, l) for l in range(self._layers) for k, f in zip(keys, forms) if f == LAYERED]
         if want:

@@ -55,26 +55,27 @@ def layer_key(key: CacheEngineKey, layer: int) -> CacheEngineKey:
     return CacheEngineKey(key.fmt, key.model_name, key.world_size, key.worker_id, h)
 
 
-def stored_forms(storage, keys: list, layers: int, probe_all: bool, layerwise: bool) -> list:
-    """Per key, ``WHOLE``, ``LAYERED`` or None, up to the first chunk stored in neither form.
+def stored_forms(storage, keys: list, layers: int, layerwise: bool) -> list:
+    """Per key of the stored prefix, ``WHOLE`` or ``LAYERED``: the chunks up to the first stored in neither form.
 
-    ``probe_all`` asks for every layer's object; otherwise only the first and
-    last layer's are asked (see ``CacheEngine.lookup``). Without
-    ``layerwise`` only whole chunks count.
+    A chunk counts as stored per layer when its first and last layer's
+    objects are there (see ``CacheEngine.lookup``). Asked with
+    ``batched_contains`` (one disk or Redis query per change of form; in
+    shared mode a tensor-parallel chunk counts once every rank published it).
+    Without ``layerwise`` only whole chunks count.
     """
-    if not layerwise:
-        return [WHOLE] * storage.batched_contains(keys)
-    whole = storage.batched_exists(keys)
-    probe = list(range(layers)) if probe_all else sorted({0, layers - 1})
-    ask = [i for i, w in enumerate(whole) if not w]
-    there = iter(storage.batched_exists([layer_key(keys[i], l) for i in ask for l in probe]) if ask else [])
-    layered = {i: all([next(there) for _ in probe]) for i in ask}
-    out = []
-    for i, w in enumerate(whole):
-        form = WHOLE if w else (LAYERED if layered[i] else None)
-        if form is None:
+    out: list = []
+    probe = sorted({0, layers - 1})
+    while len(out) < len(keys):
+        whole = storage.batched_contains(keys[len(out):])
+        out += [WHOLE] * whole
+        if not layerwise or len(out) == len(keys):
             break
-        out.append(form)
+        rest = keys[len(out):]
+        layered = storage.batched_contains([layer_key(k, l) for k in rest for l in probe]) // len(probe)
+        out += [LAYERED] * layered
+        if not layered:
+            break
     return out
 
 
@@ -162,7 +163,7 @@ class LayerRetrieve(_Op):
     def plan(self) -> int:
         """Look the prefix up, start the loader; the tokens it will load if nothing fails."""
         e = self.engine
-        self.forms = stored_forms(e.storage, [k for k, _, _ in self.chunks], self.layers, False, e.layerwise)
+        self.forms = stored_forms(e.storage, [k for k, _, _ in self.chunks], self.layers, e.layerwise)
         self.chunks = self.chunks[: len(self.forms)]
         planned = self._tokens(len(self.chunks))
         if planned:

@@ -233,9 +233,19 @@ def test_chunks_stored_whole_load_in_a_layerwise_engine(tmp_path):
         out = zeros_like_cache("flashinfer", kv)
         assert list(eng.retrieve_layer(tokens, out, dst)) == [150] * (L + 2)
         assert same_bytes(ref_rows("flashinfer", out, dst), ref_rows("flashinfer", kv, src))
-    # Without use_layerwise an engine sees only the whole chunks.
+    # Without use_layerwise an engine sees only the whole chunks (and stores the rest whole).
     with CacheEngine(config(tmp_path, "flashinfer", False), md, "flashinfer") as eng:
         assert eng.lookup(tokens) == 64
+        assert stored(eng, kv, tokens, src) == 150 - 64
+        keys = [k for k, _, _ in eng._keys(tokens.numpy())]
+        for k in keys[2:4]:
+            assert eng.storage.remove(k)
+    # Whole, whole, per layer, per layer, whole: the forms alternate along the prefix.
+    with CacheEngine(config(tmp_path, "flashinfer", True), md, "flashinfer") as eng:
+        assert eng.lookup(tokens) == 150
+        out = zeros_like_cache("flashinfer", kv)
+        assert eng.retrieve(tokens, out, dst) == 150
+        assert same_bytes(ref_rows("flashinfer", out, dst), ref_rows("flashinfer", kv, src))
 
 
 # -- store_layer ---------------------------------------------------------------------------------------------------

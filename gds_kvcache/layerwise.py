@@ -82,7 +82,7 @@ def stored_forms(storage, keys: list, layers: int, layerwise: bool) -> list:
 class _Op:
     """What a layer-wise operation shares between the caller's steps and its worker thread."""
 
-    def __init__(self, engine, kv_caches, slots: torch.Tensor, valid: int, name: str):
+    def __init__(self, engine, kv_caches, slots: torch.Tensor, valid: int, name: str, priority: int = 0):
         self.engine = engine
         self.kv = kv_caches
         self.slots = slots
@@ -90,7 +90,7 @@ class _Op:
         self.layers = engine._layers
         self.device = slots.device
         self.cuda = self.device.type == "cuda"
-        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.stream = torch.cuda.Stream(self.device, priority=priority) if self.cuda else None
         self.cond = threading.Condition()
         self.cancelled = False
         self.closed = False
@@ -153,7 +153,9 @@ class LayerRetrieve(_Op):
     """One ``retrieve_layer`` call: its plan, its loader thread and what the loader has done."""
 
     def __init__(self, engine, toks, kv_caches, slots, valid):
-        super().__init__(engine, kv_caches, slots, valid, "gds-kvcache-layer-load")
+        # A high-priority stream: the unpack kernels are on the forward's critical path, and should not
+        # wait behind the caller's long kernels for a free multiprocessor.
+        super().__init__(engine, kv_caches, slots, valid, "gds-kvcache-layer-load", priority=-1)
         self.chunks = [c for c in engine._keys(toks) if c[1] < valid]
         self.forms: list = []
         self.done = 0

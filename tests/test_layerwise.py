@@ -398,6 +398,36 @@ def test_two_operations_interleaved_on_one_engine(tmp_path):
         assert eng.lookup(other) == 64
 
 
+# -- shared mode: another writer's per-layer chunks -----------------------------------------------------------------
+@pytest.fixture
+def redis_url():
+    pytest.importorskip("redis", reason="the 'redis' client package is not installed (pip install redis)")
+    url = os.environ.get("GDS_KVCACHE_REDIS_URL")
+    if url:       # scripts/ci-redis.sh started one; a new directory gets a namespace of its own in it
+        yield url
+        return
+    from gds_kvcache.shared import LocalRedis, find_redis_server
+
+    if find_redis_server() is None:
+        pytest.skip("no redis-server binary (scripts/ci-redis.sh installs one)")
+    r = LocalRedis()
+    yield r.url
+    r.stop()
+
+
+def test_shared_mode_reads_another_writers_layers(tmp_path, redis_url):
+    kv, tokens, src, dst = case("vllm", 150, seed=15)
+    cfg = config(tmp_path, "vllm", True).replace(lookup_server_url=redis_url, io_engine="posix")
+    with CacheEngine(cfg, meta("vllm"), "vllm") as a, CacheEngine(cfg, meta("vllm"), "vllm") as b:
+        assert a.storage.disk.writer != b.storage.disk.writer
+        assert stored(a, kv, tokens, src) == 150
+        assert b.lookup(tokens) == 150 and int(b.store(tokens, kv, src)) == 0
+        out = zeros_like_cache("vllm", kv)
+        assert list(b.retrieve_layer(tokens, out, dst)) == [150] * (L + 2)
+        assert same_bytes(ref_rows("vllm", out, dst), ref_rows("vllm", kv, src))
+        assert b.storage.disk.stats["remote_hits"] >= 5 * L
+
+
 # -- the benchmark script, tiny on the CPU --------------------------------------------------------------------------
 def test_bench_script_tiny_on_the_cpu(tmp_path):
     """Runs end to end, verifies the bytes and the logits, writes its JSON (timings on 2 shared cores mean nothing).

@@ -13,7 +13,8 @@ checksum covers the whole object, so whole-chunk objects can only be used
 once every chunk has been read in full: the first layer waits for the whole
 prefix. Per-layer objects are read, verified and unpacked one layer at a
 time, so the read of layer ``l + 1`` overlaps the caller's compute of layer
-``l``. Whole chunks still load (first, all layers at once) in either mode, so
+``l`` (after layer 0, ``LOOKAHEAD`` later layers are read ahead into the hot
+tier by the storage's reader threads). Whole chunks still load (first, all layers at once) in either mode, so
 existing directories keep working; an engine without ``use_layerwise`` does
 not look for per-layer objects.
 
@@ -45,6 +46,8 @@ __all__ = ["LayerRetrieve", "LayerStore", "layer_key", "retrieve_steps", "store_
 log = logging.getLogger(__name__)
 
 WHOLE, LAYERED = "whole", "layered"
+#: Layers a layer-wise retrieve reads ahead of the one it unpacks (needs the hot tier, ``local_cpu``).
+LOOKAHEAD = 2
 _LAYER_SEED = b"gds_kvcache/layer-key/v1\0"
 
 
@@ -158,6 +161,7 @@ class LayerRetrieve(_Op):
         super().__init__(engine, kv_caches, slots, valid, "gds-kvcache-layer-load", priority=-1)
         self.chunks = [c for c in engine._keys(toks) if c[1] < valid]
         self.forms: list = []
+        self.asked: set = set()          # layers whose read-ahead was started
         self.done = 0
         self.tokens: list[int] = []
         self.events: list = []
@@ -201,6 +205,12 @@ class LayerRetrieve(_Op):
                 self.events.append(self._event())
                 self.done = layer + 1
                 self.cond.notify_all()
+            # Layer 0 is read alone (it gates the caller's first layer); from then on the storage's reader
+            # threads keep LOOKAHEAD later layers in flight, so one layer's host work overlaps another's
+            # transfer.
+            for ahead in range(layer + 1, min(layer + 1 + LOOKAHEAD, self.layers)):
+                if limit and ahead not in self.asked:
+                    self._read_ahead(ahead, limit)
 
     def _load_whole(self, limit: int) -> int:
         """Read and unpack the chunks stored whole (every layer); the chunk limit after them."""
@@ -214,6 +224,13 @@ class LayerRetrieve(_Op):
                 return idx[pos + sum(1 for _, s, _ in group if s < loaded)]
             pos += len(group)
         return limit
+
+    def _read_ahead(self, layer: int, limit: int) -> None:
+        """Start reading layer ``layer`` of the per-layer chunks below ``limit`` into the hot tier."""
+        self.asked.add(layer)
+        keys = [layer_key(self.chunks[i][0], layer) for i in range(limit) if self.forms[i] == LAYERED]
+        if keys:
+            self.engine.storage.batched_submit_prefetch_task(keys)
 
     def _load_layer(self, layer: int, limit: int, held: list) -> int:
         """Read, verify and unpack layer ``layer`` of the per-layer chunks below ``limit``; the new limit."""

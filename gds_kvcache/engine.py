@@ -14,8 +14,8 @@ from .config import CacheEngineConfig, CacheEngineMetadata
 from .errors import ClosedError, ShapeMismatchError
 from .kernels import LAYOUTS, geometry, pack, unpack
 from .key import CacheEngineKey
-from .layerwise import LAYERED, WHOLE, LayerRetrieve, LayerStore, layer_key, retrieve_steps, store_steps, \
-    stored_forms
+from .layer_store import LayerStore, store_steps
+from .layerwise import LAYERED, WHOLE, LayerRetrieve, layer_key, retrieve_steps, stored_forms
 from .memory.format import MemoryFormat
 from .storage.storage_manager import StorageManager
 from .token_hash import chunk_bounds, geometry_seed, prefix_hashes, token_ids

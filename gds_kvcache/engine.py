@@ -334,10 +334,11 @@ class CacheEngine:
         queued, orders the caller's stream after the packs, and yields a
         ``StoreResult`` equal to ``store``'s for the same arguments (whole
         chunks are written from there). Do not change the slots' KV of layer
-        ``l`` between its step and the last one. Closing the generator early
-        stores nothing more (layers already written stay, but a chunk counts
-        only once every layer of it is stored); ``CacheEngine.close()`` cancels
-        it and the next ``next()`` raises ``ClosedError``.
+        ``l`` between its step and the last one. The last layer's objects (or
+        the whole chunks) are put only at the last step, so a generator closed
+        or dropped before it leaves no chunk that counts as stored;
+        ``CacheEngine.close()`` cancels it and the next ``next()`` raises
+        ``ClosedError``.
         """
         self._check_open()
         toks = token_ids(tokens)

@@ -64,13 +64,19 @@ TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_d
 def _seeded_cache(model, paged: list, n: int):
     """A ``DynamicCache`` whose layers are views of the paged cache's first ``n`` slots (no copy)."""
     from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
 
     cache = DynamicCache(config=model.config)
     for layer, t in enumerate(paged):
         H, D = t.shape[-2], t.shape[-1]
         k, v = (t[j].view(-1, H, D)[:n].permute(1, 0, 2).unsqueeze(0) for j in range(2))
+        while len(cache.layers) <= layer:      # versions that add layers on first use
+            cache.layers.append(DynamicLayer())
         entry = cache.layers[layer]
-        entry.lazy_initialization(k, v)
+        try:
+            entry.lazy_initialization(k, v)
+        except TypeError:                      # transformers 4.56-4.57: keys only
+            entry.lazy_initialization(k)
         entry.keys, entry.values = k, v
     return cache
 

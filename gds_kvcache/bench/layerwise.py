@@ -44,10 +44,12 @@ from typing import Optional
 
 import torch
 
+from .. import layerwise as library
 from ..config import CacheEngineConfig, CacheEngineMetadata
 from ..engine import CacheEngine
 from ..errors import StorageFullError
 from ..io.driver import fs_type
+from ..layerwise import LOOKAHEAD
 from ..units import GB, MiB
 from . import ttft
 from .common import header, print_table, write_json
@@ -272,6 +274,7 @@ def run(cached: int = 32768, new: int = 2048, layers: int = 32, directory: Optio
         del model
         shutil.rmtree(work, ignore_errors=True)
     return {**header(), "directory": work, "filesystem": fs_type(work), "cached tokens": cached, "new tokens": new,
+            "lookahead": library.LOOKAHEAD,
             "chunk": chunk, "block": block, "reps": reps, "GB cached": kv_bytes / 1e9,
             "model": {**shape, "num_hidden_layers": layers, "dtype": "bfloat16", "attn": "sdpa"}, "rows": rows}
 
@@ -288,10 +291,16 @@ def main(argv=None) -> int:
     ap.add_argument("--block", type=ttft._positive, default=16)
     ap.add_argument("--io-engine", default="auto", choices=["auto", "kvikio", "posix", "mapped"])
     ap.add_argument("--formats", default="layered,whole", help="storage formats to run: layered, whole or both")
+    ap.add_argument("--lookahead", type=int, default=None,
+                    help=f"layers read ahead by retrieve_layer (default: the library's, {LOOKAHEAD})")
     ap.add_argument("--tiny", action="store_true", help="a tiny model on the CPU with a host slab (a test run)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default="bench-out")
     a = ap.parse_args(argv)
+    if a.lookahead is not None:
+        if a.lookahead < 0:
+            ap.error(f"--lookahead must be >= 0, got {a.lookahead}")
+        library.LOOKAHEAD = a.lookahead
     formats = tuple(f.strip() for f in a.formats.split(",") if f.strip())
     if not formats or any(f not in ("layered", "whole") for f in formats):
         ap.error(f"--formats takes layered, whole or layered,whole; got {a.formats!r}")

@@ -231,7 +231,7 @@ def test_shared_defaults():
     assert {k: getattr(CacheEngineConfig.from_env({}), k) for k in SHARED_DEFAULTS} == SHARED_DEFAULTS
     # Added after ``extra``: the existing fields keep their positions.
     assert [f.name for f in dataclasses.fields(CacheEngineConfig)][16:] == ["extra", *SHARED_DEFAULTS,
-                                                                            "kvikio_staging"]
+                                                                            "kvikio_staging", "use_layerwise"]
 
 
 def test_shared_fields_from_yaml(tmp_path):

@@ -112,6 +112,12 @@ class CacheEngineConfig:
         memory to KvikIO, which copies each task to its own pinned buffer and
         then writes it, one after the other. Files where cuFile runs (GDS)
         take device memory directly either way.
+    use_layerwise
+        Store each chunk as one object per layer (LMCache's name), so that
+        ``CacheEngine.retrieve_layer`` reads, verifies and unpacks one layer
+        while the model computes the one before (see ``gds_kvcache.layerwise``).
+        Chunks stored whole still load; an engine without it ignores
+        per-layer objects. Default False: one object per chunk.
 
     Notes
     -----
@@ -153,6 +159,7 @@ class CacheEngineConfig:
     redis_socket_timeout: float = 2.0
     redis_backoff: float = 5.0
     kvikio_staging: str = "pipelined"
+    use_layerwise: bool = False
 
     def __post_init__(self) -> None:
         self.chunk_size = _parse_number("chunk_size", self.chunk_size, int)
@@ -225,6 +232,7 @@ class CacheEngineConfig:
             self.kvikio_staging = self.kvikio_staging.strip()
         if self.kvikio_staging not in KVIKIO_STAGINGS:
             raise ConfigError("kvikio_staging", self.kvikio_staging, " | ".join(KVIKIO_STAGINGS))
+        self.use_layerwise = _parse_bool("use_layerwise", self.use_layerwise)
 
     # -- derived sizes -------------------------------------------------
     @property

@@ -46,7 +46,7 @@ from .key_codes import KeyCodes
 from .log_reserve import LogReserve
 from .lru_clock import LruClock
 from .pool_file import PoolDirectory
-from .recovery import recover_entries
+from .recovery import recover_entries, trim_heap
 from .victims import largest_hole_without_unread, oldest_unread, unread_holding, unread_rows
 
 __all__ = ["DiskIndex", "Reservation", "DiskEntry"]
@@ -127,8 +127,12 @@ class DiskIndex:
             The index is of a newer or foreign format (left untouched).
         """
         got = recover_entries(self._log, self._pool, self._space.capacity)
-        self._table = EntryTable(KeyCodes(got.columns.tables))
-        self._table.load(got.columns)
+        self._table = EntryTable(KeyCodes(got.tables))
+        self._table.load(got.ops, got.live, got.packed)
+        self._space.rebuild_untracked(got.starts, got.sizes, dict(self._holes))
+        dropped, rewrite = got.dropped, got.rewrite
+        del got        # the files' bytes and the load's columns: only the table's are kept
+        trim_heap()
         self._objs = EntryObjects(self._table)
         n = len(self._table)
         self._lru.reset(n)
@@ -141,10 +145,9 @@ class DiskIndex:
                 rows = np.arange(s, min(n, s + BUILD_BLOCK))
                 names = (k.to_string().encode() for k in self._table.keys(rows))
                 self._table.csum[rows] ^= np.fromiter(map(key_hash, names), np.uint64, count=rows.shape[0])
-        self._space.rebuild_untracked(got.starts, got.sizes, dict(self._holes))
         if self._track and n:
             self._events.append(("inserts", self._table.key_batch(np.arange(n))))
-        if got.rewrite or migrate:
+        if rewrite or migrate:
             self._files.snapshot(self._columns())
             if migrate:
                 self._pool.mark_checksums_keyed()
@@ -153,9 +156,9 @@ class DiskIndex:
             # A clean reopen: the log just continues (a snapshot of millions
             # of entries would double the restart time for nothing).
             self._files.preallocate()
-        self.stats["dropped_at_open"] = got.dropped
-        if got.dropped:
-            log.warning("index of %s: %d unusable or out-of-pool record(s) dropped", self._pool.path, got.dropped)
+        self.stats["dropped_at_open"] = dropped
+        if dropped:
+            log.warning("index of %s: %d unusable or out-of-pool record(s) dropped", self._pool.path, dropped)
         log.info("disk tier %s: %d chunk(s) recovered, %d of %d pool bytes used",
                  self._pool.path, n, self._space.used, self._space.capacity)
         return sorted(self._space.free_extents().items())  # holes are allocated: never listed

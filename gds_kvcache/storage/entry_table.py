@@ -1,13 +1,14 @@
 """``EntryTable``: the disk index's live entries as rows of NumPy columns, found by key.
 
-Each live chunk is one row: its hash's low two words (16 bytes), its kind
-(``key_codes``: prefix, digit count and layout; 4 bytes), its extent (offset
-and size in pages, 8 bytes), checksum and seq (8 each): 44 bytes, with no
-Python object. Keys are found through an open-addressing hash table of row
-numbers (int32, linear probing, at most 3/4 full: 5.3 to 10.7 bytes a
-chunk), filled in bulk at load by one sort and a running maximum, and kept
-by single inserts and backward-shift deletes after. A ``DiskEntry`` is made
-only when asked (:meth:`EntryTable.entry`).
+Each live chunk is one row: its hash's two words (16 bytes, as the index
+files hold them), its kind (``key_codes``: prefix, digit count and layout;
+4 bytes), its extent (offset and size in pages, 8 bytes), checksum and seq
+(8 each): 44 bytes, with no Python object. Keys are found through an
+open-addressing hash table of row numbers (int32, linear probing, at most
+3/4 full: 5.3 to 10.7 bytes a chunk), filled in bulk at load from the
+sorted homes (the sort that merged the records) by a running maximum, and
+kept by single inserts and backward-shift deletes after. A ``DiskEntry`` is
+made only when asked (:meth:`EntryTable.entry`).
 
 Invariants: every live row is in the hash table exactly once, reachable
 from its home slot without crossing an empty slot; a free row has kind
@@ -28,13 +29,41 @@ from .entry import DiskEntry
 from .index_codec import OFF_BITS
 from .index_columns import EntryColumns
 from .index_decode import Ops
-from .key_codes import FREE_KIND, KeyCodes, big_endian, home, homes
+from .key_codes import FREE_KIND, KeyCodes, as_bytes, home, homes
 
 __all__ = ["EntryTable"]
 
 _OFF_MASK = (1 << OFF_BITS) - 1
 _LOW32 = np.uint64(0xFFFFFFFF)
 _MAX_LOAD = 0.75
+
+
+def _place(homes_sorted: np.ndarray, rows: np.ndarray, size: int) -> np.ndarray:
+    """A hash table of ``size`` slots holding ``rows`` by linear probing, their homes given sorted.
+
+    Row i lands at max(home_i, slot of row i-1 + 1): a running maximum. Rows
+    pushed past the end go on from slot 0, in order.
+    """
+    slots = np.full(size, -1, np.int32)
+    m = rows.shape[0]
+    if m:
+        ar = np.arange(m, dtype=np.int64)
+        pos = homes_sorted.astype(np.int64)
+        pos -= ar
+        np.maximum.accumulate(pos, out=pos)
+        pos += ar
+        del ar
+        fit = pos < size
+        slots[pos[fit]] = rows[fit]
+        spill = rows[~fit].tolist()
+        if spill:
+            s, j = memoryview(slots), 0
+            for row in spill:
+                while s[j] >= 0:
+                    j += 1
+                s[j] = row
+                j += 1
+    return slots
 
 
 def _slot_count(n: int) -> int:
@@ -87,64 +116,59 @@ class EntryTable:
         return np.flatnonzero(self.kind[:self.top] != FREE_KIND)
 
     # -- bulk ----------------------------------------------------------------------------------------
-    def load(self, cols: EntryColumns) -> None:
-        """Hold exactly ``cols`` (valid puts of distinct keys; ids into ``self.codes.tables``), row i = entry i."""
-        assert cols.tables is self.codes.tables, "columns of another table set"
-        ops = cols.ops
-        n = len(ops)
+    def load(self, ops: Ops, live: np.ndarray, packed: Optional[np.ndarray] = None) -> None:
+        """Hold exactly the puts ``ops[live]`` (distinct keys; ids into ``self.codes.tables``), row i
+        = ``ops[live[i]]``. ``packed``: ``index_columns.merge_order``'s sorted words of ``ops`` under
+        ``key_codes.ident_homes`` (else the homes are computed and sorted here)."""
+        n = live.shape[0]
+        # Every operation, in order (the usual reopen): slices rather than gathers.
+        everything = n == len(ops) and bool((live[1:] > live[:-1]).all())
         self.top = 0
         self._columns(n + max(1024, n >> 3))
-        self.kind[:n] = self.codes.kinds_of(ops)
-        lo = ops.lo.view(">u8")                          # (n, 2): the high word first
-        w = self.w[:2 * n].reshape(n, 2)
-        w[:, 0] = lo[:, 1]
-        w[:, 1] = lo[:, 0]
-        del lo, w
-        self.ext[:n] = ops.offset // np.uint64(PAGE) | (ops.phys // np.uint64(PAGE)) << np.uint64(OFF_BITS)
-        self.csum[:n] = ops.csum
-        self.seq[:n] = ops.seq
+        pick = slice(None) if everything else live
+        self.kind[:n] = self.codes.kinds_of(ops.prefix[pick], ops.ndig[pick], ops.layout[pick])
+        self.w[:2 * n].view("V16")[:] = ops.lo.view("V16")[:, 0][pick]     # the files' bytes as they are
+        self.ext[:n] = ops.offset[pick] // np.uint64(PAGE) | (ops.phys[pick] // np.uint64(PAGE)) << np.uint64(OFF_BITS)
+        self.csum[:n] = ops.csum[pick]
+        self.seq[:n] = ops.seq[pick]
         self._hi = {}
         if ops.hi is not None:
-            for i in np.flatnonzero(ops.hi.any(axis=1)).tolist():
-                self._hi[i] = int.from_bytes(bytes(ops.hi[i]), "big")
+            hi = ops.hi[pick]
+            for i in np.flatnonzero(hi.any(axis=1)).tolist():
+                self._hi[i] = int.from_bytes(bytes(hi[i]), "big")
         self.top = self.n = n
         self._free = array("q")
-        self._rebuild_slots(_slot_count(n))
+        size = _slot_count(n)
+        if packed is None or size.bit_length() - 1 > 32:
+            self._rebuild_slots(size)
+            return
+        shift = np.uint64(32 - (size.bit_length() - 1))
+        rows = (packed & _LOW32).astype(np.int64)
+        if not everything:
+            row_of = np.full(len(ops), -1, np.int64)
+            row_of[live] = np.arange(n)
+            rows = row_of[rows]
+            del row_of
+            sel = rows >= 0
+            self._set_slots(_place(packed[sel] >> np.uint64(32) >> shift, rows[sel], size))
+        else:
+            self._set_slots(_place(packed >> np.uint64(32) >> shift, rows, size))
 
     def _rebuild_slots(self, size: int) -> None:
-        """Place every live row in a new hash table of ``size`` slots: sort by home, then a running max."""
-        rows = self.live_rows()
-        m = rows.shape[0]
-        slots = np.full(size, -1, np.int32)
-        if m:
-            shift = np.uint64(64 - (size.bit_length() - 1))
-            packed = (self._homes(rows) >> shift) << np.uint64(32) | rows.astype(np.uint64)
-            del rows
-            packed.sort()
-            h = (packed >> np.uint64(32)).astype(np.int64)
-            r = (packed & _LOW32).astype(np.int32)
-            del packed
-            # Linear probing of sorted homes: row i lands at max(home_i, slot of row i-1 + 1).
-            ar = np.arange(m, dtype=np.int64)
-            h -= ar
-            pos = np.maximum.accumulate(h)
-            pos += ar
-            del h, ar
-            fit = pos < size
-            slots[pos[fit]] = r[fit]
-            spill = r[~fit].tolist()   # past the end: they go on from slot 0, in order
-            if spill:
-                s, j = memoryview(slots), 0
-                for row in spill:
-                    while s[j] >= 0:
-                        j += 1
-                    s[j] = row
-                    j += 1
-        self._set_slots(slots)
+        """Place every live row in a new hash table of ``size`` slots."""
+        rows = np.arange(self.top) if self.n == self.top else self.live_rows()
+        shift = np.uint64(64 - (size.bit_length() - 1))
+        packed = (self._homes(rows) >> shift) << np.uint64(32) | rows.astype(np.uint64)
+        del rows
+        packed.sort()
+        self._set_slots(_place(packed >> np.uint64(32), (packed & _LOW32).astype(np.int64), size))
 
     def _homes(self, rows: np.ndarray) -> np.ndarray:
         w = self.w.reshape(-1, 2)
-        return homes(self.codes.kc_array()[self.kind[rows]], w[rows, 0], w[rows, 1])
+        if rows.shape[0] == self.top:        # every row: slices, not gathers
+            t = self.top
+            return homes(self.codes.ident_array()[self.kind[:t]], w[:t, 0], w[:t, 1])
+        return homes(self.codes.ident_array()[self.kind[rows]], w[rows, 0], w[rows, 1])
 
     # -- one key ---------------------------------------------------------------------------------------
     def find(self, key: CacheEngineKey) -> int:
@@ -155,7 +179,7 @@ class EntryTable:
     def find_probe(self, kc: int, w0: int, w1: int, hi: int) -> int:
         """The row of the key with these numbers (``KeyCodes.probe``), or -1."""
         S, W, K, KC, mask = self._S, self._W, self._K, self.codes.kind_kc, self._mask
-        i = home(kc, w0, w1) >> self._shift
+        i = home(self.codes.kc_ident[kc], w0, w1) >> self._shift
         while True:
             r = S[i]
             if r < 0:
@@ -186,7 +210,7 @@ class EntryTable:
         if hi:
             self._hi[row] = hi
         S, mask = self._S, self._mask
-        i = home(kc, w0, w1) >> self._shift
+        i = home(self.codes.kc_ident[kc], w0, w1) >> self._shift
         while S[i] >= 0:
             i = (i + 1) & mask
         S[i] = row
@@ -194,7 +218,8 @@ class EntryTable:
         return row
 
     def _home_of(self, row: int) -> int:
-        return home(self.codes.kind_kc[self._K[row]], self._W[2 * row], self._W[2 * row + 1]) >> self._shift
+        kc = self.codes.kind_kc[self._K[row]]
+        return home(self.codes.kc_ident[kc], self._W[2 * row], self._W[2 * row + 1]) >> self._shift
 
     def remove(self, row: int) -> None:
         """Forget a live row (backward-shift delete: no tombstones, probes stay short)."""
@@ -264,7 +289,7 @@ class EntryTable:
         ops.is_put = np.ones(n, bool)
         ops.prefix, ops.layout = pid_k[kinds], lid_k[kinds]
         ops.ndig = ndig_k[kinds].astype(np.uint8)
-        ops.lo = big_endian(self.w.reshape(-1, 2)[rows])
+        ops.lo = as_bytes(self.w.reshape(-1, 2)[rows])
         ops.hi = None
         if self._hi:
             wide = [(i, self._hi[r]) for i, r in enumerate(rows.tolist()) if r in self._hi]

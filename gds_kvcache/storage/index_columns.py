@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass
 from itertools import repeat
+from typing import Optional
 
 import numpy as np
 
@@ -26,7 +27,8 @@ from .entry import DiskEntry
 from .index_codec import BUILD_BLOCK, Tables, mix
 from .index_decode import Ops
 
-__all__ = ["EntryColumns", "build_entries", "hex_strings", "key_template", "live_ops", "new_key", "u64_cols"]
+__all__ = ["EntryColumns", "build_entries", "hex_strings", "key_ident", "key_template", "live_ops", "merge_order",
+           "new_key", "u64_cols"]
 
 _LOW32 = np.uint64(0xFFFFFFFF)
 _KEY_FIELDS = ("fmt", "model_name", "world_size", "worker_id")
@@ -87,45 +89,55 @@ def key_ident(ops: Ops) -> list[np.ndarray]:
     return ident
 
 
-def live_ops(ops: Ops, fingerprint=mix) -> Ops:
-    """The last operation of each key, where it is a put, in ``seq`` order.
+def merge_order(ops: Ops, fingerprint) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Which of ``ops`` are live (the last operation of their key, and a put), as a mask, and the
+    operations sorted by fingerprint: words of its top 32 bits over the operation's index
+    (None past 2**32 operations).
 
-    ``fingerprint`` hashes the key columns (``index_codec.mix``); keys that
-    share a fingerprint are told apart exactly, whatever it returns.
+    ``fingerprint`` hashes :func:`key_ident`'s columns to uint64; keys that share
+    one are told apart exactly, whatever it returns.
 
     Notes
     -----
-    One sort of 64-bit words, each the fingerprint's top 32 bits over the
-    operation's index (a third of the cost of an ``argsort``), brings every
-    key's operations together; only the operations in runs of one top half,
-    duplicates and the few chance collisions, are then compared exactly.
+    One sort of 64-bit words (a third of the cost of an ``argsort``) brings
+    every key's operations together; only the operations in runs of one top
+    half, duplicates and the few chance collisions, are then compared
+    exactly. The sorted words are what a hash table on the same fingerprint
+    is built from (``EntryTable.load``).
     """
     n = len(ops)
     if n == 0:
-        return ops
+        return np.zeros(0, bool), np.zeros(0, np.uint64)
     ident = key_ident(ops)
     fp = fingerprint(ident)
+    packed = None
     if n <= 1 << 32:
         packed = (fp & ~_LOW32) | np.arange(n, dtype=np.uint64)
+        del fp
         packed.sort()
-        order = (packed & _LOW32).astype(np.int64)
         top = packed >> np.uint64(32)
-        del packed
     else:
         order = np.argsort(fp, kind="stable")
         top = fp[order]
     same = top[1:] == top[:-1]
     del top
-    if not same.any():
-        # Every key once: the common case, nothing to merge.
-        live = ops if ops.is_put.all() else ops.take(np.flatnonzero(ops.is_put))
-    else:
+    keep = ops.is_put
+    if same.any():
         in_run = np.zeros(n, bool)
         in_run[1:] = same
         in_run[:-1] |= same
-        keep = np.ones(n, bool)
-        keep[_superseded(order[in_run], ident)] = False
-        live = ops.take(np.flatnonzero(keep & ops.is_put))
+        cand = (packed[in_run] & _LOW32).astype(np.int64) if packed is not None else order[in_run]
+        gone = _superseded(cand, ident)
+        if gone.size:
+            keep = keep.copy()
+            keep[gone] = False
+    return keep, packed
+
+
+def live_ops(ops: Ops, fingerprint=mix) -> Ops:
+    """The last operation of each key, where it is a put, in ``seq`` order (see :func:`merge_order`)."""
+    keep, _ = merge_order(ops, fingerprint)
+    live = ops if keep.all() else ops.take(keep)
     seq = live.seq
     if seq.shape[0] > 1 and not (seq[1:] >= seq[:-1]).all():
         live = live.take(np.argsort(seq, kind="stable"))

@@ -22,8 +22,9 @@ import numpy as np
 
 from ..key import MAX_KEY_STRING
 from ..units import PAGE
-from .index_codec import (CONT, CONT_HEAD, DEF_HEAD, DEF_LAYOUT, DEF_PREFIX, DEL, DEL_WIDE, NARROW, OFF_BITS, PUT,
-                          PUT_WIDE, SLOT, SLOT_DTYPE, Tables, parse_layout, parse_prefix, slot_checks, slot_words)
+from .index_codec import (CONT, CONT_HEAD, DEF_HEAD, DEF_LAYOUT, DEF_PREFIX, DEL, DEL_WIDE, MAX_U64, NARROW,
+                          OFF_BITS, PUT, PUT_WIDE, SLOT, SLOT_DTYPE, Tables, parse_layout, parse_prefix, slot_checks,
+                          slot_words)
 
 __all__ = ["Ops", "parse_slots"]
 
@@ -52,10 +53,16 @@ class Ops:
         return self.is_put.shape[0]
 
     def take(self, idx: np.ndarray) -> "Ops":
+        """The operations at ``idx`` (indices or a mask), copied."""
         o = Ops.__new__(Ops)
         for f in Ops.__slots__:
             v = getattr(self, f)
-            setattr(o, f, None if v is None else v[idx])
+            if v is not None and v.ndim == 2:
+                # One 16-byte item a row rather than 16 one-byte items (the rows may be strided).
+                v = v.view(f"V{v.shape[1]}")[:, 0][idx].view(np.uint8).reshape(-1, v.shape[1])
+            elif v is not None:
+                v = v[idx]
+            setattr(o, f, v)
         return o
 
     @staticmethod
@@ -230,21 +237,23 @@ def _valid_ops(ops: Ops, is_wide: np.ndarray, tables: Tables) -> np.ndarray:
     good = ops.prefix >= 0
     if not len(ops):
         return good
-    nd = ops.ndig.astype(np.int64)
+    nd = ops.ndig
     good &= np.where(is_wide, (nd > NARROW) & (nd <= 2 * NARROW), (nd >= 1) & (nd <= NARROW))
     strlen = np.array([p.strlen for p in tables.prefixes] + [0], np.int64)
-    good &= strlen[ops.prefix] + nd <= MAX_KEY_STRING
+    if (strlen + 2 * NARROW > MAX_KEY_STRING).any():   # a prefix too long for some hash lengths
+        good &= strlen[ops.prefix] + nd <= MAX_KEY_STRING
     # A hash may have no more significant digits than its recorded length.
     short = np.flatnonzero(good & ~is_wide & (nd < NARROW))
     if short.size:
-        good[short] &= _leading_zero_nibbles(ops.lo[short]) >= NARROW - nd[short]
+        good[short] &= _leading_zero_nibbles(ops.lo[short]) >= NARROW - nd[short].astype(np.int64)
     w = np.flatnonzero(good & is_wide)
     if w.size:
         both = np.concatenate([ops.hi[w], ops.lo[w]], axis=1)
-        good[w] &= _leading_zero_nibbles(both) >= 2 * NARROW - nd[w]
-    # phys is below 2**36, so float64 compares exactly wherever it can pass.
-    need = np.array([float(min(v.nbytes, 1 << 63)) for v in tables.layouts] + [0.0], np.float64)
-    lay_ok = ops.layout >= 0
-    ext_ok = lay_ok & (ops.phys > 0) & (ops.phys.astype(np.float64) >= need[ops.layout])
-    good &= ~ops.is_put | ext_ok
+        good[w] &= _leading_zero_nibbles(both) >= 2 * NARROW - nd[w].astype(np.int64)
+    # A put's extent holds its layout's bytes (and at least one page).
+    need = np.array([max(1, min(v.nbytes, MAX_U64)) for v in tables.layouts] + [MAX_U64], np.uint64)
+    lay = np.where(ops.is_put, ops.layout, -1)
+    if (lay >= 0).all() and int(ops.phys.min()) >= int(need[:-1].max(initial=0)):
+        return good                     # every op a put, every extent large enough for any layout
+    good &= ~ops.is_put | (ops.phys >= need[lay])
     return good

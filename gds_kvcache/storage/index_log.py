@@ -174,6 +174,15 @@ class IndexLog:
     def load_columns(self) -> tuple[EntryColumns, int]:
         """Live entries sorted by ``seq``, as columns, and the number of unusable records skipped.
 
+        :meth:`load_ops`, merged (``index_columns.live_ops``).
+        """
+        ops, tables, bad = self.load_ops()
+        return EntryColumns(live_ops(ops, _mix), tables), bad
+
+    def load_ops(self) -> tuple[Ops, Tables, int]:
+        """Every usable put and delete of the files in file order (snapshot, then log), the
+        tables their ids point into, and the number of unusable records skipped.
+
         Raises
         ------
         IndexFormatError
@@ -182,7 +191,8 @@ class IndexLog:
 
         Notes
         -----
-        Reads the files in full and never writes. Later records win: a put
+        Reads the files in full and never writes. Of a key's records the
+        latest in the files wins (see ``index_columns.merge_order``): a put
         after a delete of the same key is live, a delete after a put removes
         it. Unusable: torn or altered slots, and intact records naming an
         unknown dtype or fmt, a missing table entry or an impossible value.
@@ -213,7 +223,7 @@ class IndexLog:
             log.warning("index %s: a snapshot or log header is corrupt; starting with an empty index "
                         "(%d slot(s) dropped)", self.directory, lost)
             self._must_reset = True
-            return EntryColumns(Ops(), Tables()), lost
+            return Ops(), Tables(), lost
 
         tables = Tables()
         parts: list[Ops] = []
@@ -245,7 +255,7 @@ class IndexLog:
         ops = Ops.concat(parts)
         if len(ops):
             self._seq = max(self._seq, int(ops.seq.max()))
-        return EntryColumns(live_ops(ops, _mix), tables), bad
+        return ops, tables, bad
 
     def _reset_state(self) -> None:
         self.close_fd()

@@ -1,7 +1,9 @@
 """Start-up recovery of a disk index: which logged chunks it keeps when a directory reopens.
 
-``recover_entries`` loads the index log as columns and keeps the entries
-that still have their place: under the directory's current layout, inside
+``recover_entries`` loads the index log's operations as columns, merges
+them (``index_columns.merge_order``, under the hash the index's table uses,
+so that table is built from the same sort) and keeps the entries that still
+have their place: under the directory's current layout, inside
 the pool files, page-aligned, and overlapping no other entry (where two
 claim the same bytes only the newer, higher ``seq``, can own them).
 Invariants: no two kept entries share a byte, none lies outside the files,
@@ -14,19 +16,23 @@ for the entries in a run of overlapping extents.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
 from ..units import PAGE
-from .index_codec import LEGACY_NAME, SNAP_NAME
-from .index_columns import EntryColumns, hex_strings, key_template, new_key
+from .index_codec import LEGACY_NAME, SNAP_NAME, Tables
+from .index_columns import hex_strings, key_template, merge_order, new_key
+from .index_decode import Ops
 from .index_log import IndexLog
+from .key_codes import ident_homes
 from .pool_file import PoolDirectory
 
-__all__ = ["Recovered", "recover_entries", "same_layout", "resolve_extents"]
+__all__ = ["Recovered", "recover_entries", "same_layout", "resolve_extents", "trim_heap"]
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +41,14 @@ log = logging.getLogger(__name__)
 class Recovered:
     """What an index keeps of its log on reopening."""
 
-    columns: EntryColumns   # the entries kept, in put order (seq)
-    starts: np.ndarray      # their extents' offsets, sorted (uint64)
-    sizes: np.ndarray       # the sizes that go with ``starts``
-    dropped: int            # records unusable, out of the pool or overlapped by a newer chunk
-    rewrite: bool           # the log must be replaced by a snapshot of ``columns``
+    ops: Ops                 # every usable operation of the files, in file order
+    tables: Tables           # what their ids point into
+    live: np.ndarray         # the indices of the puts kept, in put order (seq)
+    packed: Optional[np.ndarray]   # ``merge_order``'s sorted words under ``ident_homes``
+    starts: np.ndarray       # the kept extents' offsets, sorted (uint64)
+    sizes: np.ndarray        # the sizes that go with ``starts``
+    dropped: int             # records unusable, out of the pool or overlapped by a newer chunk
+    rewrite: bool            # the log must be replaced by a snapshot of what is kept
 
 
 def recover_entries(index_log: IndexLog, pool: PoolDirectory, capacity: int) -> Recovered:
@@ -50,19 +59,39 @@ def recover_entries(index_log: IndexLog, pool: PoolDirectory, capacity: int) -> 
     IndexFormatError
         The index is of a newer or foreign format (left untouched).
     """
-    cols, bad = index_log.load_columns()
+    ops, tables, bad = index_log.load_ops()
+    keep, packed = merge_order(ops, ident_homes)
+    live = np.flatnonzero(keep)
+    del keep
     old = pool.old_layout
     if old is not None and not same_layout(old, pool):
-        cols = EntryColumns(cols.ops.take(np.zeros(0, np.int64)), cols.tables)
-    n = len(cols)
-    keep, by_offset = resolve_extents(cols, capacity, pool)
-    kept = cols if keep.all() else EntryColumns(cols.ops.take(np.flatnonzero(keep)), cols.tables)
-    starts, sizes = cols.ops.offset[by_offset], cols.ops.phys[by_offset]
-    dropped = bad + n - len(kept)
+        live = live[:0]
+    n = live.shape[0]
+    ok, by_offset = resolve_extents(ops, tables, live, capacity, pool)
+    starts, sizes = ops.offset[live[by_offset]], ops.phys[live[by_offset]]
+    if not ok.all():
+        live = live[ok]
+    seq = ops.seq[live]
+    if live.shape[0] > 1 and not (seq[1:] >= seq[:-1]).all():
+        live = live[np.argsort(seq, kind="stable")]
+    dropped = bad + n - live.shape[0]
     fresh = not os.path.exists(os.path.join(pool.path, SNAP_NAME))
     legacy = os.path.exists(os.path.join(pool.path, LEGACY_NAME))
-    rewrite = bool(dropped or old is not None or fresh or legacy or index_log.records != len(kept))
-    return Recovered(kept, starts, sizes, dropped, rewrite)
+    rewrite = bool(dropped or old is not None or fresh or legacy or index_log.records != live.shape[0])
+    return Recovered(ops, tables, live, packed, starts, sizes, dropped, rewrite)
+
+
+def trim_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc ``malloc_trim``; elsewhere nothing).
+
+    A load's temporary arrays of a few MiB come from the heap, not from their
+    own mappings, and stay resident after they are freed (about 20 bytes a
+    chunk at 1M chunks) unless trimmed once the load is done.
+    """
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def same_layout(old: tuple[int, int, int], pool: PoolDirectory) -> bool:
@@ -72,25 +101,27 @@ def same_layout(old: tuple[int, int, int], pool: PoolDirectory) -> bool:
     return (files, unit) == (pool.stripes, pool.unit)
 
 
-def resolve_extents(cols: EntryColumns, capacity: int, pool: PoolDirectory) -> tuple[np.ndarray, np.ndarray]:
-    """Which entries' extents lie in the pool and overlap no other (a mask over ``cols``), and the
-    kept ones' indices sorted by offset.
+def resolve_extents(ops: Ops, tables: Tables, live: np.ndarray, capacity: int,
+                    pool: PoolDirectory) -> tuple[np.ndarray, np.ndarray]:
+    """Which of the puts ``ops[live]`` lie in the pool and overlap no other (a mask over ``live``),
+    and the kept ones' positions in ``live`` sorted by offset.
 
     Where two claim overlapping bytes only the newer (higher seq) can own them.
     """
-    ops = cols.ops
-    off, phys = ops.offset, ops.phys
+    everything = live.shape[0] == len(ops)      # then live is 0..n-1: slices, not gathers
+    off = ops.offset if everything else ops.offset[live]
+    phys = ops.phys if everything else ops.phys[live]
     end = off + phys
     keep = (off % np.uint64(PAGE) == 0) & (end <= np.uint64(capacity))
     # Inside the files: all of the pool below the last row of stripe units is.
     inside = pool.stripe_bytes // pool.unit * pool.unit * pool.stripes
     for i in np.flatnonzero(keep & (end > np.uint64(inside))).tolist():
         keep[i] = pool.fits(int(off[i]), int(phys[i]))
-    idx = np.flatnonzero(keep)
+    idx = np.flatnonzero(keep) if not keep.all() else np.arange(keep.shape[0])
     order = idx[_argsort_offsets(off[idx], capacity)]
     s, e = off[order], end[order]
     if s.shape[0] > 1 and (s[1:] < np.maximum.accumulate(e)[:-1]).any():
-        _settle_overlaps(cols, order, keep)
+        _settle_overlaps(ops, tables, live, order, keep)
         order = order[keep[order]]
     return keep, order
 
@@ -109,10 +140,11 @@ def _argsort_offsets(off: np.ndarray, capacity: int) -> np.ndarray:
     return (packed & ((np.uint64(1) << shift) - np.uint64(1))).astype(np.int64)
 
 
-def _settle_overlaps(cols: EntryColumns, order: np.ndarray, keep: np.ndarray) -> None:
-    """Clear ``keep`` of the losers among overlapping extents (``order``: kept ones by offset)."""
-    ops = cols.ops
-    s, e = ops.offset[order], ops.offset[order] + ops.phys[order]
+def _settle_overlaps(ops: Ops, tables: Tables, live: np.ndarray, order: np.ndarray, keep: np.ndarray) -> None:
+    """Clear ``keep`` of the losers among overlapping extents (``order``: positions in ``live`` of the
+    kept ones, by offset)."""
+    at = live[order]
+    s, e = ops.offset[at], ops.offset[at] + ops.phys[at]
     # Runs of extents that overlap one another; no extent overlaps one of another run.
     new_run = np.ones(order.shape[0], bool)
     new_run[1:] = s[1:] >= np.maximum.accumulate(e)[:-1]
@@ -123,9 +155,11 @@ def _settle_overlaps(cols: EntryColumns, order: np.ndarray, keep: np.ndarray) ->
             continue
         kept: list[int] = []
         for i in order[a:b].tolist():
-            if kept and int(ops.offset[kept[-1]] + ops.phys[kept[-1]]) > int(ops.offset[i]):
-                loser = kept[-1] if ops.seq[kept[-1]] < ops.seq[i] else i
-                log.warning("dropping index entry %s: its extent overlaps a newer chunk's", _key_string(cols, loser))
+            j = int(live[i])
+            if kept and int(ops.offset[live[kept[-1]]] + ops.phys[live[kept[-1]]]) > int(ops.offset[j]):
+                loser = kept[-1] if ops.seq[live[kept[-1]]] < ops.seq[j] else i
+                log.warning("dropping index entry %s: its extent overlaps a newer chunk's",
+                            _key_string(ops, tables, int(live[loser])))
                 keep[loser] = False
                 if loser == i:
                     continue
@@ -133,8 +167,7 @@ def _settle_overlaps(cols: EntryColumns, order: np.ndarray, keep: np.ndarray) ->
             kept.append(i)
 
 
-def _key_string(cols: EntryColumns, i: int) -> str:
-    ops = cols.ops
+def _key_string(ops: Ops, tables: Tables, i: int) -> str:
     lo = ops.lo[i:i + 1] if ops.hi is None else np.concatenate([ops.hi[i:i + 1], ops.lo[i:i + 1]], axis=1)
-    template = key_template(cols.tables.prefixes[int(ops.prefix[i])].fields)
+    template = key_template(tables.prefixes[int(ops.prefix[i])].fields)
     return new_key(template, hex_strings(lo, ops.ndig[i:i + 1])[0]).to_string()

@@ -357,12 +357,16 @@ def main(argv=None) -> int:
     if why:
         print(f"LMCache skipped: {why}; running ours and raw only")
     cases = [Case(size, n, seed=i) for i, (size, n) in enumerate(parse_sizes(a.sizes))]
-    result = {**header(), "dir": a.dir, "fs": fs_type(a.dir), "lmcache_skipped": why, "rounds": []}
+    import gds_kvcache
+
+    result = {**header(), "dir": a.dir, "fs": fs_type(a.dir), "ours_src": os.path.dirname(gds_kvcache.__file__),
+              "lmcache_skipped": why, "rounds": []}
     if not why:
         import lmcache
 
         result["lmcache"] = getattr(lmcache, "__version__", "?")
-    print(f"dir {a.dir} on {result['fs']}; contestants: {', '.join(names)}; load {os.getloadavg()}")
+    print(f"dir {a.dir} on {result['fs']}; ours from {result['ours_src']}; contestants: {', '.join(names)}; "
+          f"load {os.getloadavg()}")
     # One untimed pass of each at a small size: first-use costs (imports, JIT caches, thread pools)
     # stay out of round 0.
     for who in names:

@@ -8,7 +8,7 @@ from gds_kvcache import CacheEngineConfig, CacheEngineKey, LocalDiskBackend, Sla
 from gds_kvcache.io import PosixEngine, Span
 from gds_kvcache.kernels import checksum_host
 from gds_kvcache.kernels.checksum_pieces import checksum_finish, word_sum
-from gds_kvcache.storage.piece_sums import PieceSums
+from gds_kvcache.storage.piece_sums import PieceSums, words_of
 from gds_kvcache.units import GB, KiB, MiB, PAGE
 
 from .helpers import random_tensor, same_bytes
@@ -41,7 +41,7 @@ def test_piece_sums_cover_objects_across_piece_edges(rng):
         buf = alloc.buffer.host_array()
         buf[:] = rng.integers(0, 256, buf.shape[0], dtype=np.uint8)
         want = [checksum_host(buf[o.offset:o.offset + o.nbytes]) for o in objs]
-        ps = PieceSums(buf, objs)
+        ps = PieceSums(buf, words_of(buf), objs)
         end = max(o.offset + o.phys_size for o in objs)
         edges = sorted({0, end, *(int(x) * 8 for x in rng.integers(0, end // 8, 9))})
         pieces = list(zip(edges, edges[1:]))
@@ -62,7 +62,7 @@ def test_a_missing_or_repeated_piece_falls_back_to_a_full_checksum(rng):
         buf = alloc.buffer.host_array()
         buf[:] = rng.integers(0, 256, buf.shape[0], dtype=np.uint8)
         want = [checksum_host(buf[o.offset:o.offset + o.nbytes]) for o in objs]
-        ps = PieceSums(buf, objs)
+        ps = PieceSums(buf, words_of(buf), objs)
         a, b = objs
         ps(a.offset, MiB // 2)                 # the second half of a never comes
         ps(b.offset, MiB)

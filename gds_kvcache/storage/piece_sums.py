@@ -28,19 +28,24 @@ from ..kernels.checksum import checksum_batch
 from ..kernels.checksum_pieces import checksum_finish, word_sum
 from ..memory.obj import MemoryObj
 
-__all__ = ["PieceSums"]
+__all__ = ["PieceSums", "words_of"]
 
 _MASK = (1 << 64) - 1
 
 
-class PieceSums:
-    """Checksums of ``objs`` (all in one host slab ``buf``), fed by ``__call__(mem_offset, nbytes)``
-    for each piece of slab bytes a transfer moves, from any thread."""
+def words_of(buf: np.ndarray) -> np.ndarray:
+    """``buf`` (a page-aligned slab's uint8 array) viewed as uint64 words, for ``PieceSums``."""
+    return buf[: buf.shape[0] // 8 * 8].view(np.uint64)
 
-    def __init__(self, buf: np.ndarray, objs: Sequence[MemoryObj]):
-        assert buf.ctypes.data % 8 == 0, "slabs are page-aligned"
+
+class PieceSums:
+    """Checksums of ``objs`` (all in one host slab ``buf``; ``words`` is ``words_of(buf)``), fed by
+    ``__call__(mem_offset, nbytes)`` for each piece of slab bytes a transfer moves, from any thread."""
+
+    def __init__(self, buf: np.ndarray, words: np.ndarray, objs: Sequence[MemoryObj]):
+        # ``words``: ``buf`` as uint64 (``words_of``); slabs are page-aligned, so word j is bytes 8j..8j+7.
         self._b = buf
-        self._words = buf[: buf.shape[0] // 8 * 8].view(np.uint64)
+        self._words = words
         self._objs = list(objs)
         self._order = sorted(range(len(objs)), key=lambda i: objs[i].offset)
         self._starts = [objs[i].offset for i in self._order]

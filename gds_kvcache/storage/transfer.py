@@ -37,7 +37,7 @@ from ..memory.allocator import MemoryAllocatorInterface
 from ..memory.format import MemoryFormat, str_to_dtype
 from ..memory.obj import MemoryObj
 from .entry import keyed_checksum
-from .piece_sums import PieceSums
+from .piece_sums import PieceSums, words_of
 
 __all__ = ["DiskTransfer", "VerifiedRead", "is_no_space", "keyed_checksum", "runs"]
 
@@ -160,6 +160,7 @@ class DiskTransfer:
         self.engine = engine
         self.pool = pool
         self.stats = {"write_calls": 0, "read_calls": 0, "spans": 0, "checksum_calls": 0}
+        self._words: tuple = (None, None)   # (slab array, its uint64 view) for PieceSums
 
     def checksums(self, objs: Sequence[MemoryObj]) -> list[int]:
         """The checksum of each object's logical bytes, in one launch for the batch."""
@@ -281,7 +282,10 @@ class DiskTransfer:
         if not objs or not self.engine.piece_hooks or objs[0].slab.kind == "cuda":
             return None
         self.stats["checksum_calls"] += 1
-        return PieceSums(objs[0].slab.host_array(), objs)
+        buf = objs[0].slab.host_array()
+        if self._words[0] is not buf:    # one slab per tier: made once
+            self._words = (buf, words_of(buf))
+        return PieceSums(buf, self._words[1], objs)
 
     def _move(self, write: bool, objs, offsets, pieces: Optional[PieceSums] = None) -> list[Optional[BaseException]]:
         if not objs:

@@ -200,6 +200,10 @@ class IOEngine(abc.ABC):
     name = "?"
     punch_ok: bool = True  # False where the disk tier must never punch holes in pool files
     read_only: bool = False  # True: files opened O_RDONLY, write_spans refused (shared mode's remote reads)
+    #: True where ``read_spans``/``write_spans`` take ``hook``, called as ``hook(mem_offset, nbytes)``
+    #: for each piece of a host slab, on the thread that moves it: after the piece is read, before
+    #: it is written (so a checksum of the piece overlaps the other pieces' I/O).
+    piece_hooks: bool = False
     _buffer: "Optional[SlabBuffer]" = None
     _submitter: Optional[ThreadPoolExecutor] = None
     _submit_lock = threading.Lock()

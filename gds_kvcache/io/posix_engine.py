@@ -9,6 +9,7 @@ lanes' pinned memory is allocated once, at ``attach``.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import threading
@@ -94,6 +95,7 @@ class PosixEngine(IOEngine):
     #: Makes the staging lanes at ``attach``: ``(buffer, lanes, depth, slot_bytes, after_default_stream)`` ->
     #: a ``LanePool``, or None where the slab needs no staging (host memory).
     lane_factory = staticmethod(cuda_lane_pool)
+    piece_hooks = True
 
     def __init__(self, paths, threads: int, task_size: int, direct_io: bool, memory: str = "host",
                  stripe_bytes: int | None = None, read_only: bool = False):
@@ -175,17 +177,21 @@ class PosixEngine(IOEngine):
         return direct
 
     # -- workers: each drains the shared piece queue ----------------------------------
-    def _host_worker(self, write: bool, buffer: SlabBuffer, pieces, errs: list) -> list[int]:
+    def _host_worker(self, write: bool, buffer: SlabBuffer, pieces, errs: list, hook=None) -> list[int]:
         mv = memoryview(buffer.host_array())
         moved = [0, 0]  # O_DIRECT, buffered
         for i, mo, fi, off, n in pieces:
             if errs[i] is not None:
                 continue
+            if write and hook is not None:
+                hook(mo, n)
             try:
                 direct = self._move(write, fi, off, mv[mo:mo + n], (mo | off | n) % PAGE == 0)
             except IOEngineError as e:
                 errs[i] = e
                 continue
+            if not write and hook is not None:
+                hook(mo, n)
             moved[0 if direct else 1] += n
         return moved
 
@@ -198,11 +204,11 @@ class PosixEngine(IOEngine):
             lanes.release(lane)
 
     # -- batches ---------------------------------------------------------------------
-    def _transfer(self, write: bool, spans: Sequence[Span]) -> list[Optional[BaseException]]:
+    def _transfer(self, write: bool, spans: Sequence[Span], hook=None) -> list[Optional[BaseException]]:
         with self._calls:
-            return self._batch(write, spans)
+            return self._batch(write, spans, hook)
 
-    def _batch(self, write: bool, spans: Sequence[Span]) -> list[Optional[BaseException]]:
+    def _batch(self, write: bool, spans: Sequence[Span], hook=None) -> list[Optional[BaseException]]:
         buffer = self._buffer
         if buffer is None:
             raise IOEngineError("no slab attached: call attach(buffer) before read_spans/write_spans")
@@ -222,7 +228,8 @@ class PosixEngine(IOEngine):
                 pieces.append((i, s.mem_offset + lo, fi, local + lo, min(task, s.nbytes - lo)))
         if not pieces:
             return errs
-        worker = self._staged_worker if self._lanes is not None else self._host_worker
+        # A GPU slab is checksummed on the GPU, one launch a batch: the hook is for host slabs.
+        worker = self._staged_worker if self._lanes is not None else functools.partial(self._host_worker, hook=hook)
         # One queue shared by all workers (list_iterator.__next__ is atomic under the GIL).
         queue = iter(pieces)
         helpers = [self._pool.submit(worker, write, buffer, queue, errs)
@@ -238,14 +245,14 @@ class PosixEngine(IOEngine):
             self._moved["posix/buffered"] += sum(r[1] for r in results)
         return errs
 
-    def read_spans(self, spans: Sequence[Span]) -> list[Optional[BaseException]]:
-        return self._transfer(False, spans)
+    def read_spans(self, spans: Sequence[Span], hook=None) -> list[Optional[BaseException]]:
+        return self._transfer(False, spans, hook)
 
-    def write_spans(self, spans: Sequence[Span]) -> list[Optional[BaseException]]:
+    def write_spans(self, spans: Sequence[Span], hook=None) -> list[Optional[BaseException]]:
         if self.read_only and not self._closed:
             raise IOEngineError(errno.EBADF, f"the posix I/O engine over {self._paths[0]} is read-only: "
                                              f"it was opened with read_only=True and never writes")
-        return self._transfer(True, spans)
+        return self._transfer(True, spans, hook)
 
     def report(self) -> IOPathReport:
         with self._lock:

@@ -3,8 +3,9 @@
 Everything here runs before vLLM loads the model (the spec is built at
 engine start), so a setting that cannot work fails at once, naming its key:
 a ``local_disk`` that is a file, not writable or on a read-only mount is a
-``ConfigError``; an unknown key is a warning naming it and the known keys
-(a typo such as ``io_thread`` would otherwise be ignored without a word).
+``ConfigError``, and so is a ``lookup_url`` that is no Redis URL; an
+unknown key is a warning naming it and the known keys (a typo such as
+``io_thread`` would otherwise be ignored without a word).
 Needs no vLLM, so the main test suite checks it.
 """
 
@@ -25,10 +26,14 @@ log = logging.getLogger(__name__)
 
 _PASSED = ("pool_files", "io_engine", "io_threads", "memory_device", "verify_checksums", "io_task_size",
            "direct_io")
+#: Fleet mode (``fleet``): the Redis server (LMCache's name ``lookup_url``, or ``lookup_server_url``)
+#: and the shared mode's settings, passed as they are.
+_URL_KEYS = ("lookup_url", "lookup_server_url")
+_SHARED = ("writer_id", "lease_ttl", "claim_ttl", "shared_tick", "redis_socket_timeout", "redis_backoff")
 #: Keys of ``kv_connector_extra_config`` that vLLM's offloading connector itself reads.
 _VLLM_KEYS = ("spec_name", "spec_module_path", "blocks_per_chunk", "block_size")
 #: Every key the plug-in or vLLM's offloading connector reads.
-KNOWN_KEYS = ("local_disk", "max_local_disk_size", "slab_size") + _PASSED + _VLLM_KEYS
+KNOWN_KEYS = ("local_disk", "max_local_disk_size", "slab_size") + _PASSED + _URL_KEYS + _SHARED + _VLLM_KEYS
 
 
 def check_directory(field: str, path: str) -> None:
@@ -60,6 +65,13 @@ def library_config(extra: dict[str, Any]) -> CacheEngineConfig:
         raise ConfigError("kv_connector_extra_config.max_local_disk_size", None, "the disk budget in GB (> 0)")
     check_directory("kv_connector_extra_config.local_disk", str(extra["local_disk"]))
     values = {k: extra[k] for k in _PASSED if k in extra}
+    urls = {k: extra[k] for k in _URL_KEYS if extra.get(k) not in (None, "")}
+    if len(set(map(str, urls.values()))) > 1:
+        raise ConfigError("kv_connector_extra_config.lookup_url", urls["lookup_url"],
+                          f"one Redis URL (lookup_server_url says {urls['lookup_server_url']!r})")
+    if urls:
+        values["lookup_server_url"] = next(iter(urls.values()))
+        values.update((k, extra[k]) for k in _SHARED if k in extra)
     return CacheEngineConfig(local_cpu=False, local_disk=str(extra["local_disk"]),
                              max_local_disk_size=extra["max_local_disk_size"],
                              slab_size=extra.get("slab_size", 0.5), **values)

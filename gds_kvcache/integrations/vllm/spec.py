@@ -13,6 +13,12 @@ Keys read from ``kv_connector_extra_config`` (besides vLLM's own
 ``slab_size``
     GB of staging memory per worker (default 0.5): GPU memory for a CUDA
     cache (GDS reads and writes it directly), host memory otherwise.
+``lookup_url`` (or ``lookup_server_url``)
+    Fleet mode: the Redis server every vLLM instance sharing ``local_disk``
+    uses as its index (``fleet_manager``); ``writer_id``, ``lease_ttl``,
+    ``claim_ttl``, ``shared_tick``, ``redis_socket_timeout`` and
+    ``redis_backoff`` as in ``CacheEngineConfig``. Without it nothing
+    changes: one instance per ``local_disk``.
 
 ``settings`` checks them before the model loads (``library_config``).
 """
@@ -62,6 +68,11 @@ class GdsKvCacheSpec(OffloadingSpec):
         self._worker = None
 
     def get_manager(self) -> DiskOffloadingManager:
+        if self._manager is None and self.lib_config.lookup_server_url:
+            from .fleet_manager import FleetOffloadingManager   # fleet mode: lookup_url set
+            self._manager = FleetOffloadingManager(
+                self.root, self.shards, self.config.worker_kv_bytes_per_block * self.blocks_per_chunk,
+                self.key_maker, self.lib_config, enable_events=self.kv_events_config.enable_kv_cache_events)
         if self._manager is None:
             self._manager = DiskOffloadingManager(
                 self.root, self.shards, self.lib_config.disk_bytes, self.lib_config.pool_files,

@@ -365,3 +365,23 @@ def test_settings_accept_lookup_url_or_lookup_server_url(tmp_path):
         library_config({**base, "lookup_url": "http://not-redis"})
     with pytest.raises(ConfigError, match="writer_id"):
         library_config({**base, "lookup_url": "redis://a:1/0", "writer_id": "../x"})
+
+
+def test_expedited_load_as_vllm_033_submits_it(tmp_path, redis_srv):
+    # vLLM 0.33 submits loads it waits for within the step with ``expedited=True``.
+    a = Instance(tmp_path, redis_srv.url, "a")
+    keys = okeys(2)
+    a.store(keys, [1, 2])
+    wait_for(lambda: len(published(redis_srv)) == 2, "A's chunks published")
+    b = Instance(tmp_path, redis_srv.url, "b", seed=3)
+    assert b.lookup(keys)[1] == [LookupResult.HIT] * 2
+    spec = b.manager.prepare_load(keys, ctx())
+    w = b.workers[0]
+    assert w.submit_load(1, spec, gpu_spec([40, 41]), expedited=True)
+    w.wait({1})
+    (r,) = w.get_finished()
+    b.manager.complete_load(keys, ctx())
+    assert r.success and b.failed() == [set()]
+    assert torch.equal(rows(b.tensors[0], [40, 41]), rows(a.tensors[0], [1, 2]))
+    b.close()
+    a.close()

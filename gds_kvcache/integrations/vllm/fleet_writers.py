@@ -185,9 +185,11 @@ class FleetWriters:
             ev.make_room(nbytes, adding, force)
 
     def published(self, keys: Sequence[Sequence[CacheEngineKey]], claimed: Sequence[CacheEngineKey]) -> None:
-        """After a store's commit: publish ``keys[s]`` (those the index recorded) of each shard, and
-        give back the claims of ``claimed`` not recorded; off the scheduler's path."""
-        self._bg.submit(self._publish, [list(k) for k in keys], list(claimed))
+        """Right after a store's commit: publish ``keys[s]`` (those the index recorded) of each shard
+        (one round trip per shard), and give back the claims of ``claimed`` not recorded. On the
+        caller's thread, so that a housekeeping audit never finds a recorded chunk unlisted for
+        longer than that; a Redis that does not answer is gated (``redis_backoff``)."""
+        self._publish([list(k) for k in keys], list(claimed))
 
     def _publish(self, keys: list[list[CacheEngineKey]], claimed: list[CacheEngineKey]) -> None:
         for s, pub in enumerate(self.pubs):

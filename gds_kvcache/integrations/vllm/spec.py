@@ -31,7 +31,7 @@ from vllm.v1.kv_offload.base import CanonicalKVCaches, OffloadingSpec
 from vllm.v1.kv_offload.config import OffloadingConfig
 
 from .manager import DiskOffloadingManager, KeyMaker
-from .settings import library_config
+from .settings import check_vllm_version, library_config
 from .worker import DiskOffloadingWorker
 
 __all__ = ["GdsKvCacheSpec", "library_config"]
@@ -52,6 +52,7 @@ class GdsKvCacheSpec(OffloadingSpec):
 
     def __init__(self, config: OffloadingConfig):
         super().__init__(config)
+        check_vllm_version()
         self.lib_config = library_config(dict(self.extra_config))
         self.root = self.lib_config.local_disk
         par = config.parallel

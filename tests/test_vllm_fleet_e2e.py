@@ -79,7 +79,7 @@ def _stats(root: str, wid: str) -> dict:
 
 # -- offline instances (each a child process running this file) -------------------------------------
 def child(role: str, model: str, root: str, url: str, wid: str, ctl: str) -> None:
-    """One ``LLM(...)`` instance of the fleet.
+    """One ``LLM(...)`` instance of the fleet; once started, it waits for ``<wid>.go``.
 
     ``writer``: one pass, then (stores all recorded) ``<wid>.stored``, then idle until killed.
     ``reader``: ``<wid>.loading``, a pass, ``<wid>.pass1``; waits for ``go2``, resets vLLM's prefix
@@ -93,8 +93,9 @@ def child(role: str, model: str, root: str, url: str, wid: str, ctl: str) -> Non
               enforce_eager=True, dtype="bfloat16", block_size=BLOCK, seed=0, max_num_seqs=8,
               kv_transfer_config=_transfer_config(root, url, wid))
     sp = SamplingParams(temperature=0.0, max_tokens=GEN, logprobs=2)
-    filler = [TokensPrompt(prompt_token_ids=[1] * 64)]
+    filler = [TokensPrompt(prompt_token_ids=[1] * 16)]   # under one block with its output: never stored
     llm.generate(filler, sp, use_tqdm=False)          # warm-up: one-time kernel set-up, not KV work
+    _wait_flag(_flag(ctl, f"{wid}.go"))
     passes = []
 
     def one_pass():
@@ -182,6 +183,8 @@ def _until(cond, what: str, timeout: float, procs=()) -> None:
 
 @pytest.fixture(scope="module")
 def fleet_env(tmp_path_factory):
+    """(directory, model, ``baseline()``): the baseline (no plug-in) runs in the background, its
+    start-up overlapping the first instances'; ``baseline()`` waits for it and returns its first pass."""
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -193,10 +196,17 @@ def fleet_env(tmp_path_factory):
         pytest.skip("no redis-server binary (install Debian's redis-server or set GDS_KVCACHE_REDIS_SERVER)")
     tmp = tmp_path_factory.mktemp("fleet")
     model = _model(str(tmp / "model"))
-    base = _run("baseline", model, str(tmp / "unused"), str(tmp))     # no plug-in
-    ref = base["passes"][0]
-    _same_output(base["passes"][1], ref, "baseline, second pass")
-    return tmp, model, ref
+    pending = _in_thread(_run, "baseline", model, str(tmp / "unused"), str(tmp))
+    got = []
+
+    def baseline() -> dict:
+        if not got:
+            base = pending()
+            _same_output(base["passes"][1], base["passes"][0], "baseline, second pass")
+            got.append(base["passes"][0])
+        return got[0]
+    yield tmp, model, baseline
+    baseline()          # never leave the run behind
 
 
 def _hit(st: dict) -> float:
@@ -204,29 +214,34 @@ def _hit(st: dict) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)       # several engine start-ups on 2 cores (the baseline's counted here too)
 def test_fleet_offline_instances(fleet_env):
     from gds_kvcache.shared import LocalRedis
 
-    tmp, model, ref = fleet_env
+    tmp, model, baseline = fleet_env
     root, ctl = str(tmp / "kv-offline"), str(tmp / "ctl-offline")
     os.makedirs(ctl)
     report = {}
     with LocalRedis() as srv:
         a_log, b_log, c_log = (str(tmp / f"offline-{w}.log") for w in "abc")
+        # A and B start together (their start-up overlaps the baseline's); B waits for A's chunks.
         a = _spawn_child("writer", model, root, srv.url, "a", ctl, a_log)
-        b = None
+        b = _spawn_child("reader", model, root, srv.url, "b", ctl, b_log)
         try:
-            _until(lambda: os.path.exists(_flag(ctl, "a.stored")), "A's stores", 900, [(a, a_log)])
-            _same_output(_passes(ctl, "a")[0], ref, "instance A")
+            _touch(_flag(ctl, "a.go"))
+            _until(lambda: os.path.exists(_flag(ctl, "a.stored")), "A's stores", 900, [(a, a_log), (b, b_log)])
             _until(lambda: _published(srv.url) >= PROMPT_TOKENS // BLOCK, "A's chunks published", 60, [(a, a_log)])
-            b = _spawn_child("reader", model, root, srv.url, "b", ctl, b_log)
+            _touch(_flag(ctl, "b.go"))
             _until(lambda: os.path.exists(_flag(ctl, "b.loading")), "B's start", 900, [(b, b_log)])
             _kill_group(a)                                  # SIGKILL of A while B looks up and loads
             _until(lambda: os.path.exists(_flag(ctl, "b.pass1")), "B's first pass", 600, [(b, b_log)])
+            ref = baseline()
+            _same_output(_passes(ctl, "a")[0], ref, "instance A")
             first = _passes(ctl, "b")[0]
             _same_output(first, ref, "instance B (A killed while it loaded)")
             st = _stats(root, "b")
-            report["b_pass1"] = {"hit": _hit(st), "cached": sum(first["cached"]), "stats": st}
+            report["b_pass1"] = {"hit": _hit(st), "cached": sum(first["cached"]), "seconds": first["seconds"],
+                                 "a_seconds": _passes(ctl, "a")[0]["seconds"], "stats": st}
             assert _hit(st) >= MIN_HIT, st
             assert sum(first["cached"]) >= MIN_HIT * PROMPT_TOKENS, first["cached"]
             assert st["chunks"] == 0 and st["chunks_stored"] == 0    # B stored none of what A holds
@@ -237,15 +252,17 @@ def test_fleet_offline_instances(fleet_env):
             _same_output(second, ref, "instance B after an empty Redis restart")
             report["b_pass2"] = {"cached": sum(second["cached"]), "stats": _stats(root, "b")}
             c = _spawn_child("late", model, root, srv.url, "c", ctl, c_log)
+            _touch(_flag(ctl, "c.go"))
             assert c.wait(900) == 0, _tail(c_log)
             late = _passes(ctl, "c")[0]
             _same_output(late, ref, "instance C after the restart")
             st = _stats(root, "c")
-            report["c"] = {"hit": _hit(st), "cached": sum(late["cached"]), "stats": st}
+            report["c"] = {"hit": _hit(st), "cached": sum(late["cached"]), "seconds": late["seconds"], "stats": st}
             assert _hit(st) >= MIN_HIT, st                 # A's chunks were re-published for it
+            assert sum(late["cached"]) >= MIN_HIT * PROMPT_TOKENS, late["cached"]
         finally:
             for p in (a, b):
-                if p is not None and p.poll() is None:
+                if p.poll() is None:
                     _kill_group(p)
     _report("offline", report)
 
@@ -306,21 +323,25 @@ class Server:
             return False
 
     def complete(self, prompts) -> tuple[dict, int]:
-        """One completions request for all prompts: the pass (as ``_pass_of``) and the cached tokens."""
+        """The prompts as concurrent completions requests, one each (vLLM reports ``cached_tokens``
+        of one prompt only for a request of several): the pass (as ``_pass_of``) and the cached
+        tokens of all of them."""
+        from concurrent.futures import ThreadPoolExecutor
         t0 = time.perf_counter()
-        out = self._call("/v1/completions", {"model": self.model, "prompt": prompts, "max_tokens": GEN,
-                                             "temperature": 0.0, "logprobs": 2, "return_token_ids": True,
-                                             "return_tokens_as_token_ids": True})
+        with ThreadPoolExecutor(len(prompts)) as ex:
+            outs = list(ex.map(lambda p: self._call("/v1/completions", {
+                "model": self.model, "prompt": p, "max_tokens": GEN, "temperature": 0.0, "logprobs": 2,
+                "return_token_ids": True, "return_tokens_as_token_ids": True}), prompts))
         dt = time.perf_counter() - t0
-        choices = sorted(out["choices"], key=lambda c: c["index"])
+        choices = [o["choices"][0] for o in outs]
         tops = [[{int(k.split(":")[1]): v for k, v in top.items()} for top in c["logprobs"]["top_logprobs"]]
                 for c in choices]
         p = {"seconds": dt, "tokens": [c["token_ids"] for c in choices],
              "logprobs": [c["logprobs"]["token_logprobs"] for c in choices],
              "margins": [[_gap(t) for t in ts] for ts in tops],
              "runner_up": [[_second(t) for t in ts] for ts in tops]}
-        details = out["usage"].get("prompt_tokens_details") or {}
-        return p, int(details.get("cached_tokens") or 0)
+        cached = sum(int((o["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0) for o in outs)
+        return p, cached
 
     def reset(self, external: bool = False) -> bool:
         q = "?reset_external=true" if external else ""
@@ -331,12 +352,14 @@ class Server:
             _kill_group(self.proc)
 
     def stop(self) -> None:
+        """SIGTERM to the server (it stops its engine), then SIGKILL to whatever of its group is left."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.terminate()
             try:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
-                _kill_group(self.proc)
+                pass
+        _kill_group(self.proc)
 
 
 def _drive(server: Server, cond, what: str, timeout: float = 300.0) -> None:
@@ -381,23 +404,26 @@ def _second(top: dict):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_fleet_api_servers_over_http(fleet_env):
     from gds_kvcache.shared import LocalRedis
 
-    tmp, model, ref = fleet_env
+    tmp, model, baseline = fleet_env
     root = str(tmp / "kv-http")
     prompts = _prompts()
     report = {}
     with LocalRedis() as srv:
+        # A and B start together; B is asked only once A's chunks are published.
         a = Server(model, root, srv.url, "a", str(tmp / "http-a.log"))
-        b = c = None
+        b = Server(model, root, srv.url, "b", str(tmp / "http-b.log"))
+        c = None
         try:
             _until(a.ready, "server A", 900)
             got, cached = a.complete(prompts)
+            ref = baseline()
             _same_output(got, ref, "server A")
             assert cached == 0
             _drive(a, lambda: _published(srv.url) >= PROMPT_TOKENS // BLOCK, "A's chunks published")
-            b = Server(model, root, srv.url, "b", str(tmp / "http-b.log"))
             _until(b.ready, "server B", 900)
             got, cached = b.complete(prompts)
             _same_output(got, ref, "server B")

@@ -95,19 +95,17 @@ class DiskOffloadingManager(OffloadingManager):
         self._chunk_phys = align_up(chunk_bytes, PAGE)
         self._dirs: list[PoolDirectory] = []
         self._indexes: list[DiskIndex] = []
+        self._prefix = uuid.uuid4().hex[:12]     # of this process's job tokens
+        self._jobs_owned = ""                    # result files an earlier run of this owner left start so
+        self.stats_path = os.path.join(self.root, STATS_NAME)
         try:
-            for s in range(shards):
-                d = PoolDirectory(os.path.join(self.root, f"rank{s}"), disk_bytes, pool_files)
-                self._dirs.append(d)
-                idx = DiskIndex(d, index_reserve(disk_bytes))
-                self._indexes.append(idx)
-                idx.recover()
-                idx.drain_events()  # recovered chunks are not news to this vLLM instance
+            self._open_shards(shards, disk_bytes, pool_files)
             # Results of jobs an earlier process never completed: nothing will read them.
             jobs = os.path.join(self.root, JOBS_DIR)
             os.makedirs(jobs, exist_ok=True)
             for name in os.listdir(jobs):
-                os.unlink(os.path.join(jobs, name))
+                if name.startswith(self._jobs_owned):
+                    os.unlink(os.path.join(jobs, name))
         except BaseException:
             self.shutdown()
             raise
@@ -117,13 +115,22 @@ class DiskOffloadingManager(OffloadingManager):
         self._loads: dict[OffloadKey, list[tuple[str, list[Optional[DiskEntry]]]]] = {}  # pins per load
         self._load_tokens: dict[str, list[OffloadKey]] = {}  # load jobs whose result is not read yet
         self._tokens = itertools.count()
-        self._prefix = uuid.uuid4().hex[:12]
         self.events: Optional[list[OffloadingEvent]] = [] if enable_events else None
         self.stats = {"lookups": 0, "hits": 0, "pending_hits": 0, "loads": 0, "chunks_loaded": 0,
                       "load_failures": 0, "stores": 0, "chunks_stored": 0, "store_failures": 0,
                       "store_refused": 0, "evictions": 0}
         self._stats_dirty = True
         self._write_stats()
+
+    def _open_shards(self, shards: int, disk_bytes: int, pool_files: int) -> None:
+        """Lock and recover the directory of each shard (``root/rank<s>``) into ``_dirs``/``_indexes``."""
+        for s in range(shards):
+            d = PoolDirectory(os.path.join(self.root, f"rank{s}"), disk_bytes, pool_files)
+            self._dirs.append(d)
+            idx = DiskIndex(d, index_reserve(disk_bytes))
+            self._indexes.append(idx)
+            idx.recover()
+            idx.drain_events()  # recovered chunks are not news to this vLLM instance
 
     # -- helpers ---------------------------------------------------------------
     def _ck(self, okey: OffloadKey, shard: int = 0) -> CacheEngineKey:
@@ -137,7 +144,7 @@ class DiskOffloadingManager(OffloadingManager):
             return
         self._stats_dirty = False
         out = dict(self.stats, chunks=len(self._indexes[0]) if self._indexes else 0)
-        path = os.path.join(self.root, STATS_NAME)
+        path = self.stats_path
         try:
             with open(path + ".tmp", "w") as f:
                 json.dump(out, f)
@@ -225,15 +232,7 @@ class DiskOffloadingManager(OffloadingManager):
             for s, e in enumerate(entries):
                 if e is not None:
                     unpin.setdefault(s, []).append(e)
-        bad: dict[int, set[str]] = {}
-        for token in tokens:
-            # A job's result is there once its worker reported it: read each job's exactly once.
-            got = [take_result(self.root, token, s) for s in range(len(self._indexes))]
-            if all(r is not None for r in got):
-                del self._load_tokens[token]
-            for s, res in enumerate(got):
-                if res and res.get("bad"):
-                    bad.setdefault(s, set()).update(res["bad"])
+        bad = self._load_results(tokens)
         n_bad = 0
         for s in set(unpin) | set(bad):
             entries = unpin.get(s, [])
@@ -248,6 +247,23 @@ class DiskOffloadingManager(OffloadingManager):
             log.warning("%d chunk(s) failed to load (corrupt or unreadable): dropped, vLLM recomputes them", n_bad)
         self._drain()
         self._write_stats()
+
+    def _load_results(self, tokens: list[str]) -> dict[int, set[str]]:
+        """Per shard, the chunk keys the load jobs ``tokens`` found bad (each job's result read once)."""
+        bad: dict[int, set[str]] = {}
+        for token in tokens:
+            # A job's result is there once its worker reported it: read each job's exactly once.
+            got = [take_result(self.root, token, s) for s in range(len(self._indexes))]
+            if all(r is not None for r in got):
+                del self._load_tokens[token]
+            self._on_load_result(token, got)
+            for s, res in enumerate(got):
+                if res and res.get("bad"):
+                    bad.setdefault(s, set()).update(res["bad"])
+        return bad
+
+    def _on_load_result(self, token: str, results: list[Optional[dict]]) -> None:
+        """Each shard's result of load job ``token`` as it is read (None: not there yet); for subclasses."""
 
     def prepare_store(self, keys: Collection[OffloadKey], req_context: ReqContext) -> Optional[PrepareStoreOutput]:
         keys = list(dict.fromkeys(keys))

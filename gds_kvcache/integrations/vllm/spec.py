@@ -13,6 +13,12 @@ Keys read from ``kv_connector_extra_config`` (besides vLLM's own
 ``slab_size``
     GB of staging memory per worker (default 0.5): GPU memory for a CUDA
     cache (GDS reads and writes it directly), host memory otherwise.
+``lookup_url`` (or ``lookup_server_url``)
+    Fleet mode: the Redis server every vLLM instance sharing ``local_disk``
+    uses as its index (``fleet_manager``); ``writer_id``, ``lease_ttl``,
+    ``claim_ttl``, ``shared_tick``, ``redis_socket_timeout`` and
+    ``redis_backoff`` as in ``CacheEngineConfig``. Without it nothing
+    changes: one instance per ``local_disk``.
 
 ``settings`` checks them before the model loads (``library_config``).
 """
@@ -25,7 +31,7 @@ from vllm.v1.kv_offload.base import CanonicalKVCaches, OffloadingSpec
 from vllm.v1.kv_offload.config import OffloadingConfig
 
 from .manager import DiskOffloadingManager, KeyMaker
-from .settings import library_config
+from .settings import check_vllm_version, library_config
 from .worker import DiskOffloadingWorker
 
 __all__ = ["GdsKvCacheSpec", "library_config"]
@@ -46,6 +52,7 @@ class GdsKvCacheSpec(OffloadingSpec):
 
     def __init__(self, config: OffloadingConfig):
         super().__init__(config)
+        check_vllm_version()
         self.lib_config = library_config(dict(self.extra_config))
         self.root = self.lib_config.local_disk
         par = config.parallel
@@ -62,6 +69,11 @@ class GdsKvCacheSpec(OffloadingSpec):
         self._worker = None
 
     def get_manager(self) -> DiskOffloadingManager:
+        if self._manager is None and self.lib_config.lookup_server_url:
+            from .fleet_manager import FleetOffloadingManager   # fleet mode: lookup_url set
+            self._manager = FleetOffloadingManager(
+                self.root, self.shards, self.config.worker_kv_bytes_per_block * self.blocks_per_chunk,
+                self.key_maker, self.lib_config, enable_events=self.kv_events_config.enable_kv_cache_events)
         if self._manager is None:
             self._manager = DiskOffloadingManager(
                 self.root, self.shards, self.lib_config.disk_bytes, self.lib_config.pool_files,

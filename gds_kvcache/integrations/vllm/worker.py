@@ -53,6 +53,7 @@ from ...memory.format import MemoryFormat
 from ...storage.pool_file import PoolLayout
 from ...storage.transfer import DiskTransfer
 from .channel import JOBS_DIR, write_result
+from .fleet_worker import ReadOnlyPools, load_groups, store_path
 from .specs import DiskLoadSpec, DiskStoreSpec, entry_from_wire, stored_fields
 
 __all__ = ["DiskOffloadingWorker", "canonical_layers", "allow_amx"]
@@ -151,7 +152,9 @@ class DiskOffloadingWorker(OffloadingWorker):
         self.allocator = SlabMemoryAllocator(config.slab_bytes, kind, dev.index or 0)
         self.reports_failed_blocks = False
         os.makedirs(os.path.join(self.root, JOBS_DIR), exist_ok=True)
-        self._pools: dict[int, DiskTransfer] = {}
+        self._pools: dict[str, DiskTransfer] = {}
+        # Fleet mode: other instances' pools, read-only (``fleet_worker``).
+        self._remote = ReadOnlyPools(config, self.allocator) if config.lookup_server_url else None
         self._pool_lock = threading.Lock()
         self._jobs: dict[int, Future] = {}
         self._failed: set[int] = set()
@@ -181,18 +184,22 @@ class DiskOffloadingWorker(OffloadingWorker):
     # -- plumbing -------------------------------------------------------------
     def _pool(self, shard: int) -> DiskTransfer:
         """The shard's pool, opened at first use (the scheduler creates it, maybe after this worker)."""
+        return self._pool_at(os.path.join(self.root, f"rank{shard}"))
+
+    def _pool_at(self, path: str) -> DiskTransfer:
+        """The pool of directory ``path`` (a shard's, or this instance's writer directory in fleet mode)."""
         with self._pool_lock:
-            p = self._pools.get(shard)
+            p = self._pools.get(path)
             if p is None:
                 try:
-                    layout = PoolLayout.read(os.path.join(self.root, f"rank{shard}"))
+                    layout = PoolLayout.read(path)
                 except StorageUnavailableError as e:
                     raise StorageUnavailableError(f"{e}; the vLLM scheduler creates it: was it started with "
                                                   "the same local_disk?") from None
                 eng = open_engine(layout.pool_paths, self.config, self.allocator.kind, layout.stripe_bytes)
                 eng.attach(self.allocator.buffer)
                 p = DiskTransfer(eng, layout)
-                self._pools[shard] = p
+                self._pools[path] = p
             return p
 
     def _shape(self, nblocks: int) -> tuple:
@@ -216,7 +223,9 @@ class DiskOffloadingWorker(OffloadingWorker):
         self._jobs[job_id] = self._exec.submit(self._store, job_id, src_spec, dst_spec)
         return True
 
-    def submit_load(self, job_id: int, src_spec: DiskLoadSpec, dst_spec: "GPULoadStoreSpec") -> bool:
+    def submit_load(self, job_id: int, src_spec: DiskLoadSpec, dst_spec: "GPULoadStoreSpec",
+                    expedited: bool = False) -> bool:
+        # vLLM 0.33 marks loads it waits for within the step ``expedited``; jobs run in order here.
         self._jobs[job_id] = self._exec.submit(self._load, job_id, src_spec, dst_spec)
         return True
 
@@ -237,6 +246,8 @@ class DiskOffloadingWorker(OffloadingWorker):
         for tr in self._pools.values():
             tr.engine.close()
         self._pools.clear()
+        if self._remote is not None:
+            self._remote.close()
         self.allocator.close()
 
     # -- jobs -------------------------------------------------------------------
@@ -258,7 +269,7 @@ class DiskOffloadingWorker(OffloadingWorker):
         written: dict[str, dict] = {}
         objs = []
         try:
-            transfer = self._pool(self.store_shard)
+            transfer = self._pool_at(store_path(self.root, dst, self.store_shard))
             blocks = self._chunk_blocks(src, len(extents))
             if src.block_indices and int(src.block_indices[0]) % self.bpc:
                 raise ShapeMismatchError(f"store starts at block {int(src.block_indices[0])}, inside a chunk")
@@ -301,26 +312,27 @@ class DiskOffloadingWorker(OffloadingWorker):
         bad: list[str] = []
         nbytes = 0
         try:
-            transfer = self._pool(self.load_shard)
-            want = [j for j, c in enumerate(chunks) if c is not None and blocks[j]]
             budget = max(1, self.allocator.capacity // 2)
-            i = 0
-            while i < len(want):
-                batch, size = [], 0
-                while i < len(want) and (not batch or size + chunks[want[i]][3] <= budget):
-                    batch.append(want[i])
-                    size += chunks[want[i]][3]
-                    i += 1
-                got = self._load_batch(transfer, chunks, blocks, batch, bad)
-                if not got and batch:
-                    break  # no slab room at all: the rest fails (and is recomputed)
-                failed_chunks -= got
-                nbytes += sum(chunks[j][2] for j in got)
+            for transfer, want, deadline in load_groups(src, self.load_shard, chunks, blocks, self._pool_at,
+                                                        lambda: self._pool(self.load_shard), self._remote):
+                i = 0
+                while i < len(want):
+                    batch, size = [], 0
+                    while i < len(want) and (not batch or size + chunks[want[i]][3] <= budget):
+                        batch.append(want[i])
+                        size += chunks[want[i]][3]
+                        i += 1
+                    got = self._load_batch(transfer, chunks, blocks, batch, bad, deadline)
+                    if not got and batch:
+                        break  # no slab room (or the leases ended): the rest fails (and is recomputed)
+                    failed_chunks -= got
+                    nbytes += sum(chunks[j][2] for j in got)
             self._sync()
         except Exception as e:  # noqa: BLE001 - reported as failed blocks below
             log.warning("load job %d failed: %s", job_id, e)
         try:
-            write_result(self.root, src.token, self.load_shard, {"bad": bad})
+            write_result(self.root, src.token, self.load_shard,
+                         {"bad": bad, "failed": [str(chunks[j][0]) for j in sorted(failed_chunks) if chunks[j]]})
         except OSError as e:  # the blocks still fail below; the scheduler drops the chunks at a later load
             log.warning("load job %d: cannot publish its result: %s", job_id, e)
         self.stats["loads"] += 1
@@ -337,8 +349,10 @@ class DiskOffloadingWorker(OffloadingWorker):
                 self._failed |= failed_blocks
         return TransferResult(job_id, True, nbytes, time.perf_counter() - t0)
 
-    def _load_batch(self, transfer: DiskTransfer, chunks, blocks, batch: list[int], bad: list[str]) -> set[int]:
-        """Read, verify and unpack the chunks ``batch``; the indexes that landed."""
+    def _load_batch(self, transfer: DiskTransfer, chunks, blocks, batch: list[int], bad: list[str],
+                    deadline: float | None = None) -> set[int]:
+        """Read, verify and unpack the chunks ``batch``; the indexes that landed. Past ``deadline``
+        (another instance's chunks: the end of their leases) nothing read is trusted."""
         descs = []
         for j in batch:
             try:
@@ -348,7 +362,16 @@ class DiskOffloadingWorker(OffloadingWorker):
                 bad.append(str(chunks[j][0]))
                 descs.append(None)
         usable = [(j, d) for j, d in zip(batch, descs) if d is not None]
-        got = transfer.read_verified(self.allocator, [d for _, d in usable], self.config.verify_checksums)
+        got = transfer.read_verified(self.allocator, [d for _, d in usable],
+                                     self.config.verify_checksums or deadline is not None)
+        if deadline is not None and time.time() > deadline:
+            # The leases ended before the check: the writer may have reused an extent, so a failed
+            # checksum says nothing about the chunk and a good one is not trusted.
+            log.warning("load of %d chunk(s) of another instance outlived its leases: recomputed", len(usable))
+            for o in got.objs:
+                if o is not None:
+                    o.ref_count_down()
+            return set()
         for i, why in got.bad:
             log.warning("chunk %s failed to load (%s): dropped, its blocks are recomputed", usable[i][1].key.to_string(),
                         why)

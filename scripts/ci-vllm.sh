@@ -33,5 +33,6 @@ python -W ignore -c 'import vllm.v1.kv_offload.base, transformers' \
   || { echo "ci-vllm: vLLM does not import; the plug-in tests would only skip" >&2; exit 1; }
 
 SECONDS=0
-python -m pytest -p no:cacheprovider -rs tests/test_vllm_offload.py tests/test_vllm_worker_direct.py tests/test_vllm_e2e.py "$@"
+python -m pytest -p no:cacheprovider -rs tests/test_import_light.py tests/test_vllm_offload.py tests/test_vllm_worker_direct.py \
+  tests/test_vllm_e2e.py "$@"
 echo "ci-vllm: plug-in tests took ${SECONDS}s"

@@ -11,9 +11,11 @@ import numpy as np
 import torch
 
 from .config import CacheEngineConfig, CacheEngineMetadata
-from .errors import ShapeMismatchError
+from .errors import ClosedError, ShapeMismatchError
 from .kernels import LAYOUTS, geometry, pack, unpack
 from .key import CacheEngineKey
+from .layer_store import LayerStore, store_steps
+from .layerwise import LAYERED, WHOLE, LayerRetrieve, layer_key, retrieve_steps, stored_forms
 from .memory.format import MemoryFormat
 from .storage.storage_manager import StorageManager
 from .token_hash import chunk_bounds, geometry_seed, prefix_hashes, token_ids
@@ -61,6 +63,13 @@ class CacheEngine:
     keeps only the whole chunks before the first one, ``retrieve`` loads only
     the tokens before it, and neither touches that slot. The mapping is
     checked with one device-to-host transfer per call.
+
+    ``retrieve_layer`` and ``store_layer`` move the KV one layer at a time,
+    alongside a model forward. With ``config.use_layerwise`` every chunk is
+    stored as one object per layer, which lets a layer-wise retrieve read
+    layer ``l + 1`` while the model computes layer ``l``; ``store``,
+    ``retrieve``, ``lookup`` and ``prefetch`` then use that format too (and
+    still find chunks stored whole). See ``gds_kvcache.layerwise``.
     """
 
     def __init__(self, config: CacheEngineConfig, metadata: CacheEngineMetadata, layout: str = "vllm",
@@ -85,6 +94,10 @@ class CacheEngine:
         # The chunk format, not the paged layout, goes into the seed: vllm,
         # flashinfer and cross_layer caches pack identical chunk bytes, so they share chunks.
         self._seed = geometry_seed(self.fmt.name, metadata.kv_dtype, metadata.kv_shape)
+        self._dtype = metadata.kv_dtype
+        self.layerwise = config.use_layerwise
+        self._ops: set = set()       # layer-wise operations in progress; close() cancels them
+        self._closed = False
 
     def _keys(self, tokens: np.ndarray) -> list[tuple[CacheEngineKey, int, int]]:
         m = self.metadata
@@ -138,6 +151,9 @@ class CacheEngine:
         without a slot has no KV, and the chunk's slab rows would hold stale
         bytes; later chunks' keys chain over it.
         """
+        if self.layerwise:
+            *_, result = self.store_layer(tokens, kv_caches, slot_mapping)
+            return result
         toks = token_ids(tokens)
         slots, valid = self._check_slots(len(toks), kv_caches, slot_mapping)
         disk = self.storage.disk
@@ -167,9 +183,7 @@ class CacheEngine:
                 log.warning("no slab room to store the rest of this prompt; stored %d of %d tokens", stored,
                             sum(e - s for _, s, e in todo))
                 break
-        result = StoreResult(stored)
-        result.futures = futures
-        return result
+        return _store_result(stored, futures)
 
     def _groups(self, chunks):
         """``chunks`` ((key, start, end) triples) cut into batches of at most a quarter of the slab."""
@@ -189,18 +203,30 @@ class CacheEngine:
     def _shape(self, tokens: int) -> tuple:
         return (self._kv, self._layers, tokens, self._row)
 
+    def _layer_shape(self, tokens: int) -> tuple:
+        return (self._kv, 1, tokens, self._row)
+
     def lookup(self, tokens) -> int:
-        """Tokens of the longest stored prefix (whole chunks, plus a stored partial last chunk)."""
+        """Tokens of the longest stored prefix (whole chunks, plus a stored partial last chunk).
+
+        With ``use_layerwise`` a chunk stored per layer counts when its first
+        and last layer's objects are there (eviction drops a chunk's layers
+        in the order they were last read, the first layer first, and a store
+        writes the last layer last); a middle layer lost anyway shows up as a
+        shorter count from ``retrieve_layer``, never as wrong KV.
+        """
         keys = self._keys(token_ids(tokens))
-        n = self.storage.batched_contains([k for k, _, _ in keys])
+        n = len(stored_forms(self.storage, [k for k, _, _ in keys], self._layers, self.layerwise))
         return keys[n - 1][2] if n else 0
 
     def prefetch(self, tokens) -> None:
         """Start moving the stored prefix's chunks from disk into the hot tier, as one batch."""
         keys = [k for k, _, _ in self._keys(token_ids(tokens))]
-        n = self.storage.batched_contains(keys)
-        if n:
-            self.storage.batched_submit_prefetch_task(keys[:n])
+        forms = stored_forms(self.storage, keys, self._layers, self.layerwise)
+        want = [k for k, f in zip(keys, forms) if f == WHOLE]
+        want += [layer_key(k, l) for l in range(self._layers) for k, f in zip(keys, forms) if f == LAYERED]
+        if want:
+            self.storage.batched_submit_prefetch_task(want)
 
     def retrieve(self, tokens, kv_caches, slot_mapping) -> int:
         """Load the stored prefix into the paged cache at ``slot_mapping``; tokens loaded.
@@ -215,6 +241,9 @@ class CacheEngine:
         batched read each, few large transfers), so a prompt larger than the
         slab still loads whole.
         """
+        if self.layerwise:
+            *_, loaded = self.retrieve_layer(tokens, kv_caches, slot_mapping)
+            return loaded
         toks = token_ids(tokens)
         slots, valid = self._check_slots(len(toks), kv_caches, slot_mapping)
         keys = [k for k in self._keys(toks) if k[1] < valid]
@@ -259,7 +288,72 @@ class CacheEngine:
                 obj.ref_count_down()
         return loaded, ok
 
+    def retrieve_layer(self, tokens, kv_caches, slot_mapping):
+        """Load the stored prefix one layer at a time: a generator, advanced once per decoder layer.
+
+        Arguments are checked now (``ShapeMismatchError``, ``ClosedError``);
+        nothing is read until the first ``next()``. The generator yields
+        ``num_layers + 2`` times:
+
+        1. the first ``next()`` looks the prefix up, starts a loader thread and
+           yields the tokens it will load if nothing fails;
+        2. the ``(l + 2)``-th ``next()`` returns once layer ``l``'s KV is in
+           ``kv_caches`` and yields the tokens it holds. On a GPU that is
+           stream-ordered: work queued afterwards on the stream current on the
+           calling thread (for the cache's device) runs after layer ``l``'s
+           copies, and the host does not wait for them; on the host the bytes
+           are in place when it returns;
+        3. the last ``next()`` waits for the loader to end (its copies done,
+           its slab memory released) and yields the tokens loaded in every
+           layer; the generator is then exhausted.
+
+        The loader reads layer ``l + 1`` while the caller computes layer ``l``
+        (chunks stored whole are all read before layer 0 is released). Work
+        queued on the caller's stream before the first ``next()`` is ordered
+        before the first copy. Counts are prefixes and only shrink: a chunk
+        missing or corrupt at some layer is dropped from that layer on, with
+        every later chunk; treat only the final count as loaded. Closing the
+        generator early (or dropping it) cancels the loader and returns once
+        nothing more will be written; ``CacheEngine.close()`` does the same, and
+        the next ``next()`` raises ``ClosedError``.
+        """
+        self._check_open()
+        toks = token_ids(tokens)
+        slots, valid = self._check_slots(len(toks), kv_caches, slot_mapping)
+        return retrieve_steps(LayerRetrieve(self, toks, kv_caches, slots, valid))
+
+    def store_layer(self, tokens, kv_caches, slot_mapping):
+        """Store the chunks not yet stored one layer at a time: a generator, advanced once per layer.
+
+        Arguments are checked now. The generator yields ``num_layers + 1``
+        times: the ``(l + 1)``-th ``next()`` says layer ``l``'s KV is complete
+        in ``kv_caches`` (queued on the stream current on the calling thread)
+        and returns at once; a thread packs it into slab objects on a stream
+        of its own after that point and, with ``use_layerwise``, starts its
+        disk writes. The last ``next()`` waits until every pack and put is
+        queued, orders the caller's stream after the packs, and yields a
+        ``StoreResult`` equal to ``store``'s for the same arguments (whole
+        chunks are written from there). Do not change the slots' KV of layer
+        ``l`` between its step and the last one. The last layer's objects (or
+        the whole chunks) are put only at the last step, so a generator closed
+        or dropped before it leaves no chunk that counts as stored;
+        ``CacheEngine.close()`` cancels it and the next ``next()`` raises
+        ``ClosedError``.
+        """
+        self._check_open()
+        toks = token_ids(tokens)
+        slots, valid = self._check_slots(len(toks), kv_caches, slot_mapping)
+        return store_steps(LayerStore(self, toks, kv_caches, slots, valid), _store_result)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("cache engine is closed")
+
     def close(self) -> None:
+        """Cancel layer-wise operations in progress (they stop writing first), then close the storage."""
+        self._closed = True
+        for op in list(self._ops):
+            op.abort(closed=True)
         if self._own_storage:
             self.storage.close()
 
@@ -268,6 +362,12 @@ class CacheEngine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _store_result(stored: int, futures: list) -> StoreResult:
+    result = StoreResult(stored)
+    result.futures = futures
+    return result
 
 
 def _slot_tensor(slot_mapping) -> torch.Tensor:

@@ -8,7 +8,8 @@ the sum. The sum is order-independent, so GPU blocks and CPU threads reduce
 in any order and still agree bit for bit.
 
 It runs at memory speed on the GPU (no host round trip of the data: only the
-8-byte result comes back) and at several GB/s per core on the CPU (one core per call, GIL released).
+8-byte result comes back) and at several GB/s per core on the CPU (one core per call, GIL released;
+the Numba kernels are ``checksum_cpu``, imported on first use).
 
 ``checksum_batch`` hashes many spans of one buffer (a slab) with one kernel
 launch and one sync on the GPU, or one compiled call on the CPU, instead of
@@ -21,7 +22,6 @@ import threading
 from typing import Sequence
 
 import numpy as np
-from numba import njit
 
 __all__ = ["checksum_host", "checksum_cuda", "checksum", "checksum_batch", "warmup_cuda"]
 
@@ -29,35 +29,18 @@ _K1 = np.uint64(0x9E3779B97F4A7C15)
 _K2 = np.uint64(0xBF58476D1CE4E5B9)
 _S = np.uint64(31)
 
-
-@njit(inline="always", cache=True)
-def _mix(w, i):
-    h = (w ^ (i * _K1)) * _K2
-    return h ^ (h >> _S)
+_CPU = None  # kernels.checksum_cpu once imported
 
 
-@njit(cache=True)
-def _tail_word(b, start, n):
-    w = np.uint64(0)
-    for j in range(n - start):
-        w |= np.uint64(b[start + j]) << np.uint64(8 * j)
-    return w
+def _cpu():
+    """``kernels.checksum_cpu``, the module: Numba is imported at the first CPU checksum, not with
+    the package (see that module's docstring for why)."""
+    global _CPU
+    if _CPU is None:
+        from . import checksum_cpu
 
-
-# nogil and single-threaded on purpose: the I/O threads already run many
-# checksums at once, and Numba's parallel layer called from 16 threads at a
-# time serialises (measured: 0.6 GB/s for 16 MiB gets, against 12 for I/O alone).
-@njit(nogil=True, cache=True)
-def _checksum_cpu(words, b, nbytes):
-    nw = words.shape[0]
-    total = np.uint64(0)
-    for i in range(nw):
-        total += _mix(words[i], np.uint64(i))
-    full = nw * 8
-    if full < nbytes:
-        total += _mix(_tail_word(b, full, nbytes), np.uint64(nw))
-        nw += 1
-    return total + _mix(np.uint64(nbytes), np.uint64(nw) + np.uint64(0x5157))
+        _CPU = checksum_cpu
+    return _CPU
 
 
 def checksum_host(buf) -> int:
@@ -67,7 +50,7 @@ def checksum_host(buf) -> int:
     n = b.shape[0]
     words = b[: n // 8 * 8].view(np.uint64) if b.ctypes.data % 8 == 0 else \
         np.ascontiguousarray(b[: n // 8 * 8]).view(np.uint64)
-    return int(_checksum_cpu(words, b, n))
+    return int(_cpu().checksum_words(words, b, n))
 
 
 _K1_S = int(_K1) - (1 << 64)  # the same constants as signed int64, for torch
@@ -229,39 +212,6 @@ def checksum(t, ordered: bool = True) -> int:
 # Many spans of one buffer at once.
 
 
-@njit(nogil=True, cache=True)
-def _checksum_misaligned(b, nbytes):
-    # Words assembled from bytes: the same little-endian words checksum_host
-    # gets from its aligned copy, without the copy.
-    nw = nbytes // 8
-    total = np.uint64(0)
-    for i in range(nw):
-        total += _mix(_tail_word(b, 8 * i, 8 * i + 8), np.uint64(i))
-    full = nw * 8
-    if full < nbytes:
-        total += _mix(_tail_word(b, full, nbytes), np.uint64(nw))
-        nw += 1
-    return total + _mix(np.uint64(nbytes), np.uint64(nw) + np.uint64(0x5157))
-
-
-# Single-threaded for the same reason as _checksum_cpu. Measured on the 2-core
-# CI machine (scripts/bench_checksum.py --parallel): a prange over spans was
-# within noise of this from one caller (64 x 1 MiB: 3.7-5.9 against 5.6-7.0 GB/s)
-# and no better from 4 callers at once, so the threads stay the I/O pool's.
-@njit(nogil=True, cache=True)
-def _checksum_batch_cpu(words, b, offs, lens, woffs, out):
-    """``out[s]`` = checksum of ``b[offs[s]:offs[s] + lens[s]]``; ``woffs[s]`` is that span's
-    first index in ``words`` (a uint64 view of ``b``), or -1 where the span is not 8-byte aligned."""
-    for s in range(offs.shape[0]):
-        off = offs[s]
-        n = lens[s]
-        w0 = woffs[s]
-        if w0 >= 0:
-            out[s] = _checksum_cpu(words[w0:w0 + n // 8], b[off:off + n], n)
-        else:
-            out[s] = _checksum_misaligned(b[off:off + n], n)
-
-
 def _span_arrays(spans, size: int):
     """``(offs, lens)`` as int64 arrays, checked against a buffer of ``size`` bytes."""
     from gds_kvcache.errors import ShapeMismatchError
@@ -287,7 +237,7 @@ def _checksum_batch_host(b: np.ndarray, offs, lens) -> list:
     aligned = (addr + offs) % 8 == 0
     woffs = np.where(aligned, (offs - s0) // 8, -1)
     out = np.empty(offs.shape[0], dtype=np.uint64)
-    _checksum_batch_cpu(words, b, offs, lens, woffs, out)
+    _cpu().checksum_batch_words(words, b, offs, lens, woffs, out)
     return out.tolist()
 
 

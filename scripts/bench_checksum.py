@@ -71,14 +71,13 @@ def run_parallel_choice(reps: int, scale: int = 1) -> list:
     """Single-threaded batch kernel (the library's) against a prange one, from 1 and 4 caller threads."""
     from numba import njit, prange
 
-    from gds_kvcache.kernels import checksum as ck  # the function; the module below
-    mod = sys.modules[ck.__module__]
+    from gds_kvcache.kernels import checksum_cpu as mod
 
     @njit(nogil=True, parallel=True)
     def batch_prange(words, b, offs, lens, woffs, out):
         for s in prange(offs.shape[0]):
             off, n, w0 = offs[s], lens[s], woffs[s]
-            out[s] = mod._checksum_cpu(words[w0:w0 + n // 8], b[off:off + n], n)
+            out[s] = mod.checksum_words(words[w0:w0 + n // 8], b[off:off + n], n)
 
     rows = []
     for name, sizes in CASES[:3]:
@@ -87,7 +86,7 @@ def run_parallel_choice(reps: int, scale: int = 1) -> list:
         bufs = [np.random.default_rng(i).integers(0, 256, total, dtype=np.uint8) for i in range(4)]
         offs = np.array([o for o, _ in spans], dtype=np.int64)
         lens = np.array([n for _, n in spans], dtype=np.int64)
-        for kind, kern in (("single", mod._checksum_batch_cpu), ("prange", batch_prange)):
+        for kind, kern in (("single", mod.checksum_batch_words), ("prange", batch_prange)):
             def one(b, kern=kern):
                 out = np.empty(len(spans), dtype=np.uint64)
                 kern(b.view(np.uint64), b, offs, lens, offs // 8, out)  # numpy buffers are 8-byte aligned

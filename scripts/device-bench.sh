@@ -12,19 +12,22 @@
 # in alternating runs FIRST..LAST on the same machine (A r1, B r1, A r2, ...), so a drift of
 # the machine during the session falls on both alike; --ttft adds a tree's bench-ttft (split
 # so that each device call stays under its time limit). Each tree runs from its own root (with
-# $SITE, the carried wheels, ahead on PYTHONPATH).
+# $SITE, the carried wheels, ahead on PYTHONPATH). $PATHS_B: the storage bench's paths for tree B
+# (a newer tree may know paths the older one does not).
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 
-one_rep() {   # TREE OUT R: one run of every figure but bench-ttft
-    local tree=$1 out=$2 r=$3
+PATHS=library-mapped,library-kvikio,library-posix,raw,bounce
+
+one_rep() {   # TREE OUT R [PATHS]: one run of every figure but bench-ttft
+    local tree=$1 out=$2 r=$3 paths=${4:-$PATHS}
     mkdir -p "$out"
     (
         cd "$tree" || exit 1
         export PYTHONPATH="${SITE:+$SITE:}$tree"
         SECONDS=0
         python -m gds_kvcache bench --dir /dev/shm --sizes 16M,1M --total 1G \
-            --paths library-mapped,library-kvikio,library-posix,raw,bounce --out "$out" --tag "shm-r$r" \
+            --paths "$paths" --out "$out" --tag "shm-r$r" \
             >"$out/bench-r$r.log" 2>&1
         echo "$(basename "$out") bench run $r: exit $? in ${SECONDS}s"
         SECONDS=0
@@ -55,7 +58,7 @@ if [ "${1:-}" = "--ab" ]; then
     mkdir -p "$oa" "$ob"; oa=$(cd "$oa" && pwd); ob=$(cd "$ob" && pwd)
     for r in $(seq "${6:-1}" "${7:-3}"); do
         one_rep "$a" "$oa" "$r"
-        one_rep "$b" "$ob" "$r"
+        one_rep "$b" "$ob" "$r" "${PATHS_B:-$PATHS}"
     done
     exit 0
 fi

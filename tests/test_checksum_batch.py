@@ -77,13 +77,14 @@ def test_batch_detects_a_flipped_bit_in_its_span_only(rng):
 
 def test_batch_is_one_compiled_call_on_the_cpu(monkeypatch, rng):
     calls = []
-    real = ck._checksum_batch_cpu
+    cpu = importlib.import_module("gds_kvcache.kernels.checksum_cpu")
+    real = cpu.checksum_batch_words
 
     def spy(*a):
         calls.append(a[2].shape[0])
         return real(*a)
 
-    monkeypatch.setattr(ck, "_checksum_batch_cpu", spy)
+    monkeypatch.setattr(cpu, "checksum_batch_words", spy)
     buf = random_tensor((4 * MiB,), torch.uint8)
     spans = [(i * 4096, 4096 - i % 5) for i in range(1000)]
     assert checksum_batch(buf, spans) == per_span(buf.numpy(), spans)

@@ -230,7 +230,8 @@ def test_shared_defaults():
     assert {k: getattr(c, k) for k in SHARED_DEFAULTS} == SHARED_DEFAULTS
     assert {k: getattr(CacheEngineConfig.from_env({}), k) for k in SHARED_DEFAULTS} == SHARED_DEFAULTS
     # Added after ``extra``: the existing fields keep their positions.
-    assert [f.name for f in dataclasses.fields(CacheEngineConfig)][16:] == ["extra", *SHARED_DEFAULTS]
+    assert [f.name for f in dataclasses.fields(CacheEngineConfig)][16:] == ["extra", *SHARED_DEFAULTS,
+                                                                            "kvikio_staging", "use_layerwise"]
 
 
 def test_shared_fields_from_yaml(tmp_path):
@@ -329,3 +330,12 @@ def test_shared_fields_survive_replace_and_pickle():
     assert (d.writer_id, d.lease_ttl, d.redis_backoff) == ("w", 9.0, 1.0)
     with pytest.raises(ConfigError, match="claim_ttl"):
         c.replace(claim_ttl=0)
+
+
+def test_kvikio_staging_values():
+    assert CacheEngineConfig().kvikio_staging == "pipelined"
+    assert CacheEngineConfig(kvikio_staging=" kvikio ").kvikio_staging == "kvikio"
+    assert CacheEngineConfig.from_env({"GDS_KVCACHE_KVIKIO_STAGING": "kvikio"}).kvikio_staging == "kvikio"
+    for bad in ("bounce", "", None, 1):
+        with pytest.raises(ConfigError, match=r"kvikio_staging.*pipelined \| kvikio"):
+            CacheEngineConfig(kvikio_staging=bad)

@@ -4,6 +4,7 @@ import errno
 import gc
 import os
 import random
+import threading
 import weakref
 
 import numpy as np
@@ -496,26 +497,90 @@ def test_handle_refused_by_cufile_is_reported(tmp_path, kvikio_not_compat, monke
     buf.close()
 
 
+def _staged_engine(name, paths, threads, task, staging="pipelined"):
+    if name == "posix":
+        return PosixEngine(paths, threads, task, True, "cuda", STRIPE)
+    require_kvikio()
+    return KvikIOEngine(paths, threads, task, True, "cuda", STRIPE, staging=staging)
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("name,staging", [("posix", "pipelined"), ("kvikio", "pipelined"), ("kvikio", "kvikio")])
 @pytest.mark.parametrize("threads", [1, 4])
-def test_gpu_staging_pipeline_round_trip(tmp_path, threads, rnd):
-    # Many pieces per thread: both staging buffers alternate, reads and writes overlap copies.
+def test_gpu_staging_pipeline_round_trip(tmp_path, name, staging, threads, rnd):
+    # Many pieces per lane: every slot is reused, reads and writes overlap copies; two callers share the lanes.
     r, g = rnd
     paths = pool(tmp_path)
     src, dst = SlabBuffer(8 * MiB, "cuda"), SlabBuffer(8 * MiB, "cuda")
     fill_random(src, g)
     fill_random(dst, g)
     torch.cuda.synchronize()
-    spans, _ = random_spans(r, 30, 0, max_pages=60)
-    with PosixEngine(paths, threads, 16 * KiB, True, "cuda", STRIPE) as eng:
+    spans, _ = random_spans(r, 40, 0, max_pages=60)
+    halves = [spans[0::2], spans[1::2]]
+    with _staged_engine(name, paths, threads, 16 * KiB, staging) as eng:
         eng.attach(src)
-        assert eng.write_spans(spans) == [None] * len(spans)
+        rep = eng.report()
+        out = [None, None]
+        ts = [threading.Thread(target=lambda k=k: out.__setitem__(k, eng.write_spans(halves[k]))) for k in (0, 1)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert out == [[None] * len(h) for h in halves]
         eng.attach(dst)
         assert eng.read_spans(spans) == [None] * len(spans)
     for s in spans:
         assert host_bytes(dst, s.mem_offset, s.nbytes) == host_bytes(src, s.mem_offset, s.nbytes)
+    if "kvikio-compat" in rep.file_paths or name == "posix":
+        assert rep.staging.startswith("pipelined" if staging == "pipelined" else "kvikio")
     src.close()
     dst.close()
+
+
+@pytest.mark.gpu
+def test_gpu_engines_share_one_lane_pool(tmp_path, rnd):
+    # Shared mode opens a read-only engine per writer: their bounce buffers are pinned once per process.
+    _, g = rnd
+    buf = SlabBuffer(4 * MiB, "cuda")
+    fill_random(buf, g)
+    torch.cuda.synchronize()
+    want = host_bytes(buf, 0, MiB)
+    a = PosixEngine(pool(tmp_path, name="a"), 4, 256 * KiB, True, "cuda", STRIPE)
+    b = PosixEngine(pool(tmp_path, name="b"), 4, 256 * KiB, True, "cuda", STRIPE)
+    a.attach(buf)
+    b.attach(buf)
+    shared = a._lanes
+    assert shared is b._lanes and shared is not None
+    assert a.write_spans([Span(0, 0, MiB)]) == [None]
+    a.close()  # b's share keeps the lanes
+    assert b.write_spans([Span(0, 0, MiB)]) == [None]
+    assert b.read_spans([Span(2 * MiB, 0, MiB)]) == [None]
+    assert host_bytes(buf, 2 * MiB, MiB) == want
+    b.close()
+    c = PosixEngine(pool(tmp_path, name="c"), 4, 256 * KiB, True, "cuda", STRIPE)
+    c.attach(buf)
+    assert c._lanes is not shared  # the last user closed the old pool: a new one is made
+    c.close()
+    buf.close()
+
+
+@pytest.mark.gpu
+def test_gpu_kvikio_staging_waits_for_the_default_stream(tmp_path):
+    # KvikIO's own compat path orders after the default stream; the pipelined lanes keep that promise.
+    require_kvikio()
+    buf = SlabBuffer(64 * MiB, "cuda")
+    paths = pool(tmp_path, files=1, stripe=64 * MiB)
+    with KvikIOEngine(paths, 4, MiB, True, "cuda", 64 * MiB) as eng:
+        eng.attach(buf)
+        if not eng.report().staging.startswith("pipelined"):
+            pytest.skip("no file takes KvikIO's compat path here")
+        for value in (3, 11):
+            torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time ahead of the fill, both on the default stream
+            buf.tensor.fill_(value)  # queued, not waited for
+            assert eng.write_spans([Span(0, 0, 64 * MiB)]) == [None]
+            with open(paths[0], "rb") as f:
+                assert f.read() == bytes([value]) * (64 * MiB)
+    buf.close()
 
 
 @pytest.mark.gpu

@@ -93,3 +93,43 @@ def test_worker_roundtrip_and_corrupt_chunk(tmp_path, device):
     w.shutdown()
     index.close()
     pool.release()
+
+
+def test_worker_opens_an_existing_pool_at_start_and_reopens_it_after_a_resize(tmp_path):
+    """A restart finds the pool: the worker opens it at start-up (the first load then pays nothing
+    for it). If the scheduler then resizes the pool (another ``max_local_disk_size``), the worker
+    reopens it at its next job: an extent past the old end is written where the new layout says."""
+    small, big = 16 << 20, 64 << 20
+    pool = PoolDirectory(str(tmp_path / "rank0"), small, 2)
+    pool.release()   # a directory an earlier run left
+    cfg = CacheEngineConfig(local_cpu=False, local_disk=str(tmp_path), max_local_disk_size=big / 2**30,
+                            slab_size=0.01, memory_device="host", io_engine="posix", io_threads=2)
+    ts, caches = canonical("cpu", 3)
+    w = DiskOffloadingWorker(caches, str(tmp_path), 0, 0, 1, cfg, LAYERS * PAGE_BYTES)
+    assert w.open_pools == [0]
+    old_end = pool.capacity
+    # The scheduler starts after the worker (vLLM's order) with the bigger budget: files resized in place.
+    pool = PoolDirectory(str(tmp_path / "rank0"), big, 2)
+    index = DiskIndex(pool, index_reserve(big))
+    index.recover()
+    chunk = LAYERS * PAGE_BYTES
+    key = CacheEngineKey("vllm", "m", 1, 0, "ab")
+    offset = old_end + 3 * 4096 * 64   # past the old pool's end
+    assert pool.fits(offset, chunk)
+    assert w.submit_store(1, gpu_spec([7]), DiskStoreSpec("s1", [[(key.to_string(), offset, chunk)]]))
+    assert finish(w, 1).success
+    written = take_result(str(tmp_path), "s1", 0)["chunks"][key.to_string()]
+    entry = DiskEntry(key, offset, written["nbytes"], chunk, tuple(written["shape"]), "int8", "KV_MLA_FMT",
+                      written["checksum"])
+    w.shutdown()
+    # A fresh worker (the new layout from the start) reads it back byte for byte.
+    ts2, caches2 = canonical("cpu", 4)
+    w2 = DiskOffloadingWorker(caches2, str(tmp_path), 0, 0, 1, cfg, LAYERS * PAGE_BYTES)
+    w2.reports_failed_blocks = True
+    assert w2.submit_load(2, DiskLoadSpec("l1", [[entry_to_wire(entry)]]), gpu_spec([9]))
+    assert finish(w2, 2).success and w2.take_failed_blocks() == set()
+    assert all(torch.equal(a[9], b[7]) for a, b in zip(ts2, ts))
+    w2.shutdown()
+    index.close()
+    pool.release()
+

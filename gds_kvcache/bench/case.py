@@ -36,6 +36,7 @@ class Case:
         self.root = root
         self.batch = batch
         self.size = size
+        self.src = src  # every chunk, back to back: parts[i] is src[i * size:(i + 1) * size]
         self.n = src.numel() // size
         self.parts = [src[i * size:(i + 1) * size] for i in range(self.n)]
         self.dev = src.device

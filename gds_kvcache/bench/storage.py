@@ -3,9 +3,16 @@
 For each chunk size, the same random bytes go through:
 
 * ``library``: ``StorageManager`` + ``LocalDiskBackend`` (GPU slab on a GPU
-  node, host slab elsewhere), once per I/O engine;
+  node, host slab elsewhere), once per I/O engine; ``library-kvikio`` stages
+  a GPU slab through the library's pipelined pinned lanes where KvikIO runs
+  in compat mode, ``library-kvikio-device`` through KvikIO's own bounce
+  buffers (``kvikio_staging="kvikio"``): both ways, in one run;
 * ``raw O_DIRECT``: plain parallel ``pwritev``/``preadv`` of host memory with no
   library logic (the ceiling of the disk and this thread count);
+* ``pinned-pwrite`` / ``pinned-pipelined``: ``raw`` with the chunks in GPU
+  memory, each thread copying through pinned buffers: copy then I/O, or the
+  copy of one piece overlapping the I/O of the last (the ceiling of a staged
+  path next to ``raw``);
 * ``torch.save/load``: one file per chunk;
 * ``pinned bounce``: copy to a pinned buffer and ``write``, ``readinto`` and
   copy back, one file per chunk (how LMCache's LocalDiskBackend moves bytes);
@@ -35,25 +42,30 @@ from ..io.select import ram_backed_fs
 from ..key import CacheEngineKey
 from ..storage.storage_manager import StorageManager
 from ..units import GB, KiB, MiB
-from .baselines import path_bounce, path_kvikio_default, path_raw, path_torch
+from .baselines import path_bounce, path_kvikio_default, path_raw, path_staged, path_torch
 from .case import Case, timed
 from .common import header, print_table, write_json
 from .progress import Progress
 
 __all__ = ["run", "main"]
 
-ALL_PATHS = ("library-mapped", "library-kvikio", "library-posix", "raw", "torch", "bounce", "kvikio-default")
+ALL_PATHS = ("library-mapped", "library-kvikio", "library-kvikio-device", "library-posix", "raw", "pinned-pwrite",
+             "pinned-pipelined", "torch", "bounce", "kvikio-default")
+#: library path -> (io_engine, kvikio_staging)
+LIBRARY_PATHS = {"library-mapped": ("mapped", "pipelined"), "library-kvikio": ("kvikio", "pipelined"),
+                 "library-kvikio-device": ("kvikio", "kvikio"), "library-posix": ("posix", "pipelined")}
 
 
-def path_library(c: Case, engine: str, hot: bool, memory: str) -> dict:
+def path_library(c: Case, path: str, hot: bool, memory: str) -> dict:
     """The library through its batch API: ``batch`` chunks per call, every batch in flight at once."""
-    d = c.dir(f"library-{engine}")
+    engine, staging = LIBRARY_PATHS[path]
+    d = c.dir(path)
     total = c.n * c.size
     # A cache larger than one run's data, as in service.
     cfg = CacheEngineConfig(local_disk=d, max_local_disk_size=(2 * total + 64 * MiB) / GB, local_cpu=False,
                             slab_size=(2 * total + 64 * MiB) / GB, memory_device=memory, io_engine=engine,
                             io_threads=c.threads, io_task_size=c.task, pool_files=c.files,
-                            preallocate=c.preallocate)
+                            preallocate=c.preallocate, kvikio_staging=staging)
     keys = [CacheEngineKey("bench", "m", 1, 0, i + 1) for i in range(c.n)]
     batches = [slice(i, i + c.batch) for i in range(0, c.n, c.batch)]
     out = {}
@@ -132,14 +144,16 @@ def run(directory: str | None, sizes, total: int, paths=ALL_PATHS, threads: int 
                 c = Case(root, src[: total // size * size], size, threads, task, files, preallocate, batch)
                 for p in paths:
                     if p.startswith("library-"):
-                        if p == "library-kvikio" and kvikio_error() is not None:
+                        if p.startswith("library-kvikio") and kvikio_error() is not None:
                             r = {"skipped": kvikio_error()}
                         elif p == "library-mapped" and ram_backed_fs(root) is None:
                             r = {"skipped": f"{fs_type(root)} is not RAM-backed"}
                         else:
-                            r = path_library(c, p.split("-", 1)[1], hot, memory)
+                            r = path_library(c, p, hot, memory)
                     elif p == "raw":
                         r = path_raw(c, hot)
+                    elif p in ("pinned-pwrite", "pinned-pipelined"):
+                        r = path_staged(c, p == "pinned-pipelined")
                     elif p == "torch":
                         r = path_torch(c)
                     elif p == "bounce":
@@ -160,7 +174,7 @@ def run(directory: str | None, sizes, total: int, paths=ALL_PATHS, threads: int 
                         if "hot" in r:
                             row["get hot GB/s"] = nbytes / r["hot"] / 1e9
                     rows.append(row)
-                    shutil.rmtree(c.dir(p if not p.startswith("library") else p), ignore_errors=True)
+                    shutil.rmtree(c.dir(p), ignore_errors=True)
                     bar.update()
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -175,9 +189,11 @@ def _size(n: int) -> str:
 def _ratios(rows) -> None:
     by = {(r["size_bytes"], r["path"]): r for r in rows}
     for r in rows:
-        if not r["path"].startswith("library") or "put GB/s" not in r:
+        if not r["path"].startswith(("library", "pinned-")) or "put GB/s" not in r:
             continue
-        for base, col in (("raw", "vs raw"), ("bounce", "vs bounce"), ("torch", "vs torch")):
+        bases = (("raw", "vs raw"),) if r["path"].startswith("pinned-") else (
+            ("raw", "vs raw"), ("pinned-pipelined", "vs pipelined"), ("bounce", "vs bounce"), ("torch", "vs torch"))
+        for base, col in bases:
             b = by.get((r["size_bytes"], base))
             if b and "put GB/s" in b:
                 r[col] = f"{r['put GB/s'] / b['put GB/s']:.2f}/{r['get GB/s'] / b['get GB/s']:.2f}"
@@ -290,7 +306,7 @@ def main(argv=None) -> int:
             a.pool_files, not a.no_preallocate, a.batch)
     extra = f", pinned H2D {r['h2d_gbps']:.1f} / D2H {r['d2h_gbps']:.1f} GB/s" if "h2d_gbps" in r else ""
     print_table(r["rows"], ["size", "path", "put GB/s", "get GB/s", "get hot GB/s", "verified", "vs raw",
-                            "vs bounce", "vs torch", "calls/chunk", "note"],
+                            "vs pipelined", "vs bounce", "vs torch", "calls/chunk", "note"],
                 f"bench on {r['device']}: {r['fs_type']} at {r['directory']}, {r['total_bytes'] // MiB} MiB per size, "
                 f"{r['threads']} threads, {r['pool_files']} files, preallocated={r['preallocate']}, "
                 f"slab in {r['memory']} memory{extra}\n"

@@ -18,10 +18,11 @@ from .loading import config_from_dict, config_from_env, config_from_file
 from .machine import DEFAULT_CPU_SIZE_GB, _fit_default, _MachineDefault, _slab_device
 from .values import _parse_bool, _parse_number, _parse_seconds, _parse_writer_id, _valid_redis_url
 
-__all__ = ["CacheEngineConfig", "IO_ENGINES", "MEMORY_DEVICES"]
+__all__ = ["CacheEngineConfig", "IO_ENGINES", "KVIKIO_STAGINGS", "MEMORY_DEVICES"]
 
 IO_ENGINES = ("auto", "kvikio", "posix", "mapped")
 MEMORY_DEVICES = ("auto", "cuda", "pinned", "host")
+KVIKIO_STAGINGS = ("pipelined", "kvikio")
 
 
 @dataclass
@@ -103,6 +104,20 @@ class CacheEngineConfig:
     redis_backoff
         Shared mode: seconds Redis is treated as down after a timeout before it
         is probed again (0 < x <= 3600, default 5).
+    kvikio_staging
+        How the KvikIO engine moves a CUDA slab to and from files on KvikIO's
+        POSIX compat path (no GDS): ``pipelined`` (default) through this
+        library's pinned buffers, allocated once, the GPU copy of one piece
+        overlapping KvikIO's file I/O of others; ``kvikio`` hands device
+        memory to KvikIO, which copies each task to its own pinned buffer and
+        then writes it, one after the other. Files where cuFile runs (GDS)
+        take device memory directly either way.
+    use_layerwise
+        Store each chunk as one object per layer (LMCache's name), so that
+        ``CacheEngine.retrieve_layer`` reads, verifies and unpacks one layer
+        while the model computes the one before (see ``gds_kvcache.layerwise``).
+        Chunks stored whole still load; an engine without it ignores
+        per-layer objects. Default False: one object per chunk.
 
     Notes
     -----
@@ -143,6 +158,8 @@ class CacheEngineConfig:
     shared_tick: float = 0.2
     redis_socket_timeout: float = 2.0
     redis_backoff: float = 5.0
+    kvikio_staging: str = "pipelined"
+    use_layerwise: bool = False
 
     def __post_init__(self) -> None:
         self.chunk_size = _parse_number("chunk_size", self.chunk_size, int)
@@ -211,6 +228,11 @@ class CacheEngineConfig:
         self.redis_socket_timeout = _parse_seconds("redis_socket_timeout", self.redis_socket_timeout, 600,
                                                    limit_allowed=True)
         self.redis_backoff = _parse_seconds("redis_backoff", self.redis_backoff, 3600, limit_allowed=True)
+        if isinstance(self.kvikio_staging, str):
+            self.kvikio_staging = self.kvikio_staging.strip()
+        if self.kvikio_staging not in KVIKIO_STAGINGS:
+            raise ConfigError("kvikio_staging", self.kvikio_staging, " | ".join(KVIKIO_STAGINGS))
+        self.use_layerwise = _parse_bool("use_layerwise", self.use_layerwise)
 
     # -- derived sizes -------------------------------------------------
     @property

@@ -60,11 +60,16 @@ def _parse_seconds(name: str, v: Any, limit: float, limit_allowed: bool) -> floa
     return s
 
 
+def is_writer_id(v: Any) -> bool:
+    """Whether ``v`` can name a writer (its subdirectory of a shared directory): the one check."""
+    return isinstance(v, str) and _WRITER_ID.fullmatch(v) is not None and v not in (".", "..")
+
+
 def _parse_writer_id(name: str, v: Any) -> Optional[str]:
     # Not coerced from an int: YAML reads 007 as 7, and the directory would not be the one meant.
     if v is None:
         return None
-    if not isinstance(v, str) or not _WRITER_ID.fullmatch(v) or v in (".", ".."):
+    if not is_writer_id(v):
         raise ConfigError(name, v, WRITER_ID_ALLOWED)
     return v
 

@@ -15,14 +15,15 @@ from ..units import MiB
 if TYPE_CHECKING:  # pragma: no cover
     from ..memory.buffers import SlabBuffer
 
-__all__ = ["IOEngine", "IOPathReport", "PATHS", "Span", "check_span"]
+__all__ = ["IOEngine", "IOPathReport", "InFlight", "PATHS", "Span", "check_span"]
 
 # Every value ``IOPathReport.path`` and the keys of ``bytes_by_path`` can take.
 PATHS = {
     "gds": "cuFile DMA between the file and GPU memory (nvidia-fs loaded, supported file system)",
     "cufile-compat": "through cuFile, which runs its own POSIX compat mode (no nvidia-fs, or a file "
                      "system GDS does not support)",
-    "kvikio-compat": "KvikIO's POSIX path: pread/pwrite through KvikIO's pinned bounce buffers",
+    "kvikio-compat": "KvikIO's POSIX path: pread/pwrite; GPU memory staged through pinned bounce buffers "
+                     "(this library's, copies overlapping the I/O, or KvikIO's own: see IOPathReport.staging)",
     "kvikio-posix": "KvikIO's POSIX path straight into host memory (host memory never takes cuFile)",
     "posix": "this library's pread/pwrite thread pool (GPU memory staged through pinned buffers)",
     "mapped": "memory-mapped pool files (RAM-backed directories)",
@@ -92,6 +93,9 @@ class IOPathReport:
     kvikio_backends
         KvikIO's own byte counters per backend (``GDS``, ``POSIX``) since the
         engine opened: process-wide, so other KvikIO users count too.
+    staging
+        How GPU memory reaches the file where no DMA can (empty: nothing is
+        staged): this library's pipelined lanes, or KvikIO's bounce buffers.
 
     Notes
     -----
@@ -114,6 +118,7 @@ class IOPathReport:
     registered: Optional[bool] = None
     registration: str = ""
     kvikio_backends: dict = field(default_factory=dict, hash=False)
+    staging: str = ""
 
     def line(self) -> str:
         d = "O_DIRECT" if self.direct_io else f"buffered ({self.direct_io_reason})"
@@ -121,6 +126,8 @@ class IOPathReport:
                f"task={self.task_size >> 10} KiB files={self.files} memory={self.memory}")
         if self.registered is not None:
             out += " slab=registered" if self.registered else f" slab=unregistered ({self.registration})"
+        if self.staging:
+            out += f" staging={self.staging}"
         odd = [f"file {i}: {p} ({r})" for i, (p, r) in enumerate(zip(self.file_paths, self.file_reasons))
                if p != self.path]
         if odd and self.path != "mixed":
@@ -131,6 +138,44 @@ class IOPathReport:
         if moved:
             out += " | moved " + ", ".join(f"{k} {_size(v)}" for k, v in sorted(moved.items()))
         return out
+
+
+class InFlight:
+    """The calls in progress on one engine, so ``close()`` waits for them.
+
+    A transfer that outlived ``close()`` would write through a closed
+    descriptor, whose number the process may already have given to another
+    file, or copy through freed bounce buffers: ``with calls:`` around every
+    transfer, and ``calls.close()`` first thing in ``close()``.
+    """
+
+    def __init__(self, name: str):
+        self._name = name
+        self._cv = threading.Condition()
+        self._n = 0
+        self.closed = False
+
+    def __enter__(self) -> None:
+        with self._cv:
+            if self.closed:
+                raise ClosedError(f"the {self._name} I/O engine is closed")
+            self._n += 1
+
+    def __exit__(self, *exc) -> None:
+        with self._cv:
+            self._n -= 1
+            if self._n == 0:
+                self._cv.notify_all()
+
+    def close(self) -> bool:
+        """Refuse new calls and wait for those in progress; False if already closed."""
+        with self._cv:
+            if self.closed:
+                return False
+            self.closed = True
+            while self._n:
+                self._cv.wait()
+            return True
 
 
 class IOEngine(abc.ABC):
@@ -155,6 +200,10 @@ class IOEngine(abc.ABC):
     name = "?"
     punch_ok: bool = True  # False where the disk tier must never punch holes in pool files
     read_only: bool = False  # True: files opened O_RDONLY, write_spans refused (shared mode's remote reads)
+    #: True where ``read_spans``/``write_spans`` take ``hook``, called as ``hook(mem_offset, nbytes)``
+    #: for each piece of a host slab, on the thread that moves it: after the piece is read, before
+    #: it is written (so a checksum of the piece overlaps the other pieces' I/O).
+    piece_hooks: bool = False
     _buffer: "Optional[SlabBuffer]" = None
     _submitter: Optional[ThreadPoolExecutor] = None
     _submit_lock = threading.Lock()

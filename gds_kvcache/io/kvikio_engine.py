@@ -1,4 +1,12 @@
-"""KvikIO engine: ``kvikio.CuFile`` handles opened once, GDS where it really runs, compat mode otherwise."""
+"""KvikIO engine: ``kvikio.CuFile`` handles opened once, GDS where it really runs, compat mode otherwise.
+
+Where a CUDA slab meets a file on KvikIO's compat path (no GDS), the bytes
+are staged through this library's pinned lanes by default (``staging``): the
+copy of one piece overlaps KvikIO's host ``pwrite``/``pread`` of others. The
+alternative, ``staging="kvikio"``, hands device pointers to KvikIO, whose
+compat path copies each task to its own pinned buffer and then does its I/O,
+one after the other. Files where cuFile runs get device memory directly.
+"""
 
 from __future__ import annotations
 
@@ -11,102 +19,32 @@ from typing import Optional, Sequence
 from ..errors import ClosedError, IOEngineError
 from ..memory.buffers import SlabBuffer
 from ..units import PAGE
-from .base import IOEngine, IOPathReport, Span, check_span
+from .base import IOEngine, InFlight, IOPathReport, Span, check_span
+from .cuda_lane import cuda_lane_pool
 from .driver import GDS_FILE_SYSTEMS, cufile_driver_state, fs_type, kvikio_error, nvidia_fs_loaded
+from .kvikio_util import (DevicePtr, KvikIOHostIO, configure_kvikio, kvikio_exception, kvikio_monitor,
+                          o_direct_opens)
+from .staging import LanePool, run_lane
 
-__all__ = ["KvikIOEngine", "configure_kvikio", "kvikio_exception", "o_direct_opens"]
+__all__ = ["KvikIOEngine", "STAGINGS", "configure_kvikio", "kvikio_exception", "o_direct_opens"]
 
 log = logging.getLogger(__name__)
 
-# strerror text -> errno, longest first: KvikIO reports a failed pwrite as a RuntimeError
-# whose message ends in the strerror text ("... POSIX error on pwrite: No space left on device").
-_ERRNO_BY_TEXT = sorted(((os.strerror(c), c) for c in errno.errorcode
-                         if c and not os.strerror(c).startswith("Unknown error")),
-                        key=lambda t: -len(t[0]))
-
-
-def kvikio_exception(e: BaseException, what: str) -> BaseException:
-    """The exception a caller sees for a failed KvikIO/cuFile call: never a bare ``RuntimeError``.
-
-    The errno named by the message's strerror text is kept (``IOEngineError`` is
-    an ``OSError``), so a full disk reads as ENOSPC/EDQUOT from either engine.
-    An end-of-file is a short read (the pool file is truncated).
-    """
-    if isinstance(e, IOEngineError):
-        return e
-    if isinstance(e, OSError) and e.errno:
-        return IOEngineError(e.errno, f"{what}: {e.strerror}")
-    msg = str(e).strip()
-    if msg.endswith("EOF") or "end of file" in msg.lower():
-        return IOEngineError(f"short read: {what} runs past the end of the pool file ({msg})")
-    tail = msg.rsplit(": ", 1)[-1]
-    for text, code in _ERRNO_BY_TEXT:
-        if tail == text or text in msg:
-            return IOEngineError(code, f"{what}: {text} ({msg})")
-    return IOEngineError(f"{what}: {type(e).__name__}: {msg}")
-
-
-def configure_kvikio(threads: int, task_size: int, direct_io: bool) -> None:
-    """Set KvikIO's process-wide thread pool, task size, direct-I/O flags and GDS threshold.
-
-    Notes
-    -----
-    KvikIO's defaults (1 thread) leave most NVMe bandwidth unused. The pool is
-    process-wide, so the last engine configured wins; the values are only
-    written when they differ, since resizing the pool restarts it. The GDS
-    threshold drops to one page: KvikIO runs device I/O below the threshold
-    synchronously in the calling thread, which would serialise a batch of
-    small spans.
-    """
-    import kvikio.defaults
-
-    want = {"num_threads": threads, "task_size": task_size, "gds_threshold": PAGE,
-            "auto_direct_io_read": direct_io, "auto_direct_io_write": direct_io}
-    changed = {k: v for k, v in want.items() if kvikio.defaults.get(k) != v}
-    if changed:
-        kvikio.defaults.set(changed)
-
-
-class _DevicePtr:
-    """The least KvikIO needs to address device bytes: a ``__cuda_array_interface__`` and nothing else.
-
-    Cheaper per span than slicing a tensor and building its interface.
-    """
-
-    __slots__ = ("__cuda_array_interface__",)
-
-    def __init__(self, ptr: int, nbytes: int):
-        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False),
-                                         "strides": None, "version": 3}
-
-
-def o_direct_opens(path: str) -> bool:
-    """Whether ``path`` opens with O_DIRECT: where not, KvikIO runs the file in compat mode."""
-    # O_RDONLY: O_DIRECT support is the file system's, whatever the access mode, and the probe must
-    # not open a read-only engine's files (another process's pool) for writing.
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-    except OSError:
-        return False
-    os.close(fd)
-    return True
-
-
-def _monitor():
-    """A KvikIO statistics monitor (per-backend byte counters), where this KvikIO has one."""
-    import kvikio
-
-    cls = getattr(kvikio, "SummaryMonitor", None)
-    return cls() if cls is not None else None
-
-
+#: ``staging`` values: how a CUDA slab reaches a file on KvikIO's compat path.
+STAGINGS = ("pipelined", "kvikio")
+#: Lanes of a pipelined KvikIO engine: each is driven by one calling thread, keeping up to
+#: ``threads`` pieces in flight on KvikIO's pool, so two keep the pool busy between batches.
+KVIKIO_LANES = 2
 class KvikIOEngine(IOEngine):
     """Batches of spans through ``kvikio.CuFile`` handles (one per stripe file) opened once.
 
     Parameters are those of ``PosixEngine``; ``read_only`` opens every file
     with ``CuFile(path, "r")`` (``O_RDONLY``; KvikIO adds its O_DIRECT
     descriptor as it would read-write) and refuses ``write_spans`` with an
-    ``IOEngineError`` (EBADF).
+    ``IOEngineError`` (EBADF). ``staging`` (one of ``STAGINGS``) says how a
+    CUDA slab reaches files on the compat path: ``pipelined`` through
+    ``KVIKIO_LANES`` lanes of ``threads`` pinned slots each, allocated at
+    ``attach``, or ``kvikio`` through KvikIO's own bounce buffers.
 
     Notes
     -----
@@ -117,7 +55,7 @@ class KvikIOEngine(IOEngine):
       ``kvikio-compat`` when KvikIO is in compat mode);
     * CUDA slab, KvikIO in compat mode, or a file KvikIO could not open with
       O_DIRECT or whose cuFile handle was refused: ``kvikio-compat`` (bounce
-      buffers);
+      buffers: ours, pipelined, or KvikIO's; ``report().staging`` says);
     * otherwise cuFile: ``gds`` with nvidia-fs loaded on a supported file
       system, else ``cufile-compat`` (cuFile's own POSIX fallback).
 
@@ -129,9 +67,13 @@ class KvikIOEngine(IOEngine):
     """
 
     name = "kvikio"
+    #: Makes the staging lanes at ``attach`` (see ``PosixEngine.lane_factory``).
+    lane_factory = staticmethod(cuda_lane_pool)
 
     def __init__(self, paths, threads: int, task_size: int, direct_io: bool, memory: str = "host",
-                 stripe_bytes: int | None = None, read_only: bool = False):
+                 stripe_bytes: int | None = None, read_only: bool = False, staging: str = "pipelined"):
+        if staging not in STAGINGS:
+            raise IOEngineError(f"staging={staging!r}: allowed {' | '.join(STAGINGS)}")
         err = kvikio_error()
         if err is not None:
             raise IOEngineError(f"KvikIO engine cannot run here: {err}")
@@ -146,7 +88,7 @@ class KvikIOEngine(IOEngine):
         configure_kvikio(threads, task_size, direct_io)
         self._compat = bool(kvikio.defaults.is_compat_mode_preferred())
         self._threshold = int(kvikio.defaults.get("gds_threshold"))
-        self._monitor = _monitor()
+        self._monitor = kvikio_monitor()
         self._files = []
         try:
             for p in self._paths:
@@ -170,6 +112,11 @@ class KvikIOEngine(IOEngine):
         self._registration = "no CUDA slab attached"
         self._dev_base = 0
         self._host_mv: Optional[memoryview] = None
+        self._staging = staging
+        self._lanes: Optional[LanePool] = None
+        self._host_io = KvikIOHostIO(self._files, self._paths, task_size,
+                                     [direct_io and d for d in self._odirect])
+        self._calls = InFlight("kvikio")
         self._closed = False
         log.info("KvikIO engine on %s: %s", self._paths[0], self.report().line())
 
@@ -225,7 +172,7 @@ class KvikIOEngine(IOEngine):
             for i in todo:
                 before = self._monitor.get()
                 try:
-                    self._files[i].pread(_DevicePtr(ptr, size), size, 0, size).get()
+                    self._files[i].pread(DevicePtr(ptr, size), size, 0, size).get()
                 except Exception:  # noqa: BLE001 - a short file still shows which backend took the read
                     pass
                 took = self._monitor.get().since(before).by_backend
@@ -242,14 +189,24 @@ class KvikIOEngine(IOEngine):
         if buffer is self._buffer:
             return
         self._release_registration()
+        old, self._lanes = self._lanes, None
+        try:
+            self._attach(buffer)
+        finally:
+            if old is not None:
+                old.close()  # after the new lanes: an engine re-attached on one device keeps its pinned memory
+
+    def _attach(self, buffer: SlabBuffer) -> None:
         self._buffer = buffer
         self._memory = buffer.kind
         if buffer.kind != "cuda":
             self._host_mv = memoryview(buffer.host_array())
             self._registration = ""
+            self._lanes = self._stage_if_compat(buffer)
             return
         self._dev_base = buffer.tensor.data_ptr()
         self._probe(buffer)
+        self._lanes = self._stage_if_compat(buffer)
         if "gds" in self._file_paths:
             already = buffer.registered
             ok = buffer.register_gds()
@@ -258,6 +215,12 @@ class KvikIOEngine(IOEngine):
         else:
             why = "; ".join(sorted(set(self._file_reasons)))
             self._registration = f"not needed: no file takes the GDS path ({why})"
+
+    def _stage_if_compat(self, buffer: SlabBuffer) -> Optional[LanePool]:
+        # Lanes order each batch after the default stream: KvikIO's own device path does the same.
+        if self._staging == "pipelined" and "kvikio-compat" in self._file_paths:
+            return self.lane_factory(buffer, KVIKIO_LANES, max(2, self._threads), self._task, True)
+        return None
 
     def _release_registration(self) -> None:
         if self._registered_here and self._buffer is not None:
@@ -280,32 +243,46 @@ class KvikIOEngine(IOEngine):
         return self._direct_cfg and self._odirect[fi]
 
     def _transfer(self, write: bool, spans: Sequence[Span]) -> list[Optional[BaseException]]:
-        if self._closed:
-            raise ClosedError("the kvikio I/O engine is closed")
+        with self._calls:
+            return self._batch(write, spans)
+
+    def _batch(self, write: bool, spans: Sequence[Span]) -> list[Optional[BaseException]]:
         buffer = self._buffer
         if buffer is None:
             raise IOEngineError("no slab attached: call attach(buffer) before read_spans/write_spans")
         n = len(spans)
         errs: list[Optional[BaseException]] = [None] * n
         futs: list = [None] * n
+        staged: list = []  # pieces for a staging lane: (span, slab offset, file, offset in file, bytes)
         cuda = buffer.kind == "cuda"
-        base, mv = self._dev_base, self._host_mv
+        base, mv, lanes = self._dev_base, self._host_mv, self._lanes
         stripe, nfiles, size, task = self._stripe, len(self._files), buffer.nbytes, self._task
         op = "pwrite" if write else "pread"
-        # Start every span, then wait: all are in flight on KvikIO's pool together.
+        # Start every unstaged span, then stage the rest here while KvikIO's pool runs them.
         for i, s in enumerate(spans):
             err = check_span(s, size, stripe, nfiles)
             if err is not None:
                 errs[i] = err
                 continue
             fi, local = divmod(s.file_offset, stripe)
+            if lanes is not None and self._file_paths[fi] == "kvikio-compat":
+                staged.extend((i, s.mem_offset + lo, fi, local + lo, min(task, s.nbytes - lo))
+                              for lo in range(0, s.nbytes, task))
+                continue
             f = self._files[fi]
-            target = _DevicePtr(base + s.mem_offset, s.nbytes) if cuda else mv[s.mem_offset:s.mem_offset + s.nbytes]
+            target = DevicePtr(base + s.mem_offset, s.nbytes) if cuda else mv[s.mem_offset:s.mem_offset + s.nbytes]
             try:
                 futs[i] = (f.pwrite if write else f.pread)(target, s.nbytes, local, task)
             except Exception as e:  # noqa: BLE001 - one span's failure is that span's result
                 errs[i] = kvikio_exception(e, f"{op} of {s.nbytes} bytes at {local} of {self._paths[fi]}")
         moved: dict[str, int] = {}
+        if staged:
+            lane = lanes.acquire()  # blocks while other batches hold every lane
+            try:
+                direct, buffered = run_lane(lane, write, buffer, iter(staged), self._host_io, errs)
+            finally:
+                lanes.release(lane)
+            moved = {"kvikio-compat/O_DIRECT": direct, "kvikio-compat/buffered": buffered}
         for i, fut in enumerate(futs):
             if fut is None:
                 continue
@@ -366,15 +343,27 @@ class KvikIOEngine(IOEngine):
                             if k in ("GDS", "POSIX")}
             except Exception:  # noqa: BLE001 - statistics are a report, never a failure
                 backends = {}
+        lanes = self._lanes
+        if lanes is not None:
+            staging = f"pipelined: {lanes.describe}, file I/O on KvikIO's threads"
+        elif self._memory == "cuda" and "kvikio-compat" in fpaths:
+            staging = "kvikio: KvikIO's own bounce buffer per task, copy then I/O"
+        else:
+            staging = ""
         return IOPathReport("kvikio", path, direct, reason, self._threads, self._task, self._memory, nfiles,
                             file_paths=fpaths, file_reasons=freasons, bytes_by_path=moved,
-                            registered=registered, registration=registration, kvikio_backends=backends)
+                            registered=registered, registration=registration, kvikio_backends=backends,
+                            staging=staging)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._close_submitter()
+        self._calls.close()  # transfers in progress end before their files and lanes go
+        lanes, self._lanes = self._lanes, None
+        if lanes is not None:
+            lanes.close()
         # Deregister before anyone can free the slab: once, and only what this engine registered.
         self._release_registration()
         for f in self._files:

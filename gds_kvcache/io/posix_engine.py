@@ -1,13 +1,15 @@
 """POSIX engine: ``os.preadv``/``os.pwritev`` pieces on a thread pool, O_DIRECT where allowed.
 
-Runs everywhere, with no CUDA driver. GPU memory is staged through two
-pinned buffers per thread, so each thread's disk I/O overlaps its own copies
-to and from the GPU.
+Runs everywhere, with no CUDA driver. GPU memory is staged through pinned
+lanes (``staging``): each I/O thread takes a lane of two slots, so its disk
+I/O of one piece overlaps the copy of the next to or from the GPU. The
+lanes' pinned memory is allocated once, at ``attach``.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import threading
@@ -17,7 +19,9 @@ from typing import Optional, Sequence
 from ..errors import ClosedError, IOEngineError
 from ..memory.buffers import SlabBuffer
 from ..units import PAGE
-from .base import IOEngine, IOPathReport, Span, check_span
+from .base import IOEngine, InFlight, IOPathReport, Span, check_span
+from .cuda_lane import cuda_lane_pool
+from .staging import LanePool, SyncFileIO, run_lane
 
 __all__ = ["PosixEngine", "probe_direct_io"]
 
@@ -46,30 +50,6 @@ def probe_direct_io(path: str, read_only: bool = False) -> tuple[int | None, str
     finally:
         probe.close()
     return fd, "ok"
-
-
-class _Staging:
-    """One thread's GPU staging: two pinned buffers, their events and a stream, on one device.
-
-    Two buffers let a thread read piece k+1 from disk while piece k's
-    host-to-device copy runs (and copy piece k+1 off the GPU while piece k is
-    written). The stream is PyTorch's non-blocking kind, so the copies never
-    wait for kernels on the default stream.
-    """
-
-    def __init__(self, task_size: int, device):
-        import torch
-
-        self.bufs = [SlabBuffer(task_size, "pinned") for _ in range(2)]
-        self.tensors = [b.tensor for b in self.bufs]
-        self.views = [memoryview(b.host_array()) for b in self.bufs]
-        self.stream = torch.cuda.Stream(device=device)
-        self.events = [torch.cuda.Event(), torch.cuda.Event()]
-
-    def close(self) -> None:
-        self.views = self.tensors = []
-        for b in self.bufs:
-            b.close()
 
 
 class PosixEngine(IOEngine):
@@ -105,11 +85,17 @@ class PosixEngine(IOEngine):
     A batch costs one hand-off per worker thread, not per span: the pieces of
     all spans go into one queue that ``min(threads, pieces)`` workers drain,
     the caller being one of them, so a batch of one small span never leaves
-    the calling thread. For a GPU slab each worker double-buffers, so a
-    transfer runs at about the slower of disk and PCIe, not their sum.
+    the calling thread. For a GPU slab each worker takes one of ``threads``
+    staging lanes (two pinned slots, a stream) for the batch, so a transfer
+    runs at about the slower of disk and PCIe, not their sum; concurrent
+    batches share the lanes. ``close()`` waits for the calls in progress.
     """
 
     name = "posix"
+    #: Makes the staging lanes at ``attach``: ``(buffer, lanes, depth, slot_bytes, after_default_stream)`` ->
+    #: a ``LanePool``, or None where the slab needs no staging (host memory).
+    lane_factory = staticmethod(cuda_lane_pool)
+    piece_hooks = True
 
     def __init__(self, paths, threads: int, task_size: int, direct_io: bool, memory: str = "host",
                  stripe_bytes: int | None = None, read_only: bool = False):
@@ -145,26 +131,26 @@ class PosixEngine(IOEngine):
         self._threads = threads
         self._memory = memory
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="gds-kvcache-posix")
-        self._stagings: dict[tuple[int, int], _Staging] = {}
+        self._lanes: Optional[LanePool] = None
+        # Slots are page-aligned: a piece goes O_DIRECT when its offset and length are.
+        self._io = SyncFileIO(lambda w, fi, off, view: self._move(w, fi, off, view, (off | len(view)) % PAGE == 0))
         self._lock = threading.Lock()
         self._moved = {"posix/O_DIRECT": 0, "posix/buffered": 0}
+        self._calls = InFlight("posix")
         self._closed = False
 
     # -- setup ------------------------------------------------------------------------
     def attach(self, buffer: SlabBuffer) -> None:
         if self._closed:
             raise ClosedError("the posix I/O engine is closed")
+        if buffer is self._buffer:
+            return
+        lanes = self.lane_factory(buffer, self._threads, 2, self._task, False)
+        old, self._lanes = self._lanes, lanes
+        if old is not None:
+            old.close()
         self._buffer = buffer
         self._memory = buffer.kind
-
-    def _staging(self, device) -> _Staging:
-        key = (threading.get_ident(), device.index or 0)
-        st = self._stagings.get(key)
-        if st is None:
-            st = _Staging(self._task, device)
-            with self._lock:
-                self._stagings[key] = st
-        return st
 
     # -- one piece -------------------------------------------------------------------
     def _move(self, write: bool, fi: int, off: int, view: memoryview, aligned: bool) -> bool:
@@ -191,92 +177,38 @@ class PosixEngine(IOEngine):
         return direct
 
     # -- workers: each drains the shared piece queue ----------------------------------
-    def _host_worker(self, write: bool, buffer: SlabBuffer, pieces, errs: list) -> list[int]:
+    def _host_worker(self, write: bool, buffer: SlabBuffer, pieces, errs: list, hook=None) -> list[int]:
         mv = memoryview(buffer.host_array())
         moved = [0, 0]  # O_DIRECT, buffered
         for i, mo, fi, off, n in pieces:
             if errs[i] is not None:
                 continue
+            if write and hook is not None:
+                hook(mo, n)
             try:
                 direct = self._move(write, fi, off, mv[mo:mo + n], (mo | off | n) % PAGE == 0)
             except IOEngineError as e:
                 errs[i] = e
                 continue
+            if not write and hook is not None:
+                hook(mo, n)
             moved[0 if direct else 1] += n
         return moved
 
-    def _cuda_worker(self, write: bool, buffer: SlabBuffer, pieces, errs: list) -> list[int]:
-        import torch
-
-        st = self._staging(buffer.device)
-        gpu = buffer.tensor
-        moved = [0, 0]
-        touched: set[int] = set()
+    def _staged_worker(self, write: bool, buffer: SlabBuffer, pieces, errs: list) -> list[int]:
+        lanes = self._lanes
+        lane = lanes.acquire()  # blocks while other batches hold every lane
         try:
-            with torch.cuda.stream(st.stream):
-                if write:
-                    self._cuda_puts(st, gpu, pieces, errs, moved, touched)
-                else:
-                    self._cuda_gets(st, gpu, pieces, errs, moved, touched)
-                st.stream.synchronize()
-        except RuntimeError as e:  # a failed CUDA copy: every span this worker touched is suspect
-            for i in touched:
-                if errs[i] is None:
-                    errs[i] = IOEngineError(f"GPU staging copy failed: {e}")
-        return moved
-
-    def _cuda_gets(self, st: _Staging, gpu, pieces, errs, moved, touched) -> None:
-        k = 0
-        for i, mo, fi, off, n in pieces:
-            if errs[i] is not None:
-                continue
-            touched.add(i)
-            b = k & 1
-            # Buffer b last fed the copy of piece k-2; it must be done before the disk overwrites it.
-            st.events[b].synchronize()
-            try:
-                direct = self._move(False, fi, off, st.views[b][:n], (off | n) % PAGE == 0)
-            except IOEngineError as e:
-                errs[i] = e
-                continue
-            gpu[mo:mo + n].copy_(st.tensors[b][:n], non_blocking=True)
-            st.events[b].record(st.stream)
-            moved[0 if direct else 1] += n
-            k += 1
-
-    def _cuda_puts(self, st: _Staging, gpu, pieces, errs, moved, touched) -> None:
-        pending = None
-
-        def flush(p) -> None:
-            b, i, fi, off, n = p
-            st.events[b].synchronize()
-            try:
-                direct = self._move(True, fi, off, st.views[b][:n], (off | n) % PAGE == 0)
-            except IOEngineError as e:
-                errs[i] = e
-                return
-            moved[0 if direct else 1] += n
-
-        k = 0
-        for i, mo, fi, off, n in pieces:
-            if errs[i] is not None:
-                continue
-            touched.add(i)
-            b = k & 1
-            k += 1
-            # Buffer b's last piece (k-2) was written out by the flush of the previous round.
-            st.tensors[b][:n].copy_(gpu[mo:mo + n], non_blocking=True)
-            st.events[b].record(st.stream)
-            if pending is not None:
-                flush(pending)  # runs while the copy just queued is in flight
-            pending = (b, i, fi, off, n)
-        if pending is not None:
-            flush(pending)
+            return run_lane(lane, write, buffer, pieces, self._io, errs)
+        finally:
+            lanes.release(lane)
 
     # -- batches ---------------------------------------------------------------------
-    def _transfer(self, write: bool, spans: Sequence[Span]) -> list[Optional[BaseException]]:
-        if self._closed:
-            raise ClosedError("the posix I/O engine is closed")
+    def _transfer(self, write: bool, spans: Sequence[Span], hook=None) -> list[Optional[BaseException]]:
+        with self._calls:
+            return self._batch(write, spans, hook)
+
+    def _batch(self, write: bool, spans: Sequence[Span], hook=None) -> list[Optional[BaseException]]:
         buffer = self._buffer
         if buffer is None:
             raise IOEngineError("no slab attached: call attach(buffer) before read_spans/write_spans")
@@ -296,7 +228,8 @@ class PosixEngine(IOEngine):
                 pieces.append((i, s.mem_offset + lo, fi, local + lo, min(task, s.nbytes - lo)))
         if not pieces:
             return errs
-        worker = self._cuda_worker if buffer.kind == "cuda" else self._host_worker
+        # A GPU slab is checksummed on the GPU, one launch a batch: the hook is for host slabs.
+        worker = self._staged_worker if self._lanes is not None else functools.partial(self._host_worker, hook=hook)
         # One queue shared by all workers (list_iterator.__next__ is atomic under the GIL).
         queue = iter(pieces)
         helpers = [self._pool.submit(worker, write, buffer, queue, errs)
@@ -312,32 +245,34 @@ class PosixEngine(IOEngine):
             self._moved["posix/buffered"] += sum(r[1] for r in results)
         return errs
 
-    def read_spans(self, spans: Sequence[Span]) -> list[Optional[BaseException]]:
-        return self._transfer(False, spans)
+    def read_spans(self, spans: Sequence[Span], hook=None) -> list[Optional[BaseException]]:
+        return self._transfer(False, spans, hook)
 
-    def write_spans(self, spans: Sequence[Span]) -> list[Optional[BaseException]]:
+    def write_spans(self, spans: Sequence[Span], hook=None) -> list[Optional[BaseException]]:
         if self.read_only and not self._closed:
             raise IOEngineError(errno.EBADF, f"the posix I/O engine over {self._paths[0]} is read-only: "
                                              f"it was opened with read_only=True and never writes")
-        return self._transfer(True, spans)
+        return self._transfer(True, spans, hook)
 
     def report(self) -> IOPathReport:
         with self._lock:
             moved = dict(self._moved)
+        lanes = self._lanes
         return IOPathReport("posix", "posix", self._direct, self._reason, self._threads, self._task, self._memory,
                             len(self._fds), file_paths=("posix",) * len(self._fds),
-                            file_reasons=tuple(self._file_io), bytes_by_path=moved)
+                            file_reasons=tuple(self._file_io), bytes_by_path=moved,
+                            staging=f"pipelined: {lanes.describe}" if lanes is not None else "")
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._close_submitter()
+        self._calls.close()  # transfers in progress end before their files and lanes go
         self._pool.shutdown(wait=True)
-        with self._lock:
-            stagings, self._stagings = list(self._stagings.values()), {}
-        for st in stagings:
-            st.close()
+        lanes, self._lanes = self._lanes, None
+        if lanes is not None:
+            lanes.close()
         for fd in self._fds + [fd for fd in self._dfds if fd is not None]:
             os.close(fd)
         self._buffer = None

@@ -215,10 +215,12 @@ def open_engine(paths, config: CacheEngineConfig, memory: str, stripe_bytes: int
         name, why = choose_engine(requested)
         if config.io_engine in ("auto", "mapped"):
             why = f"read-only, never mapped ({why})"
-        cls = KvikIOEngine if name == "kvikio" else PosixEngine
         log.info("read-only I/O engine %s over %s (%s)", name, directory, why)
-        return cls(paths, config.io_threads, config.io_task_size, config.direct_io, memory, stripe_bytes,
-                   read_only=True)
+        if name == "kvikio":
+            return KvikIOEngine(paths, config.io_threads, config.io_task_size, config.direct_io, memory,
+                                stripe_bytes, read_only=True, staging=config.kvikio_staging)
+        return PosixEngine(paths, config.io_threads, config.io_task_size, config.direct_io, memory, stripe_bytes,
+                           read_only=True)
     name, why = choose_engine(config.io_engine, directory, pool_ram_needed(plist, stripe_bytes))
     if name == "mapped":
         try:
@@ -234,7 +236,8 @@ def open_engine(paths, config: CacheEngineConfig, memory: str, stripe_bytes: int
         else:
             log.info("I/O engine mapped (%s)", why)
             return eng
-    cls = KvikIOEngine if name == "kvikio" else PosixEngine
     log.info("I/O engine %s (%s)", name, why)
-    return cls(paths, config.io_threads, config.io_task_size, config.direct_io,
-               memory, stripe_bytes)
+    if name == "kvikio":
+        return KvikIOEngine(paths, config.io_threads, config.io_task_size, config.direct_io, memory, stripe_bytes,
+                            staging=config.kvikio_staging)
+    return PosixEngine(paths, config.io_threads, config.io_task_size, config.direct_io, memory, stripe_bytes)

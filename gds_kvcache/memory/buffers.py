@@ -5,13 +5,15 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+from typing import Optional
 
+import numpy as np
 import torch
 
 from ..errors import ClosedError, ConfigError
 from ..units import PAGE
 
-__all__ = ["SlabBuffer", "as_io_buffer", "resolve_memory_device"]
+__all__ = ["BounceBuffers", "SlabBuffer", "as_io_buffer", "cuda_driver", "resolve_memory_device"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,11 @@ class _Driver:
     @classmethod
     def check(cls, rc: int, what: str) -> None:
         cls._check(cls.lib(), rc, what)
+
+
+def cuda_driver():
+    """``libcuda.so.1`` as a ``ctypes.CDLL``, ``cuInit`` done (``ConfigError`` where it cannot load or init)."""
+    return _Driver.lib()
 
 
 class _DeviceMemory:
@@ -277,3 +284,107 @@ class SlabBuffer:
             self._tensor = self._raw = self._host_array = None
         if mem is not None:
             mem.free()
+
+
+class _PinnedHostMemory:
+    """``cuMemHostAlloc``'d bytes: page-locked and page-aligned, exactly ``nbytes``, outside PyTorch's caching
+    host allocator (which rounds up to a power of two and never gives memory back)."""
+
+    __slots__ = ("ptr", "nbytes", "_dev")
+
+    def __init__(self, nbytes: int, device: int):
+        lib = _Driver.lib()
+        self.nbytes, self.ptr = nbytes, 0
+        dev, ctx, ptr = ctypes.c_int(), ctypes.c_void_p(), ctypes.c_void_p()
+        _Driver.check(lib.cuDeviceGet(ctypes.byref(dev), device), f"cuDeviceGet({device})")
+        _Driver.check(lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
+        self._dev = dev.value
+        try:
+            _Driver.check(lib.cuCtxPushCurrent_v2(ctx), "cuCtxPushCurrent")
+            try:
+                # PORTABLE: pinned for every context, whichever device's lanes copy through it.
+                _Driver.check(lib.cuMemHostAlloc(ctypes.byref(ptr), ctypes.c_size_t(nbytes), ctypes.c_uint(1)),
+                              f"cuMemHostAlloc of {nbytes} bytes")
+            finally:
+                lib.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
+        except BaseException:
+            lib.cuDevicePrimaryCtxRelease_v2(self._dev)
+            raise
+        self.ptr = ptr.value
+
+    def free(self) -> None:
+        """Unpin and free now; idempotent."""
+        ptr, self.ptr = self.ptr, 0
+        if not ptr:
+            return
+        lib = _Driver.lib()
+        ctx = ctypes.c_void_p()
+        lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), self._dev)
+        lib.cuCtxPushCurrent_v2(ctx)
+        try:
+            rc = lib.cuMemFreeHost(ctypes.c_void_p(ptr))
+        finally:
+            lib.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
+            lib.cuDevicePrimaryCtxRelease_v2(self._dev)
+            lib.cuDevicePrimaryCtxRelease_v2(self._dev)  # the retain of __init__
+        if rc != 0:
+            log.warning("cuMemFreeHost of %d pinned bytes failed (CUDA error %d)", self.nbytes, rc)
+
+
+class BounceBuffers:
+    """``count`` staging slots of ``size`` bytes each (4 KiB-aligned), carved from one allocation.
+
+    Parameters
+    ----------
+    count, size
+        Slots and bytes per slot (rounded up to 4 KiB).
+    kind
+        ``pinned`` (page-locked, what asynchronous CUDA copies need) or
+        ``host`` (plain memory, for staging without a GPU).
+    cuda_device
+        The device whose context allocates ``pinned`` memory (usable from
+        every device).
+
+    Notes
+    -----
+    One allocation for every slot, made up front: pinning costs milliseconds
+    per call, and paid on a transfer's path (two buffers per thread on first
+    use) it cost more than the transfer itself. ``views[i]`` and ``addr(i)``
+    are slot ``i``'s bytes and address. ``close()`` frees pinned memory at
+    once: nothing may copy into or out of a slot after it.
+    """
+
+    def __init__(self, count: int, size: int, kind: str, cuda_device: int = 0):
+        assert count >= 1 and kind in ("pinned", "host"), (count, kind)
+        self.count = count
+        self.size = (size + PAGE - 1) // PAGE * PAGE
+        self.kind = kind
+        nbytes = count * self.size
+        self._pinned: Optional[_PinnedHostMemory] = None
+        self._slab: Optional[SlabBuffer] = None
+        if kind == "pinned":
+            self._pinned = _PinnedHostMemory(nbytes, cuda_device)
+            self.base = self._pinned.ptr
+            arr = np.frombuffer((ctypes.c_uint8 * nbytes).from_address(self.base), dtype=np.uint8)
+        else:
+            self._slab = SlabBuffer(nbytes, "host")
+            arr = self._slab.host_array()
+            self.base = self._slab.tensor.data_ptr()
+        assert self.base % PAGE == 0
+        self.views = [memoryview(arr[i * self.size:(i + 1) * self.size]) for i in range(count)]
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * self.size
+
+    def addr(self, i: int) -> int:
+        """The address of slot ``i``'s first byte."""
+        return self.base + i * self.size
+
+    def close(self) -> None:
+        """Free the slots (idempotent); every copy into or out of them must be over."""
+        self.views = []
+        if self._pinned is not None:
+            self._pinned.free()
+        if self._slab is not None:
+            self._slab.close()

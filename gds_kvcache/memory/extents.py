@@ -9,11 +9,18 @@ spirit of TLSF) with a bitmap of non-empty classes, and are coalesced with
 their neighbours on free through start/end maps. Allocation and free are
 O(1) apart from the rare fallback scan of one size class, well inside the
 O(log n) budget.
+
+An owner that records millions of extents itself (the disk index, in arrays)
+may *untrack* them: they stay allocated and counted, with no Python object
+here, until it ``track``s one again to free it. Untracked extents are never
+listed by ``extents`` and are checked by ``memcheck`` only when handed in.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
+
+import numpy as np
 
 from ..units import PAGE, align_up
 
@@ -205,6 +212,49 @@ class ExtentAllocator:
         if pos < self.capacity:
             self._insert(pos, self.capacity - pos)
 
+    def untrack(self, start: int) -> int:
+        """Stop recording the allocated extent at ``start`` (it stays allocated and counted);
+        return its size. The caller records it and ``track``s it again before it is freed."""
+        return self._allocated.pop(start)
+
+    def track(self, start: int, size: int) -> None:
+        """Record again an allocated extent that was untracked (``untrack`` or ``rebuild_untracked``)."""
+        assert start not in self._allocated, f"extent {start} is tracked already"
+        self._allocated[start] = size
+
+    def rebuild_untracked(self, starts: np.ndarray, sizes: np.ndarray, tracked: dict[int, int]) -> None:
+        """Reset to exactly the extents ``starts``/``sizes`` (sorted by start, allocated untracked)
+        and ``tracked`` (``{start: nbytes}``, allocated and recorded here); the rest is free.
+
+        NumPy passes over the arrays; Python runs once per free extent and tracked extent.
+        Raises ``ValueError`` for a misaligned, out-of-range or overlapping extent.
+        """
+        mask = self.align - 1
+        starts = np.asarray(starts, np.uint64)
+        sizes = (np.asarray(sizes, np.uint64) + np.uint64(mask)) & ~np.uint64(mask)
+        if tracked:
+            t_starts = np.array(sorted(tracked), np.uint64)
+            t_sizes = np.array([align_up(tracked[s], self.align) for s in t_starts.tolist()], np.uint64)
+            at = np.searchsorted(starts, t_starts)
+            starts, sizes = np.insert(starts, at, t_starts), np.insert(sizes, at, t_sizes)
+        n = starts.shape[0]
+        ends = starts + sizes
+        if n and ((starts & np.uint64(mask)).any() or (sizes == 0).any() or int(ends.max()) > self.capacity
+                  or (starts[1:] < ends[:-1]).any()):
+            raise ValueError("an extent is misaligned, out of range or overlaps another")
+        self._free_start.clear()
+        self._free_end.clear()
+        for b in self._bins:
+            b.clear()
+        self._bitmap = 0
+        self._allocated = {s: align_up(n, self.align) for s, n in tracked.items()}
+        self._used = int(sizes.sum())
+        prev = np.concatenate([np.zeros(1, np.uint64), ends])
+        nxt = np.concatenate([starts, np.array([self.capacity], np.uint64)])
+        gaps = np.flatnonzero(nxt > prev)
+        for s, e in zip(prev[gaps].tolist(), nxt[gaps].tolist()):
+            self._insert(s, e - s)
+
     def _containing_free(self, start: int, size: int) -> Optional[tuple[int, int]]:
         for s, n in self._free_start.items():
             if s <= start and start + size <= s + n:
@@ -224,10 +274,15 @@ class ExtentAllocator:
     def largest_free(self) -> int:
         return max(self._free_start.values(), default=0)
 
-    def memcheck(self) -> bool:
-        """Check every invariant; raise ``AssertionError`` naming the first broken one."""
+    def memcheck(self, untracked: Iterable[tuple[int, int]] = ()) -> bool:
+        """Check every invariant; raise ``AssertionError`` naming the first broken one.
+
+        ``untracked``: the ``(start, size)`` of every untracked extent (without them, a
+        pool that has some reads as having gaps)."""
+        untracked = list(untracked)
         spans = sorted([(s, n, "free") for s, n in self._free_start.items()]
-                       + [(s, n, "used") for s, n in self._allocated.items()])
+                       + [(s, n, "used") for s, n in self._allocated.items()]
+                       + [(s, n, "used") for s, n in untracked])
         pos = 0
         prev_kind = None
         for s, n, kind in spans:
@@ -236,7 +291,8 @@ class ExtentAllocator:
             assert not (kind == "free" and prev_kind == "free"), f"uncoalesced free extents at {s}"
             pos, prev_kind = s + n, kind
         assert pos == self.capacity, f"extents cover {pos} of {self.capacity} bytes"
-        assert self._used == sum(self._allocated.values()), "used-bytes counter drifted"
+        assert self._used == sum(self._allocated.values()) + sum(n for _, n in untracked), \
+            "used-bytes counter drifted"
         for s, n in self._free_start.items():
             assert self._free_end[s + n] == s, f"end map wrong for free extent {s}"
             assert s in self._bins[self._cls(n)], f"free extent {s} missing from its size class"

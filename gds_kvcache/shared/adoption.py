@@ -20,10 +20,10 @@ import errno
 import fcntl
 import logging
 import os
-import re
 import uuid
 from typing import Optional
 
+from ..config.values import is_writer_id
 from ..storage.index_log import IndexLog
 from ..storage.pool_file import PoolLayout
 from .publisher import WRITERS_DIR
@@ -33,7 +33,6 @@ __all__ = ["adopt_dead_writers"]
 
 log = logging.getLogger(__name__)
 
-_WRITER_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def _lock_if_dead(path: str) -> Optional[int]:
@@ -66,7 +65,7 @@ def adopt_dead_writers(shared_dir: str, own: str, redis: RedisIndex, batch: int 
     total = 0
     for wid in names:
         path = os.path.join(base, wid)
-        if wid == own or not _WRITER_ID.fullmatch(wid) or wid in (".", "..") or not os.path.isdir(path):
+        if wid == own or not is_writer_id(wid) or not os.path.isdir(path):
             continue
         if redis.layout(wid):
             continue                       # Redis knows it: alive, or listed before the loss

@@ -219,15 +219,18 @@ class RedisIndex:
         lagging replica after failover): every write of the writer bumps its
         counter ``ns:s:<writer>``, so a counter below the last one seen went back.
         """
+        # The counter last seen before asking: a write by another thread meanwhile may raise
+        # what this client saw past the answer, which is then not an older state.
+        seen = self._seq.get(writer)
         epoch, rebuild, seq = self._run("status", [writer])
         try:
             rebuild = int(rebuild) if rebuild else 0
         except ValueError:
             rebuild = self.rebuild_requests.__wrapped__(self)     # repairs it
         back = False
-        if writer in self._seq:
+        if seen is not None:
             try:
-                back = int(seq) < self._seq[writer]
+                back = int(seq) < seen
             except (TypeError, ValueError):
                 back = True
         return Status(epoch or None, rebuild, back)

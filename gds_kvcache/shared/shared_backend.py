@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional, Sequence
 
 from ..config import CacheEngineConfig
+from ..config.values import WRITER_ID_ALLOWED, is_writer_id
 from ..errors import ClosedError, ConfigError, DirectoryLockedError, GdsKvCacheError
 from ..io import IOPathReport
 from ..key import CacheEngineKey
@@ -52,7 +52,6 @@ __all__ = ["SharedDiskBackend", "WRITERS_DIR", "cache_id"]
 
 log = logging.getLogger(__name__)
 
-_WRITER_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: The shared tier's counters (``stats``, besides the local tier's); the README lists them.
 COUNTERS = ("published", "duplicates", "republishes", "remote_hits", "remote_misses", "lease_expired",
             "remote_corrupt", "remote_malformed", "claims_lost", "redis_errors", "leased_evictions",
@@ -131,9 +130,8 @@ class SharedDiskBackend(StorageBackendInterface):
         lease_ttl = config.lease_ttl if lease_ttl is None else lease_ttl
         claim_ttl = config.claim_ttl if claim_ttl is None else claim_ttl
         tick = config.shared_tick if tick is None else tick
-        if writer_id is not None and not (isinstance(writer_id, str) and _WRITER_ID.fullmatch(writer_id)
-                                         and writer_id not in (".", "..")):
-            raise ConfigError("writer_id", writer_id, "1-64 letters, digits, '.', '_' or '-'")
+        if writer_id is not None and not is_writer_id(writer_id):
+            raise ConfigError("writer_id", writer_id, WRITER_ID_ALLOWED)
         for name, v in (("lease_ttl", lease_ttl), ("claim_ttl", claim_ttl), ("tick", tick)):
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < 3600:
                 raise ConfigError(name, v, "seconds, more than 0 and less than 3600")

@@ -6,6 +6,13 @@ keep an extent alive while it is read, eviction order, and the on-disk log
 (``IndexLog``, which alone owns the file format). It moves no chunk bytes and
 needs no GPU and no I/O engine, so a scheduler process can run it alone.
 
+Entries live as rows of NumPy arrays (``entry_table``, 44 bytes a chunk plus
+its hash slot), in use order by a 4-byte stamp (``lru_clock``); the pool's
+allocator does not record them one by one (``ExtentAllocator.untrack``). A
+``DiskEntry`` is made only for a chunk a caller asks about and kept while it
+is held (``entry_objects``): a reopen of millions of chunks makes no object
+per chunk, and its memory is about 60 bytes a chunk.
+
 Every method takes the index lock only for in-memory updates and, where a
 record must be down before the state changes, one ``write`` of the records of
 a whole batch (no fsync). Chunk I/O, hole punching and lookup-server calls
@@ -19,20 +26,28 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
+
+import numpy as np
 
 from ..errors import ClosedError, StorageFullError
 from ..key import CacheEngineKey
 from ..memory.extents import ExtentAllocator
-from .entry import DiskEntry, keyed_checksum
-from .index_log import IndexLog
+from .entry import DiskEntry, key_hash
+from .entry_objects import EntryObjects
+from .entry_table import EntryTable
 from .eviction import EvictionStrategy, FreeAtOnce
+from .index_codec import BUILD_BLOCK
+from .index_columns import EntryColumns
+from .index_log import IndexLog
+from .key_codes import KeyCodes
 from .log_reserve import LogReserve
+from .lru_clock import LruClock
 from .pool_file import PoolDirectory
-from .recovery import recover_entries
-from .victims import largest_hole_without_unread, oldest_unread, still_unread, unread_holding, unread_keys
+from .recovery import recover_entries, trim_heap
+from .victims import largest_hole_without_unread, oldest_unread, unread_holding, unread_rows
 
 __all__ = ["DiskIndex", "Reservation", "DiskEntry"]
 
@@ -86,7 +101,9 @@ class DiskIndex:
         self._files = LogReserve(self._log, reserve)        # the log's share of the disk budget
         self._space = ExtentAllocator(pool.capacity)
         self._holes = pool.holes()       # allocated for good: no file backs them
-        self._entries: OrderedDict[CacheEngineKey, DiskEntry] = OrderedDict()
+        self._table = EntryTable()                         # the live entries (their extents untracked)
+        self._lru = LruClock()                             # their use order
+        self._objs = EntryObjects(self._table)             # the objects callers hold; rows being read
         self._pending: dict[CacheEngineKey, int] = {}      # key -> extent of a put in flight
         self._cancelled: set[CacheEngineKey] = set()       # removed while their put was in flight
         self._lock = threading.Lock()
@@ -110,23 +127,31 @@ class DiskIndex:
             The index is of a newer or foreign format (left untouched).
         """
         got = recover_entries(self._log, self._pool, self._space.capacity)
-        kept, dropped = got.entries, got.dropped
+        self._table = EntryTable(KeyCodes(got.tables))
+        self._table.load(got.ops, got.live, got.packed)
+        self._space.rebuild_untracked(got.starts, got.sizes, dict(self._holes))
+        dropped, rewrite = got.dropped, got.rewrite
+        del got        # the files' bytes and the load's columns: only the table's are kept
+        trim_heap()
+        self._objs = EntryObjects(self._table)
+        n = len(self._table)
+        self._lru.reset(n)
         migrate = not self._pool.checksums_keyed
         if migrate:
             # Written before checksums were bound to their keys: bind them now, once, in memory;
             # the snapshot below makes it durable and the layout file then says so. (A crash
             # between the two re-binds at the next open: every chunk a miss, never wrong bytes.)
-            for e in kept:
-                e.checksum = keyed_checksum(e.checksum, e.key)
-        self._space.rebuild({**self._holes, **{e.offset: e.phys_size for e in kept}})
-        self._entries.update((e.key, e) for e in kept)
-        if self._track:
-            self._events.extend(("insert", e.key) for e in kept)
-        if got.rewrite or migrate:
-            self._files.snapshot(kept)
+            for s in range(0, n, BUILD_BLOCK):
+                rows = np.arange(s, min(n, s + BUILD_BLOCK))
+                names = (k.to_string().encode() for k in self._table.keys(rows))
+                self._table.csum[rows] ^= np.fromiter(map(key_hash, names), np.uint64, count=rows.shape[0])
+        if self._track and n:
+            self._events.append(("inserts", self._table.key_batch(np.arange(n))))
+        if rewrite or migrate:
+            self._files.snapshot(self._columns())
             if migrate:
                 self._pool.mark_checksums_keyed()
-                log.info("index of %s: %d checksum(s) bound to their keys", self._pool.path, len(kept))
+                log.info("index of %s: %d checksum(s) bound to their keys", self._pool.path, n)
         else:
             # A clean reopen: the log just continues (a snapshot of millions
             # of entries would double the restart time for nothing).
@@ -135,20 +160,23 @@ class DiskIndex:
         if dropped:
             log.warning("index of %s: %d unusable or out-of-pool record(s) dropped", self._pool.path, dropped)
         log.info("disk tier %s: %d chunk(s) recovered, %d of %d pool bytes used",
-                 self._pool.path, len(kept), self._space.used, self._space.capacity)
+                 self._pool.path, n, self._space.used, self._space.capacity)
         return sorted(self._space.free_extents().items())  # holes are allocated: never listed
+
+    def _columns(self) -> EntryColumns:
+        return self._table.columns(self._table.live_rows())
 
     # -- lookups -----------------------------------------------------------
     def contains(self, key: CacheEngineKey) -> bool:
         with self._lock:
-            return key in self._entries
+            return self._table.find(key) >= 0
 
     def prefix_length(self, keys: Sequence[CacheEngineKey]) -> int:
         """How many of ``keys``, from the first, are stored."""
         with self._lock:
             n = 0
             for k in keys:
-                if k not in self._entries:
+                if self._table.find(k) < 0:
                     break
                 n += 1
             return n
@@ -159,14 +187,16 @@ class DiskIndex:
 
     def entry(self, key: CacheEngineKey) -> Optional[DiskEntry]:
         with self._lock:
-            return self._entries.get(key)
+            row = self._table.find(key)
+            return None if row < 0 else self._objs.get(row, key)
 
     def keys(self) -> list[CacheEngineKey]:
+        """Every stored key, least recently used first (made now: one object a key)."""
         with self._lock:
-            return list(self._entries)
+            return self._table.keys(self._lru.order(self._table.live_rows()))
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._table)
 
     @property
     def used(self) -> int:
@@ -197,7 +227,7 @@ class DiskIndex:
             want: list[tuple[CacheEngineKey, int]] = []
             seen = set()
             for k, n in zip(keys, sizes):
-                if k in self._entries or k in self._pending or k in seen:
+                if k in self._pending or k in seen or self._table.find(k) >= 0:
                     continue
                 seen.add(k)
                 why = self._never_fits_locked(n)
@@ -242,9 +272,9 @@ class DiskIndex:
         # Evict only if that can work: the pool must have a hole of nbytes
         # once every chunk nobody reads is gone (in-flight puts and chunks
         # being read stay where they are).
-        if largest_hole_without_unread(self._entries, self._space) < nbytes:
+        if largest_hole_without_unread(self._space, self._table, self._objs.pinned) < nbytes:
             return None
-        for victim in unread_keys(self._entries):
+        for victim in unread_rows(self._lru, self._objs.pinned):
             self._drop_locked(victim, free=True)
             self.stats["evictions"] += 1
             off = self._space.allocate(nbytes)
@@ -273,10 +303,17 @@ class DiskIndex:
                 self._log.append(puts=visible)
                 for e in visible:
                     del self._pending[e.key]
-                    self._entries[e.key] = e
+                    self._space.untrack(e.offset)
+                    self._insert_locked(e)
                     if self._track:
                         self._events.append(("insert", e.key))
             return [e.key for e in visible]
+
+    def _insert_locked(self, e: DiskEntry) -> None:
+        codes = self._table.codes
+        kind = codes.kind_of(e.key, (tuple(e.shape), e.dtype, e.fmt))    # validated by the append
+        row = self._table.insert(codes.probe(e.key), kind, e.offset, e.phys_size, e.checksum, e.seq)
+        self._lru.touch(row)
 
     def abort(self, keys: Iterable[CacheEngineKey]) -> None:
         """Give back the extents of puts that will not be committed."""
@@ -295,17 +332,15 @@ class DiskIndex:
         LRU chunks when even the live index would not fit (many tiny chunks)."""
         if self._files.has_room(adding):
             return
-        live = len(self._entries)
+        live = len(self._table)
         # A strategy that does not evict inline evicts ahead of the put (``over_reserve``).
         while live and self._eviction.evicts_inline and not self._files.fits(live + adding):
-            victim = oldest_unread(self._entries)
-            if victim is None:
+            victim = oldest_unread(self._lru, self._objs.pinned)
+            if victim < 0:
                 break
             # No delete record: the snapshot below leaves it out, and the
             # extent is reused only after that snapshot is down.
-            e = self._entries.pop(victim)
-            if self._track:
-                self._events.append(("remove", victim))
+            e = self._drop_locked(victim, free=False, record=False)
             self._freed_after_compaction.append(e.offset)
             live -= 1
             self.stats["index_evictions"] += 1
@@ -315,7 +350,7 @@ class DiskIndex:
         # Rare (after about as many dead records as live ones) and bounded by
         # the reserve; it runs under the lock so no append can slip between
         # the snapshot and the new log.
-        self._files.snapshot(self._entries.values())
+        self._files.snapshot(self._columns())
         self.stats["compactions"] += 1
         for off in self._freed_after_compaction:
             self._space.free_extent(off)
@@ -329,11 +364,12 @@ class DiskIndex:
             if self._closed:
                 raise ClosedError("disk index is closed")
             for k in keys:
-                e = self._entries.get(k)
-                if e is not None:
-                    e.readers += 1
-                    self._entries.move_to_end(k)
-                out.append(e)
+                row = self._table.find(k)
+                if row < 0:
+                    out.append(None)
+                    continue
+                out.append(self._objs.pin(row, k))
+                self._lru.touch(row)
         return out
 
     def end_read(self, entries: Iterable[DiskEntry], bad: Iterable[DiskEntry] = ()) -> None:
@@ -341,25 +377,30 @@ class DiskIndex:
         bad = list(bad)
         with self._lock:
             for e in bad:
-                if self._entries.get(e.key) is e:
-                    self._drop_locked(e.key, free=True)
+                row = self._objs.row_of(e)
+                if row >= 0:
+                    self._drop_locked(row, free=True, given=e)
             for e in entries:
                 e.readers -= 1
                 assert e.readers >= 0, f"negative reader count on {e.key}"
-                if e.doomed and e.readers == 0:
-                    self._release_locked(e)
+                if e.readers == 0:
+                    if e.doomed:
+                        self._release_locked(e)
+                    else:
+                        self._objs.unpin(e)
 
     # -- removal -------------------------------------------------------------
-    def _drop_locked(self, key: CacheEngineKey, free: bool, record: bool = True) -> Optional[DiskEntry]:
-        """Forget ``key``: delete record first (unless the caller writes it), then (unless read now,
-        or ``free`` is False) release its extent."""
-        e = self._entries.pop(key, None)
-        if e is None:
-            return None
+    def _drop_locked(self, row: int, free: bool, record: bool = True, given: Optional[DiskEntry] = None) -> DiskEntry:
+        """Forget a live row: delete record first (unless the caller writes it), then (unless read
+        now, or ``free`` is False) release its extent. Returns its entry (``given`` where that is it)."""
         if record:
-            self._log.append(dels=[key])
+            self._log.append(dels=[self._table.key(row) if given is None else given.key])
+        e = self._objs.drop(row, given)
+        self._table.remove(row)
+        self._lru.forget(row)
+        self._space.track(e.offset, e.phys_size)     # allocated until released
         if self._track:
-            self._events.append(("remove", key))
+            self._events.append(("remove", e.key))
         if e.readers > 0:
             e.doomed = True
         elif free:
@@ -382,9 +423,10 @@ class DiskIndex:
                 self._cancelled.add(key)
                 return True, None
             deferred = not self._eviction.evicts_inline
-            e = self._drop_locked(key, free=deferred)
-            if e is None:
+            row = self._table.find(key)
+            if row < 0:
                 return False, None
+            e = self._drop_locked(row, free=deferred)
             if e.doomed or deferred:
                 return True, None
             return True, (e.offset, e.phys_size)
@@ -393,12 +435,12 @@ class DiskIndex:
         """Drop the LRU chunk nobody reads (the file system is full); (key, offset, size) to punch then ``free``."""
         assert self._eviction.evicts_inline, "a deferring strategy evicts itself (eviction_candidates, evict)"
         with self._lock:
-            victim = oldest_unread(self._entries)
-            if victim is None:
+            victim = oldest_unread(self._lru, self._objs.pinned)
+            if victim < 0:
                 return None
             e = self._drop_locked(victim, free=False)
             self.stats["evictions"] += 1
-            return victim, e.offset, e.phys_size
+            return e.key, e.offset, e.phys_size
 
     def free(self, offset: int) -> None:
         with self._lock:
@@ -409,7 +451,8 @@ class DiskIndex:
         """LRU chunks nobody reads here, oldest first, until they hold ``nbytes`` and number at
         least ``count`` (fewer if the pool has no more). Nothing is dropped: see ``evict``."""
         with self._lock:
-            return unread_holding(self._entries, nbytes, count)
+            return [self._objs.get(r) for r in unread_holding(self._table, self._lru, self._objs.pinned, nbytes,
+                                                                count)]
 
     def evict(self, entries: Sequence[DiskEntry]) -> list[DiskEntry]:
         """Drop those of ``entries`` that are still current and unread, with one delete append.
@@ -418,19 +461,23 @@ class DiskIndex:
         with self._lock:
             if self._closed:
                 raise ClosedError("disk index is closed")
-            gone = still_unread(entries, self._entries)
-            if gone:
-                self._log.append(dels=[e.key for e in gone])
-            for e in gone:
-                self._drop_locked(e.key, free=True, record=False)
-            self.stats["evictions"] += len(gone)
-            return gone
+            rows: dict[int, DiskEntry] = {}
+            for e in entries:
+                row = self._objs.row_of(e)
+                if row >= 0 and e.readers == 0 and row not in self._objs.pinned:
+                    rows.setdefault(row, e)
+            if rows:
+                self._log.append(dels=[e.key for e in rows.values()])
+            for row, e in rows.items():
+                self._drop_locked(row, free=True, record=False, given=e)
+            self.stats["evictions"] += len(rows)
+            return list(rows.values())
 
     def over_reserve(self, adding: int) -> int:
         """How many chunks must go so that the index, with ``adding`` more, fits its reserve
         (what the index evicts by itself when its strategy evicts inline)."""
         with self._lock:
-            live = len(self._entries)
+            live = len(self._table)
         return self._files.excess(live, adding)
 
     # -- lookup-server events -------------------------------------------------
@@ -449,18 +496,22 @@ class DiskIndex:
         out = []
         while True:
             try:
-                out.append(self._events.popleft())
+                ev = self._events.popleft()
             except IndexError:
                 return out
+            if ev[0] == "inserts":     # the chunks recovered at open, keys made only now
+                out.extend(("insert", k) for k in ev[1]())
+            else:
+                out.append(ev)
 
     # -- shutdown --------------------------------------------------------------
     def memcheck(self) -> bool:
         with self._lock:
-            self._space.memcheck()
+            offs, sizes = self._table.extents(self._table.live_rows())
+            self._space.memcheck(untracked=zip(offs.tolist(), sizes.tolist()))
+            self._table.check()
+            self._objs.check()
             ext = self._space.extents()
-            for e in self._entries.values():
-                assert ext.get(e.offset) == e.phys_size, f"entry {e.key} extent not allocated"
-                assert e.readers >= 0, f"negative reader count on {e.key}"
             for k, off in self._pending.items():
                 assert off in ext, f"pending put {k} extent not allocated"
         return True
@@ -472,7 +523,7 @@ class DiskIndex:
                 return
             self._closed = True
             try:
-                if self._log.records != len(self._entries):
-                    self._files.compact_at_close(self._entries.values(), self._pool.path)
+                if self._log.records != len(self._table):
+                    self._files.compact_at_close(self._columns(), self._pool.path)
             finally:
                 self._log.close()

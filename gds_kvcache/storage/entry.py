@@ -18,12 +18,17 @@ from dataclasses import dataclass
 from ..errors import GdsKvCacheError
 from ..key import CacheEngineKey
 
-__all__ = ["DiskEntry", "IndexEntryError", "keyed_checksum"]
+__all__ = ["DiskEntry", "IndexEntryError", "keyed_checksum", "key_hash"]
+
+
+def key_hash(name: bytes) -> int:
+    """The 64-bit hash of a key string (``keyed_checksum``'s): two CRC-32s, stable everywhere."""
+    return zlib.crc32(name) | (zlib.crc32(name, 0x9E3779B9) << 32)
+
 
 @functools.lru_cache(maxsize=1 << 16)
 def _key_hash(key) -> int:
-    name = (key.to_string() if hasattr(key, "to_string") else str(key)).encode()
-    return zlib.crc32(name) | (zlib.crc32(name, 0x9E3779B9) << 32)
+    return key_hash((key.to_string() if hasattr(key, "to_string") else str(key)).encode())
 
 
 def keyed_checksum(raw: int, key) -> int:
@@ -43,7 +48,7 @@ class IndexEntryError(GdsKvCacheError, ValueError):
     """An entry handed to :class:`~.index_log.IndexLog` cannot be recorded (a bug in the caller)."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, weakref_slot=True)
 class DiskEntry:
     """Where one chunk lives in the pool, and what it is.
 
@@ -73,6 +78,12 @@ class DiskEntry:
         Runtime state of the disk index, never written to disk: the reads
         in flight that keep the extent alive, and whether the entry was
         dropped while read (its extent is freed when the last read ends).
+
+    Notes
+    -----
+    The disk index keeps its entries as arrays and makes a ``DiskEntry``
+    only for a chunk a caller asks about; while any caller holds it, the
+    index hands out that same object (it keeps a weak reference).
     """
 
     key: CacheEngineKey

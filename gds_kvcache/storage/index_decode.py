@@ -1,38 +1,32 @@
-"""Decoding the disk index's binary files in bulk: slots -> operations -> live ``DiskEntry`` objects.
+"""Decoding the disk index's binary files in bulk: slots -> operations (``Ops``, one column per field).
 
-The format is described in ``index_codec`` (and only there). Three steps,
-each a few NumPy passes over all records, with Python running once per table
-entry and, per record, only to make the objects: :func:`parse_slots` checks
-and decodes one file's slots into an :class:`Ops` (operations in file
-order), :func:`live_ops` keeps the last operation of each key where it is a
-put, and :func:`build_entries` makes the ``DiskEntry`` objects.
+The format is described in ``index_codec`` (and only there). :func:`parse_slots`
+checks and decodes one file's slots into an :class:`Ops` (operations in file
+order) in a few NumPy passes over all records, with Python running once per
+table entry; ``index_columns`` merges them into the live entries and makes
+objects of those where asked.
 
 Invariants: decoding never raises on a file's slots (its header is checked
 first, by ``index_codec.parse_header``): a slot that fails its check, a
 record naming an unusable table entry or an impossible value, and a torn
-tail are each skipped and counted once as unusable; of a key's operations
-the latest in file order (snapshot, then log) wins; entries come back in
-``seq`` order.
+tail are each skipped and counted once as unusable.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 import struct
-from itertools import repeat
 from typing import Optional
 
 import numpy as np
 
-from ..key import MAX_KEY_STRING, CacheEngineKey
+from ..key import MAX_KEY_STRING
 from ..units import PAGE
-from .entry import DiskEntry
-from .index_codec import (BUILD_BLOCK, CONT, CONT_HEAD, DEF_HEAD, DEF_LAYOUT, DEF_PREFIX, DEL, DEL_WIDE, NARROW,
-                          OFF_BITS, PUT, PUT_WIDE, SLOT, SLOT_DTYPE, Tables, mix, parse_layout, parse_prefix,
-                          slot_checks, slot_words)
+from .index_codec import (CONT, CONT_HEAD, DEF_HEAD, DEF_LAYOUT, DEF_PREFIX, DEL, DEL_WIDE, MAX_U64, NARROW,
+                          OFF_BITS, PUT, PUT_WIDE, SLOT, SLOT_DTYPE, Tables, parse_layout, parse_prefix, slot_checks,
+                          slot_words)
 
-__all__ = ["Ops", "build_entries", "live_ops", "parse_slots"]
+__all__ = ["Ops", "parse_slots"]
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +53,16 @@ class Ops:
         return self.is_put.shape[0]
 
     def take(self, idx: np.ndarray) -> "Ops":
+        """The operations at ``idx`` (indices or a mask), copied."""
         o = Ops.__new__(Ops)
         for f in Ops.__slots__:
             v = getattr(self, f)
-            setattr(o, f, None if v is None else v[idx])
+            if v is not None and v.ndim == 2:
+                # One 16-byte item a row rather than 16 one-byte items (the rows may be strided).
+                v = v.view(f"V{v.shape[1]}")[:, 0][idx].view(np.uint8).reshape(-1, v.shape[1])
+            elif v is not None:
+                v = v[idx]
+            setattr(o, f, v)
         return o
 
     @staticmethod
@@ -88,25 +88,6 @@ def _leading_zero_nibbles(b: np.ndarray) -> np.ndarray:
     nib[:, 1::2] = b & 15
     nz = nib != 0
     return np.where(nz.any(axis=1), nz.argmax(axis=1), nib.shape[1])
-
-
-def _hex_strings(b: np.ndarray, ndig: np.ndarray) -> list:
-    """The last ``ndig[i]`` hex digits of each row of big-endian bytes ``b``, as ``str``."""
-    n, m = b.shape
-    # bytes.hex over a void view loops in C: twice as fast as NumPy's unicode
-    # conversion (and an "S" view would drop trailing zero bytes).
-    out = list(map(bytes.hex, np.ascontiguousarray(b).view(f"V{m}").ravel().tolist()))
-    short = np.flatnonzero(ndig != 2 * m)
-    if short.size:
-        for i, c in zip(short.tolist(), (2 * m - ndig[short].astype(np.int64)).tolist()):
-            out[i] = out[i][c:]
-    return out
-
-
-def _u64_cols(b: np.ndarray) -> list[np.ndarray]:
-    """The two 64-bit words of each row of ``(n, 16)`` bytes (a view where the rows allow)."""
-    w = b.view("<u8") if b.strides[-1] == 1 else np.ascontiguousarray(b).view("<u8")
-    return [w[:, 0], w[:, 1]]
 
 
 # -- one file's slots ------------------------------------------------------------
@@ -256,140 +237,23 @@ def _valid_ops(ops: Ops, is_wide: np.ndarray, tables: Tables) -> np.ndarray:
     good = ops.prefix >= 0
     if not len(ops):
         return good
-    nd = ops.ndig.astype(np.int64)
+    nd = ops.ndig
     good &= np.where(is_wide, (nd > NARROW) & (nd <= 2 * NARROW), (nd >= 1) & (nd <= NARROW))
     strlen = np.array([p.strlen for p in tables.prefixes] + [0], np.int64)
-    good &= strlen[ops.prefix] + nd <= MAX_KEY_STRING
+    if (strlen + 2 * NARROW > MAX_KEY_STRING).any():   # a prefix too long for some hash lengths
+        good &= strlen[ops.prefix] + nd <= MAX_KEY_STRING
     # A hash may have no more significant digits than its recorded length.
     short = np.flatnonzero(good & ~is_wide & (nd < NARROW))
     if short.size:
-        good[short] &= _leading_zero_nibbles(ops.lo[short]) >= NARROW - nd[short]
+        good[short] &= _leading_zero_nibbles(ops.lo[short]) >= NARROW - nd[short].astype(np.int64)
     w = np.flatnonzero(good & is_wide)
     if w.size:
         both = np.concatenate([ops.hi[w], ops.lo[w]], axis=1)
-        good[w] &= _leading_zero_nibbles(both) >= 2 * NARROW - nd[w]
-    # phys is below 2**36, so float64 compares exactly wherever it can pass.
-    need = np.array([float(min(v.nbytes, 1 << 63)) for v in tables.layouts] + [0.0], np.float64)
-    lay_ok = ops.layout >= 0
-    ext_ok = lay_ok & (ops.phys > 0) & (ops.phys.astype(np.float64) >= need[ops.layout])
-    good &= ~ops.is_put | ext_ok
+        good[w] &= _leading_zero_nibbles(both) >= 2 * NARROW - nd[w].astype(np.int64)
+    # A put's extent holds its layout's bytes (and at least one page).
+    need = np.array([max(1, min(v.nbytes, MAX_U64)) for v in tables.layouts] + [MAX_U64], np.uint64)
+    lay = np.where(ops.is_put, ops.layout, -1)
+    if (lay >= 0).all() and int(ops.phys.min()) >= int(need[:-1].max(initial=0)):
+        return good                     # every op a put, every extent large enough for any layout
+    good &= ~ops.is_put | (ops.phys >= need[lay])
     return good
-
-
-# -- merging and building ------------------------------------------------------------
-def live_ops(ops: Ops, fingerprint=mix) -> Ops:
-    """The last operation of each key, where it is a put, in ``seq`` order.
-
-    ``fingerprint`` hashes the key columns (``index_codec.mix``); keys that
-    share a fingerprint are told apart exactly, whatever it returns.
-    """
-    n = len(ops)
-    if n == 0:
-        return ops
-    ident = [(ops.prefix.astype(np.uint64) << np.uint64(8)) | ops.ndig.astype(np.uint64)]
-    ident += _u64_cols(ops.lo)
-    if ops.hi is not None:
-        ident += _u64_cols(ops.hi)
-    fp = fingerprint(ident)
-    order = np.argsort(fp)
-    sfp = fp[order]
-    first = np.empty(n, bool)
-    first[0] = True
-    np.not_equal(sfp[1:], sfp[:-1], out=first[1:])
-    if first.all():
-        # Every key once: the common case, nothing to merge.
-        live = ops if ops.is_put.all() else ops.take(np.flatnonzero(ops.is_put))
-    else:
-        starts = np.flatnonzero(first)
-        # A key's last operation is the one latest in the files.
-        win = np.maximum.reduceat(order, starts)
-        pairs = np.flatnonzero(~first[1:])
-        a, b = order[pairs], order[pairs + 1]
-        differ = np.zeros(pairs.shape[0], bool)
-        for c in ident:
-            differ |= c[a] != c[b]
-        if differ.any():
-            # Distinct keys with one fingerprint (about 2**-64 a pair): settle exactly.
-            win = _settle_collisions(order, sfp, starts, win, ident, np.unique(sfp[pairs[differ]]))
-        win.sort()
-        live = ops.take(win[ops.is_put[win]])
-    seq = live.seq
-    if seq.shape[0] > 1 and not (seq[1:] >= seq[:-1]).all():
-        live = live.take(np.argsort(seq, kind="stable"))
-    return live
-
-
-def _settle_collisions(order, sfp, starts, win, ident, fps) -> np.ndarray:
-    keep = np.ones(win.shape[0], bool)
-    extra = []
-    for f in fps.tolist():
-        keep[int(np.searchsorted(sfp[starts], f))] = False
-        final: dict = {}
-        for i in sorted(order[sfp == f].tolist()):
-            final[tuple(int(c[i]) for c in ident)] = i
-        extra += final.values()
-    return np.concatenate([win[keep], np.array(extra, win.dtype)])
-
-
-def build_entries(ops: Ops, tables: Tables) -> list[DiskEntry]:
-    """The ``DiskEntry`` of each of ``ops`` (all valid puts), made in bulk.
-
-    Notes
-    -----
-    Keys are made without ``CacheEngineKey.__init__``: their prefix was
-    validated once per table entry and their hash is hex by construction,
-    so the per-key checks (about 5 us a key, more than all the rest of
-    the load) would only repeat themselves. Writing a new key's instance
-    dict is the cheapest way to fill it (a frozen dataclass only guards
-    setattr); the key equals and hashes as the constructor's would, and
-    its dict is smaller than the one the constructor leaves.
-    """
-    n = len(ops)
-    out: list[DiskEntry] = []
-    if n == 0:
-        return out
-    new = object.__new__
-    templates = [dict(zip(("fmt", "model_name", "world_size", "worker_id"), p.fields)) for p in tables.prefixes]
-    by_prefix = np.empty(len(templates) + 1, object)
-    for i, t in enumerate(templates):
-        by_prefix[i] = t     # one by one: NumPy would unpack a sequence
-    by_layout = np.empty(len(tables.layouts) + 1, object)
-    for i, v in enumerate(tables.layouts):
-        by_layout[i] = v
-    was_enabled = gc.isenabled()
-    gc.disable()   # millions of new objects would set off repeated full collections
-    try:
-        for s in range(0, n, BUILD_BLOCK):
-            sl = slice(s, s + BUILD_BLOCK)
-            pid = ops.prefix[sl]
-            lid = ops.layout[sl]
-            m = pid.shape[0]
-            if ops.hi is None:
-                hashes = _hex_strings(ops.lo[sl], ops.ndig[sl])
-            else:
-                hashes = _hex_strings(np.concatenate([ops.hi[sl], ops.lo[sl]], axis=1), ops.ndig[sl])
-            keys = list(map(new, repeat(CacheEngineKey, m)))
-            if (pid == pid[0]).all():
-                t = templates[int(pid[0])]
-                for k, h in zip(keys, hashes):
-                    d = k.__dict__
-                    d.update(t)
-                    d["chunk_hash"] = h
-            else:
-                for k, t, h in zip(keys, by_prefix[pid].tolist(), hashes):
-                    d = k.__dict__
-                    d.update(t)
-                    d["chunk_hash"] = h
-            if (lid == lid[0]).all():
-                v = tables.layouts[int(lid[0])]
-                nb, sh, dt, fm = repeat(v.nbytes), repeat(v.shape), repeat(v.dtype), repeat(v.fmt)
-            else:
-                vs = by_layout[lid].tolist()
-                nb, sh = [v.nbytes for v in vs], [v.shape for v in vs]
-                dt, fm = [v.dtype for v in vs], [v.fmt for v in vs]
-            out.extend(map(DiskEntry, keys, ops.offset[sl].tolist(), nb, ops.phys[sl].tolist(), sh, dt, fm,
-                           ops.csum[sl].tolist(), ops.seq[sl].tolist()))
-    finally:
-        if was_enabled:
-            gc.enable()
-    return out

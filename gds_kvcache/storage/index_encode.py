@@ -24,10 +24,13 @@ from ..key import CacheEngineKey
 from ..units import PAGE
 from .entry import DiskEntry, IndexEntryError
 from .index_codec import (BUILD_BLOCK, CONT, DEF_LAYOUT, DEF_PREFIX, DEL, DEL_WIDE, MAX_OFFSET, MAX_PHYS_SIZE,
-                          MAX_U64, NARROW, OFF_BITS, PUT, PUT_WIDE, REC, SLOT_DTYPE, Layout, def_slots, def_span,
-                          layout_payload, prefix_payload, seal)
+                          MAX_U64, NARROW, OFF_BITS, PUT, PUT_WIDE, REC, SLOT_DTYPE, Layout, Tables, def_slots,
+                          def_span, layout_payload, prefix_payload, seal)
+from .index_columns import EntryColumns
+from .index_decode import Ops
 
-__all__ = ["FileTables", "check_batch", "check_entry", "encode_batch", "encode_record", "encode_snapshot"]
+__all__ = ["FileTables", "check_batch", "check_entry", "columns_of", "encode_batch", "encode_columns", "encode_record",
+           "encode_snapshot"]
 
 _KEY = attrgetter("key")
 _PREFIX = attrgetter("fmt", "model_name", "world_size", "worker_id")
@@ -80,55 +83,59 @@ def check_entry(e: DiskEntry, valid_layouts: dict[tuple, Layout]) -> tuple:
     return (v.shape, v.dtype, v.fmt)
 
 
-def encode_snapshot(entries: list[DiskEntry], valid_layouts: dict[tuple, Layout],
+def encode_snapshot(entries, valid_layouts: dict[tuple, Layout],
                     table_slots: dict[tuple, int]) -> tuple[list, int]:
     """The snapshot body (tables, then records in ``seq`` order) and the largest seq.
 
+    ``entries`` is a list of ``DiskEntry`` or an ``EntryColumns``; either
+    way the same bytes come out (the list is made into columns first).
     Validates every entry before anything is written. ``valid_layouts`` is
     :func:`check_entry`'s cache; ``table_slots`` gets the slots of each
     table entry written.
 
     Notes
     -----
-    Every per-entry step is a ``map`` of an ``attrgetter`` or a dict
-    lookup, so its loop runs in C; Python code runs once per distinct
-    key prefix or layout.
+    Every per-entry step is a ``map`` of an ``attrgetter``, a dict lookup
+    or a NumPy pass, so its loop runs in C; Python code runs once per
+    distinct key prefix or layout.
     """
     was_enabled = gc.isenabled()
     gc.disable()   # the per-entry tuples would set off collections that rescan every entry
     try:
-        return _encode_snapshot(entries, valid_layouts, table_slots)
+        cols = entries if isinstance(entries, EntryColumns) else columns_of(entries, valid_layouts)
+        return encode_columns(cols, valid_layouts, table_slots)
     finally:
         if was_enabled:
             gc.enable()
 
 
-def _encode_snapshot(entries: list[DiskEntry], valid_layouts: dict[tuple, Layout],
-                     table_slots: dict[tuple, int]) -> tuple[list, int]:
+def columns_of(entries: list[DiskEntry], valid_layouts: dict[tuple, Layout]) -> EntryColumns:
+    """``entries`` as columns (in the same order), each checked as :func:`check_entry` would.
+
+    Prefix and layout ids are given in order of first appearance.
+    """
     n = len(entries)
     keys = list(map(_KEY, entries))
     if not all(issubclass(t, CacheEngineKey) for t in set(map(type, keys))):
         raise IndexEntryError("every entry's key must be a CacheEngineKey")
+    tables = Tables()
     prefixes = list(map(_PREFIX, keys))
-    prefix_ids = {f: i for i, f in enumerate(dict.fromkeys(prefixes))}
-    pid = np.fromiter(map(prefix_ids.__getitem__, prefixes), np.uint32, count=n)
+    prefix_ids = {f: tables.prefix(f) for f in dict.fromkeys(prefixes)}
+    if min(prefix_ids.values(), default=0) < 0:
+        raise IndexEntryError(f"a key prefix cannot be recorded: {min(prefix_ids, key=prefix_ids.get)!r}")
+    ops = Ops(0, wide=False)
+    ops.prefix = np.fromiter(map(prefix_ids.__getitem__, prefixes), np.int64, count=n)
     given = list(map(_LAYOUT, entries))          # shape may be a torch.Size or a list
     try:
         sample = dict(zip(given, entries))       # one entry of each distinct layout
     except TypeError:                            # an unhashable shape (a list): normalise first
         given = [(tuple(s), d, f) for s, d, f in given]
         sample = dict(zip(given, entries))
-    layouts: list[tuple] = []
-    layout_ids: dict[tuple, int] = {}
     given_ids: dict[tuple, int] = {}
     for g, e in sample.items():
         lay = check_entry(e, valid_layouts)      # the layout once; every extent is checked below
-        q = layout_ids.get(lay)
-        if q is None:
-            q = layout_ids[lay] = len(layouts)
-            layouts.append(lay)
-        given_ids[g] = q
-    lid = np.fromiter(map(given_ids.__getitem__, given), np.uint32, count=n)
+        given_ids[g] = tables.layout(lay)
+    ops.layout = np.fromiter(map(given_ids.__getitem__, given), np.int64, count=n)
 
     def column(get, name: str) -> np.ndarray:
         try:
@@ -136,41 +143,91 @@ def _encode_snapshot(entries: list[DiskEntry], valid_layouts: dict[tuple, Layout
         except (OverflowError, TypeError, ValueError):
             raise IndexEntryError(f"an entry's {name} is not a 64-bit unsigned int") from None
 
-    offset = column(_OFFSET, "offset")
-    phys = column(_PHYS, "phys_size")
+    ops.offset = column(_OFFSET, "offset")
+    ops.phys = column(_PHYS, "phys_size")
     nbytes = column(_NBYTES, "nbytes")
-    csum = column(_CSUM, "checksum")
-    seq = column(_SEQ, "seq")
-    lay_nbytes = np.array([min(valid_layouts[lay].nbytes, MAX_U64) for lay in layouts], np.uint64)
-    page = np.uint64(PAGE)
-    wrong = ((nbytes != lay_nbytes[lid]) | (phys < nbytes) | (phys % page != 0)
-             | (phys > np.uint64(MAX_PHYS_SIZE)) | (offset % page != 0) | (offset > np.uint64(MAX_OFFSET)))
+    ops.csum = column(_CSUM, "checksum")
+    ops.seq = column(_SEQ, "seq")
+    ops.is_put = np.ones(n, bool)
+    wrong = (nbytes != _layout_nbytes(tables)[ops.layout]) | (ops.phys < nbytes) | _bad_extents(ops)
     if wrong.any():
         check_entry(entries[int(np.flatnonzero(wrong)[0])], valid_layouts)   # raises, naming the entry
     hashes = list(map(_HASH, keys))
-    ndig = np.fromiter(map(len, hashes), np.uint8, count=n)
-    is_wide = ndig > NARROW
-    if (ndig == NARROW).all():
-        lo, hi = np.frombuffer(bytes.fromhex("".join(hashes)), np.uint8).reshape(n, 16), None
+    ops.ndig = np.fromiter(map(len, hashes), np.uint8, count=n)
+    if (ops.ndig == NARROW).all():
+        ops.lo = np.frombuffer(bytes.fromhex("".join(hashes)), np.uint8).reshape(n, 16)
     else:
         both = np.frombuffer(b"".join(int(h, 16).to_bytes(32, "big") for h in hashes), np.uint8).reshape(n, 32)
-        lo, hi = both[:, 16:], both[:, :16]
+        ops.lo = both[:, 16:]
+        ops.hi = both[:, :16] if (ops.ndig > NARROW).any() else None
+    return EntryColumns(ops, tables)
+
+
+def _layout_nbytes(tables: Tables) -> np.ndarray:
+    return np.array([min(v.nbytes, MAX_U64) for v in tables.layouts] + [0], np.uint64)
+
+
+def _bad_extents(ops: Ops) -> np.ndarray:
+    page = np.uint64(PAGE)
+    phys, offset = ops.phys, ops.offset
+    return ((phys % page != 0) | (phys > np.uint64(MAX_PHYS_SIZE)) | (offset % page != 0)
+            | (offset > np.uint64(MAX_OFFSET)))
+
+
+def _first_appearance(ids: np.ndarray) -> np.ndarray:
+    """The distinct values of ``ids`` (small ints >= 0) in order of first appearance."""
+    n = ids.shape[0]
+    if n == 0:
+        return ids[:0]
+    first = np.full(int(ids.max()) + 1, n, np.int64)
+    np.minimum.at(first, ids, np.arange(n, dtype=np.int64))
+    vals = np.flatnonzero(first < n)
+    return vals[np.argsort(first[vals])]
+
+
+def encode_columns(cols: EntryColumns, valid_layouts: dict[tuple, Layout],
+                   table_slots: dict[tuple, int]) -> tuple[list, int]:
+    """The snapshot body of ``cols`` (tables, then records in ``seq`` order) and the largest seq.
+
+    File ids are given in order of first appearance in ``cols``. Raises
+    ``IndexEntryError`` (nothing written) for an impossible extent.
+    """
+    ops, tables = cols.ops, cols.tables
+    n = len(ops)
+    lay_nbytes = _layout_nbytes(tables)
+    if n and ((ops.phys < lay_nbytes[ops.layout]) | _bad_extents(ops)).any():
+        raise IndexEntryError("an entry's extent is not a page-aligned one that holds its layout's bytes")
+    porder = _first_appearance(ops.prefix)
+    lorder = _first_appearance(ops.layout)
+    pid = np.zeros(len(tables.prefixes) + 1, np.uint32)
+    pid[porder] = np.arange(porder.shape[0], dtype=np.uint32)
+    lid = np.zeros(len(tables.layouts) + 1, np.uint32)
+    lid[lorder] = np.arange(lorder.shape[0], dtype=np.uint32)
+    pid, lid = pid[ops.prefix], lid[ops.layout]
+    ndig = ops.ndig
+    is_wide = ndig > NARROW
+    lo, hi = ops.lo, ops.hi
+    seq = ops.seq
     order = np.argsort(seq, kind="stable")
 
-    tables = bytearray()
-    for fields, p in prefix_ids.items():
+    tables_buf = bytearray()
+    for q, g in enumerate(porder.tolist()):
+        fields = tables.prefixes[g].fields
         payload = prefix_payload(fields)
-        tables += def_slots(DEF_PREFIX, p, payload)
+        tables_buf += def_slots(DEF_PREFIX, q, payload)
         table_slots[fields] = def_span(payload)
-    for q, lay in enumerate(layouts):
+    for q, g in enumerate(lorder.tolist()):
+        v = tables.layouts[g]
+        lay = (v.shape, v.dtype, v.fmt)
+        valid_layouts.setdefault(lay, v)
         payload = layout_payload(lay)
-        tables += def_slots(DEF_LAYOUT, q, payload)
+        tables_buf += def_slots(DEF_LAYOUT, q, payload)
         table_slots[lay] = def_span(payload)
     blocks: list = []
-    if tables:
-        seal(tables)
-        blocks.append(tables)
-    ext = offset // page | (phys // page) << np.uint64(OFF_BITS)
+    if tables_buf:
+        seal(tables_buf)
+        blocks.append(tables_buf)
+    page = np.uint64(PAGE)
     for s in range(0, n, 4 * BUILD_BLOCK):
         o = order[s:s + 4 * BUILD_BLOCK]
         w = is_wide[o]
@@ -183,9 +240,9 @@ def _encode_snapshot(entries: list[DiskEntry], valid_layouts: dict[tuple, Layout
         r["span"] = np.where(w, 2, 1)
         r["prefix"] = pid[o]
         r["layout"] = lid[o]
-        r["ext"] = ext[o]
+        r["ext"] = ops.offset[o] // page | (ops.phys[o] // page) << np.uint64(OFF_BITS)
         r["seq"] = seq[o]
-        r["csum"] = csum[o]
+        r["csum"] = ops.csum[o]
         r["hash"] = lo[o]
         if w.any():
             rows[pos] = r

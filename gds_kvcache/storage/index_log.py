@@ -19,14 +19,15 @@ from ..key import CacheEngineKey
 from .entry import DiskEntry, IndexEntryError
 from .index_codec import (INDEX_VERSION, KIND_LOG, KIND_SNAP, LEGACY_NAME, LOG_NAME, MAX_OFFSET, SLOT, SNAP_NAME,
                           TABLE_ALLOWANCE, Layout, Tables, header_check, header_slot, mix, parse_header, seal)
-from .index_decode import Ops, build_entries, live_ops, parse_slots
+from .index_columns import EntryColumns, build_entries, live_ops
+from .index_decode import Ops, parse_slots
 from .index_encode import FileTables, check_batch, encode_batch, encode_snapshot
 from .index_legacy import check_legacy_header, parse_legacy
 
 # DiskEntry, IndexEntryError and the format constants are re-exported: code
 # and tests import them from here.
-__all__ = ["IndexLog", "DiskEntry", "IndexEntryError", "INDEX_VERSION", "SLOT", "SNAP_NAME", "LOG_NAME",
-           "LEGACY_NAME", "MAX_OFFSET", "TABLE_ALLOWANCE"]
+__all__ = ["IndexLog", "DiskEntry", "EntryColumns", "IndexEntryError", "INDEX_VERSION", "SLOT", "SNAP_NAME",
+           "LOG_NAME", "LEGACY_NAME", "MAX_OFFSET", "TABLE_ALLOWANCE"]
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +97,11 @@ class IndexLog:
     Both count as unusable records.
 
     Size: 56 bytes per chunk (112 with a chunk_hash of over 32 hex digits)
-    plus one header slot per file and the tables; no cap. Loading is
-    dominated by making the Python objects (``scripts/bench_index.py``
-    splits it); the cyclic garbage collector is paused while they are made,
-    since it would rescan the growing heap over and over.
+    plus one header slot per file and the tables; no cap. :meth:`load_columns`
+    and a snapshot of ``EntryColumns`` make no Python object per chunk; of
+    :meth:`load`, making the objects is most of the time
+    (``scripts/bench_index.py`` splits it), with the cyclic garbage
+    collector paused while they are made.
 
     The caller serialises all calls (its own lock); this class takes none.
     """
@@ -163,6 +165,24 @@ class IndexLog:
     def load(self) -> tuple[list[DiskEntry], int]:
         """Live entries sorted by ``seq``, and the number of unusable records skipped.
 
+        :meth:`load_columns` as ``DiskEntry`` objects (what a tool or test
+        reads; the disk index keeps the columns).
+        """
+        cols, bad = self.load_columns()
+        return self._build(cols.ops, cols.tables), bad
+
+    def load_columns(self) -> tuple[EntryColumns, int]:
+        """Live entries sorted by ``seq``, as columns, and the number of unusable records skipped.
+
+        :meth:`load_ops`, merged (``index_columns.live_ops``).
+        """
+        ops, tables, bad = self.load_ops()
+        return EntryColumns(live_ops(ops, _mix), tables), bad
+
+    def load_ops(self) -> tuple[Ops, Tables, int]:
+        """Every usable put and delete of the files in file order (snapshot, then log), the
+        tables their ids point into, and the number of unusable records skipped.
+
         Raises
         ------
         IndexFormatError
@@ -171,7 +191,8 @@ class IndexLog:
 
         Notes
         -----
-        Reads the files in full and never writes. Later records win: a put
+        Reads the files in full and never writes. Of a key's records the
+        latest in the files wins (see ``index_columns.merge_order``): a put
         after a delete of the same key is live, a delete after a put removes
         it. Unusable: torn or altered slots, and intact records naming an
         unknown dtype or fmt, a missing table entry or an impossible value.
@@ -202,7 +223,7 @@ class IndexLog:
             log.warning("index %s: a snapshot or log header is corrupt; starting with an empty index "
                         "(%d slot(s) dropped)", self.directory, lost)
             self._must_reset = True
-            return [], lost
+            return Ops(), Tables(), lost
 
         tables = Tables()
         parts: list[Ops] = []
@@ -234,7 +255,7 @@ class IndexLog:
         ops = Ops.concat(parts)
         if len(ops):
             self._seq = max(self._seq, int(ops.seq.max()))
-        return self._build(live_ops(ops, _mix), tables), bad
+        return ops, tables, bad
 
     def _reset_state(self) -> None:
         self.close_fd()
@@ -252,7 +273,7 @@ class IndexLog:
         if self._closed:
             raise ClosedError("index log is closed")
         if not self._loaded:
-            self.load()
+            self.load_columns()
 
     # -- writing -------------------------------------------------------------------------------
     def next_seq(self) -> int:
@@ -341,8 +362,9 @@ class IndexLog:
         self._log_records = 0
         self._file_tables = FileTables()
 
-    def snapshot(self, entries: Iterable[DiskEntry]) -> None:
-        """Make the index equal to exactly ``entries``, atomically and crash-safely.
+    def snapshot(self, entries) -> None:
+        """Make the index equal to exactly ``entries`` (``DiskEntry`` objects or an ``EntryColumns``),
+        atomically and crash-safely.
 
         Raises
         ------
@@ -357,14 +379,15 @@ class IndexLog:
         Order: new snapshot to ``.tmp``, fsync, rename, fsync the directory;
         then a fresh log of the new generation (temp file and rename too);
         then the JSON index of earlier versions, if any, is deleted. Entries
-        are written in ``seq`` order and keep their ``seq``. Costs about as
-        much as :meth:`load`: each entry's fields are read in Python.
+        are written in ``seq`` order and keep their ``seq``. Of objects, costs
+        about as much as :meth:`load` (each entry's fields are read in
+        Python); of columns, a few NumPy passes.
         """
         if self._closed:
             raise ClosedError("index log is closed")
         if not self._loaded:
             self._check_headers()
-        entries = entries if isinstance(entries, list) else list(entries)
+        entries = entries if isinstance(entries, (list, EntryColumns)) else list(entries)
         blocks, top = encode_snapshot(entries, self._valid_layouts, self._table_slots)
         gen = 0
         while gen == 0:

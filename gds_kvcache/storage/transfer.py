@@ -37,6 +37,7 @@ from ..memory.allocator import MemoryAllocatorInterface
 from ..memory.format import MemoryFormat, str_to_dtype
 from ..memory.obj import MemoryObj
 from .entry import keyed_checksum
+from .piece_sums import PieceSums, words_of
 
 __all__ = ["DiskTransfer", "VerifiedRead", "is_no_space", "keyed_checksum", "runs"]
 
@@ -159,6 +160,7 @@ class DiskTransfer:
         self.engine = engine
         self.pool = pool
         self.stats = {"write_calls": 0, "read_calls": 0, "spans": 0, "checksum_calls": 0}
+        self._words: tuple = (None, None)   # (slab array, its uint64 view) for PieceSums
 
     def checksums(self, objs: Sequence[MemoryObj]) -> list[int]:
         """The checksum of each object's logical bytes, in one launch for the batch."""
@@ -179,8 +181,14 @@ class DiskTransfer:
         (ENOSPC/EDQUOT); while it returns True (it made room) those writes are
         tried again.
         """
-        sums = [keyed_checksum(c, k) for c, k in zip(self.checksums(objs), keys)]
-        errs = self.write(objs, offsets)
+        pieces = self._piece_sums(objs)
+        if pieces is None:
+            raw = self.checksums(objs)
+            errs = self.write(objs, offsets)
+        else:   # hashed by the I/O threads, each piece just before it is written
+            errs = self._move(True, objs, offsets, pieces)
+            raw = pieces.result()
+        sums = [keyed_checksum(c, k) for c, k in zip(raw, keys)]
         while on_full is not None:
             full = [i for i, e in enumerate(errs) if e is not None and is_no_space(e)]
             if not full or not on_full():
@@ -228,15 +236,21 @@ class DiskTransfer:
                 else:   # a phys_size below the 4 KiB-rounded nbytes: reading would pass its extent
                     out.bad.append((i, ShapeMismatchError(f"extent of {descs[i].phys_size} bytes is smaller "
                                                           f"than the chunk's {o.phys_size}")))
-            errs = self.read([objs[j] for j in sized], [descs[idx[j]].offset for j in sized])
-            ok = []
-            for j, err in zip(sized, errs):
+            moving = [objs[j] for j in sized]
+            pieces = self._piece_sums(moving) if verify else None
+            errs = self._move(False, moving, [descs[idx[j]].offset for j in sized], pieces)
+            ok, ok_pos = [], []
+            for pos, (j, err) in enumerate(zip(sized, errs)):
                 if err is None:
                     ok.append(j)
+                    ok_pos.append(pos)
                 else:
                     out.bad.append((idx[j], err))
             if verify and ok:
-                sums = self.checksums([objs[j] for j in ok])
+                if pieces is None:
+                    sums = self.checksums([objs[j] for j in ok])
+                else:   # hashed by the I/O threads as each piece arrived
+                    sums = pieces.result(ok_pos)
                 good = []
                 for j, s in zip(ok, sums):
                     d = descs[idx[j]]
@@ -262,11 +276,23 @@ class DiskTransfer:
         """Read each object's ``phys_size`` bytes from its pool offset; per object, None or the error."""
         return self._move(False, objs, offsets)
 
-    def _move(self, write: bool, objs, offsets) -> list[Optional[BaseException]]:
+    def _piece_sums(self, objs: Sequence[MemoryObj]) -> Optional[PieceSums]:
+        """A ``PieceSums`` for ``objs`` where the engine hashes pieces as they move (a host slab),
+        else None (the batch is checksummed in one call after or before the transfer)."""
+        if not objs or not self.engine.piece_hooks or objs[0].slab.kind == "cuda":
+            return None
+        self.stats["checksum_calls"] += 1
+        buf = objs[0].slab.host_array()
+        if self._words[0] is not buf:    # one slab per tier: made once
+            self._words = (buf, words_of(buf))
+        return PieceSums(buf, self._words[1], objs)
+
+    def _move(self, write: bool, objs, offsets, pieces: Optional[PieceSums] = None) -> list[Optional[BaseException]]:
         if not objs:
             return []
         spans, which = runs(objs, offsets, self.pool)
         self.stats["write_calls" if write else "read_calls"] += 1
         self.stats["spans"] += len(spans)
-        errs = (self.engine.write_spans if write else self.engine.read_spans)(spans)
+        move = self.engine.write_spans if write else self.engine.read_spans
+        errs = move(spans) if pieces is None else move(spans, hook=pieces)
         return [next((errs[w] for w in ws if errs[w] is not None), None) for ws in which]

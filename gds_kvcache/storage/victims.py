@@ -1,59 +1,58 @@
 """Which chunks a disk index may evict: LRU order, never one being read.
 
-Pure functions over the index's ``OrderedDict`` of entries, oldest first
-(``begin_read`` moves a chunk it reads to the end). Invariants: nothing here
-ever names an entry with readers (a chunk being read is never evicted under
-its reader), every list keeps LRU order, and nothing is changed: the caller
-holds the index lock and drops what these name.
+Functions over the index's rows (``entry_table``), their use order
+(``lru_clock``) and the rows read now (``pinned``: row -> entry). Invariants:
+nothing here ever names a pinned row (a chunk being read is never evicted
+under its reader), every list keeps LRU order, and nothing is changed: the
+caller holds the index lock and drops what these name.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Iterator, Mapping
 
-from ..key import CacheEngineKey
 from ..memory.extents import ExtentAllocator
 from .entry import DiskEntry
+from .entry_table import EntryTable
+from .lru_clock import LruClock
 
-__all__ = ["oldest_unread", "unread_keys", "unread_holding", "still_unread", "largest_hole_without_unread"]
-
-
-def oldest_unread(entries: Mapping[CacheEngineKey, DiskEntry]) -> Optional[CacheEngineKey]:
-    """The least recently used key nobody reads, or None."""
-    return next((k for k, e in entries.items() if e.readers == 0), None)
+__all__ = ["oldest_unread", "unread_rows", "unread_holding", "largest_hole_without_unread"]
 
 
-def unread_keys(entries: Mapping[CacheEngineKey, DiskEntry]) -> list[CacheEngineKey]:
-    """Every key nobody reads, oldest first."""
-    return [k for k, e in entries.items() if e.readers == 0]
+def unread_rows(lru: LruClock, pinned: Mapping[int, DiskEntry]) -> Iterator[int]:
+    """Every row nobody reads, oldest first (lazily: rows dropped meanwhile are skipped)."""
+    return (r for r in lru.walk() if r not in pinned)
 
 
-def unread_holding(entries: Mapping[CacheEngineKey, DiskEntry], nbytes: int, count: int = 0) -> list[DiskEntry]:
-    """Entries nobody reads, oldest first, until they hold ``nbytes`` and number at least
+def oldest_unread(lru: LruClock, pinned: Mapping[int, DiskEntry]) -> int:
+    """The least recently used row nobody reads, or -1."""
+    return next(unread_rows(lru, pinned), -1)
+
+
+def unread_holding(table: EntryTable, lru: LruClock, pinned: Mapping[int, DiskEntry], nbytes: int,
+                   count: int = 0) -> list[int]:
+    """Rows nobody reads, oldest first, until they hold ``nbytes`` and number at least
     ``count`` (fewer if there are no more)."""
-    out: list[DiskEntry] = []
+    out: list[int] = []
     got = 0
-    for e in entries.values():
+    for r in unread_rows(lru, pinned):
         if got >= nbytes and len(out) >= count:
             break
-        if e.readers == 0:
-            out.append(e)
-            got += e.phys_size
+        out.append(r)
+        got += table.extent(r)[1]
     return out
 
 
-def still_unread(picked: Sequence[DiskEntry], entries: Mapping[CacheEngineKey, DiskEntry]) -> list[DiskEntry]:
-    """Those of ``picked`` still current in ``entries`` and still unread."""
-    return [e for e in picked if entries.get(e.key) is e and e.readers == 0]
+def largest_hole_without_unread(space: ExtentAllocator, table: EntryTable, pinned: Mapping[int, DiskEntry]) -> int:
+    """The largest free run ``space`` would have if every chunk nobody reads were evicted.
 
-
-def largest_hole_without_unread(entries: Mapping[CacheEngineKey, DiskEntry], space: ExtentAllocator) -> int:
-    """The largest free run ``space`` would have if every chunk nobody reads were evicted."""
-    evictable = {e.offset for e in entries.values() if e.readers == 0}
+    What stays is what ``space`` tracks (puts in flight, extents dropped but not
+    yet free, holes) and the extents of rows being read: never the live rows.
+    """
+    stay = space.extents()
+    stay.update(table.extent(r) for r in pinned)
     best, pos = 0, 0
-    for o, n in sorted(space.extents().items()):
-        if o in evictable:
-            continue
+    for o, n in sorted(stay.items()):
         best = max(best, o - pos)
-        pos = o + n
+        pos = max(pos, o + n)
     return max(best, space.capacity - pos)

@@ -47,10 +47,10 @@ from ...config import CacheEngineConfig
 from ...errors import GdsKvCacheError, ShapeMismatchError, StorageUnavailableError
 from ...io import open_engine
 from ...kernels import pack, unpack
-from ...kernels.checksum import checksum_host, warmup_cuda
+from ...kernels.checksum import checksum_batch, warmup_cuda
 from ...memory.allocator import SlabMemoryAllocator
 from ...memory.format import MemoryFormat
-from ...storage.pool_file import PoolLayout
+from ...storage.pool_file import LAYOUT_NAME, PoolLayout
 from ...storage.transfer import DiskTransfer
 from .channel import JOBS_DIR, write_result
 from .fleet_worker import ReadOnlyPools, load_groups, store_path
@@ -153,6 +153,7 @@ class DiskOffloadingWorker(OffloadingWorker):
         self.reports_failed_blocks = False
         os.makedirs(os.path.join(self.root, JOBS_DIR), exist_ok=True)
         self._pools: dict[str, DiskTransfer] = {}
+        self._pool_ids: dict[str, tuple] = {}  # path -> identity of the layout file it was opened with
         # Fleet mode: other instances' pools, read-only (``fleet_worker``).
         self._remote = ReadOnlyPools(config, self.allocator) if config.lookup_server_url else None
         self._pool_lock = threading.Lock()
@@ -163,33 +164,59 @@ class DiskOffloadingWorker(OffloadingWorker):
         self.stats = {"stores": 0, "chunks_stored": 0, "loads": 0, "chunks_loaded": 0, "load_failures": 0,
                       "blocks_failed": 0}
         self._warm_up()
+        self._open_existing_pools()
 
     def _warm_up(self) -> None:
-        """Compile (or load from Numba's cache) pack, unpack and the checksum now, not inside the first
-        request's transfers. Touches no KV: unpack of slot -1 writes nothing."""
+        """Compile (or load from Numba's cache) pack, unpack and the batch checksum that transfers use
+        now, not inside the first request's transfers. Touches no KV: unpack of slot -1 writes nothing."""
         objs = self.allocator.batched_allocate([self._shape(1)], [torch.int8], [MemoryFormat.KV_MLA_FMT])
         if not objs:
             return
         try:
             pack(self.layers, "mla", self._slots([0]), objs[0].tensor, check=False)
             unpack(objs[0].tensor, self.layers, "mla", self._slots([-1]), check=False)
+            self._sync()
             if objs[0].device.type == "cuda":
                 warmup_cuda(objs[0].device)
-            else:
-                checksum_host(b"warm")
-            self._sync()
+            checksum_batch(objs[0].slab.tensor, [(objs[0].offset, objs[0].nbytes)], ordered=False)
         finally:
             objs[0].ref_count_down()
 
+    def _open_existing_pools(self) -> None:
+        """Open the pools a restart finds now, at start-up: opening one (KvikIO, cuFile's driver,
+        registering the slab) is what otherwise made the first load after a restart slow (the
+        process that wrote the chunks paid it at its first store). A new directory's pool is made
+        by the scheduler later and is opened at its first use."""
+        for shard in sorted({self.store_shard, self.load_shard}):
+            if not os.path.exists(os.path.join(self.root, f"rank{shard}", LAYOUT_NAME)):
+                continue
+            try:
+                self._pool(shard)
+            except GdsKvCacheError as e:  # the first job tries again and fails that job, not the engine
+                log.warning("cannot open shard %d's pool at start-up: %s", shard, e)
+
     # -- plumbing -------------------------------------------------------------
     def _pool(self, shard: int) -> DiskTransfer:
-        """The shard's pool, opened at first use (the scheduler creates it, maybe after this worker)."""
+        """The shard's pool (see ``_pool_at``)."""
         return self._pool_at(os.path.join(self.root, f"rank{shard}"))
 
     def _pool_at(self, path: str) -> DiskTransfer:
-        """The pool of directory ``path`` (a shard's, or this instance's writer directory in fleet mode)."""
+        """The pool of directory ``path`` (a shard's, or this instance's writer directory in fleet
+        mode): opened at start-up or first use (the scheduler creates it, maybe after this worker),
+        and again when the scheduler rewrote its layout file since (a restart with another
+        ``max_local_disk_size`` resizes the pool after this worker opened it)."""
+        try:
+            st = os.stat(os.path.join(path, LAYOUT_NAME))
+            ident = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            ident = None
         with self._pool_lock:
             p = self._pools.get(path)
+            if p is not None and ident is not None and ident != self._pool_ids.get(path):
+                log.info("the pool layout of %s changed: reopening it", path)
+                del self._pools[path]
+                p.engine.close()
+                p = None
             if p is None:
                 try:
                     layout = PoolLayout.read(path)
@@ -200,6 +227,7 @@ class DiskOffloadingWorker(OffloadingWorker):
                 eng.attach(self.allocator.buffer)
                 p = DiskTransfer(eng, layout)
                 self._pools[path] = p
+                self._pool_ids[path] = ident
             return p
 
     def _shape(self, nblocks: int) -> tuple:
@@ -211,6 +239,12 @@ class DiskOffloadingWorker(OffloadingWorker):
     def _sync(self) -> None:
         if self.layers[0].device.type == "cuda":
             torch.cuda.current_stream(self.layers[0].device).synchronize()
+
+    @property
+    def open_pools(self) -> list[int]:
+        """The shards whose pool this worker holds open."""
+        with self._pool_lock:
+            return sorted(self._pools)
 
     def take_failed_blocks(self) -> set[int]:
         """GPU block ids whose load failed since the last call (for vLLM's invalid_block_ids)."""

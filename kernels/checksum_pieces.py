@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .checksum import _mix, _tail_word
+from .checksum_cpu import _mix, _tail_word
 
 __all__ = ["word_sum", "checksum_finish"]
 

@@ -25,12 +25,18 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..kernels.checksum import checksum_batch
-from ..kernels.checksum_pieces import checksum_finish, word_sum
 from ..memory.obj import MemoryObj
 
 __all__ = ["PieceSums", "words_of"]
 
 _MASK = (1 << 64) - 1
+
+
+def _pieces():
+    """``kernels.checksum_pieces``, imported at the first piece hashed: it loads Numba, which
+    importing gds_kvcache must not (see ``kernels.checksum_cpu``)."""
+    from ..kernels import checksum_pieces
+    return checksum_pieces
 
 
 def words_of(buf: np.ndarray) -> np.ndarray:
@@ -63,7 +69,7 @@ class PieceSums:
         while k < len(starts) and starts[k] < stop:
             lo, hi = max(mem_offset, starts[k]), min(stop, ends[k])
             if lo < hi and lo % 8 == 0 and hi % 8 == 0:
-                s = word_sum(self._words[lo // 8: hi // 8], (lo - starts[k]) // 8)
+                s = _pieces().word_sum(self._words[lo // 8: hi // 8], (lo - starts[k]) // 8)
                 i = self._order[k]
                 with self._lock:
                     self._sums[i] += s
@@ -80,7 +86,7 @@ class PieceSums:
             o = self._objs[i]
             out.append(None)
             if self._covered[i] == o.nbytes // 8 * 8:
-                out[-1] = checksum_finish(self._sums[i] & _MASK, self._b[o.offset: o.offset + o.nbytes])
+                out[-1] = _pieces().checksum_finish(self._sums[i] & _MASK, self._b[o.offset: o.offset + o.nbytes])
             else:
                 redo.append((len(out) - 1, i))
         if redo:

@@ -42,4 +42,5 @@ def test_plugin_scheduler_side_imports_without_numba():
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("needs vLLM (scripts/ci-vllm.sh)")
     _check("import gds_kvcache.integrations.vllm as p\n"
-           "p.GdsKvCacheSpec, p.GdsKvCacheConnector, p.DiskOffloadingManager")
+           "p.GdsKvCacheSpec, p.GdsKvCacheConnector, p.DiskOffloadingManager\n"
+           "import gds_kvcache.integrations.vllm.fleet_manager")     # fleet mode (lookup_url)

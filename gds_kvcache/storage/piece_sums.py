@@ -39,6 +39,13 @@ __all__ = ["PieceSums", "words_of"]
 _MASK = (1 << 64) - 1
 
 
+def _pieces():
+    """``kernels.checksum_pieces``, imported at the first piece hashed: it loads Numba, which
+    importing gds_kvcache must not (see ``kernels.checksum_cpu``)."""
+    from ..kernels import checksum_pieces
+    return checksum_pieces
+
+
 def words_of(buf: np.ndarray) -> np.ndarray:
     """``buf`` (a page-aligned slab's uint8 array) viewed as uint64 words, for ``PieceSums``."""
     return buf[: buf.shape[0] // 8 * 8].view(np.uint64)

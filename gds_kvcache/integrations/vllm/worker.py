@@ -242,9 +242,10 @@ class DiskOffloadingWorker(OffloadingWorker):
 
     @property
     def open_pools(self) -> list[int]:
-        """The shards whose pool this worker holds open."""
+        """The shards whose pool (``root/rank<s>``) this worker holds open."""
         with self._pool_lock:
-            return sorted(self._pools)
+            return sorted(s for s in {self.store_shard, self.load_shard}
+                          if os.path.join(self.root, f"rank{s}") in self._pools)
 
     def take_failed_blocks(self) -> set[int]:
         """GPU block ids whose load failed since the last call (for vLLM's invalid_block_ids)."""

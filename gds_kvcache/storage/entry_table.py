@@ -39,7 +39,8 @@ _MAX_LOAD = 0.75
 
 
 def _place(homes_sorted: np.ndarray, rows: np.ndarray, size: int) -> np.ndarray:
-    """A hash table of ``size`` slots holding ``rows`` by linear probing, their homes given sorted.
+    """A hash table of ``size`` slots holding ``rows`` by linear probing, their homes given sorted
+    (int64; this overwrites them).
 
     Row i lands at max(home_i, slot of row i-1 + 1): a running maximum. Rows
     pushed past the end go on from slot 0, in order.
@@ -47,22 +48,24 @@ def _place(homes_sorted: np.ndarray, rows: np.ndarray, size: int) -> np.ndarray:
     slots = np.full(size, -1, np.int32)
     m = rows.shape[0]
     if m:
+        pos = homes_sorted
         ar = np.arange(m, dtype=np.int64)
-        pos = homes_sorted.astype(np.int64)
         pos -= ar
         np.maximum.accumulate(pos, out=pos)
         pos += ar
         del ar
+        if pos[-1] < size:                # none past the end (the usual case): no masks
+            slots[pos] = rows
+            return slots
         fit = pos < size
         slots[pos[fit]] = rows[fit]
         spill = rows[~fit].tolist()
-        if spill:
-            s, j = memoryview(slots), 0
-            for row in spill:
-                while s[j] >= 0:
-                    j += 1
-                s[j] = row
+        s, j = memoryview(slots), 0
+        for row in spill:
+            while s[j] >= 0:
                 j += 1
+            s[j] = row
+            j += 1
     return slots
 
 
@@ -142,17 +145,18 @@ class EntryTable:
         if packed is None or size.bit_length() - 1 > 32:
             self._rebuild_slots(size)
             return
-        shift = np.uint64(32 - (size.bit_length() - 1))
-        rows = (packed & _LOW32).astype(np.int64)
+        # The low half of each word is its operation's index; the top bits of the high half its home.
+        shift = np.uint64(64 - (size.bit_length() - 1))
+        rows = packed.view(np.uint32)[::2] if packed.dtype.byteorder in "=<" else packed & _LOW32
         if not everything:
             row_of = np.full(len(ops), -1, np.int64)
             row_of[live] = np.arange(n)
             rows = row_of[rows]
             del row_of
             sel = rows >= 0
-            self._set_slots(_place(packed[sel] >> np.uint64(32) >> shift, rows[sel], size))
+            self._set_slots(_place((packed[sel] >> shift).view(np.int64), rows[sel], size))
         else:
-            self._set_slots(_place(packed >> np.uint64(32) >> shift, rows, size))
+            self._set_slots(_place((packed >> shift).view(np.int64), rows, size))
 
     def _rebuild_slots(self, size: int) -> None:
         """Place every live row in a new hash table of ``size`` slots."""
@@ -161,7 +165,7 @@ class EntryTable:
         packed = (self._homes(rows) >> shift) << np.uint64(32) | rows.astype(np.uint64)
         del rows
         packed.sort()
-        self._set_slots(_place(packed >> np.uint64(32), (packed & _LOW32).astype(np.int64), size))
+        self._set_slots(_place((packed >> np.uint64(32)).view(np.int64), (packed & _LOW32).astype(np.int64), size))
 
     def _homes(self, rows: np.ndarray) -> np.ndarray:
         w = self.w.reshape(-1, 2)

@@ -206,8 +206,10 @@ def parse_slots(buf: bytes, tables: Tables) -> tuple[Ops, int, tuple]:
     ops.ndig = r["ndig"]
     ops.lo = r["hash"]
     ext = r["ext"]
-    ops.offset = (ext & np.uint64((1 << OFF_BITS) - 1)) * np.uint64(PAGE)
-    ops.phys = (ext >> np.uint64(OFF_BITS)) * np.uint64(PAGE)
+    ops.offset = ext & np.uint64((1 << OFF_BITS) - 1)
+    ops.offset *= np.uint64(PAGE)
+    ops.phys = ext >> np.uint64(OFF_BITS)
+    ops.phys *= np.uint64(PAGE)
     ops.seq = r["seq"]
     ops.csum = r["csum"]
     good = _valid_ops(ops, is_wide, tables)

@@ -99,10 +99,10 @@ class DiskOffloadingManager(OffloadingManager):
             for s in range(shards):
                 d = PoolDirectory(os.path.join(self.root, f"rank{s}"), disk_bytes, pool_files)
                 self._dirs.append(d)
-                idx = DiskIndex(d, index_reserve(disk_bytes))
+                idx = DiskIndex(d, index_reserve(disk_bytes), events=False)
                 self._indexes.append(idx)
                 idx.recover()
-                idx.drain_events()  # recovered chunks are not news to this vLLM instance
+                idx.track_events(True)  # from here: recovered chunks are not news to this vLLM instance
             # Results of jobs an earlier process never completed: nothing will read them.
             jobs = os.path.join(self.root, JOBS_DIR)
             os.makedirs(jobs, exist_ok=True)

@@ -21,7 +21,7 @@ from gds_kvcache.storage import entry_table as et
 from gds_kvcache.storage import key_codes as kcodes
 from gds_kvcache.storage.entry_table import EntryTable
 from gds_kvcache.storage.index_columns import merge_order
-from gds_kvcache.storage.key_codes import KeyCodes, ident_homes
+from gds_kvcache.storage.key_codes import KeyCodes, ident_homes, ident_words
 from gds_kvcache.storage.lru_clock import FREE, LruClock
 from gds_kvcache.units import PAGE
 
@@ -123,7 +123,7 @@ class TableMachine(RuleBasedStateMachine):
         """What a snapshot of the table holds, loaded into a new one (the reopen path)."""
         cols = self.t.columns(self.t.live_rows())
         # Under the table's hash (replaced by the collision fixtures, like ``ident_homes`` otherwise).
-        keep, packed = merge_order(cols.ops, lambda ident: et.homes(ident[0], ident[1], ident[2]))
+        keep, packed = merge_order(cols.ops, lambda ident: et.homes(ident[0], *ident_words(ident)))
         assert keep.all()
         fresh = EntryTable(KeyCodes(cols.tables))
         fresh.load(cols.ops, np.flatnonzero(keep), packed)

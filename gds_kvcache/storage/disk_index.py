@@ -151,8 +151,8 @@ class DiskIndex:
 
     def entry(self, key: CacheEngineKey) -> Optional[DiskEntry]:
         with self._lock:
-            row = self._live.find(key)
-            return None if row < 0 else self._live.get(row, key)
+            row, e = self._live.lookup(key)
+            return e if e is not None or row < 0 else self._live.get(row, key)
 
     def keys(self) -> list[CacheEngineKey]:
         """Every stored key, least recently used first (made now: one object a key)."""
@@ -249,8 +249,8 @@ class DiskIndex:
             if self._closed:
                 raise ClosedError("disk index is closed")
             for k in keys:
-                row = self._live.find(k)
-                out.append(None if row < 0 else self._live.pin(row, k))
+                row, e = self._live.lookup(k)
+                out.append(None if row < 0 else self._live.pin(row, k, e))
         return out
 
     def end_read(self, entries: Iterable[DiskEntry], bad: Iterable[DiskEntry] = ()) -> None:
@@ -275,7 +275,7 @@ class DiskIndex:
         """Forget a live row: delete record first (unless the caller writes it), then (unless read
         now, or ``free`` is False) release its extent. Returns its entry (``given`` where that is it)."""
         if record:
-            self._log.append(dels=[self._live.peek(row, given).key])
+            self._log.append(dels=[self._live.key_of(row) if given is None else given.key])
         e = self._live.drop(row, given)
         self._events.add("remove", e.key)
         if e.readers > 0:

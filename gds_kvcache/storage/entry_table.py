@@ -1,7 +1,6 @@
 """``EntryTable``: the disk index's live entries as rows of NumPy columns, found by key.
 
-Each live chunk is one row: its hash's two words (16 bytes, as the index
-files hold them), its kind (``key_codes``: prefix, digit count and layout;
+Each live chunk is one row: its hash's low 128 bits (16 bytes), its kind (``key_codes``: prefix, digit count and layout;
 4 bytes), its extent (offset and size in pages, 8 bytes), checksum and seq
 (8 each): 44 bytes, with no Python object. Keys are found through an
 open-addressing hash table of row numbers (int32, linear probing, at most
@@ -29,7 +28,7 @@ from .entry import DiskEntry
 from .index_codec import OFF_BITS
 from .index_columns import EntryColumns
 from .index_decode import Ops
-from .key_codes import FREE_KIND, KeyCodes, as_bytes, home, homes
+from .key_codes import FREE_KIND, M64, KeyCodes, big_endian, home, homes
 
 __all__ = ["EntryTable"]
 
@@ -81,6 +80,8 @@ class EntryTable:
 
     def __init__(self, codes: Optional[KeyCodes] = None):
         self.codes = codes if codes is not None else KeyCodes()
+        # The codes' lookup tables, read by every find (they only grow, in place).
+        self._kc, self._kc_ident, self._kind_kc = self.codes.probe_map(), self.codes.kc_ident, self.codes.kind_kc
         self.n = 0                      # live rows
         self.top = 0                    # rows ever handed out (the rest of the columns is unused)
         self._free = array("q")         # rows to reuse
@@ -130,7 +131,11 @@ class EntryTable:
         self._columns(n + max(1024, n >> 3))
         pick = slice(None) if everything else live
         self.kind[:n] = self.codes.kinds_of(ops.prefix[pick], ops.ndig[pick], ops.layout[pick])
-        self.w[:2 * n].view("V16")[:] = ops.lo.view("V16")[:, 0][pick]     # the files' bytes as they are
+        lo = ops.lo.view(">u8")[pick]                    # (n, 2): the high word first
+        w = self.w[:2 * n].reshape(n, 2)
+        w[:, 0] = lo[:, 1]
+        w[:, 1] = lo[:, 0]
+        del lo, w
         self.ext[:n] = ops.offset[pick] // np.uint64(PAGE) | (ops.phys[pick] // np.uint64(PAGE)) << np.uint64(OFF_BITS)
         self.csum[:n] = ops.csum[pick]
         self.seq[:n] = ops.seq[pick]
@@ -176,9 +181,23 @@ class EntryTable:
 
     # -- one key ---------------------------------------------------------------------------------------
     def find(self, key: CacheEngineKey) -> int:
-        """The row of ``key``, or -1."""
-        p = self.codes.probe(key)
-        return -1 if p is None else self.find_probe(*p)
+        """The row of ``key``, or -1 (``KeyCodes.probe`` and :meth:`find_probe` in one: the hot path)."""
+        h = key.chunk_hash
+        kc = self._kc.get((key.fmt, key.model_name, key.world_size, key.worker_id, len(h)))
+        if kc is None:
+            return -1
+        v = int(h, 16)
+        a, b = v & M64, (v >> 64) & M64
+        i = home(self._kc_ident[kc], a, b) >> self._shift
+        S, W, K, KC, mask = self._S, self._W, self._K, self._kind_kc, self._mask
+        while True:
+            r = S[i]
+            if r < 0:
+                return -1
+            if W[2 * r] == a and W[2 * r + 1] == b and KC[K[r]] == kc and (
+                    not self._hi or self._hi.get(r, 0) == v >> 128):
+                return r
+            i = (i + 1) & mask
 
     def find_probe(self, kc: int, w0: int, w1: int, hi: int) -> int:
         """The row of the key with these numbers (``KeyCodes.probe``), or -1."""
@@ -293,7 +312,7 @@ class EntryTable:
         ops.is_put = np.ones(n, bool)
         ops.prefix, ops.layout = pid_k[kinds], lid_k[kinds]
         ops.ndig = ndig_k[kinds].astype(np.uint8)
-        ops.lo = as_bytes(self.w.reshape(-1, 2)[rows])
+        ops.lo = big_endian(self.w.reshape(-1, 2)[rows])
         ops.hi = None
         if self._hi:
             wide = [(i, self._hi[r]) for i, r in enumerate(rows.tolist()) if r in self._hi]

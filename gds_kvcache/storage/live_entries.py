@@ -9,7 +9,9 @@ dropping a chunk changes them all together:
   recorded there one by one (``ExtentAllocator.untrack``); it is recorded
   again when the chunk is dropped, until its owner frees it;
 * the ``DiskEntry`` objects callers hold: made for a row only when asked,
-  kept strongly while read (``readers`` > 0: the row is *pinned*), weakly
+  kept strongly while read (``readers`` > 0: the row is *pinned*) and for
+  the ``RECENT`` rows last asked about or put (so a chunk put and read
+  again, or read again and again, is not made anew each time), weakly
   otherwise; a row has at most one object at a time, so a caller holding an
   entry sees every reader count and ``is`` compares it with what the index
   hands out later;
@@ -22,6 +24,7 @@ Not thread-safe: ``DiskIndex`` holds its lock around every call.
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from typing import Iterator, Optional
 
 import numpy as np
@@ -33,7 +36,10 @@ from .entry_table import EntryTable
 from .index_columns import EntryColumns
 from .lru_clock import LruClock
 
-__all__ = ["LiveEntries"]
+__all__ = ["LiveEntries", "RECENT"]
+
+#: Objects kept for the rows last asked about (about 400 bytes each).
+RECENT = 4096
 
 
 class LiveEntries:
@@ -45,14 +51,22 @@ class LiveEntries:
         self.lru = LruClock()
         self.lru.reset(len(self.table))        # a loaded table's rows are in put order
         self.pinned: dict[int, DiskEntry] = {}                                    # row -> its object while read
-        self._held: weakref.WeakValueDictionary = weakref.WeakValueDictionary()   # row -> its object
+        self._recent: OrderedDict[CacheEngineKey, DiskEntry] = OrderedDict()      # the last RECENT asked about
+        self._held: weakref.WeakValueDictionary = weakref.WeakValueDictionary()   # row -> its object, if any
 
     def __len__(self) -> int:
         return len(self.table)
 
     # -- objects --------------------------------------------------------------------------------
     def find(self, key: CacheEngineKey) -> int:
-        return self.table.find(key)
+        """The row of ``key``, or -1."""
+        e = self._recent.get(key)
+        return e.row if e is not None else self.table.find(key)
+
+    def lookup(self, key: CacheEngineKey) -> tuple[int, Optional[DiskEntry]]:
+        """The row of ``key`` (-1 if none) and its object where one is at hand."""
+        e = self._recent.get(key)
+        return (e.row, e) if e is not None else (self.table.find(key), None)
 
     def get(self, row: int, key: Optional[CacheEngineKey] = None) -> DiskEntry:
         """The object of a live row, made if no caller holds one (``key``: an equal key to reuse)."""
@@ -62,11 +76,19 @@ class LiveEntries:
             if e is None:
                 e = self._held[row] = self.table.entry(row, key)
                 e.row = row
+            self._keep(e)
         return e
 
-    def pin(self, row: int, key: CacheEngineKey) -> DiskEntry:
-        """One more reader of a live row (now its most recent use); its object."""
-        e = self.get(row, key)
+    def _keep(self, e: DiskEntry) -> None:
+        r = self._recent
+        r[e.key] = e
+        if len(r) > RECENT:
+            r.popitem(last=False)
+
+    def pin(self, row: int, key: CacheEngineKey, e: Optional[DiskEntry] = None) -> DiskEntry:
+        """One more reader of a live row (now its most recent use); its object (``e``, if at hand)."""
+        if e is None:
+            e = self.get(row, key)
         e.readers += 1
         self.pinned[row] = e
         self.lru.touch(row)
@@ -85,31 +107,42 @@ class LiveEntries:
 
     def unpin(self, e: DiskEntry) -> None:
         """``e`` (its readers just dropped to 0) is read no more."""
-        row = self.row_of(e)
-        if row >= 0 and self.pinned.get(row) is e:
-            del self.pinned[row]
+        r = e.row
+        if r < 0 or self.pinned.get(r) is not e:
+            r = self.row_of(e)
+        if r >= 0 and self.pinned.get(r) is e:
+            del self.pinned[r]
 
     # -- adding and dropping ------------------------------------------------------------------------
     def add(self, e: DiskEntry) -> None:
-        """A committed put (its key not stored; its extent allocated and recorded in ``space``)."""
+        """A committed put (its key not stored; its extent allocated and recorded in ``space``); ``e``
+        becomes the row's object."""
         codes = self.table.codes
         kind = codes.kind_of(e.key, (tuple(e.shape), e.dtype, e.fmt))    # validated by the log's append
         row = self.table.insert(codes.probe(e.key), kind, e.offset, e.phys_size, e.checksum, e.seq)
         self.space.untrack(e.offset)
         self.lru.touch(row)
+        e.row = row
+        self._held[row] = e
+        self._keep(e)
 
-    def peek(self, row: int, given: Optional[DiskEntry] = None) -> DiskEntry:
-        """What :meth:`drop` will return for ``row``, changing nothing."""
-        e = self.pinned.get(row)
-        return e if e is not None else given if given is not None else self.get(row)
+    def key_of(self, row: int) -> CacheEngineKey:
+        e = self._held.get(row)
+        return e.key if e is not None else self.table.key(row)
 
     def drop(self, row: int, given: Optional[DiskEntry] = None) -> DiskEntry:
-        """Forget a live row; its object (the pinned one, else ``given``, else one made now), whose
-        extent is recorded in ``space`` again (allocated until its owner frees it)."""
-        e = self.peek(row, given)
-        self.pinned.pop(row, None)
-        self._held.pop(row, None)
-        e.row = -1
+        """Forget a live row; its object (the one read now, else ``given``, else the one held, else
+        one made now), whose extent is recorded in ``space`` again (allocated until its owner frees it)."""
+        held = self._held.pop(row, None)
+        pinned = self.pinned.pop(row, None)
+        e = pinned if pinned is not None else given if given is not None else held
+        if e is None:
+            e = self.table.entry(row)
+        for x in (held, given):
+            if x is not None:
+                if self._recent.get(x.key) is x:
+                    del self._recent[x.key]
+                x.row = -1
         self.table.remove(row)
         self.lru.forget(row)
         self.space.track(e.offset, e.phys_size)
@@ -168,6 +201,9 @@ class LiveEntries:
         self.table.check()
         assert np.array_equal(np.sort(np.flatnonzero(self.lru.stamps[:self.table.top] != 0xFFFFFFFF)), rows), \
             "use order and rows differ"
+        for k, e in self._recent.items():
+            assert e.row >= 0 and self._held.get(e.row) is e and self.table.find(e.key) == e.row and k == e.key, \
+                f"recent entry {e.key} is not its row's"
         for row, e in self.pinned.items():
             assert e.readers > 0 and e.row == row, f"pinned entry {e.key} has no reader or another row"
             assert self.table.extent(row) == (e.offset, e.phys_size), f"pinned entry {e.key} is not its row's"

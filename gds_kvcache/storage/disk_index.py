@@ -275,7 +275,7 @@ class DiskIndex:
         """Forget a live row: delete record first (unless the caller writes it), then (unless read
         now, or ``free`` is False) release its extent. Returns its entry (``given`` where that is it)."""
         if record:
-            self._log.append(dels=[self._live.key_of(row) if given is None else given.key])
+            self._log.append(dels=[self._live.table.key(row) if given is None else given.key])
         e = self._live.drop(row, given)
         self._events.add("remove", e.key)
         if e.readers > 0:

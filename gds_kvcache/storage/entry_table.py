@@ -28,7 +28,7 @@ from .entry import DiskEntry
 from .index_codec import OFF_BITS
 from .index_columns import EntryColumns
 from .index_decode import Ops
-from .key_codes import FREE_KIND, M64, KeyCodes, big_endian, home, homes
+from .key_codes import FREE_KIND, M64, MULTIPLIERS, KeyCodes, big_endian, home, homes
 
 __all__ = ["EntryTable"]
 
@@ -77,6 +77,9 @@ def _slot_count(n: int) -> int:
 
 class EntryTable:
     """Live entries of one disk index as rows (see the module notes)."""
+
+    #: ``key_codes.home``'s multipliers (inlined in the hot paths); tests give others to make keys collide.
+    mul = MULTIPLIERS
 
     def __init__(self, codes: Optional[KeyCodes] = None):
         self.codes = codes if codes is not None else KeyCodes()
@@ -176,8 +179,8 @@ class EntryTable:
         w = self.w.reshape(-1, 2)
         if rows.shape[0] == self.top:        # every row: slices, not gathers
             t = self.top
-            return homes(self.codes.ident_array()[self.kind[:t]], w[:t, 0], w[:t, 1])
-        return homes(self.codes.ident_array()[self.kind[rows]], w[rows, 0], w[rows, 1])
+            return homes(self.codes.ident_array()[self.kind[:t]], w[:t, 0], w[:t, 1], self.mul)
+        return homes(self.codes.ident_array()[self.kind[rows]], w[rows, 0], w[rows, 1], self.mul)
 
     # -- one key ---------------------------------------------------------------------------------------
     def find(self, key: CacheEngineKey) -> int:
@@ -188,7 +191,10 @@ class EntryTable:
             return -1
         v = int(h, 16)
         a, b = v & M64, (v >> 64) & M64
-        i = home(self._kc_ident[kc], a, b) >> self._shift
+        k1, k2, k3, k4 = self.mul             # home(), inlined: the call costs more than the arithmetic
+        x = a ^ ((b * k1) & M64) ^ ((self._kc_ident[kc] * k2) & M64)
+        x ^= x >> 31
+        i = (((x * k3) & M64) ^ k4) >> self._shift
         S, W, K, KC, mask = self._S, self._W, self._K, self._kind_kc, self._mask
         while True:
             r = S[i]
@@ -202,7 +208,7 @@ class EntryTable:
     def find_probe(self, kc: int, w0: int, w1: int, hi: int) -> int:
         """The row of the key with these numbers (``KeyCodes.probe``), or -1."""
         S, W, K, KC, mask = self._S, self._W, self._K, self.codes.kind_kc, self._mask
-        i = home(self.codes.kc_ident[kc], w0, w1) >> self._shift
+        i = home(self.codes.kc_ident[kc], w0, w1, self.mul) >> self._shift
         while True:
             r = S[i]
             if r < 0:
@@ -233,16 +239,26 @@ class EntryTable:
         if hi:
             self._hi[row] = hi
         S, mask = self._S, self._mask
-        i = home(self.codes.kc_ident[kc], w0, w1) >> self._shift
+        k1, k2, k3, k4 = self.mul
+        x = w0 ^ ((w1 * k1) & M64) ^ ((self._kc_ident[kc] * k2) & M64)
+        x ^= x >> 31
+        i = (((x * k3) & M64) ^ k4) >> self._shift
         while S[i] >= 0:
             i = (i + 1) & mask
         S[i] = row
         self.n += 1
         return row
 
+    def insert_entry(self, e: DiskEntry) -> int:
+        """:meth:`insert` of a ``DiskEntry`` (valid, its key not in the table); returns its row."""
+        kind = self.codes.entry_kind(e)
+        v = int(e.key.chunk_hash, 16)
+        return self.insert((self._kind_kc[kind], v & M64, (v >> 64) & M64, v >> 128), kind, e.offset, e.phys_size,
+                           e.checksum, e.seq)
+
     def _home_of(self, row: int) -> int:
         kc = self.codes.kind_kc[self._K[row]]
-        return home(self.codes.kc_ident[kc], self._W[2 * row], self._W[2 * row + 1]) >> self._shift
+        return home(self.codes.kc_ident[kc], self._W[2 * row], self._W[2 * row + 1], self.mul) >> self._shift
 
     def remove(self, row: int) -> None:
         """Forget a live row (backward-shift delete: no tombstones, probes stay short)."""

@@ -31,29 +31,34 @@ from ..key import CacheEngineKey
 from .index_codec import NARROW, Layout, Tables
 from .index_columns import hex_strings, key_template, new_key
 
-__all__ = ["KeyCodes", "FREE_KIND", "M64", "big_endian", "home", "homes", "ident_homes", "ident_words"]
+__all__ = ["KeyCodes", "FREE_KIND", "M64", "MULTIPLIERS", "big_endian", "home", "homes", "ident_homes", "ident_words"]
 
 M64 = (1 << 64) - 1
 
-_K1, _K2, _K3 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+#: What :func:`home` multiplies by, and xors in last (a table may be given others: tests make keys collide).
+MULTIPLIERS = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0)
 #: The kind of a row that holds no entry.
 FREE_KIND = 0xFFFFFFFF
 
 
-def home(ident: int, a: int, b: int) -> int:
-    """A 64-bit hash of a key: ``ident`` (prefix id << 8 | digit count) and its two words."""
-    x = a ^ ((b * _K1) & M64) ^ ((ident * _K2) & M64)
+def home(ident: int, a: int, b: int, m: tuple = ()) -> int:
+    """A 64-bit hash of a key: ``ident`` (prefix id << 8 | digit count) and its low and next 64
+    bits. ``m``: the multipliers and a final xor (``MULTIPLIERS`` unless given)."""
+    k1, k2, k3, k4 = m or MULTIPLIERS
+    x = a ^ ((b * k1) & M64) ^ ((ident * k2) & M64)
     x ^= x >> 31
-    return (x * _K3) & M64
+    return ((x * k3) & M64) ^ k4
 
 
-def homes(ident: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def homes(ident: np.ndarray, a: np.ndarray, b: np.ndarray, m: tuple = ()) -> np.ndarray:
     """:func:`home` of each row of the uint64 columns (wrapping arithmetic, as in Python mod 2**64)."""
-    x = b * np.uint64(_K1)
+    k1, k2, k3, k4 = m or MULTIPLIERS
+    x = b * np.uint64(k1)
     x ^= a
-    x ^= ident * np.uint64(_K2)
+    x ^= ident * np.uint64(k2)
     x ^= x >> np.uint64(31)
-    x *= np.uint64(_K3)
+    x *= np.uint64(k3)
+    x ^= np.uint64(k4)
     return x
 
 
@@ -81,6 +86,7 @@ class KeyCodes:
         self.kind_kc: list[int] = []             # kind -> key class (read per lookup)
         self.kind_lid: list[int] = []
         self._templates: dict[int, dict] = {}    # prefix id -> a key's instance dict, hash left out
+        self._entry_kinds: dict[tuple, int] = {}  # an entry's key prefix, digits and layout -> its kind
         self._arrays: Optional[tuple] = None     # NumPy copies of the kind tables, made when asked
 
     # -- a key's numbers --------------------------------------------------------------------------
@@ -113,6 +119,18 @@ class KeyCodes:
         if pid < 0 or lid < 0:
             raise ValueError(f"key prefix {fields!r} or layout {layout!r} cannot be recorded")
         return self._kind(self._class(pid, len(key.chunk_hash)), lid)
+
+    def entry_kind(self, e) -> int:
+        """:meth:`kind_of` a ``DiskEntry``'s key and layout (one dict lookup once they were seen)."""
+        k = e.key
+        sig = (k.fmt, k.model_name, k.world_size, k.worker_id, len(k.chunk_hash), e.shape, e.dtype, e.fmt)
+        try:
+            kind = self._entry_kinds.get(sig)
+        except TypeError:              # an unhashable shape (a list)
+            return self.kind_of(k, (tuple(e.shape), e.dtype, e.fmt))
+        if kind is None:
+            kind = self._entry_kinds[sig] = self.kind_of(k, (tuple(e.shape), e.dtype, e.fmt))
+        return kind
 
     def _class(self, pid: int, ndig: int) -> int:
         fields = self.tables.prefixes[pid].fields

@@ -8,13 +8,13 @@ dropping a chunk changes them all together:
 * the pool allocator's view: a live chunk's extent is allocated but not
   recorded there one by one (``ExtentAllocator.untrack``); it is recorded
   again when the chunk is dropped, until its owner frees it;
-* the ``DiskEntry`` objects callers hold: made for a row only when asked,
-  kept strongly while read (``readers`` > 0: the row is *pinned*) and for
-  the ``RECENT`` rows last asked about or put (so a chunk put and read
-  again, or read again and again, is not made anew each time), weakly
-  otherwise; a row has at most one object at a time, so a caller holding an
-  entry sees every reader count and ``is`` compares it with what the index
-  hands out later;
+* the ``DiskEntry`` objects: made for a row only when asked, kept while
+  read (``readers`` > 0: the row is *pinned*) and for the ``RECENT`` rows
+  last asked about or put, so a chunk put and read again, or read again and
+  again, is not made anew each time, and a caller that holds one of those
+  sees every reader count and ``is`` compares it with what the index hands
+  out later (an object of a row asked about longer ago may be made again:
+  it is then still current, by its seq, but not ``is`` the new one);
 * the eviction order: the least recently used rows nobody reads (never a
   pinned one).
 
@@ -23,7 +23,6 @@ Not thread-safe: ``DiskIndex`` holds its lock around every call.
 
 from __future__ import annotations
 
-import weakref
 from collections import OrderedDict
 from typing import Iterator, Optional
 
@@ -38,7 +37,7 @@ from .lru_clock import LruClock
 
 __all__ = ["LiveEntries", "RECENT"]
 
-#: Objects kept for the rows last asked about (about 400 bytes each).
+#: Objects kept for the rows last asked about or put (about 400 bytes each).
 RECENT = 4096
 
 
@@ -52,7 +51,6 @@ class LiveEntries:
         self.lru.reset(len(self.table))        # a loaded table's rows are in put order
         self.pinned: dict[int, DiskEntry] = {}                                    # row -> its object while read
         self._recent: OrderedDict[CacheEngineKey, DiskEntry] = OrderedDict()      # the last RECENT asked about
-        self._held: weakref.WeakValueDictionary = weakref.WeakValueDictionary()   # row -> its object, if any
 
     def __len__(self) -> int:
         return len(self.table)
@@ -72,11 +70,11 @@ class LiveEntries:
         """The object of a live row, made if no caller holds one (``key``: an equal key to reuse)."""
         e = self.pinned.get(row)
         if e is None:
-            e = self._held.get(row)
+            e = self._recent.get(key if key is not None else self.table.key(row))
             if e is None:
-                e = self._held[row] = self.table.entry(row, key)
+                e = self.table.entry(row, key)
                 e.row = row
-            self._keep(e)
+                self._keep(e)
         return e
 
     def _keep(self, e: DiskEntry) -> None:
@@ -97,7 +95,7 @@ class LiveEntries:
     def row_of(self, e: DiskEntry) -> int:
         """The row ``e`` is the entry of, or -1 if it is not current (dropped, or its key put again)."""
         r = e.row
-        if r >= 0 and (self.pinned.get(r) is e or self._held.get(r) is e):
+        if r >= 0 and (self.pinned.get(r) is e or self._recent.get(e.key) is e):
             return r
         row = self.table.find(e.key)
         if row < 0 or self.table.seq_of(row) != e.seq:
@@ -117,31 +115,23 @@ class LiveEntries:
     def add(self, e: DiskEntry) -> None:
         """A committed put (its key not stored; its extent allocated and recorded in ``space``); ``e``
         becomes the row's object."""
-        codes = self.table.codes
-        kind = codes.kind_of(e.key, (tuple(e.shape), e.dtype, e.fmt))    # validated by the log's append
-        row = self.table.insert(codes.probe(e.key), kind, e.offset, e.phys_size, e.checksum, e.seq)
+        row = self.table.insert_entry(e)     # validated by the log's append
         self.space.untrack(e.offset)
         self.lru.touch(row)
         e.row = row
-        self._held[row] = e
         self._keep(e)
 
-    def key_of(self, row: int) -> CacheEngineKey:
-        e = self._held.get(row)
-        return e.key if e is not None else self.table.key(row)
-
     def drop(self, row: int, given: Optional[DiskEntry] = None) -> DiskEntry:
-        """Forget a live row; its object (the one read now, else ``given``, else the one held, else
+        """Forget a live row; its object (the one read now, else ``given``, else a recent one, else
         one made now), whose extent is recorded in ``space`` again (allocated until its owner frees it)."""
-        held = self._held.pop(row, None)
         pinned = self.pinned.pop(row, None)
-        e = pinned if pinned is not None else given if given is not None else held
+        key = pinned.key if pinned is not None else given.key if given is not None else self.table.key(row)
+        recent = self._recent.pop(key, None)
+        e = pinned if pinned is not None else given if given is not None else recent
         if e is None:
-            e = self.table.entry(row)
-        for x in (held, given):
+            e = self.table.entry(row, key)
+        for x in (pinned, given, recent, e):
             if x is not None:
-                if self._recent.get(x.key) is x:
-                    del self._recent[x.key]
                 x.row = -1
         self.table.remove(row)
         self.lru.forget(row)
@@ -202,8 +192,7 @@ class LiveEntries:
         assert np.array_equal(np.sort(np.flatnonzero(self.lru.stamps[:self.table.top] != 0xFFFFFFFF)), rows), \
             "use order and rows differ"
         for k, e in self._recent.items():
-            assert e.row >= 0 and self._held.get(e.row) is e and self.table.find(e.key) == e.row and k == e.key, \
-                f"recent entry {e.key} is not its row's"
+            assert e.row >= 0 and self.table.find(e.key) == e.row and k == e.key, f"recent entry {e.key} is not its row's"
         for row, e in self.pinned.items():
             assert e.readers > 0 and e.row == row, f"pinned entry {e.key} has no reader or another row"
             assert self.table.extent(row) == (e.offset, e.phys_size), f"pinned entry {e.key} is not its row's"

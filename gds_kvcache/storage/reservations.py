@@ -63,7 +63,7 @@ class Reservations:
         want: list[tuple[CacheEngineKey, int]] = []
         seen = set()
         for k, n in zip(keys, sizes):
-            if k in self.pending or k in seen or live.find(k) >= 0:
+            if k in self.pending or k in seen or live.table.find(k) >= 0:
                 continue
             seen.add(k)
             if n > self.capacity:

@@ -127,10 +127,10 @@ class DiskOffloadingManager(OffloadingManager):
         for s in range(shards):
             d = PoolDirectory(os.path.join(self.root, f"rank{s}"), disk_bytes, pool_files)
             self._dirs.append(d)
-            idx = DiskIndex(d, index_reserve(disk_bytes))
+            idx = DiskIndex(d, index_reserve(disk_bytes), events=False)
             self._indexes.append(idx)
             idx.recover()
-            idx.drain_events()  # recovered chunks are not news to this vLLM instance
+            idx.track_events(True)  # from here: recovered chunks are not news to this vLLM instance
 
     # -- helpers ---------------------------------------------------------------
     def _ck(self, okey: OffloadKey, shard: int = 0) -> CacheEngineKey:

@@ -95,16 +95,24 @@ def test_worker_roundtrip_and_corrupt_chunk(tmp_path, device):
     pool.release()
 
 
-def test_worker_opens_an_existing_pool_at_start_and_reopens_it_after_a_resize(tmp_path):
+def _cfg(tmp_path, device, budget):
+    return CacheEngineConfig(local_cpu=False, local_disk=str(tmp_path), max_local_disk_size=budget / 2**30,
+                             slab_size=0.01, memory_device="cuda" if device == "cuda" else "host",
+                             io_engine="auto" if device == "cuda" else "posix", io_threads=2)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_worker_opens_an_existing_pool_at_start_and_reopens_it_after_a_resize(tmp_path, device):
     """A restart finds the pool: the worker opens it at start-up (the first load then pays nothing
     for it). If the scheduler then resizes the pool (another ``max_local_disk_size``), the worker
     reopens it at its next job: an extent past the old end is written where the new layout says."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
     small, big = 16 << 20, 64 << 20
     pool = PoolDirectory(str(tmp_path / "rank0"), small, 2)
     pool.release()   # a directory an earlier run left
-    cfg = CacheEngineConfig(local_cpu=False, local_disk=str(tmp_path), max_local_disk_size=big / 2**30,
-                            slab_size=0.01, memory_device="host", io_engine="posix", io_threads=2)
-    ts, caches = canonical("cpu", 3)
+    cfg = _cfg(tmp_path, device, big)
+    ts, caches = canonical(device, 3)
     w = DiskOffloadingWorker(caches, str(tmp_path), 0, 0, 1, cfg, LAYERS * PAGE_BYTES)
     assert w.open_pools == [0]
     old_end = pool.capacity
@@ -123,7 +131,7 @@ def test_worker_opens_an_existing_pool_at_start_and_reopens_it_after_a_resize(tm
                       written["checksum"])
     w.shutdown()
     # A fresh worker (the new layout from the start) reads it back byte for byte.
-    ts2, caches2 = canonical("cpu", 4)
+    ts2, caches2 = canonical(device, 4)
     w2 = DiskOffloadingWorker(caches2, str(tmp_path), 0, 0, 1, cfg, LAYERS * PAGE_BYTES)
     w2.reports_failed_blocks = True
     assert w2.submit_load(2, DiskLoadSpec("l1", [[entry_to_wire(entry)]]), gpu_spec([9]))
@@ -135,17 +143,19 @@ def test_worker_opens_an_existing_pool_at_start_and_reopens_it_after_a_resize(tm
 
 
 
-def test_worker_stores_and_loads_each_kv_cache_group_apart(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_worker_stores_and_loads_each_kv_cache_group_apart(tmp_path, device):
     """Two groups over shared tensors (vLLM's hybrid layout): a chunk holds one group's blocks, the
     spec says which; a chunk whose first blocks vLLM left out (a sliding window's edge) is not stored."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
     budget = 64 << 20
     pool = PoolDirectory(str(tmp_path / "rank0"), budget, 2)
     index = DiskIndex(pool, index_reserve(budget))
     index.recover()
-    cfg = CacheEngineConfig(local_cpu=False, local_disk=str(tmp_path), max_local_disk_size=budget / 2**30,
-                            slab_size=0.01, memory_device="host", io_engine="posix", io_threads=2)
+    cfg = _cfg(tmp_path, device, budget)
     g = torch.Generator().manual_seed(5)
-    ts = [torch.randint(-128, 128, (BLOCKS, PAGE_BYTES), dtype=torch.int8, generator=g) for _ in range(2)]
+    ts = [torch.randint(-128, 128, (BLOCKS, PAGE_BYTES), dtype=torch.int8, generator=g).to(device) for _ in range(2)]
     small = PAGE_BYTES // 2   # group 1 uses the first half of each page (an unpadded state, say)
     caches = SimpleNamespace(tensors=[SimpleNamespace(tensor=t, page_size_bytes=PAGE_BYTES) for t in ts],
                              group_data_refs=[[SimpleNamespace(tensor_idx=i, page_size_bytes=PAGE_BYTES)

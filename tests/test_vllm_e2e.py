@@ -147,6 +147,7 @@ def _stats(root):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # five engine processes, one after another
 def test_vllm_cpu_end_to_end(tmp_path):
     import warnings
     with warnings.catch_warnings():

@@ -59,7 +59,7 @@ class LruClock:
         """Rows 0..n-1 live, used in that order (a load gives rows in put order); no other row."""
         if n >= self.limit:
             raise OverflowError(f"{n} rows need more stamps than the clock's limit {self.limit}")
-        self._grow(max(1024, n + (n >> 3)), keep=False)
+        self._grow(n + 1024, keep=False)        # grows by half when touched past it
         self.stamps[:n] = np.arange(n, dtype=np.uint32)
         self.clock = n
         self._drop_candidates()

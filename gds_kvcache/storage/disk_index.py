@@ -153,7 +153,7 @@ class DiskIndex:
     def entry(self, key: CacheEngineKey) -> Optional[DiskEntry]:
         with self._lock:
             row, e = self._live.lookup(key)
-            return e if e is not None or row < 0 else self._live.get(row, key)
+            return e if e is not None or row < 0 else self._live.made(row, key)
 
     def keys(self) -> list[CacheEngineKey]:
         """Every stored key, least recently used first (made now: one object a key)."""

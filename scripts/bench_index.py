@@ -129,7 +129,7 @@ def run(chunks: int, workdir: str) -> dict:
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
-    per = from_snap["cpu_us_per_entry"]
+    per = 1e6 * from_snap["decode_merge_cpu_s"] / max(from_snap["entries"], 1)
     rows = [
         {"case": f"append, batches of {BATCH}", "wall": chunks / append_s, "unit": "puts/s"},
         {"case": "append, one delete per call", "wall": ndel / del_s, "unit": "dels/s"},
@@ -143,8 +143,9 @@ def run(chunks: int, workdir: str) -> dict:
          "cpu": from_snap["decode_merge_cpu_s"], "unit": "s"},
         {"case": "  of which building objects", "wall": from_snap["build_objects_s"],
          "cpu": from_snap["build_objects_cpu_s"], "unit": "s"},
-        {"case": "load per entry", "wall": from_snap["us_per_entry"], "cpu": per, "unit": "us"},
-        {"case": "10M entries, extrapolated", "wall": from_snap["us_per_entry"] * 10, "cpu": per * 10, "unit": "s"},
+        {"case": "load per entry, with objects", "wall": from_snap["us_per_entry"],
+         "cpu": from_snap["cpu_us_per_entry"], "unit": "us"},
+        {"case": "10M entries as columns, extrapolated", "cpu": per * 10, "unit": "s"},
         {"case": "snapshot bytes per entry", "wall": snap_bytes / chunks, "unit": "B"},
     ]
     return {"device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
@@ -171,9 +172,9 @@ def main(argv=None) -> int:
         return "" if v is None else f"{v:,.3f}" if v < 1000 else f"{v:,.0f}"
 
     for row in r["rows"]:
-        print(f"  {row['case']:<42} {num(row['wall']):>12} {num(row.get('cpu')):>10} {row['unit']}")
-    print(f"  10M-entry reopen target {TARGET_10M_S:.0f} s (CPU time, extrapolated): "
-          f"{'met' if r['met'] else 'NOT met'}")
+        print(f"  {row['case']:<42} {num(row.get('wall')):>12} {num(row.get('cpu')):>10} {row['unit']}")
+    print(f"  10M-entry load as columns, target {TARGET_10M_S:.0f} s (CPU time, extrapolated): "
+          f"{'met' if r['met'] else 'NOT met'} (the whole reopen: scripts/bench_reopen.py)")
     with open(os.path.join(a.out, "bench_index.json"), "w") as f:
         json.dump(r, f, indent=1)
     return 0

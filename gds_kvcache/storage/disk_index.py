@@ -38,7 +38,7 @@ from .index_log import IndexLog
 from .live_entries import LiveEntries
 from .log_reserve import LogReserve
 from .pool_file import PoolDirectory
-from .recovery import recover_entries, restore
+from .recovery import recover_entries, restore, trim_heap
 from .reservations import Reservation, Reservations
 
 __all__ = ["DiskIndex", "Reservation", "DiskEntry"]
@@ -111,6 +111,7 @@ class DiskIndex:
         # snapshot below makes it durable and the layout file then says so. (A crash between
         # the two re-binds at the next open: every chunk a miss, never wrong bytes.)
         self._live = LiveEntries(self._space, restore(got, self._space, self._holes, bind_checksums=migrate))
+        trim_heap()      # the load's temporaries, freed: give their pages back
         n = len(self._live)
         if n and self._events.on:
             self._events.add_inserts(self._live.table.key_batch(self._live.table.live_rows()))
@@ -152,7 +153,7 @@ class DiskIndex:
     def entry(self, key: CacheEngineKey) -> Optional[DiskEntry]:
         with self._lock:
             row, e = self._live.lookup(key)
-            return e if e is not None or row < 0 else self._live.get(row, key)
+            return e if e is not None or row < 0 else self._live.made(row, key)
 
     def keys(self) -> list[CacheEngineKey]:
         """Every stored key, least recently used first (made now: one object a key)."""

@@ -57,9 +57,8 @@ class LiveEntries:
 
     # -- objects --------------------------------------------------------------------------------
     def find(self, key: CacheEngineKey) -> int:
-        """The row of ``key``, or -1."""
-        e = self._recent.get(key)
-        return e.row if e is not None else self.table.find(key)
+        """The row of ``key``, or -1 (a probe of the table: for a key that is likely cold)."""
+        return self.table.find(key)
 
     def lookup(self, key: CacheEngineKey) -> tuple[int, Optional[DiskEntry]]:
         """The row of ``key`` (-1 if none) and its object where one is at hand."""
@@ -83,10 +82,19 @@ class LiveEntries:
         if len(r) > RECENT:
             r.popitem(last=False)
 
-    def pin(self, row: int, key: CacheEngineKey, e: Optional[DiskEntry] = None) -> DiskEntry:
-        """One more reader of a live row (now its most recent use); its object (``e``, if at hand)."""
+    def made(self, row: int, key: CacheEngineKey) -> DiskEntry:
+        """The object of a live row that :meth:`lookup` found no recent object for."""
+        e = self.pinned.get(row)
         if e is None:
-            e = self.get(row, key)
+            e = self.table.entry(row, key)
+            e.row = row
+            self._keep(e)
+        return e
+
+    def pin(self, row: int, key: CacheEngineKey, e: Optional[DiskEntry] = None) -> DiskEntry:
+        """One more reader of a live row (now its most recent use); its object (``e``: what
+        :meth:`lookup` gave)."""
+        e = self.pinned.get(row) or e or self.made(row, key)
         e.readers += 1
         self.pinned[row] = e
         self.lru.touch(row)

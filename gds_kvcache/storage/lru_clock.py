@@ -59,7 +59,7 @@ class LruClock:
         """Rows 0..n-1 live, used in that order (a load gives rows in put order); no other row."""
         if n >= self.limit:
             raise OverflowError(f"{n} rows need more stamps than the clock's limit {self.limit}")
-        self._grow(max(1024, n + (n >> 3)), keep=False)
+        self._grow(n + 1024, keep=False)        # grows by half when touched past it
         self.stamps[:n] = np.arange(n, dtype=np.uint32)
         self.clock = n
         self._drop_candidates()
@@ -114,19 +114,20 @@ class LruClock:
     def _rebuild(self, after: int) -> bool:
         """Candidates: the smallest stamps above ``after`` (-1: all), sorted; False if none."""
         st = self.stamps
-        m = st != FREE
-        if after >= 0:
-            m &= st > after
-        rows = np.flatnonzero(m)
-        del m
-        k = max(1024, rows.shape[0] >> 5)
-        if rows.shape[0] > k:
-            rows = rows[np.argpartition(st[rows], k - 1)[:k]]
+        k = max(1024, st.shape[0] >> 5)
+        if after < 0:
+            # One partial sort over every stamp (free rows' are the largest): no masks, no gathers.
+            rows = np.argpartition(st, k - 1)[:k] if st.shape[0] > k else np.arange(st.shape[0])
+            rows = rows[st[rows] != FREE]
+        else:
+            rows = np.flatnonzero((st != FREE) & (st > after))
+            if rows.shape[0] > k:
+                rows = rows[np.argpartition(st[rows], k - 1)[:k]]
         rows = rows[np.argsort(st[rows], kind="stable")]
         self._cand, self._cand_st = memoryview(rows.astype(np.int64)), memoryview(st[rows])
         self._head = 0
         self._partial = False
-        return bool(self._cand)
+        return bool(len(self._cand))
 
     def order(self, rows: np.ndarray) -> np.ndarray:
         """``rows`` sorted least recently used first."""

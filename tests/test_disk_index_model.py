@@ -14,7 +14,7 @@ import tempfile
 from collections import OrderedDict
 
 import numpy as np
-from hypothesis import settings, strategies as st
+from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from gds_kvcache.key import CacheEngineKey
@@ -190,8 +190,51 @@ def test_reopen_after_a_crash_is_byte_exact(tmp_path):
     got = [idx.entry(k) for k in idx.keys()]
     fields = lambda e: (e.key, e.offset, e.nbytes, e.phys_size, e.shape, e.dtype, e.fmt, e.checksum, e.seq)  # noqa: E731
     assert [fields(e) for e in got] == sorted(map(fields, want), key=lambda f: f[-1])
-    from_table, _ = encode_snapshot(idx._columns(), {}, {})
+    from_table, _ = encode_snapshot(idx._live.columns(), {}, {})
     from_objects, _ = encode_snapshot(sorted(want, key=lambda e: e.seq), {}, {})
     assert b"".join(map(bytes, from_table)) == b"".join(map(bytes, from_objects))
     idx.close()
     pool.release()
+
+
+def _sweep(entries, capacity):
+    """What recovery kept before its entries were columns: a sweep by offset, the newer of two
+    overlapping extents winning (the reference for ``resolve_extents``)."""
+    kept = []
+    for e in sorted(entries, key=lambda e: e.offset):
+        if e.offset % PAGE or e.offset + e.phys_size > capacity:
+            continue
+        if kept and kept[-1].offset + kept[-1].phys_size > e.offset:
+            loser = kept[-1] if kept[-1].seq < e.seq else e
+            if loser is e:
+                continue
+            kept.pop()
+        kept.append(e)
+    return kept
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 60), st.integers(1, 6)), min_size=1, max_size=60), st.integers(0, 2**32))
+def test_recovery_keeps_what_the_sweep_kept(extents, seed):
+    """Random extents, overlapping often, some past the pool: ``resolve_extents`` keeps exactly the
+    entries the old per-entry sweep kept, and gives their extents sorted."""
+    from gds_kvcache.storage.index_encode import columns_of
+    from gds_kvcache.storage.recovery import resolve_extents
+
+    rng = np.random.default_rng(seed)
+    seqs = rng.permutation(len(extents)) + 1
+    entries = [DiskEntry(make_key(i), off * PAGE, n * PAGE, n * PAGE, (n * PAGE,), "uint8", "KV_2LTD", 7, int(seqs[i]))
+               for i, (off, n) in enumerate(extents)]
+    cols = columns_of(entries, {})
+
+    class Pool:             # the pool's shape as recovery asks it: 1 file, 50 pages in it
+        stripe_bytes, unit, stripes = 50 * PAGE, PAGE, 1
+
+        @staticmethod
+        def fits(offset, nbytes):
+            return offset + nbytes <= 50 * PAGE
+
+    keep, starts, sizes = resolve_extents(cols.ops, cols.tables, np.arange(len(entries)), 56 * PAGE, Pool)
+    want = _sweep([e for e in entries if e.offset + e.phys_size <= 50 * PAGE], 56 * PAGE)
+    assert sorted(e.seq for e, k in zip(entries, keep) if k) == sorted(e.seq for e in want)
+    assert starts.tolist() == [e.offset for e in want] and sizes.tolist() == [e.phys_size for e in want]

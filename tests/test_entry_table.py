@@ -17,11 +17,10 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, p
                                  run_state_machine_as_test)
 
 from gds_kvcache.key import CacheEngineKey
-from gds_kvcache.storage import entry_table as et
 from gds_kvcache.storage import key_codes as kcodes
 from gds_kvcache.storage.entry_table import EntryTable
 from gds_kvcache.storage.index_columns import merge_order
-from gds_kvcache.storage.key_codes import KeyCodes, ident_homes
+from gds_kvcache.storage.key_codes import KeyCodes, ident_homes, ident_words
 from gds_kvcache.storage.lru_clock import FREE, LruClock
 from gds_kvcache.units import PAGE
 
@@ -46,14 +45,11 @@ keys = st.builds(lambda p, h: CacheEngineKey(*PREFIXES[p], make_hash(*h)), st.in
 
 @pytest.fixture(params=["real", "one-slot", "wrapping"])
 def homes_mode(request, monkeypatch):
-    """Force collisions: every key to one home, or to the last slots so probes wrap around."""
+    """Force collisions: every key to one home, or to the last slot so that probes wrap around."""
     if request.param == "one-slot":
-        monkeypatch.setattr(et, "home", lambda ident, a, b: 1 << 62)
-        monkeypatch.setattr(et, "homes", lambda ident, a, b: np.full(a.shape[0], 1 << 62, np.uint64))
+        monkeypatch.setattr(EntryTable, "mul", (0, 0, 0, 0))
     elif request.param == "wrapping":
-        top = (1 << 64) - 1
-        monkeypatch.setattr(et, "home", lambda ident, a, b: top - (a & 3))
-        monkeypatch.setattr(et, "homes", lambda ident, a, b: np.uint64(top) - (a & np.uint64(3)))
+        monkeypatch.setattr(EntryTable, "mul", (0, 0, 0, (1 << 64) - 1))
     return request.param
 
 
@@ -123,7 +119,7 @@ class TableMachine(RuleBasedStateMachine):
         """What a snapshot of the table holds, loaded into a new one (the reopen path)."""
         cols = self.t.columns(self.t.live_rows())
         # Under the table's hash (replaced by the collision fixtures, like ``ident_homes`` otherwise).
-        keep, packed = merge_order(cols.ops, lambda ident: et.homes(ident[0], ident[1], ident[2]))
+        keep, packed = merge_order(cols.ops, lambda ident: kcodes.homes(ident[0], *ident_words(ident), EntryTable.mul))
         assert keep.all()
         fresh = EntryTable(KeyCodes(cols.tables))
         fresh.load(cols.ops, np.flatnonzero(keep), packed)

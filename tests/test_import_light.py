@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,9 +28,13 @@ def _check(imports: str, after: str = "") -> None:
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def test_package_and_plugin_data_path_import_without_numba():
+def test_package_and_plugin_import_without_numba():
+    # The scheduler side (spec, connector, manager) needs vLLM; where it is installed it is checked too.
+    scheduler = ("import gds_kvcache.integrations.vllm as p\n"
+                 "p.GdsKvCacheSpec, p.GdsKvCacheConnector, p.DiskOffloadingManager"
+                 if importlib.util.find_spec("vllm") is not None else "")
     _check("import gds_kvcache, gds_kvcache.kernels, gds_kvcache.storage, gds_kvcache.io\n"
-           "import gds_kvcache.integrations.vllm.worker, gds_kvcache.integrations.vllm.settings",
+           "import gds_kvcache.integrations.vllm.worker, gds_kvcache.integrations.vllm.settings\n" + scheduler,
            # ...and the first CPU checksum does load it (the kernels are Numba's).
            "from gds_kvcache.kernels import checksum_host\n"
            "assert checksum_host(b'x' * 9) == checksum_host(bytearray(b'x' * 9))\n"

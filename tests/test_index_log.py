@@ -790,3 +790,18 @@ def test_closed_log_refuses_calls(tmp_path):
                  lambda: lg.snapshot([]), lambda: lg.next_seq()]:
         with pytest.raises(ClosedError):
             call()
+
+
+def test_small_appends_are_sealed_as_numpy_seals_them():
+    """A record or a few are sealed in Python (faster than NumPy there): the same checks, bit for bit."""
+    from gds_kvcache.storage import index_codec as codec
+
+    rng = np.random.default_rng(9)
+    for n in list(range(1, 9)) * 20:
+        raw = rng.integers(0, 256, n * SLOT, dtype=np.uint8)
+        small = bytearray(raw.tobytes())
+        codec.seal(small)
+        big = raw.copy()              # an ndarray: the NumPy path, whatever its size
+        codec.seal(big)
+        assert bytes(small) == big.tobytes()
+        assert (codec.slot_checks(codec.slot_words(big)) == np.frombuffer(small, np.uint32)[1::SLOT // 4]).all()

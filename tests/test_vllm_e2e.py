@@ -37,7 +37,7 @@ def child(mode: str, model: str, root: str, out: str) -> None:
     prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(3, 500) for _ in range(PROMPT_LEN)])
                for _ in range(N_PROMPTS)]
     kw = dict(model=model, skip_tokenizer_init=True, gpu_memory_utilization=0.1, max_model_len=2048,
-              enforce_eager=True, dtype="bfloat16", block_size=BLOCK, seed=0, max_num_seqs=8)
+              enforce_eager=True, dtype="float32", block_size=BLOCK, seed=0, max_num_seqs=8)
     if mode != "baseline":
         kw["kv_transfer_config"] = {"kv_connector": "GdsKvCacheConnector",
                                     "kv_connector_module_path": "gds_kvcache.integrations.vllm",
@@ -85,11 +85,9 @@ def _runner_up(lp):
     return sorted(lp.items(), key=lambda kv: float(kv[1].logprob), reverse=True)[1][0]
 
 
-#: A greedy choice this close to the runner-up (in logprob) may flip when only the batching differs:
-#: two steps of bf16 logits, which lie in [8, 16) for the random-weight model below (a step is
-#: 0.0625 there). It has exact bf16 ties in most prompts; in a fresh-venv CI run the baseline's own
-#: second pass (no plug-in) parted ways at a gap of 0.125, two steps (0.07 was one).
-NEAR_TIE = 0.13
+#: A greedy choice this close to the runner-up (in logprob; a step or two of bf16 logits) may flip
+#: when only the batching differs. The random-weight model below has exact bf16 ties in most prompts.
+NEAR_TIE = 0.07
 
 
 def _same_output(got: dict, base: dict, what: str) -> None:
@@ -149,6 +147,7 @@ def _stats(root):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # five engine processes, one after another
 def test_vllm_cpu_end_to_end(tmp_path):
     import warnings
     with warnings.catch_warnings():

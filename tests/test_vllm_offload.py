@@ -427,3 +427,71 @@ def test_results_of_an_earlier_process_are_cleared_at_start(tmp_path):
     assert os.listdir(tmp_path / "jobs") == []
     assert b.manager.lookup(okeys(1)[0], ctx()) == LookupResult.MISS   # never recorded
     b.close()
+
+
+def _stats_values(stats):
+    """``{(metric, labels): value}`` of an ``OffloadingConnectorStats`` (histograms: their sample count)."""
+    out = {}
+    for name, per_label in stats.data["data"].items():
+        for labels, v in per_label.items():
+            out[(name, labels)] = len(v) if isinstance(v, list) else v
+    return out
+
+
+def test_get_stats_reports_each_change_once_per_group(tmp_path):
+    from vllm.distributed.kv_transfer.kv_connector.v1.offloading.metrics import OffloadingConnectorStats
+
+    a = Side(tmp_path)
+    # Two KV cache groups over the same tensors (vLLM's hybrid layout).
+    a.worker.shutdown()
+    refs = [CanonicalKVCacheRef(i, PAGE_BYTES) for i in range(LAYERS)]
+    a.worker = GdsKvCacheSpec(a.cfg).get_worker(CanonicalKVCaches(
+        [CanonicalKVCacheTensor(t, PAGE_BYTES) for t in a.tensors], [refs, list(refs)]))
+    st = a.manager.get_stats()
+    assert isinstance(st, OffloadingConnectorStats)   # never None, even with nothing new
+    assert _stats_values(st) == {("gds_kvcache:disk_chunks", ()): 0}
+    assert a.manager.get_stats().is_empty()
+    g0 = okeys(3)
+    g1 = [make_offload_key(bytes([7]) + i.to_bytes(31, "big"), 1) for i in range(2)]
+    a.manager.set_groups([(0, 16), (1, 16)])
+    for k in g0 + g1:
+        a.manager.lookup(k, ctx())
+    out = a.manager.prepare_store(g0 + g1, ctx())
+    assert out.store_spec.groups == [0, 0, 0, 1, 1]
+    src = GPULoadStoreSpec([3, 4, 5, 8, 9], group_sizes=[3, 2], block_indices=[0, 0])
+    assert run(a.worker, 1, a.worker.submit_store, src, out.store_spec).success
+    a.manager.complete_store(out.keys_to_store, ctx())
+    for k in g0 + g1:
+        assert a.manager.lookup(k, ctx()) == LookupResult.HIT
+    spec = a.manager.prepare_load(g1, ctx())
+    assert spec.groups == [1, 1]
+    dst = GPULoadStoreSpec([20, 21], group_sizes=[0, 2], block_indices=[0, 0])
+    assert run(a.worker, 2, a.worker.submit_load, spec, dst).success
+    a.manager.complete_load(g1, ctx())
+    assert torch.equal(rows(a.tensors, [20, 21]), rows(a.tensors, [8, 9]))
+    v = _stats_values(a.manager.get_stats())
+    chunk = LAYERS * PAGE_BYTES
+    assert v[("gds_kvcache:lookups", ())] == 10
+    assert v[("gds_kvcache:hit_chunks", ("0",))] == 3 and v[("gds_kvcache:hit_chunks", ("1",))] == 2
+    assert v[("gds_kvcache:hit_tokens", ("1",))] == 32
+    assert v[("gds_kvcache:stored_chunks", ("0",))] == 3 and v[("gds_kvcache:stored_chunks", ("1",))] == 2
+    assert v[("gds_kvcache:stored_bytes", ("0",))] == 3 * chunk
+    assert v[("gds_kvcache:loaded_chunks", ("1",))] == 2 and ("gds_kvcache:loaded_chunks", ("0",)) not in v
+    assert v[("gds_kvcache:loaded_bytes", ("1",))] == 2 * chunk
+    assert v[("gds_kvcache:load_seconds", ())] == 1 and v[("gds_kvcache:store_seconds", ())] == 1
+    assert v[("gds_kvcache:disk_chunks", ())] == 5
+    assert a.manager.get_stats().is_empty()          # reported once
+    with open(tmp_path / "vllm-stats.json") as f:
+        saved = json.load(f)
+    assert saved["groups"]["1"]["chunks_loaded"] == 2 and saved["chunks_loaded"] == 2
+    a.close()
+
+
+def test_spec_declares_the_metrics_it_reports(tmp_path):
+    from gds_kvcache.integrations.vllm import metrics
+
+    defs = GdsKvCacheSpec.build_metric_definitions({})
+    names = ({n for n, _ in metrics.COUNTERS.values()} | {n for n, _ in metrics.GROUP_COUNTERS.values()}
+             | {n for n, _ in metrics.HISTOGRAMS.values()} | {metrics.DISK_CHUNKS[0]})
+    assert set(defs) == names
+    assert all(defs[n].labelnames == ("group",) for n, _ in metrics.GROUP_COUNTERS.values())

@@ -95,16 +95,24 @@ def test_worker_roundtrip_and_corrupt_chunk(tmp_path, device):
     pool.release()
 
 
-def test_worker_opens_an_existing_pool_at_start_and_reopens_it_after_a_resize(tmp_path):
+def _cfg(tmp_path, device, budget):
+    return CacheEngineConfig(local_cpu=False, local_disk=str(tmp_path), max_local_disk_size=budget / 2**30,
+                             slab_size=0.01, memory_device="cuda" if device == "cuda" else "host",
+                             io_engine="auto" if device == "cuda" else "posix", io_threads=2)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_worker_opens_an_existing_pool_at_start_and_reopens_it_after_a_resize(tmp_path, device):
     """A restart finds the pool: the worker opens it at start-up (the first load then pays nothing
     for it). If the scheduler then resizes the pool (another ``max_local_disk_size``), the worker
     reopens it at its next job: an extent past the old end is written where the new layout says."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
     small, big = 16 << 20, 64 << 20
     pool = PoolDirectory(str(tmp_path / "rank0"), small, 2)
     pool.release()   # a directory an earlier run left
-    cfg = CacheEngineConfig(local_cpu=False, local_disk=str(tmp_path), max_local_disk_size=big / 2**30,
-                            slab_size=0.01, memory_device="host", io_engine="posix", io_threads=2)
-    ts, caches = canonical("cpu", 3)
+    cfg = _cfg(tmp_path, device, big)
+    ts, caches = canonical(device, 3)
     w = DiskOffloadingWorker(caches, str(tmp_path), 0, 0, 1, cfg, LAYERS * PAGE_BYTES)
     assert w.open_pools == [0]
     old_end = pool.capacity
@@ -123,7 +131,7 @@ def test_worker_opens_an_existing_pool_at_start_and_reopens_it_after_a_resize(tm
                       written["checksum"])
     w.shutdown()
     # A fresh worker (the new layout from the start) reads it back byte for byte.
-    ts2, caches2 = canonical("cpu", 4)
+    ts2, caches2 = canonical(device, 4)
     w2 = DiskOffloadingWorker(caches2, str(tmp_path), 0, 0, 1, cfg, LAYERS * PAGE_BYTES)
     w2.reports_failed_blocks = True
     assert w2.submit_load(2, DiskLoadSpec("l1", [[entry_to_wire(entry)]]), gpu_spec([9]))
@@ -133,3 +141,57 @@ def test_worker_opens_an_existing_pool_at_start_and_reopens_it_after_a_resize(tm
     index.close()
     pool.release()
 
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_worker_stores_and_loads_each_kv_cache_group_apart(tmp_path, device):
+    """Two groups over shared tensors (vLLM's hybrid layout): a chunk holds one group's blocks, the
+    spec says which; a chunk whose first blocks vLLM left out (a sliding window's edge) is not stored."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    budget = 64 << 20
+    pool = PoolDirectory(str(tmp_path / "rank0"), budget, 2)
+    index = DiskIndex(pool, index_reserve(budget))
+    index.recover()
+    cfg = _cfg(tmp_path, device, budget)
+    g = torch.Generator().manual_seed(5)
+    ts = [torch.randint(-128, 128, (BLOCKS, PAGE_BYTES), dtype=torch.int8, generator=g).to(device) for _ in range(2)]
+    small = PAGE_BYTES // 2   # group 1 uses the first half of each page (an unpadded state, say)
+    caches = SimpleNamespace(tensors=[SimpleNamespace(tensor=t, page_size_bytes=PAGE_BYTES) for t in ts],
+                             group_data_refs=[[SimpleNamespace(tensor_idx=i, page_size_bytes=PAGE_BYTES)
+                                               for i in range(2)],
+                                              [SimpleNamespace(tensor_idx=i, page_size_bytes=small)
+                                               for i in range(2)]])
+    w = DiskOffloadingWorker(caches, str(tmp_path), 0, 0, 2, cfg, 2 * PAGE_BYTES)
+    w.reports_failed_blocks = True
+    keys = [CacheEngineKey("vllm", "m", 1, 0, format(i + 1, "x")) for i in range(4)]
+    res = index.reserve(keys, [2 * 2 * PAGE_BYTES] * 4)
+    ext = [(k.to_string(), o, n) for k, o, n in zip(res.keys, res.offsets, res.sizes)]
+    # Group 0: chunks 0, 1 from blocks 2..5 (block index 0 on). Group 1: chunk 2 (left out: its first
+    # block was null, so the group starts at block index 3) and chunk 3 (blocks 10, 11).
+    src = SimpleNamespace(block_ids=np.array([2, 3, 4, 5, 20, 10, 11], dtype=np.int32), group_sizes=[4, 3],
+                          block_indices=[0, 3])
+    assert w.submit_store(1, src, DiskStoreSpec("s1", [ext], groups=[0, 0, 1, 1]))
+    assert finish(w, 1).success
+    written = take_result(str(tmp_path), "s1", 0)["chunks"]
+    assert sorted(written) == sorted(k.to_string() for k in (keys[0], keys[1], keys[3]))
+    assert written[keys[3].to_string()]["shape"] == [1, 2, 2, small]
+    entries = [DiskEntry(k, o, written[k.to_string()]["nbytes"], n, tuple(written[k.to_string()]["shape"]), "int8",
+                         "KV_MLA_FMT", written[k.to_string()]["checksum"])
+               for k, o, n in zip(res.keys, res.offsets, res.sizes) if k.to_string() in written]
+    want = [t.clone() for t in ts]
+    for t in ts:
+        t[30:40] = 0
+    dst = SimpleNamespace(block_ids=np.array([30, 31, 32, 33, 34, 35], dtype=np.int32), group_sizes=[4, 2],
+                          block_indices=[0, 2])
+    load = DiskLoadSpec("l1", [[entry_to_wire(e) for e in entries]], groups=[0, 0, 1])
+    assert w.submit_load(2, load, dst)
+    r = finish(w, 2)
+    assert r.success and w.take_failed_blocks() == set()
+    for t, t0 in zip(ts, want):
+        assert torch.equal(t[30:34], t0[[2, 3, 4, 5]])                    # group 0: whole pages
+        assert torch.equal(t[34:36, :small], t0[[10, 11], :small])        # group 1: its bytes only
+        assert torch.equal(t[34:36, small:], torch.zeros_like(t[34:36, small:]))
+    w.shutdown()
+    index.close()
+    pool.release()

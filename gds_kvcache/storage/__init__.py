@@ -1,11 +1,12 @@
 """Storage tiers: the tier interface, the hot tier, the local disk tier, their factory and manager.
 
 Layers, bottom up: ``entry`` (the chunk descriptor) and ``index_codec`` /
-``index_encode`` / ``index_decode`` / ``index_legacy`` / ``index_log`` (the
-index format and its files); ``pool_layout`` and ``pool_file`` (the pool's
-layout and its locked directory); ``disk_index`` with ``recovery``,
-``log_reserve`` and ``victims`` (which chunk lives where; no GPU, no I/O
-engine); ``transfer`` (the verified read and checksummed write; no index);
+``index_encode`` / ``index_decode`` / ``index_columns`` / ``index_legacy`` /
+``index_log`` (the index format and its files); ``pool_layout`` and
+``pool_file`` (the pool's layout and its locked directory); ``disk_index``
+with ``key_codes``, ``entry_table``, ``lru_clock`` and ``live_entries`` (the
+chunks as arrays), ``recovery``, ``reservations``, ``log_reserve`` and
+``index_events`` (which chunk lives where; no GPU, no I/O engine); ``transfer`` (the verified read and checksummed write; no index);
 ``eviction`` (when an extent is reused); ``local_disk_backend`` with
 ``pool_open``, ``call_gate``, ``holes``, ``tombstone``, ``lookup_events``, ``disk_catalog``
 and ``checks`` (index + transfer behind the tier interface,

@@ -40,7 +40,9 @@ class CallGate:
     def exit(self, n: int = 1) -> None:
         with self._cond:
             self._ops -= n
-            if self._ops == 0:
+            # Only ``close`` waits for no call in flight, and it sets ``_closing`` under this lock
+            # before it waits: a notify before then would wake nobody (a get's hot path skips it).
+            if self._ops == 0 and self._closing:
                 self._cond.notify_all()
 
     def put_started(self) -> None:

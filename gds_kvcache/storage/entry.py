@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import GdsKvCacheError
 from ..key import CacheEngineKey
@@ -74,10 +74,11 @@ class DiskEntry:
     seq
         Order of the put (recency); assigned by ``IndexLog.append``, kept by
         ``IndexLog.snapshot``.
-    readers, doomed
+    readers, doomed, row
         Runtime state of the disk index, never written to disk: the reads
-        in flight that keep the extent alive, and whether the entry was
-        dropped while read (its extent is freed when the last read ends).
+        in flight that keep the extent alive, whether the entry was dropped
+        while read (its extent is freed when the last read ends), and where
+        the index keeps it (-1: nowhere, or not said).
 
     Notes
     -----
@@ -97,3 +98,4 @@ class DiskEntry:
     seq: int = 0            # order of the put (recency); assigned by IndexLog.append
     readers: int = 0        # runtime only, never persisted
     doomed: bool = False    # runtime only, never persisted
+    row: int = field(default=-1, compare=False, repr=False)   # runtime only: the index's row of it

@@ -1,7 +1,6 @@
 """``EntryTable``: the disk index's live entries as rows of NumPy columns, found by key.
 
-Each live chunk is one row: its hash's two words (16 bytes, as the index
-files hold them), its kind (``key_codes``: prefix, digit count and layout;
+Each live chunk is one row: its hash's low 128 bits (16 bytes), its kind (``key_codes``: prefix, digit count and layout;
 4 bytes), its extent (offset and size in pages, 8 bytes), checksum and seq
 (8 each): 44 bytes, with no Python object. Keys are found through an
 open-addressing hash table of row numbers (int32, linear probing, at most
@@ -29,7 +28,7 @@ from .entry import DiskEntry
 from .index_codec import OFF_BITS
 from .index_columns import EntryColumns
 from .index_decode import Ops
-from .key_codes import FREE_KIND, KeyCodes, as_bytes, home, homes
+from .key_codes import FREE_KIND, M64, MULTIPLIERS, KeyCodes, big_endian, home, homes
 
 __all__ = ["EntryTable"]
 
@@ -39,7 +38,8 @@ _MAX_LOAD = 0.75
 
 
 def _place(homes_sorted: np.ndarray, rows: np.ndarray, size: int) -> np.ndarray:
-    """A hash table of ``size`` slots holding ``rows`` by linear probing, their homes given sorted.
+    """A hash table of ``size`` slots holding ``rows`` by linear probing, their homes given sorted
+    (int64; this overwrites them).
 
     Row i lands at max(home_i, slot of row i-1 + 1): a running maximum. Rows
     pushed past the end go on from slot 0, in order.
@@ -47,22 +47,24 @@ def _place(homes_sorted: np.ndarray, rows: np.ndarray, size: int) -> np.ndarray:
     slots = np.full(size, -1, np.int32)
     m = rows.shape[0]
     if m:
+        pos = homes_sorted
         ar = np.arange(m, dtype=np.int64)
-        pos = homes_sorted.astype(np.int64)
         pos -= ar
         np.maximum.accumulate(pos, out=pos)
         pos += ar
         del ar
+        if pos[-1] < size:                # none past the end (the usual case): no masks
+            slots[pos] = rows
+            return slots
         fit = pos < size
         slots[pos[fit]] = rows[fit]
         spill = rows[~fit].tolist()
-        if spill:
-            s, j = memoryview(slots), 0
-            for row in spill:
-                while s[j] >= 0:
-                    j += 1
-                s[j] = row
+        s, j = memoryview(slots), 0
+        for row in spill:
+            while s[j] >= 0:
                 j += 1
+            s[j] = row
+            j += 1
     return slots
 
 
@@ -76,8 +78,13 @@ def _slot_count(n: int) -> int:
 class EntryTable:
     """Live entries of one disk index as rows (see the module notes)."""
 
+    #: ``key_codes.home``'s multipliers (inlined in the hot paths); tests give others to make keys collide.
+    mul = MULTIPLIERS
+
     def __init__(self, codes: Optional[KeyCodes] = None):
         self.codes = codes if codes is not None else KeyCodes()
+        # The codes' lookup tables, read by every find (they only grow, in place).
+        self._kc, self._kc_ident, self._kind_kc = self.codes.probe_map(), self.codes.kc_ident, self.codes.kind_kc
         self.n = 0                      # live rows
         self.top = 0                    # rows ever handed out (the rest of the columns is unused)
         self._free = array("q")         # rows to reuse
@@ -127,7 +134,11 @@ class EntryTable:
         self._columns(n + max(1024, n >> 3))
         pick = slice(None) if everything else live
         self.kind[:n] = self.codes.kinds_of(ops.prefix[pick], ops.ndig[pick], ops.layout[pick])
-        self.w[:2 * n].view("V16")[:] = ops.lo.view("V16")[:, 0][pick]     # the files' bytes as they are
+        lo = ops.lo.view(">u8")[pick]                    # (n, 2): the high word first
+        w = self.w[:2 * n].reshape(n, 2)
+        w[:, 0] = lo[:, 1]
+        w[:, 1] = lo[:, 0]
+        del lo, w
         self.ext[:n] = ops.offset[pick] // np.uint64(PAGE) | (ops.phys[pick] // np.uint64(PAGE)) << np.uint64(OFF_BITS)
         self.csum[:n] = ops.csum[pick]
         self.seq[:n] = ops.seq[pick]
@@ -142,17 +153,18 @@ class EntryTable:
         if packed is None or size.bit_length() - 1 > 32:
             self._rebuild_slots(size)
             return
-        shift = np.uint64(32 - (size.bit_length() - 1))
-        rows = (packed & _LOW32).astype(np.int64)
+        # The low half of each word is its operation's index; the top bits of the high half its home.
+        shift = np.uint64(64 - (size.bit_length() - 1))
+        rows = packed.view(np.uint32)[::2] if packed.dtype.byteorder in "=<" else packed & _LOW32
         if not everything:
             row_of = np.full(len(ops), -1, np.int64)
             row_of[live] = np.arange(n)
             rows = row_of[rows]
             del row_of
             sel = rows >= 0
-            self._set_slots(_place(packed[sel] >> np.uint64(32) >> shift, rows[sel], size))
+            self._set_slots(_place((packed[sel] >> shift).view(np.int64), rows[sel], size))
         else:
-            self._set_slots(_place(packed >> np.uint64(32) >> shift, rows, size))
+            self._set_slots(_place((packed >> shift).view(np.int64), rows, size))
 
     def _rebuild_slots(self, size: int) -> None:
         """Place every live row in a new hash table of ``size`` slots."""
@@ -161,25 +173,42 @@ class EntryTable:
         packed = (self._homes(rows) >> shift) << np.uint64(32) | rows.astype(np.uint64)
         del rows
         packed.sort()
-        self._set_slots(_place(packed >> np.uint64(32), (packed & _LOW32).astype(np.int64), size))
+        self._set_slots(_place((packed >> np.uint64(32)).view(np.int64), (packed & _LOW32).astype(np.int64), size))
 
     def _homes(self, rows: np.ndarray) -> np.ndarray:
         w = self.w.reshape(-1, 2)
         if rows.shape[0] == self.top:        # every row: slices, not gathers
             t = self.top
-            return homes(self.codes.ident_array()[self.kind[:t]], w[:t, 0], w[:t, 1])
-        return homes(self.codes.ident_array()[self.kind[rows]], w[rows, 0], w[rows, 1])
+            return homes(self.codes.ident_array()[self.kind[:t]], w[:t, 0], w[:t, 1], self.mul)
+        return homes(self.codes.ident_array()[self.kind[rows]], w[rows, 0], w[rows, 1], self.mul)
 
     # -- one key ---------------------------------------------------------------------------------------
     def find(self, key: CacheEngineKey) -> int:
-        """The row of ``key``, or -1."""
-        p = self.codes.probe(key)
-        return -1 if p is None else self.find_probe(*p)
+        """The row of ``key``, or -1 (``KeyCodes.probe`` and :meth:`find_probe` in one: the hot path)."""
+        h = key.chunk_hash
+        kc = self._kc.get((key.fmt, key.model_name, key.world_size, key.worker_id, len(h)))
+        if kc is None:
+            return -1
+        v = int(h, 16)
+        a, b = v & M64, (v >> 64) & M64
+        k1, k2, k3, k4 = self.mul             # home(), inlined: the call costs more than the arithmetic
+        x = a ^ ((b * k1) & M64) ^ ((self._kc_ident[kc] * k2) & M64)
+        x ^= x >> 31
+        i = (((x * k3) & M64) ^ k4) >> self._shift
+        S, W, K, KC, mask = self._S, self._W, self._K, self._kind_kc, self._mask
+        while True:
+            r = S[i]
+            if r < 0:
+                return -1
+            if W[2 * r] == a and W[2 * r + 1] == b and KC[K[r]] == kc and (
+                    not self._hi or self._hi.get(r, 0) == v >> 128):
+                return r
+            i = (i + 1) & mask
 
     def find_probe(self, kc: int, w0: int, w1: int, hi: int) -> int:
         """The row of the key with these numbers (``KeyCodes.probe``), or -1."""
         S, W, K, KC, mask = self._S, self._W, self._K, self.codes.kind_kc, self._mask
-        i = home(self.codes.kc_ident[kc], w0, w1) >> self._shift
+        i = home(self.codes.kc_ident[kc], w0, w1, self.mul) >> self._shift
         while True:
             r = S[i]
             if r < 0:
@@ -210,16 +239,26 @@ class EntryTable:
         if hi:
             self._hi[row] = hi
         S, mask = self._S, self._mask
-        i = home(self.codes.kc_ident[kc], w0, w1) >> self._shift
+        k1, k2, k3, k4 = self.mul
+        x = w0 ^ ((w1 * k1) & M64) ^ ((self._kc_ident[kc] * k2) & M64)
+        x ^= x >> 31
+        i = (((x * k3) & M64) ^ k4) >> self._shift
         while S[i] >= 0:
             i = (i + 1) & mask
         S[i] = row
         self.n += 1
         return row
 
+    def insert_entry(self, e: DiskEntry) -> int:
+        """:meth:`insert` of a ``DiskEntry`` (valid, its key not in the table); returns its row."""
+        kind = self.codes.entry_kind(e)
+        v = int(e.key.chunk_hash, 16)
+        return self.insert((self._kind_kc[kind], v & M64, (v >> 64) & M64, v >> 128), kind, e.offset, e.phys_size,
+                           e.checksum, e.seq)
+
     def _home_of(self, row: int) -> int:
         kc = self.codes.kind_kc[self._K[row]]
-        return home(self.codes.kc_ident[kc], self._W[2 * row], self._W[2 * row + 1]) >> self._shift
+        return home(self.codes.kc_ident[kc], self._W[2 * row], self._W[2 * row + 1], self.mul) >> self._shift
 
     def remove(self, row: int) -> None:
         """Forget a live row (backward-shift delete: no tombstones, probes stay short)."""
@@ -289,7 +328,7 @@ class EntryTable:
         ops.is_put = np.ones(n, bool)
         ops.prefix, ops.layout = pid_k[kinds], lid_k[kinds]
         ops.ndig = ndig_k[kinds].astype(np.uint8)
-        ops.lo = as_bytes(self.w.reshape(-1, 2)[rows])
+        ops.lo = big_endian(self.w.reshape(-1, 2)[rows])
         ops.hi = None
         if self._hi:
             wide = [(i, self._hi[r]) for i, r in enumerate(rows.tolist()) if r in self._hi]

@@ -162,8 +162,34 @@ def slot_checks(words: np.ndarray) -> np.ndarray:
     return out
 
 
+_M64 = (1 << 64) - 1
+_WORDS = struct.Struct("<7Q")
+_FEW = 8                                         # slots sealed in Python (NumPy's call overhead is more)
+
+
+def _slot_check(words: tuple) -> int:
+    """:func:`slot_checks` of one slot's seven words, in Python: the same arithmetic mod 2**64."""
+    h = int(_SEED)
+    k1, k2 = int(_K1), int(_K2)
+    for i, c in enumerate(words):
+        t = ((c & 0xFFFFFFFF if i == 0 else c) * k1) & _M64
+        t ^= t >> 31
+        h = ((h ^ t) * k2) & _M64
+    h ^= h >> 29
+    h = (h * int(_K3)) & _M64
+    h ^= h >> 32
+    return h & 0xFFFFFFFF
+
+
 def seal(buf) -> None:
     """Fill in the check of every slot of ``buf`` (a writable buffer of whole slots)."""
+    mv = memoryview(buf).cast("B")
+    if len(mv) <= _FEW * SLOT and isinstance(buf, (bytearray, memoryview)):
+        # A log append of a record or two (an eviction's delete, a single put): Python is faster.
+        for s in range(0, len(mv), SLOT):
+            w = _WORDS.unpack_from(mv, s)
+            struct.pack_into("<I", mv, s + 4, _slot_check(w))
+        return
     w = slot_words(buf)
     w[:, 0] = (w[:, 0] & _LOW32) | (slot_checks(w).astype(np.uint64) << np.uint64(32))
 

@@ -30,6 +30,11 @@ __all__ = ["Ops", "parse_slots"]
 
 log = logging.getLogger(__name__)
 
+_SPLIT_BLOCK = 1 << 15          # slots a block of ``_split`` (1.8 MiB: stays in cache)
+# The slot layout with the hash as one 16-byte item (copied as one, not as 16 bytes).
+_SPLIT_DTYPE = np.dtype([(f, "V16" if f == "hash" else SLOT_DTYPE[f]) for f in SLOT_DTYPE.names])
+assert _SPLIT_DTYPE.itemsize == SLOT
+
 
 # -- decoded operations ----------------------------------------------------------------
 class Ops:
@@ -91,6 +96,26 @@ def _leading_zero_nibbles(b: np.ndarray) -> np.ndarray:
 
 
 # -- one file's slots ------------------------------------------------------------
+def _split(body) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Each field of ``body``'s slots as a contiguous column, and which slots pass their check.
+
+    One pass over the slots, a cache-sized block at a time: the NumPy passes
+    after it then read a few bytes a slot, not a whole 56-byte slot each.
+    """
+    rows = np.frombuffer(body, _SPLIT_DTYPE)
+    words = slot_words(body)
+    n = rows.shape[0]
+    cols = {f: np.empty(n, _SPLIT_DTYPE[f]) for f in _SPLIT_DTYPE.names}
+    ok = np.empty(n, bool)
+    for s in range(0, n, _SPLIT_BLOCK):
+        r = rows[s:s + _SPLIT_BLOCK]
+        for f, c in cols.items():
+            c[s:s + r.shape[0]] = r[f]
+        ok[s:s + r.shape[0]] = slot_checks(words[s:s + _SPLIT_BLOCK]) == cols["check"][s:s + r.shape[0]]
+    cols["hash"] = cols["hash"].view(np.uint8).reshape(n, 16)
+    return cols, ok
+
+
 def parse_slots(buf: bytes, tables: Tables) -> tuple[Ops, int, tuple]:
     """Decode one binary file (header already checked) into operations.
 
@@ -109,8 +134,7 @@ def parse_slots(buf: bytes, tables: Tables) -> tuple[Ops, int, tuple]:
     end = whole                   # slots before the torn tail, if any
     bad = 0
     body = memoryview(buf)[SLOT:SLOT + whole * SLOT]     # no copy
-    rows = np.frombuffer(body, SLOT_DTYPE)
-    ok = slot_checks(slot_words(body)) == rows["check"]
+    rows, ok = _split(body)
     bad += int(whole - np.count_nonzero(ok))
     tag = rows["tag"]
     span = rows["span"]
@@ -183,16 +207,19 @@ def parse_slots(buf: bytes, tables: Tables) -> tuple[Ops, int, tuple]:
     max_prefix = max(max_prefix, int(rows["prefix"][is_rec].max(initial=0)))
     max_layout = max(max_layout, int(rows["layout"][is_rec].max(initial=0)))
 
-    idx = np.flatnonzero(usable)
-    if idx.shape[0] and idx[-1] - idx[0] + 1 == idx.shape[0]:
-        r = rows[idx[0]:idx[-1] + 1]    # the usual file: tables, then only records; no copy
+    nuse = int(np.count_nonzero(usable))
+    first = int(np.argmax(usable)) if nuse else 0
+    if nuse and usable[first:first + nuse].all():
+        idx = slice(first, first + nuse)        # the usual file: tables, then only records; no copy
+        at = np.arange(first, first + nuse) if wide_head.any() else None
     else:
-        r = rows[idx]
+        idx = at = np.flatnonzero(usable)
+    r = {f: c[idx] for f, c in rows.items()}
     is_wide = wide_head[idx]
     ops = Ops(0, wide=bool(is_wide.any()))
     if ops.hi is not None:
-        ops.hi = np.zeros((idx.shape[0], 16), np.uint8)
-        ops.hi[is_wide] = rows["hash"][idx[is_wide] + 1]
+        ops.hi = np.zeros((nuse, 16), np.uint8)
+        ops.hi[is_wide] = rows["hash"][at[is_wide] + 1]
     t = r["tag"]
     ops.is_put = (t == PUT) | (t == PUT_WIDE)
     pmap = np.full(max(local_prefix, default=-1) + 2, -1, np.int64)   # last entry: "no such id"
@@ -201,19 +228,30 @@ def parse_slots(buf: bytes, tables: Tables) -> tuple[Ops, int, tuple]:
     lmap = np.full(max(local_layout, default=-1) + 2, -1, np.int64)
     for k, g in local_layout.items():
         lmap[k] = g
-    ops.prefix = pmap[np.minimum(r["prefix"], pmap.shape[0] - 1)]
-    ops.layout = np.where(ops.is_put, lmap[np.minimum(r["layout"], lmap.shape[0] - 1)], -1)
+    ops.prefix = _mapped(pmap, r["prefix"])
+    ops.layout = _mapped(lmap, r["layout"])
+    if not ops.is_put.all():
+        ops.layout[~ops.is_put] = -1
     ops.ndig = r["ndig"]
     ops.lo = r["hash"]
     ext = r["ext"]
-    ops.offset = (ext & np.uint64((1 << OFF_BITS) - 1)) * np.uint64(PAGE)
-    ops.phys = (ext >> np.uint64(OFF_BITS)) * np.uint64(PAGE)
+    ops.offset = ext & np.uint64((1 << OFF_BITS) - 1)
+    ops.offset *= np.uint64(PAGE)
+    ops.phys = ext >> np.uint64(OFF_BITS)
+    ops.phys *= np.uint64(PAGE)
     ops.seq = r["seq"]
     ops.csum = r["csum"]
     good = _valid_ops(ops, is_wide, tables)
-    bad += int(idx.shape[0] - np.count_nonzero(good)) + int(torn)
+    bad += int(nuse - np.count_nonzero(good)) + int(torn)
     local = (prefix_ids, layout_ids, max_prefix + 1, max_layout + 1, SLOT * (1 + end))
     return (ops if good.all() else ops.take(np.flatnonzero(good))), bad, local
+
+
+def _mapped(idmap: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``idmap[ids]`` (int64), ids past its end mapped to its last entry ("no such id")."""
+    if ids.shape[0] and (ids == ids[0]).all():      # one id throughout (the usual file): no gather
+        return np.full(ids.shape[0], idmap[min(int(ids[0]), idmap.shape[0] - 1)], np.int64)
+    return idmap[np.minimum(ids, idmap.shape[0] - 1)]
 
 
 def _gather(body: bytes, ok, tag, span, i: int) -> Optional[bytes]:
@@ -252,7 +290,7 @@ def _valid_ops(ops: Ops, is_wide: np.ndarray, tables: Tables) -> np.ndarray:
         good[w] &= _leading_zero_nibbles(both) >= 2 * NARROW - nd[w].astype(np.int64)
     # A put's extent holds its layout's bytes (and at least one page).
     need = np.array([max(1, min(v.nbytes, MAX_U64)) for v in tables.layouts] + [MAX_U64], np.uint64)
-    lay = np.where(ops.is_put, ops.layout, -1)
+    lay = ops.layout          # -1 for deletes
     if (lay >= 0).all() and int(ops.phys.min()) >= int(need[:-1].max(initial=0)):
         return good                     # every op a put, every extent large enough for any layout
     good &= ~ops.is_put | (ops.phys >= need[lay])

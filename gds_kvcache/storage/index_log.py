@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 from ..errors import ClosedError
 from ..key import CacheEngineKey
@@ -21,6 +21,7 @@ from .index_codec import (INDEX_VERSION, KIND_LOG, KIND_SNAP, LEGACY_NAME, LOG_N
                           TABLE_ALLOWANCE, Layout, Tables, header_check, header_slot, mix, parse_header, seal)
 from .index_columns import EntryColumns, build_entries, live_ops
 from .index_decode import Ops, parse_slots
+from .index_files import read_bytes, read_mapped, write_file
 from .index_encode import FileTables, check_batch, encode_batch, encode_snapshot
 from .index_legacy import check_legacy_header, parse_legacy
 
@@ -36,37 +37,12 @@ log = logging.getLogger(__name__)
 _seal, _header_check, _mix = seal, header_check, mix
 
 
-def _read(path: str) -> Optional[bytes]:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
-
-
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_file(path: str, chunks: Iterable) -> int:
-    """Write ``chunks`` to ``path`` (truncated first) and fsync it; return its size."""
-    n = 0
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for c in chunks:
-            mv = memoryview(c).cast("B")
-            while mv:
-                w = os.write(fd, mv)
-                mv = mv[w:]
-                n += w
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return n
 
 
 class IndexLog:
@@ -199,9 +175,9 @@ class IndexLog:
         """
         if self._closed:
             raise ClosedError("index log is closed")
-        snap = _read(self.snap_path)
-        logb = _read(self.log_path)
-        legacy = _read(self.legacy_path) if snap is None else None
+        snap = read_mapped(self.snap_path)
+        logb = read_mapped(self.log_path)
+        legacy = read_bytes(self.legacy_path) if snap is None else None
         # Every file is checked before any is used, so a refusal changes nothing.
         snap_h = parse_header(self.snap_path, snap, KIND_SNAP) if snap is not None else None
         log_h = parse_header(self.log_path, logb, KIND_LOG) if logb else None
@@ -352,7 +328,7 @@ class IndexLog:
         """Start an empty log of the current generation (temp file, fsync, rename)."""
         self.close_fd()
         tmp = self.log_path + ".tmp"
-        n = _write_file(tmp, [header_slot(KIND_LOG, self._gen)])
+        n = write_file(tmp, [header_slot(KIND_LOG, self._gen)])
         os.replace(tmp, self.log_path)
         _fsync_dir(self.directory)
         self._fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND)
@@ -393,7 +369,7 @@ class IndexLog:
         while gen == 0:
             gen = int.from_bytes(os.urandom(8), "little")
         tmp = self.snap_path + ".tmp"
-        size = _write_file(tmp, [header_slot(KIND_SNAP, gen)] + blocks)
+        size = write_file(tmp, [header_slot(KIND_SNAP, gen)] + blocks)
         os.replace(tmp, self.snap_path)
         _fsync_dir(self.directory)
         # The new snapshot is durable: from here the old log no longer matches and is ignored.
@@ -420,7 +396,7 @@ class IndexLog:
             if head:
                 parse_header(path, head, kind)
         if not os.path.exists(self.snap_path):
-            legacy = _read(self.legacy_path)
+            legacy = read_bytes(self.legacy_path)
             if legacy is not None:
                 check_legacy_header(self.legacy_path, legacy)
 

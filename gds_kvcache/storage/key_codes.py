@@ -9,9 +9,7 @@ module maps between those numbers and the library's objects:
 * a *key class* is a (prefix, hash digit count) pair: with the hash's value
   it names a key exactly; a *kind* is a (key class, layout) pair, one u32 a
   row;
-* a key's hash is three numbers: the two 64-bit words that the index files
-  hold for its low 128 bits (their 16 big-endian bytes read as two
-  little-endian words, so a file's bytes are copied as they are), and the
+* a key's hash is three numbers: its low 64 bits, the next 64, and the
   bits above 128 (nonzero only for a chunk_hash of over 32 hex digits);
 * :func:`home` hashes (prefix id and digit count, the two words) to 64
   bits, the same in NumPy (:func:`homes`) and in Python, so the sort that
@@ -25,7 +23,6 @@ None (no stored key can equal it) and interns nothing; ids only grow.
 
 from __future__ import annotations
 
-import struct
 from typing import Optional
 
 import numpy as np
@@ -34,36 +31,46 @@ from ..key import CacheEngineKey
 from .index_codec import NARROW, Layout, Tables
 from .index_columns import hex_strings, key_template, new_key
 
-__all__ = ["KeyCodes", "FREE_KIND", "home", "homes", "ident_homes", "M64"]
+__all__ = ["KeyCodes", "FREE_KIND", "M64", "MULTIPLIERS", "big_endian", "home", "homes", "ident_homes", "ident_words"]
 
 M64 = (1 << 64) - 1
-_M128 = (1 << 128) - 1
-_WORDS = struct.Struct("<QQ")
-_K1, _K2, _K3 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+#: What :func:`home` multiplies by, and xors in last (a table may be given others: tests make keys collide).
+MULTIPLIERS = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0)
 #: The kind of a row that holds no entry.
 FREE_KIND = 0xFFFFFFFF
 
 
-def home(ident: int, a: int, b: int) -> int:
-    """A 64-bit hash of a key: ``ident`` (prefix id << 8 | digit count) and its two words."""
-    x = a ^ ((b * _K1) & M64) ^ ((ident * _K2) & M64)
+def home(ident: int, a: int, b: int, m: tuple = ()) -> int:
+    """A 64-bit hash of a key: ``ident`` (prefix id << 8 | digit count) and its low and next 64
+    bits. ``m``: the multipliers and a final xor (``MULTIPLIERS`` unless given)."""
+    k1, k2, k3, k4 = m or MULTIPLIERS
+    x = a ^ ((b * k1) & M64) ^ ((ident * k2) & M64)
     x ^= x >> 31
-    return (x * _K3) & M64
+    return ((x * k3) & M64) ^ k4
 
 
-def homes(ident: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def homes(ident: np.ndarray, a: np.ndarray, b: np.ndarray, m: tuple = ()) -> np.ndarray:
     """:func:`home` of each row of the uint64 columns (wrapping arithmetic, as in Python mod 2**64)."""
-    x = b * np.uint64(_K1)
+    k1, k2, k3, k4 = m or MULTIPLIERS
+    x = b * np.uint64(k1)
     x ^= a
-    x ^= ident * np.uint64(_K2)
+    x ^= ident * np.uint64(k2)
     x ^= x >> np.uint64(31)
-    x *= np.uint64(_K3)
+    x *= np.uint64(k3)
+    x ^= np.uint64(k4)
     return x
+
+
+def ident_words(ident: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The low and next 64 bits of each hash in ``index_columns.key_ident``'s columns (which hold its
+    big-endian bytes read as little-endian words)."""
+    return ident[2].byteswap(), ident[1].byteswap()
 
 
 def ident_homes(ident: list[np.ndarray]) -> np.ndarray:
     """:func:`homes` of ``index_columns.key_ident``'s columns (a fingerprint for ``merge_order``)."""
-    return homes(ident[0], ident[1], ident[2])
+    return homes(ident[0], *ident_words(ident))
 
 
 class KeyCodes:
@@ -79,19 +86,22 @@ class KeyCodes:
         self.kind_kc: list[int] = []             # kind -> key class (read per lookup)
         self.kind_lid: list[int] = []
         self._templates: dict[int, dict] = {}    # prefix id -> a key's instance dict, hash left out
+        self._entry_kinds: dict[tuple, int] = {}  # an entry's key prefix, digits and layout -> its kind
         self._arrays: Optional[tuple] = None     # NumPy copies of the kind tables, made when asked
 
     # -- a key's numbers --------------------------------------------------------------------------
     def probe(self, key: CacheEngineKey) -> Optional[tuple[int, int, int, int]]:
-        """(key class, the two words, bits above 128) of ``key``; None if no stored key has its class."""
+        """(key class, low 64 bits, next 64, bits above 128) of ``key``; None if no stored key has its class."""
         h = key.chunk_hash
         kc = self._kc.get((key.fmt, key.model_name, key.world_size, key.worker_id, len(h)))
         if kc is None:
             return None
-        if len(h) <= 32:
-            return (kc, *_WORDS.unpack(bytes.fromhex(h.zfill(32))), 0)
         v = int(h, 16)
-        return (kc, *_WORDS.unpack((v & _M128).to_bytes(16, "big")), v >> 128)
+        return kc, v & M64, (v >> 64) & M64, v >> 128
+
+    def probe_map(self) -> dict[tuple, int]:
+        """(fmt, model_name, world_size, worker_id, digits) -> key class (what :meth:`probe` reads)."""
+        return self._kc
 
     def kind_of(self, key: CacheEngineKey, layout: tuple) -> int:
         """The kind of a key stored with ``layout`` (shape, dtype, fmt), interning what is new.
@@ -109,6 +119,18 @@ class KeyCodes:
         if pid < 0 or lid < 0:
             raise ValueError(f"key prefix {fields!r} or layout {layout!r} cannot be recorded")
         return self._kind(self._class(pid, len(key.chunk_hash)), lid)
+
+    def entry_kind(self, e) -> int:
+        """:meth:`kind_of` a ``DiskEntry``'s key and layout (one dict lookup once they were seen)."""
+        k = e.key
+        sig = (k.fmt, k.model_name, k.world_size, k.worker_id, len(k.chunk_hash), e.shape, e.dtype, e.fmt)
+        try:
+            kind = self._entry_kinds.get(sig)
+        except TypeError:              # an unhashable shape (a list)
+            return self.kind_of(k, (tuple(e.shape), e.dtype, e.fmt))
+        if kind is None:
+            kind = self._entry_kinds[sig] = self.kind_of(k, (tuple(e.shape), e.dtype, e.fmt))
+        return kind
 
     def _class(self, pid: int, ndig: int) -> int:
         fields = self.tables.prefixes[pid].fields
@@ -164,22 +186,16 @@ class KeyCodes:
         return t
 
     def key(self, kind: int, a: int, b: int, hi: int) -> CacheEngineKey:
-        """The key of a row: its kind, its two words and the bits above 128."""
+        """The key of a row: its kind, its hash's low and next 64 bits and the bits above 128."""
         kc = self.kind_kc[kind]
-        nd = self.kc_ndig[kc]
-        h = _WORDS.pack(a, b).hex()
-        if nd > NARROW:
-            h = format(hi << 128 | int(h, 16), f"0{nd}x")
-        elif nd < NARROW:
-            h = h[NARROW - nd:]
-        return new_key(self.template(self.kc_pid[kc]), h)
+        return new_key(self.template(self.kc_pid[kc]), format(hi << 128 | b << 64 | a, f"0{self.kc_ndig[kc]}x"))
 
     def keys(self, kinds: np.ndarray, w: np.ndarray, his: dict[int, int]) -> list[CacheEngineKey]:
         """The keys of rows in bulk: ``kinds``, ``w`` (``(n, 2)`` words) and the bits above 128
         of the wide ones (``{position: bits}``)."""
         pid_k, ndig_k, _ = self.arrays()
         ndig = ndig_k[kinds]
-        hashes = hex_strings(as_bytes(w), np.minimum(ndig, NARROW))
+        hashes = hex_strings(big_endian(w), np.minimum(ndig, NARROW))
         for i in np.flatnonzero(ndig > NARROW).tolist():
             hashes[i] = format(his.get(i, 0) << 128 | int(hashes[i], 16), f"0{int(ndig[i])}x")
         pids = pid_k[kinds].tolist()
@@ -201,6 +217,9 @@ class KeyCodes:
         return np.array(self.kc_ident + [0], np.uint64)[np.array(self.kind_kc + [len(self.kc_ident)])]
 
 
-def as_bytes(w: np.ndarray) -> np.ndarray:
-    """``(n, 2)`` words as the ``(n, 16)`` big-endian bytes of the hashes' low 128 bits."""
-    return np.ascontiguousarray(w).view(np.uint8).reshape(w.shape[0], 16)
+def big_endian(w: np.ndarray) -> np.ndarray:
+    """``(n, 2)`` words (low, next) as the ``(n, 16)`` big-endian bytes of the 128-bit values."""
+    out = np.empty((w.shape[0], 2), ">u8")
+    out[:, 0] = w[:, 1]
+    out[:, 1] = w[:, 0]
+    return out.view(np.uint8).reshape(w.shape[0], 16)

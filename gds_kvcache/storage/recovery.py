@@ -24,15 +24,18 @@ from typing import Optional
 
 import numpy as np
 
+from ..memory.extents import ExtentAllocator
 from ..units import PAGE
-from .index_codec import LEGACY_NAME, SNAP_NAME, Tables
+from .entry import key_hash
+from .entry_table import EntryTable
+from .index_codec import BUILD_BLOCK, LEGACY_NAME, SNAP_NAME, Tables
 from .index_columns import hex_strings, key_template, merge_order, new_key
 from .index_decode import Ops
 from .index_log import IndexLog
-from .key_codes import ident_homes
+from .key_codes import KeyCodes, ident_homes
 from .pool_file import PoolDirectory
 
-__all__ = ["Recovered", "recover_entries", "same_layout", "resolve_extents", "trim_heap"]
+__all__ = ["Recovered", "recover_entries", "restore", "same_layout", "resolve_extents", "trim_heap"]
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +70,39 @@ def recover_entries(index_log: IndexLog, pool: PoolDirectory, capacity: int) -> 
     if old is not None and not same_layout(old, pool):
         live = live[:0]
     n = live.shape[0]
-    ok, by_offset = resolve_extents(ops, tables, live, capacity, pool)
-    starts, sizes = ops.offset[live[by_offset]], ops.phys[live[by_offset]]
+    ok, starts, sizes = resolve_extents(ops, tables, live, capacity, pool)
     if not ok.all():
         live = live[ok]
-    seq = ops.seq[live]
+    seq = ops.seq if live.shape[0] == len(ops) else ops.seq[live]
     if live.shape[0] > 1 and not (seq[1:] >= seq[:-1]).all():
         live = live[np.argsort(seq, kind="stable")]
+    del seq
     dropped = bad + n - live.shape[0]
     fresh = not os.path.exists(os.path.join(pool.path, SNAP_NAME))
     legacy = os.path.exists(os.path.join(pool.path, LEGACY_NAME))
     rewrite = bool(dropped or old is not None or fresh or legacy or index_log.records != live.shape[0])
     return Recovered(ops, tables, live, packed, starts, sizes, dropped, rewrite)
+
+
+def restore(got: Recovered, space: ExtentAllocator, holes: dict[int, int], bind_checksums: bool) -> EntryTable:
+    """The table of the entries ``got`` kept, with ``space`` rebuilt around them (their extents
+    allocated and untracked, ``holes`` allocated). Takes ``got``'s arrays (it keeps only its counts).
+
+    ``bind_checksums``: the entries were written before checksums were bound to their keys
+    (``entry.keyed_checksum``): bind them, in memory.
+    """
+    table = EntryTable(KeyCodes(got.tables))
+    table.load(got.ops, got.live, got.packed)
+    space.rebuild_untracked(got.starts, got.sizes, dict(holes))
+    got.ops = got.live = got.packed = got.starts = got.sizes = None   # the files' bytes and the load's columns
+    trim_heap()
+    if bind_checksums:
+        n = len(table)
+        for s in range(0, n, BUILD_BLOCK):
+            rows = np.arange(s, min(n, s + BUILD_BLOCK))
+            names = (k.to_string().encode() for k in table.keys(rows))
+            table.csum[rows] ^= np.fromiter(map(key_hash, names), np.uint64, count=rows.shape[0])
+    return table
 
 
 def trim_heap() -> None:
@@ -102,28 +126,33 @@ def same_layout(old: tuple[int, int, int], pool: PoolDirectory) -> bool:
 
 
 def resolve_extents(ops: Ops, tables: Tables, live: np.ndarray, capacity: int,
-                    pool: PoolDirectory) -> tuple[np.ndarray, np.ndarray]:
+                    pool: PoolDirectory) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Which of the puts ``ops[live]`` lie in the pool and overlap no other (a mask over ``live``),
-    and the kept ones' positions in ``live`` sorted by offset.
+    and the extents kept, sorted by offset (offsets, sizes).
 
     Where two claim overlapping bytes only the newer (higher seq) can own them.
     """
-    everything = live.shape[0] == len(ops)      # then live is 0..n-1: slices, not gathers
+    everything = live.shape[0] == len(ops)      # then live is 0..n-1: views, not gathers
     off = ops.offset if everything else ops.offset[live]
     phys = ops.phys if everything else ops.phys[live]
     end = off + phys
-    keep = (off % np.uint64(PAGE) == 0) & (end <= np.uint64(capacity))
+    keep = end <= np.uint64(capacity)
+    if (off & np.uint64(PAGE - 1)).any():
+        keep &= off % np.uint64(PAGE) == 0
     # Inside the files: all of the pool below the last row of stripe units is.
     inside = pool.stripe_bytes // pool.unit * pool.unit * pool.stripes
     for i in np.flatnonzero(keep & (end > np.uint64(inside))).tolist():
         keep[i] = pool.fits(int(off[i]), int(phys[i]))
-    idx = np.flatnonzero(keep) if not keep.all() else np.arange(keep.shape[0])
-    order = idx[_argsort_offsets(off[idx], capacity)]
-    s, e = off[order], end[order]
-    if s.shape[0] > 1 and (s[1:] < np.maximum.accumulate(e)[:-1]).any():
+    order = None                                # None: every one, in order (a pool filled in turn)
+    if not keep.all() or not (off[1:] >= off[:-1]).all():
+        idx = np.flatnonzero(keep)
+        order = idx[_argsort_offsets(off[idx], capacity)]
+    s, e = (off, end) if order is None else (off[order], end[order])
+    if s.shape[0] > 1 and (s[1:] < e[:-1]).any():   # sorted: an overlap shows between neighbours
+        order = np.arange(s.shape[0]) if order is None else order
         _settle_overlaps(ops, tables, live, order, keep)
         order = order[keep[order]]
-    return keep, order
+    return keep, (off if order is None else off[order]), (phys if order is None else phys[order])
 
 
 def _argsort_offsets(off: np.ndarray, capacity: int) -> np.ndarray:

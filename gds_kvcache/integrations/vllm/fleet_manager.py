@@ -128,7 +128,8 @@ class FleetOffloadingManager(DiskOffloadingManager):
                     remote[(s, ps[s].entry.key.to_string())] = i
         if remote:
             self._remote_loads[spec.token] = (remote, set())
-        return FleetLoadSpec(spec.token, spec.chunks, sources, pools, until if remote else None)
+        return FleetLoadSpec(spec.token, spec.chunks, sources, pools, until if remote else None,
+                             getattr(spec, "groups", None))
 
     def _on_load_result(self, token: str, results: list) -> None:
         remote = self._remote_loads.get(token)
@@ -173,7 +174,7 @@ class FleetOffloadingManager(DiskOffloadingManager):
         spec = out.store_spec
         dirs = [d.path for d in self._dirs]
         return PrepareStoreOutput(keys_to_store=out.keys_to_store,
-                                  store_spec=FleetStoreSpec(spec.token, spec.extents, dirs),
+                                  store_spec=FleetStoreSpec(spec.token, spec.extents, dirs, getattr(spec, "groups", None)),
                                   evicted_keys=out.evicted_keys)
 
     def complete_store(self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True) -> None:

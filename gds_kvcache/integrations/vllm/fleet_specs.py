@@ -35,8 +35,8 @@ class PoolRef(NamedTuple):
 class FleetStoreSpec(DiskStoreSpec):
     """A ``DiskStoreSpec`` whose shard ``s`` writes into ``dirs[s]`` (this instance's writer directory)."""
 
-    def __init__(self, token: str, extents: list, dirs: list[str]):
-        super().__init__(token, extents)
+    def __init__(self, token: str, extents: list, dirs: list[str], groups: Optional[list] = None):
+        super().__init__(token, extents, groups)
         self.dirs = dirs
 
 
@@ -48,8 +48,8 @@ class FleetLoadSpec(DiskLoadSpec):
     """
 
     def __init__(self, token: str, chunks: list, sources: list[list[Optional[int]]], pools: list[PoolRef],
-                 deadline: Optional[float]):
-        super().__init__(token, chunks)
+                 deadline: Optional[float], groups: Optional[list] = None):
+        super().__init__(token, chunks, groups)
         self.sources = sources
         self.pools = pools
         self.deadline = deadline

@@ -10,23 +10,25 @@ pins a chunk for its load: a chunk promised by ``lookup`` and pinned by
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
 import os
 import uuid
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from typing import Optional
 
 from vllm.v1.kv_offload.base import (LookupResult, Medium, OffloadingEvent, OffloadingManager,
-                                     OffloadKey, PrepareStoreOutput, ReqContext, RequestOffloadingContext)
+                                     OffloadKey, PrepareStoreOutput, ReqContext, RequestOffloadingContext,
+                                     get_offload_group_idx)
 
 from ...key import CacheEngineKey
 from ...storage.disk_index import DiskEntry, DiskIndex
 from ...storage.pool_file import PoolDirectory, index_reserve
 from ...units import PAGE, align_up
 from .channel import JOBS_DIR, take_result
+from .keys import KeyMaker
+from .metrics import MetricsReporter
 from .specs import DiskLoadSpec, DiskStoreSpec, entry_from_stored, entry_to_wire
 
 __all__ = ["DiskOffloadingManager", "DiskLoadSpec", "DiskStoreSpec", "KeyMaker", "STATS_NAME"]
@@ -35,25 +37,8 @@ log = logging.getLogger(__name__)
 
 #: The manager's counters, rewritten as they change (for tests, dashboards and the CLI).
 STATS_NAME = "vllm-stats.json"
-
-
-class KeyMaker:
-    """vLLM offload keys -> chunk keys of one shard.
-
-    The hash covers the offload key (block hash and KV group) and the
-    geometry that gives the chunk its bytes (model, KV dtype, bytes per
-    block, blocks per chunk, world size), so another model or parallel
-    layout misses instead of loading bytes of another shape.
-    """
-
-    def __init__(self, model: str, geometry: str, world_size: int):
-        self.model = (os.path.basename(model.rstrip("/")) or "model")[:64]
-        self.world_size = world_size
-        self._seed = hashlib.blake2b(f"{model}|{geometry}|{world_size}".encode(), digest_size=16).digest()
-
-    def __call__(self, okey: bytes, shard: int) -> CacheEngineKey:
-        h = hashlib.blake2b(bytes(okey), digest_size=32, key=self._seed).hexdigest()
-        return CacheEngineKey("vllm", self.model, self.world_size, shard, h)
+#: The counters kept per KV cache group (``groups`` in the stats file, label ``group`` in vLLM's metrics).
+GROUP_KEYS = ("lookups", "hits", "hit_tokens", "chunks_loaded", "bytes_loaded", "chunks_stored", "bytes_stored")
 
 
 class DiskOffloadingManager(OffloadingManager):
@@ -80,11 +65,14 @@ class DiskOffloadingManager(OffloadingManager):
     Notes
     -----
     Only this process opens the index (it holds each shard directory's
-    lock); workers open the pool files without it. Results of stores (the
-    chunk checksums) come back through ``channel``: a store whose result is
-    missing or failed is aborted, never recorded, so the index never names a
-    chunk whose bytes are not known good. Chunks a load found corrupt are
-    dropped at ``complete_load``.
+    lock); workers open the pool files without it. Models with several KV
+    cache groups (``set_groups``) store and load each group's chunks apart:
+    the offload key names its group, the specs tell the workers which group
+    each chunk is, and the counters are kept per group too. Results of
+    stores (the chunk checksums) come back through ``channel``: a store
+    whose result is missing or failed is aborted, never recorded, so the
+    index never names a chunk whose bytes are not known good. Chunks a load
+    found corrupt are dropped at ``complete_load``.
     """
 
     def __init__(self, root: str, shards: int, disk_bytes: int, pool_files: int, chunk_bytes: int,
@@ -118,7 +106,11 @@ class DiskOffloadingManager(OffloadingManager):
         self.events: Optional[list[OffloadingEvent]] = [] if enable_events else None
         self.stats = {"lookups": 0, "hits": 0, "pending_hits": 0, "loads": 0, "chunks_loaded": 0,
                       "load_failures": 0, "stores": 0, "chunks_stored": 0, "store_failures": 0,
-                      "store_refused": 0, "evictions": 0}
+                      "store_refused": 0, "evictions": 0, "hit_tokens": 0, "bytes_loaded": 0, "bytes_stored": 0}
+        self.group_stats: dict[int, dict[str, int]] = {}   # vLLM's KV cache group id -> GROUP_KEYS
+        self._group_index: dict[int, int] = {}              # group id -> index among the offloaded groups
+        self._group_tokens: dict[int, int] = {}             # group id -> tokens per chunk
+        self._reporter = MetricsReporter()
         self._stats_dirty = True
         self._write_stats()
 
@@ -127,10 +119,10 @@ class DiskOffloadingManager(OffloadingManager):
         for s in range(shards):
             d = PoolDirectory(os.path.join(self.root, f"rank{s}"), disk_bytes, pool_files)
             self._dirs.append(d)
-            idx = DiskIndex(d, index_reserve(disk_bytes))
+            idx = DiskIndex(d, index_reserve(disk_bytes), events=False)
             self._indexes.append(idx)
             idx.recover()
-            idx.drain_events()  # recovered chunks are not news to this vLLM instance
+            idx.track_events(True)  # from here: recovered chunks are not news to this vLLM instance
 
     # -- helpers ---------------------------------------------------------------
     def _ck(self, okey: OffloadKey, shard: int = 0) -> CacheEngineKey:
@@ -139,11 +131,29 @@ class DiskOffloadingManager(OffloadingManager):
     def _token(self, kind: str) -> str:
         return f"{self._prefix}-{kind}{next(self._tokens)}"
 
+    def set_groups(self, groups: Sequence[tuple[int, int]]) -> None:
+        """The offloaded KV cache groups in vLLM's order, as ``(group id, tokens per chunk)``."""
+        self._group_index = {gid: i for i, (gid, _) in enumerate(groups)}
+        self._group_tokens = {gid: int(t) for gid, t in groups}
+
+    def _groups_of(self, keys) -> list[int]:
+        """Each key's group as the workers index it (its position among the offloaded groups)."""
+        return [self._group_index.get(get_offload_group_idx(k), 0) for k in keys]
+
+    def _bump_group(self, key: OffloadKey, name: str, n: int = 1) -> None:
+        g = get_offload_group_idx(key)
+        st = self.group_stats.get(g)
+        if st is None:
+            st = self.group_stats[g] = dict.fromkeys(GROUP_KEYS, 0)
+        st[name] += n
+        self._stats_dirty = True
+
     def _write_stats(self) -> None:
         if not self._stats_dirty:
             return
         self._stats_dirty = False
-        out = dict(self.stats, chunks=len(self._indexes[0]) if self._indexes else 0)
+        out = dict(self.stats, chunks=len(self._indexes[0]) if self._indexes else 0,
+                   groups={str(g): dict(v) for g, v in sorted(self.group_stats.items())})
         path = self.stats_path
         try:
             with open(path + ".tmp", "w") as f:
@@ -184,10 +194,15 @@ class DiskOffloadingManager(OffloadingManager):
 
     def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
         self._bump("lookups")
+        self._bump_group(key, "lookups")
         cks = [self._ck(key, s) for s in range(len(self._indexes))]
         if all(idx.contains(ck) for idx, ck in zip(self._indexes, cks)):
             self._okey.setdefault(cks[0], key)
             self._bump("hits")
+            tokens = self._group_tokens.get(get_offload_group_idx(key), 0)
+            self._bump("hit_tokens", tokens)
+            self._bump_group(key, "hits")
+            self._bump_group(key, "hit_tokens", tokens)
             return LookupResult.HIT
         if any(idx.in_flight(ck) for idx, ck in zip(self._indexes, cks)):
             self._bump("pending_hits")
@@ -207,7 +222,7 @@ class DiskOffloadingManager(OffloadingManager):
             self._loads.setdefault(k, []).append((token, [pinned[s][i] for s in range(len(self._indexes))]))
         self._load_tokens[token] = keys
         self._bump("loads")
-        return DiskLoadSpec(token, chunks)
+        return DiskLoadSpec(token, chunks, self._groups_of(keys))
 
     def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
         for s, idx in enumerate(self._indexes):
@@ -220,6 +235,7 @@ class DiskOffloadingManager(OffloadingManager):
         # keys, not the job, so each job's result is read as soon as it is there.
         tokens = [t for t, ks in self._load_tokens.items() if not keys.isdisjoint(ks)]
         unpin: dict[int, list[DiskEntry]] = {}
+        released: list[tuple[OffloadKey, list[Optional[DiskEntry]]]] = []
         for k in keys:
             stack = self._loads.get(k)
             if not stack:
@@ -227,12 +243,13 @@ class DiskOffloadingManager(OffloadingManager):
             # Prefer the pin of a job whose keys are all finishing now (both pins name the same entry).
             i = next((i for i, (t, _) in enumerate(stack) if set(self._load_tokens.get(t, ())) <= keys), 0)
             _, entries = stack.pop(i)
+            released.append((k, entries))
             if not stack:
                 del self._loads[k]
             for s, e in enumerate(entries):
                 if e is not None:
                     unpin.setdefault(s, []).append(e)
-        bad = self._load_results(tokens)
+        bad, unloaded = self._load_results(tokens)
         n_bad = 0
         for s in set(unpin) | set(bad):
             entries = unpin.get(s, [])
@@ -241,26 +258,41 @@ class DiskOffloadingManager(OffloadingManager):
                     if e is not None]
             n_bad += len(drop)
             self._indexes[s].end_read(entries, drop)
-        self._bump("chunks_loaded", max(0, len(unpin.get(0, ())) - n_bad))
+        loaded = 0
+        for k, entries in released:
+            if any(e is None or e.key.to_string() in bad.get(s, ()) or e.key.to_string() in unloaded
+                   for s, e in enumerate(entries)):
+                continue
+            loaded += 1
+            nbytes = sum(e.nbytes for e in entries)
+            self._bump("bytes_loaded", nbytes)
+            self._bump_group(k, "chunks_loaded")
+            self._bump_group(k, "bytes_loaded", nbytes)
+        self._bump("chunks_loaded", loaded)
         if n_bad:
             self._bump("load_failures", n_bad)
             log.warning("%d chunk(s) failed to load (corrupt or unreadable): dropped, vLLM recomputes them", n_bad)
         self._drain()
         self._write_stats()
 
-    def _load_results(self, tokens: list[str]) -> dict[int, set[str]]:
-        """Per shard, the chunk keys the load jobs ``tokens`` found bad (each job's result read once)."""
+    def _load_results(self, tokens: list[str]) -> tuple[dict[int, set[str]], set[str]]:
+        """Per shard, the chunk keys the load jobs ``tokens`` found bad, and the chunk keys a worker
+        did not land, corrupt or not (each job's result read once)."""
         bad: dict[int, set[str]] = {}
+        unloaded: set[str] = set()
         for token in tokens:
             # A job's result is there once its worker reported it: read each job's exactly once.
             got = [take_result(self.root, token, s) for s in range(len(self._indexes))]
             if all(r is not None for r in got):
                 del self._load_tokens[token]
+                self._reporter.observe_seconds("load", max((r.get("seconds") or 0 for r in got), default=None))
             self._on_load_result(token, got)
             for s, res in enumerate(got):
                 if res and res.get("bad"):
                     bad.setdefault(s, set()).update(res["bad"])
-        return bad
+                if res:
+                    unloaded.update(res.get("failed", ()))
+        return bad, unloaded
 
     def _on_load_result(self, token: str, results: list[Optional[dict]]) -> None:
         """Each shard's result of load job ``token`` as it is read (None: not there yet); for subclasses."""
@@ -299,7 +331,7 @@ class DiskOffloadingManager(OffloadingManager):
         if todo:
             self._stores[token] = (todo, extents)
         self._write_stats()
-        return PrepareStoreOutput(keys_to_store=todo, store_spec=DiskStoreSpec(token, extents),
+        return PrepareStoreOutput(keys_to_store=todo, store_spec=DiskStoreSpec(token, extents, self._groups_of(todo)),
                                   evicted_keys=evicted)
 
     def complete_store(self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True) -> None:
@@ -314,26 +346,37 @@ class DiskOffloadingManager(OffloadingManager):
         for k in todo:
             self._pending_store.pop(k, None)
         ok_all = 0
+        seconds = []
         for s, idx in enumerate(self._indexes):
             cks = [self._ck(k, s) for k in todo]
             res = take_result(self.root, token, s) if success else None
-            done, failed = [], []
+            done, failed, done_keys = [], [], []
             written = {} if res is None else res.get("chunks", {})
-            for ck, (_, off, phys) in zip(cks, extents[s]):
+            if res is not None and res.get("seconds") is not None:
+                seconds.append(res["seconds"])
+            for k, ck, (_, off, phys) in zip(todo, cks, extents[s]):
                 w = written.get(ck.to_string())
                 e = None if w is None else entry_from_stored(ck, off, phys, w)
                 if e is None:
                     failed.append(ck)
                 else:
                     done.append(e)
+                    done_keys.append(k)
             try:
                 idx.commit(done, failed)
             except OSError as exc:  # the index append failed: nothing was recorded
                 log.warning("cannot record %d stored chunk(s): %s", len(done), exc)
                 idx.abort([e.key for e in done])
-                done = []
+                done, done_keys = [], []
             if s == 0:
                 ok_all = len(done)
+            for k, e in zip(done_keys, done):
+                if s == 0:
+                    self._bump_group(k, "chunks_stored")
+                self._bump_group(k, "bytes_stored", e.nbytes)
+                self._bump("bytes_stored", e.nbytes)
+        if seconds:
+            self._reporter.observe_seconds("store", max(seconds))
         self._bump("stores")
         self._bump("chunks_stored", ok_all)
         if ok_all < len(todo):
@@ -349,6 +392,10 @@ class DiskOffloadingManager(OffloadingManager):
 
     def on_schedule_end(self, context) -> None:
         self._write_stats()
+
+    def get_stats(self):
+        """What changed since vLLM last asked (``metrics``): empty when nothing did, never None."""
+        return self._reporter.take(self.stats, self.group_stats, len(self._indexes[0]) if self._indexes else 0)
 
     def reset_cache(self) -> None:
         """Drop every chunk not being read or written (after a weight update the KV is stale)."""

@@ -21,6 +21,9 @@ Keys read from ``kv_connector_extra_config`` (besides vLLM's own
     changes: one instance per ``local_disk``.
 
 ``settings`` checks them before the model loads (``library_config``).
+The spec declares the plug-in's metrics to vLLM (``metrics``), and passes
+the offloaded KV cache groups to the manager (one chunk per group and
+offload key; ``layout`` says which bytes).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import logging
 from vllm.v1.kv_offload.base import CanonicalKVCaches, OffloadingSpec
 from vllm.v1.kv_offload.config import OffloadingConfig
 
+from . import metrics
 from .manager import DiskOffloadingManager, KeyMaker
 from .settings import check_vllm_version, library_config
 from .worker import DiskOffloadingWorker
@@ -49,6 +53,11 @@ class GdsKvCacheSpec(OffloadingSpec):
     each shard directory (and its lock), so start one vLLM instance per
     ``local_disk``. Restarting on the same directory keeps every chunk.
     """
+
+    @classmethod
+    def build_metric_definitions(cls, extra_config):
+        """The plug-in's counters for vLLM's Prometheus ``/metrics`` (``metrics.definitions``)."""
+        return metrics.definitions()
 
     def __init__(self, config: OffloadingConfig):
         super().__init__(config)
@@ -79,6 +88,8 @@ class GdsKvCacheSpec(OffloadingSpec):
                 self.root, self.shards, self.lib_config.disk_bytes, self.lib_config.pool_files,
                 self.config.worker_kv_bytes_per_block * self.blocks_per_chunk, self.key_maker,
                 enable_events=self.kv_events_config.enable_kv_cache_events)
+        # Whichever manager was made: each chunk is one group's (the key names it, the specs tell the workers).
+        self._manager.set_groups([(g.group_id, g.tokens_per_block * self.blocks_per_chunk) for g in self.config.groups])
         return self._manager
 
     def get_worker(self, kv_caches: CanonicalKVCaches) -> DiskOffloadingWorker:

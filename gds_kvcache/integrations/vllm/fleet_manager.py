@@ -16,6 +16,11 @@ published or claimed is not stored again here; a chunk failed in a load is
 dropped only from this instance's own index (another instance's chunk is
 only ever dropped by its writer); without Redis, lookups of other instances'
 chunks miss and stores stay local (published once it answers).
+
+Threads: vLLM calls the manager from its scheduler thread only (0.33 wraps
+the calls in ``OffloadingManager.lock``, a no-op here, which is right: the
+background threads, housekeeping and lease releases, touch only the indexes,
+which lock themselves, and Redis, never the manager's own state).
 """
 
 from __future__ import annotations

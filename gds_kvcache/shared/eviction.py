@@ -145,6 +145,19 @@ class RetractThenFree(DeferredFree):
         with self._q_lock:
             return max((t for t, _ in self._quarantine), default=0.0)
 
+    def finish(self, writer: str) -> None:
+        """At close: retract what was dropped, wait out the leases on it (at most one lease
+        period), then free every quarantined extent (the index is closed next)."""
+        try:
+            self.process_retired()
+        except self._errors as e:
+            self._stats["redis_errors"] += 1
+            log.warning("closing writer %s: Redis unreachable (%s); its next start waits out leases", writer, e)
+        last = self.quarantine_ends()
+        if last > time.monotonic():
+            time.sleep(min(last - time.monotonic(), self.lease_ttl + LEASE_MARGIN))
+        self.release_quarantine(all_due=True)
+
     # -- eviction -----------------------------------------------------------------------------
     def evict(self, need: int, count: int = 0) -> int:
         """Evict this writer's LRU chunks that no one reads, here or (by lease) elsewhere, until

@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional, Sequence
 
 from ..config import CacheEngineConfig
-from ..config.values import WRITER_ID_ALLOWED, is_writer_id
 from ..errors import ClosedError, ConfigError, DirectoryLockedError, GdsKvCacheError
 from ..io import IOPathReport
 from ..key import CacheEngineKey
@@ -42,29 +40,16 @@ from .adoption import adopt_dead_writers
 from .eviction import RetractThenFree
 from .housekeeping import Housekeeper
 from .identity import cache_id, writer_ids
-from .publisher import LEASE_MARGIN, WRITERS_DIR, Publisher
+from .publisher import WRITERS_DIR, Publisher
 from .put_path import PutPath
 from .redis_index import RedisIndex, redis_errors
 from .remote_reader import RemoteReader
+from .settings import COUNTERS, SharedSettings, redis_config_errors
 from .shared_index import SharedIndex
 
 __all__ = ["SharedDiskBackend", "WRITERS_DIR", "cache_id"]
 
 log = logging.getLogger(__name__)
-
-#: The shared tier's counters (``stats``, besides the local tier's); the README lists them.
-COUNTERS = ("published", "duplicates", "republishes", "remote_hits", "remote_misses", "lease_expired",
-            "remote_corrupt", "remote_malformed", "claims_lost", "redis_errors", "leased_evictions",
-            "shared_evictions", "retracted", "local_only_puts", "removed_unretracted", "state_went_back",
-            "audit_republished", "adopted", "leased_skips", "evict_errors", "remote_read_errors", "put_retries",
-            "tombstoned", "remote_removed")
-
-
-def _redis_config_errors() -> tuple:
-    """Errors at start that waiting will not cure: a wrong password, a database out of range."""
-    from redis import exceptions as e
-    return (e.AuthenticationError, e.AuthorizationError, e.ResponseError)
-
 
 class SharedDiskBackend(StorageBackendInterface):
     """The disk tier shared by several processes through one directory and one Redis.
@@ -120,28 +105,15 @@ class SharedDiskBackend(StorageBackendInterface):
                  lease_ttl: Optional[float] = None, claim_ttl: Optional[float] = None,
                  tick: Optional[float] = None):
         super().__init__(dst_device)
-        url = config.lookup_server_url
-        if not url:
-            raise ConfigError("lookup_server_url", url, "a redis:// URL for shared mode")
-        if config.local_disk is None:
-            raise ConfigError("local_disk", None, "the shared directory (every process gives the same path)")
-        # Arguments override the config's fields (tests, tools); both are validated the same way.
-        writer_id = config.writer_id if writer_id is None else writer_id
-        lease_ttl = config.lease_ttl if lease_ttl is None else lease_ttl
-        claim_ttl = config.claim_ttl if claim_ttl is None else claim_ttl
-        tick = config.shared_tick if tick is None else tick
-        if writer_id is not None and not is_writer_id(writer_id):
-            raise ConfigError("writer_id", writer_id, WRITER_ID_ALLOWED)
-        for name, v in (("lease_ttl", lease_ttl), ("claim_ttl", claim_ttl), ("tick", tick)):
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < 3600:
-                raise ConfigError(name, v, "seconds, more than 0 and less than 3600")
+        st = SharedSettings.resolve(config, writer_id, lease_ttl, claim_ttl, tick)
+        url, writer_id, lease_ttl, tick = st.url, st.writer_id, st.lease_ttl, st.tick
         self.config = config
-        self.shared_dir = os.path.abspath(config.local_disk)
+        self.shared_dir = st.shared_dir
         self.namespace = namespace if namespace is not None else f"gdskv:{cache_id(self.shared_dir)}"
         self.lease_ttl = lease_ttl
         self.tick = tick
         self.memory_allocator = memory_allocator
-        self.redis = RedisIndex(url, self.namespace, lease_ttl, claim_ttl, config.redis_socket_timeout,
+        self.redis = RedisIndex(url, self.namespace, lease_ttl, st.claim_ttl, config.redis_socket_timeout,
                                 config.redis_backoff)
         self._errors = redis_errors()
         self._stats = dict.fromkeys(COUNTERS, 0)
@@ -163,7 +135,7 @@ class SharedDiskBackend(StorageBackendInterface):
             try:
                 self.pub.register()
                 self._stats["adopted"] += adopt_dead_writers(self.shared_dir, self.writer, self.redis)
-            except _redis_config_errors() as e:
+            except redis_config_errors() as e:
                 raise ConfigError("lookup_server_url", url, f"a Redis this process may use ({e})") from None
             except self._errors as e:
                 self._stats["redis_errors"] += 1
@@ -248,19 +220,6 @@ class SharedDiskBackend(StorageBackendInterface):
 
     def submit_put_task(self, key: CacheEngineKey, obj: MemoryObj) -> Optional[Future]:
         return self.batched_submit_put_task([key], [obj])[0]
-
-    def batched_put(self, keys: Sequence[CacheEngineKey], objs: Sequence[MemoryObj]) -> list:
-        """Store and wait until published: per key, bytes written, None (skipped) or the exception."""
-        out = []
-        for f in self.batched_submit_put_task(keys, objs):
-            if f is None:
-                out.append(None)
-                continue
-            try:
-                out.append(f.result())
-            except Exception as e:
-                out.append(e)
-        return out
 
     def exists_in_put_tasks(self, key: CacheEngineKey) -> bool:
         return self.local.exists_in_put_tasks(key)
@@ -430,16 +389,7 @@ class SharedDiskBackend(StorageBackendInterface):
         self._prefetch.shutdown(wait=True)
         self.remote.drain()
         try:
-            try:
-                self.eviction.process_retired()
-            except self._errors as e:
-                self._stats["redis_errors"] += 1
-                log.warning("closing writer %s: Redis unreachable (%s); its next start waits out leases",
-                            self.writer, e)
-            last = self.eviction.quarantine_ends()
-            if last > time.monotonic():
-                time.sleep(min(last - time.monotonic(), self.lease_ttl + LEASE_MARGIN))
-            self.eviction.release_quarantine(all_due=True)
+            self.eviction.finish(self.writer)
         finally:
             try:
                 self.local.close()

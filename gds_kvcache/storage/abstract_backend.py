@@ -65,6 +65,20 @@ class StorageBackendInterface(abc.ABC):
         """``submit_put_task`` for each pair; a disk tier writes the batch as one transfer."""
         return [self.submit_put_task(k, o) for k, o in zip(keys, objs)]
 
+    def batched_put(self, keys: Sequence[CacheEngineKey], objs: Sequence[MemoryObj]) -> list:
+        """Store and wait: per key, what its put's future gave (bytes written), None where the
+        tier skipped it, or the exception it raised (one failed chunk does not hide the others)."""
+        out = []
+        for f in self.batched_submit_put_task(keys, objs):
+            if f is None:
+                out.append(None)
+                continue
+            try:
+                out.append(f.result())
+            except Exception as e:
+                out.append(e)
+        return out
+
     def batched_get_blocking(self, keys: Sequence[CacheEngineKey]) -> list[Optional[MemoryObj]]:
         """``get_blocking`` for each key; a disk tier reads the batch as one transfer."""
         return [self.get_blocking(k) for k in keys]

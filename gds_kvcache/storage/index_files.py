@@ -14,7 +14,16 @@ import mmap
 import os
 from typing import Iterable, Optional, Union
 
-__all__ = ["read_bytes", "read_mapped", "write_file"]
+__all__ = ["fsync_dir", "read_bytes", "read_mapped", "write_file"]
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or a new file in ``path`` durable (fsync of the directory itself)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_bytes(path: str) -> Optional[bytes]:

@@ -21,6 +21,7 @@ from .index_codec import (INDEX_VERSION, KIND_LOG, KIND_SNAP, LEGACY_NAME, LOG_N
                           TABLE_ALLOWANCE, Layout, Tables, header_check, header_slot, mix, parse_header, seal)
 from .index_columns import EntryColumns, build_entries, live_ops
 from .index_decode import Ops, parse_slots
+from .index_files import fsync_dir as _fsync_dir  # a module global: tests/test_index_log.py steps it
 from .index_files import read_bytes, read_mapped, write_file
 from .index_encode import FileTables, check_batch, encode_batch, encode_snapshot
 from .index_legacy import check_legacy_header, parse_legacy
@@ -35,14 +36,6 @@ log = logging.getLogger(__name__)
 # Reached through this module by tests/test_index_log.py: it reseals edited files and,
 # replacing _mix (the key fingerprint load hands to live_ops), forces collisions.
 _seal, _header_check, _mix = seal, header_check, mix
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class IndexLog:
@@ -119,22 +112,9 @@ class IndexLog:
 
     @staticmethod
     def size_of(entries_count: int, wide: int = 0, table_bytes: int = TABLE_ALLOWANCE) -> int:
-        """Upper bound on the bytes of a snapshot of ``entries_count`` entries.
-
-        Parameters
-        ----------
-        entries_count
-            Entries in the snapshot.
-        wide
-            How many of them have a chunk_hash of more than 32 hex digits (two slots each).
-        table_bytes
-            Bytes of the tables; :attr:`table_bytes` bounds what the entries
-            seen by this log need, where the default allowance may not.
-
-        Notes
-        -----
-        56 bytes an entry, 112 a wide one, one header slot, plus the tables.
-        """
+        """Upper bound on the bytes of a snapshot of ``entries_count`` entries, ``wide`` of them
+        with a chunk_hash of over 32 hex digits: 56 bytes an entry, 112 a wide one, one header
+        slot, plus ``table_bytes`` (:attr:`table_bytes` bounds what this log's entries need)."""
         return SLOT * (1 + entries_count + wide) + table_bytes
 
     # -- reading --------------------------------------------------------------------------

@@ -27,13 +27,6 @@ import numpy as np
 from ..kernels.checksum import checksum_batch
 from ..memory.obj import MemoryObj
 
-
-def _pieces():
-    """``kernels.checksum_pieces`` (Numba), imported at the first piece hashed: importing the
-    package loads no Numba (``kernels.checksum``'s docstring says why)."""
-    from ..kernels import checksum_pieces
-    return checksum_pieces
-
 __all__ = ["PieceSums", "words_of"]
 
 _MASK = (1 << 64) - 1

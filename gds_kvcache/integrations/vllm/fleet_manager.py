@@ -201,7 +201,7 @@ class FleetOffloadingManager(DiskOffloadingManager):
                       "retracted", "leased_skips", "adopted", "tombstoned", "redis_timeouts"):
                 self.stats[k] = shared.get(k, 0)
             self.stats["redis_errors"] = self.fleet_stats["redis_errors"] + shared.get("redis_errors", 0)
-            self._stats_dirty = True
+            self.counters.dirty = True
         super()._write_stats()
 
     def shutdown(self) -> None:

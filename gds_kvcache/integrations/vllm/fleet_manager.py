@@ -66,8 +66,9 @@ class FleetOffloadingManager(DiskOffloadingManager):
         n = len(self._indexes)
         self.lookups = FleetLookups(self.writers.index, lambda k: [self._ck(k, s) for s in range(n)],
                                     set(self.writers.writers), config.lease_ttl, self.fleet_stats)
-        # load token -> ({(shard, chunk key): chunk index} of other instances' chunks, indexes failed so far)
-        self._remote_loads: dict[str, tuple[dict, set]] = {}
+        # load token -> ({(shard, chunk key): chunk index} of other instances' chunks, indexes failed so far,
+        #                {chunk index: (offload key, bytes read from other instances)})
+        self._remote_loads: dict[str, tuple[dict, set, dict]] = {}
         log.info("gds_kvcache fleet mode: writers %s under %s, Redis %s", ", ".join(self.writers.writers),
                  self.root, self.writers.redis.url)
 
@@ -88,7 +89,7 @@ class FleetOffloadingManager(DiskOffloadingManager):
         if remote is None:
             return LookupResult.RETRY
         if remote:
-            self._bump("hits")
+            self._count_hit(key)
         return LookupResult.HIT if remote else LookupResult.MISS
 
     def on_schedule_end(self, context) -> None:
@@ -117,6 +118,7 @@ class FleetOffloadingManager(DiskOffloadingManager):
         sources = [[own[s] if c is not None else None for c in spec.chunks[s]] for s in range(n)]
         need = [i for i in range(len(keys)) if any(spec.chunks[s][i] is None for s in range(n))]
         remote: dict[tuple[int, str], int] = {}        # (shard, chunk key) -> index, of other instances' chunks
+        nbytes: dict[int, int] = {}                    # index -> bytes of its shards read from other instances
         pins, refs, until = self.lookups.take([keys[i] for i in need], req_context.req_id)
         for i, ps, rs in zip(need, pins, refs):
             if ps is None:
@@ -126,8 +128,9 @@ class FleetOffloadingManager(DiskOffloadingManager):
                     spec.chunks[s][i] = entry_to_wire(ps[s].entry)
                     sources[s][i] = ref(rs[s])
                     remote[(s, ps[s].entry.key.to_string())] = i
+                    nbytes[i] = nbytes.get(i, 0) + ps[s].entry.nbytes
         if remote:
-            self._remote_loads[spec.token] = (remote, set())
+            self._remote_loads[spec.token] = (remote, set(), {i: (keys[i], n) for i, n in nbytes.items()})
         return FleetLoadSpec(spec.token, spec.chunks, sources, pools, until if remote else None,
                              getattr(spec, "groups", None))
 
@@ -135,15 +138,19 @@ class FleetOffloadingManager(DiskOffloadingManager):
         remote = self._remote_loads.get(token)
         if remote is None:
             return
-        chunks, failed = remote
+        chunks, failed, sizes = remote
         for s, res in enumerate(results):
             if res is not None:
                 gone = set(res.get("bad", ())) | set(res.get("failed", ()))
                 failed.update(i for (s2, k), i in chunks.items() if s2 == s and k in gone)
         if token not in self._load_tokens:          # every shard reported: count the job once
             del self._remote_loads[token]
-            n = len(set(chunks.values()))
-            self.fleet_stats["remote_chunks_loaded"] += n - len(failed)
+            # The local counters count chunks read from this instance's files only; these were read
+            # (at least one shard) from other instances': counted here, per group too.
+            for i, (okey, n) in sizes.items():
+                if i not in failed:
+                    self._count_loaded(okey, n)
+            self.fleet_stats["remote_chunks_loaded"] += len(sizes) - len(failed)
             self.fleet_stats["remote_load_failures"] += len(failed)
 
     def complete_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:

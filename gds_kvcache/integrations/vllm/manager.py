@@ -141,6 +141,19 @@ class DiskOffloadingManager(OffloadingManager):
     def _bump(self, name: str, n: int = 1) -> None:
         self.counters.bump(name, n)
 
+    def _count_hit(self, key: OffloadKey) -> None:
+        tokens = self._group_tokens.get(get_offload_group_idx(key), 0)
+        self._bump("hits")
+        self._bump("hit_tokens", tokens)
+        self._bump_group(key, "hits")
+        self._bump_group(key, "hit_tokens", tokens)
+
+    def _count_loaded(self, key: OffloadKey, nbytes: int) -> None:
+        self._bump("chunks_loaded")
+        self._bump("bytes_loaded", nbytes)
+        self._bump_group(key, "chunks_loaded")
+        self._bump_group(key, "bytes_loaded", nbytes)
+
     def _write_stats(self) -> None:
         self.counters.write(self.stats_path, len(self._indexes[0]) if self._indexes else 0)
 
@@ -176,11 +189,7 @@ class DiskOffloadingManager(OffloadingManager):
         cks = [self._ck(key, s) for s in range(len(self._indexes))]
         if all(idx.contains(ck) for idx, ck in zip(self._indexes, cks)):
             self._okey.setdefault(cks[0], key)
-            self._bump("hits")
-            tokens = self._group_tokens.get(get_offload_group_idx(key), 0)
-            self._bump("hit_tokens", tokens)
-            self._bump_group(key, "hits")
-            self._bump_group(key, "hit_tokens", tokens)
+            self._count_hit(key)
             return LookupResult.HIT
         if any(idx.in_flight(ck) for idx, ck in zip(self._indexes, cks)):
             self._bump("pending_hits")
@@ -242,11 +251,7 @@ class DiskOffloadingManager(OffloadingManager):
                    for s, e in enumerate(entries)):
                 continue
             loaded += 1
-            nbytes = sum(e.nbytes for e in entries)
-            self._bump("bytes_loaded", nbytes)
-            self._bump_group(k, "chunks_loaded")
-            self._bump_group(k, "bytes_loaded", nbytes)
-        self._bump("chunks_loaded", loaded)
+            self._count_loaded(k, sum(e.nbytes for e in entries))
         if n_bad:
             self._bump("load_failures", n_bad)
             log.warning("%d chunk(s) failed to load (corrupt or unreadable): dropped, vLLM recomputes them", n_bad)

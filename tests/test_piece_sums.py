@@ -128,7 +128,7 @@ def test_backend_reads_detect_a_flipped_bit_with_piece_checksums(tmp_path, monke
     be = LocalDiskBackend(cfg, None, alloc)
     try:
         keys = [CacheEngineKey("vllm", "m", 1, 0, i + 1) for i in range(3)]
-        data = [random_tensor((2, 4, 16, 1024), torch.bfloat16) for _ in keys]
+        data = [random_tensor((2, 4, 64, 1024), torch.bfloat16) for _ in keys]   # 1 MiB chunks
         objs = []
         for d in data:
             o = alloc.allocate(d.shape, d.dtype)
@@ -154,6 +154,40 @@ def test_backend_reads_detect_a_flipped_bit_with_piece_checksums(tmp_path, monke
         assert got[1] is None and be.stats["corrupt"] == 1
         assert same_bytes(got[0].tensor, data[0]) and same_bytes(got[2].tensor, data[2])
         for g in (got[0], got[2]):
+            g.ref_count_down()
+    finally:
+        be.close()
+        alloc.close()
+
+
+def test_small_chunks_take_one_checksum_launch_a_batch(tmp_path, monkeypatch):
+    # Below PIECE_SUM_MIN_BYTES a chunk's own hashing costs more than its share of one launch.
+    import gds_kvcache.storage.piece_sums as piece_sums
+
+    def no_pieces(*a, **k):
+        raise AssertionError("64 KiB chunks are hashed in one launch a batch, not piece by piece")
+
+    monkeypatch.setattr(piece_sums.PieceSums, "__call__", no_pieces)
+    cfg = CacheEngineConfig(local_disk=str(tmp_path / "d"), max_local_disk_size=64 * MiB / GB, io_engine="posix",
+                            io_threads=4, io_task_size=64 * KiB, memory_device="host")
+    alloc = SlabMemoryAllocator(16 * MiB, "host")
+    be = LocalDiskBackend(cfg, None, alloc)
+    try:
+        keys = [CacheEngineKey("vllm", "m", 1, 0, i + 1) for i in range(8)]
+        data = [random_tensor((2, 16, 1024), torch.bfloat16) for _ in keys]
+        objs = []
+        for d in data:
+            o = alloc.allocate(d.shape, d.dtype)
+            o.tensor.copy_(d)
+            objs.append(o)
+        for f in be.batched_submit_put_task(keys, objs):
+            f.result()
+        for o in objs:
+            o.ref_count_down()
+        got = be.batched_get_blocking(keys)
+        assert all(g is not None and same_bytes(g.tensor, d) for g, d in zip(got, data))
+        assert be.stats["checksum_calls"] == 2          # one launch for the put batch, one for the get batch
+        for g in got:
             g.ref_count_down()
     finally:
         be.close()

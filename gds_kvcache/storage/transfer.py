@@ -43,6 +43,12 @@ __all__ = ["DiskTransfer", "VerifiedRead", "is_no_space", "keyed_checksum", "run
 
 log = logging.getLogger(__name__)
 
+#: Smallest mean chunk size hashed piece by piece on the I/O threads: each chunk a piece covers costs
+#: two Numba dispatches and a lock there, against a share of one launch for the whole batch after the
+#: I/O. On the 2-core CPU machine 64 KiB host-slab gets ran at 0.55x of one launch a batch that way,
+#: while 1 MiB chunks gain from the overlap (BENCHMARKS.md, session 7).
+PIECE_SUM_MIN_BYTES = 512 << 10
+
 
 def is_no_space(exc: BaseException) -> bool:
     """Whether a write failed for a full file system (ENOSPC, EDQUOT)."""
@@ -280,6 +286,8 @@ class DiskTransfer:
         """A ``PieceSums`` for ``objs`` where the engine hashes pieces as they move (a host slab),
         else None (the batch is checksummed in one call after or before the transfer)."""
         if not objs or not self.engine.piece_hooks or objs[0].slab.kind == "cuda":
+            return None
+        if sum(o.nbytes for o in objs) < PIECE_SUM_MIN_BYTES * len(objs):
             return None
         self.stats["checksum_calls"] += 1
         buf = objs[0].slab.host_array()

@@ -1,10 +1,11 @@
 """The staging pipeline (``gds_kvcache.io.staging``) on CPU: lanes whose copies complete late, byte-exact.
 
-The GPU parts (stream, events, async copies) are replaced by ``DeferredLane``
+The GPU parts (stream, events, async copies) are replaced by ``StrictLane``
 (see ``staging_fakes``), so what is checked here is the scheduling: that no
 slot is written out before its copy completed, none is refilled while a copy
-still reads it, copies overlap file I/O in the promised order, and every
-failure fails its span and nothing else.
+still reads it, copies overlap file I/O in the promised order, a batch runs
+on one thread, and every failure fails its span and nothing else. CUDA
+lanes on a fake driver are ``test_cuda_lane``.
 """
 
 import os
@@ -15,11 +16,12 @@ import numpy as np
 import pytest
 
 from gds_kvcache.errors import ClosedError, IOEngineError
+from gds_kvcache.io import staging
 from gds_kvcache.io.staging import LanePool, SyncFileIO, run_lane
 from gds_kvcache.memory.buffers import BounceBuffers, SlabBuffer
 from gds_kvcache.units import KiB, PAGE
 
-from .staging_fakes import POISON, DeferredIO, DeferredLane, Log
+from .staging_fakes import POISON, DeferredIO, DeferredLane, Log, StrictLane
 
 SLOT = 64 * KiB
 
@@ -43,7 +45,7 @@ def make_pieces(r: random.Random, count: int, odd: bool):
 
 def lanes(count, depth, log, seed, kind="host", **fail):
     bufs = BounceBuffers(count * depth, SLOT, kind)
-    made = [DeferredLane(bufs, k * depth, depth, log, seed + k, **fail) for k in range(count)]
+    made = [StrictLane(bufs, k * depth, depth, log, seed + k, **fail) for k in range(count)]
     return LanePool(made, owned=[bufs]), made
 
 
@@ -89,7 +91,7 @@ def test_round_trip_byte_exact(mode, depth, workers, odd, seed):
     assert errs == [None] * len(errs)
     for _, m, _, _, n in pieces:
         assert np.array_equal(dst.host_array()[m:m + n], src.host_array()[m:m + n])
-    assert log.violations == []
+    assert log.violations == [] and io.in_flight == 0
     assert all(lane.begun == lane.ended for lane in made)
     io.close()
     pool.close()
@@ -222,7 +224,7 @@ def test_lane_that_cannot_start_fails_what_it_takes(seed):
     log = Log()
     pool, made = lanes(1, 2, log, seed)
 
-    def refuse(buffer):
+    def refuse(buffer, *after):
         raise IOEngineError("no context")
 
     made[0].begin = refuse
@@ -324,3 +326,43 @@ def test_cuda_lane_entry_points_exist_in_the_driver():
     assert api.dtoh.argtypes and api.event_sync.restype is ctypes.c_int
     with pytest.raises(IOEngineError, match="CUDA error 600"):
         api.check(600, "probe")
+
+
+def _h2d_before_read(self):
+    """A plausible regression of ``_Pipeline._read_done``: the copy started before the read is known complete."""
+    slot, p, h = self.io_q.popleft()
+    self.lane.to_device(slot, p[1], p[4])
+    self.copying.append((slot, p, True))
+    self.io.finish(h)
+
+
+def test_strict_lane_sees_a_copy_started_before_its_read(monkeypatch, seed):
+    # DeferredLane copies a slot only when waited for, so it passes this pipeline byte-exactly; a DMA
+    # may read the slot at issue, so on a GPU it moves stale bytes. The fake the tests use must fail it.
+    r = random.Random(seed)
+    pieces, mem, off = make_pieces(r, 12, False)
+    file = np.random.default_rng(seed).integers(0, 256, off, dtype=np.uint8)
+    monkeypatch.setattr(staging._Pipeline, "_read_done", _h2d_before_read)
+    log = Log()
+    io = DeferredIO(file, log, "deferred", seed)
+    io.done = lambda h: h["out"] is not None  # a read lands only when finished
+    pool, made = lanes(1, 2, log, seed)
+    run_workers(pool, 1, False, SlabBuffer(mem, "host"), pieces, io, [None] * 4)
+    assert any("changed while its host-to-device copy" in v for v in log.violations)
+    pool.close()
+
+
+def test_fake_lane_sees_a_batch_that_changes_threads():
+    # cuCtxPushCurrent is per thread: a CUDA lane's copies must run on the thread that began the batch.
+    log = Log()
+    pool, made = lanes(1, 2, log, 0)
+    lane = made[0]
+    slab = SlabBuffer(SLOT, "host")
+    lane.begin(slab, False)
+    t = threading.Thread(target=lambda: (lane.to_host(0, 0, PAGE), lane.wait(0)))
+    t.start()
+    t.join()
+    lane.end()
+    assert log.violations == ["to_host on another thread than the batch's begin",
+                              "wait on another thread than the batch's begin"]
+    pool.close()

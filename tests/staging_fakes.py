@@ -33,7 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from gds_kvcache.errors import IOEngineError
-from gds_kvcache.io.staging import FileIO, Lane, LanePool
+from gds_kvcache.io.lane_pool import LanePool
+from gds_kvcache.io.staging import FileIO, Lane
 from gds_kvcache.memory.buffers import BounceBuffers
 
 POISON = 0xEE

@@ -269,3 +269,69 @@ def test_kvikio_staging_kvikio_stages_nothing(tmp_path, rnd):
         assert made == [] and eng.report().staging == ""
     with pytest.raises(IOEngineError, match="staging"):
         KvikIOEngine(pool(tmp_path, name="other"), 2, 64 * KiB, True, "host", STRIPE, staging="bounce")
+
+
+class _WatchedFuture:
+    def __init__(self, fut):
+        self._fut, self.waited = fut, False
+
+    def get(self):
+        try:
+            return self._fut.get()
+        finally:
+            self.waited = True
+
+    def done(self):
+        return self._fut.done()
+
+
+class _WatchedFile:
+    """A ``kvikio.CuFile`` whose futures say whether anyone waited for them."""
+
+    def __init__(self, f, futs):
+        self._f, self._futs = f, futs
+
+    def _track(self, fut):
+        self._futs.append(_WatchedFuture(fut))
+        return self._futs[-1]
+
+    def pwrite(self, *a):
+        return self._track(self._f.pwrite(*a))
+
+    def pread(self, *a):
+        return self._track(self._f.pread(*a))
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+@pytest.mark.parametrize("write", [True, False])
+def test_kvikio_interrupted_batch_waits_for_its_unstaged_futures(tmp_path, write, rnd):
+    # KeyboardInterrupt in the staged part of a KvikIO batch: the spans already handed to KvikIO's pool
+    # (files on another path) are waited for before the interrupt leaves the batch, never abandoned
+    # while they still move slab bytes.
+    _, g = rnd
+    buf = SlabBuffer(2 * MiB, "host")
+    fill_random(buf, g)
+
+    def interrupt(lane, kind, k):
+        if k == 0:
+            raise KeyboardInterrupt
+
+    factory = deferred_factory(Log(), on_copy=interrupt)
+    futs = []
+    with staged("kvikio", pool(tmp_path, files=2), factory) as eng:
+        eng.attach(buf)
+        eng._file_paths[1] = "kvikio-posix"  # file 1 is not staged: its spans go to KvikIO's pool at once
+        real = eng._files[1]
+        eng._files[1] = _WatchedFile(real, futs)
+        spans = [Span(k * 128 * KiB, (k % 2) * STRIPE + (k // 2) * 128 * KiB, 128 * KiB) for k in range(12)]
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                (eng.write_spans if write else eng.read_spans)(spans)
+        finally:
+            eng._files[1] = real
+        assert len(futs) == 6 and all(f.waited for f in futs)
+        for lane in factory.lanes:
+            lane.on_copy = None
+        assert eng.write_spans(spans) == [None] * len(spans)  # the engine goes on

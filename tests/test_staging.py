@@ -17,7 +17,8 @@ import pytest
 
 from gds_kvcache.errors import ClosedError, IOEngineError
 from gds_kvcache.io import staging
-from gds_kvcache.io.staging import LanePool, SyncFileIO, run_lane
+from gds_kvcache.io.lane_pool import LanePool
+from gds_kvcache.io.staging import SyncFileIO, run_lane
 from gds_kvcache.memory.buffers import BounceBuffers, SlabBuffer
 from gds_kvcache.units import KiB, PAGE
 
@@ -366,3 +367,76 @@ def test_fake_lane_sees_a_batch_that_changes_threads():
     assert log.violations == ["to_host on another thread than the batch's begin",
                               "wait on another thread than the batch's begin"]
     pool.close()
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, GeneratorExit, SystemExit])
+@pytest.mark.parametrize("write", [True, False])
+def test_base_exception_waits_for_the_file_io_in_flight(exc, write, seed):
+    # Ctrl-C in the middle of a batch (KvikIO batches run the lane on the caller's thread): run_lane
+    # raises it only once no file operation can still land in a slot, so the lane is safe to reuse.
+    r, g = random.Random(seed), np.random.default_rng(seed)
+    pieces, mem, off = make_pieces(r, 30, False)
+    file = g.integers(0, 256, off, dtype=np.uint8)
+    slab = SlabBuffer(mem, "host")
+    slab.host_array()[:] = g.integers(0, 256, slab.nbytes, dtype=np.uint8)
+    log = Log()
+    io = DeferredIO(file.copy(), log, "deferred", seed)
+    io.done = lambda h: h["out"] is not None  # in flight until finished
+    # A put is stopped at its 4th copy (2 writes in flight), a get at its first (3 reads in flight).
+    at = 3 if write else 0
+
+    def interrupt(lane, kind, k):
+        if k == at:
+            raise exc()
+
+    bufs = BounceBuffers(4, SLOT, "host")
+    lane = StrictLane(bufs, 0, 4, log, seed, on_copy=interrupt)
+    pool = LanePool([lane], owned=[bufs])
+    errs = [None] * 10
+    with pytest.raises(exc):
+        run_workers_raising(pool, write, slab, pieces, io, errs)
+    assert io.in_flight == 0 and lane.begun == lane.ended == 1 and log.violations == []
+    assert all(isinstance(e, IOEngineError) for e in errs)  # nothing passes for moved
+    # The lane goes on: the next batch through it is byte-exact.
+    lane.on_copy = None
+    errs = [None] * 10
+    run_workers(pool, 1, False, slab, pieces, io, errs)
+    assert errs == [None] * 10 and log.violations == []
+    for _, m, _, o, n in pieces:
+        assert np.array_equal(slab.host_array()[m:m + n], io.file[o:o + n])
+    pool.close()
+
+
+def run_workers_raising(pool, write, slab, pieces, io, errs):
+    """One worker on the calling thread, as a KvikIO batch runs: what it raises comes out here."""
+    lane = pool.acquire()
+    try:
+        return run_lane(lane, write, slab, iter(pieces), io, errs)
+    finally:
+        pool.release(lane)
+
+
+def test_lane_handed_over_as_the_pool_closes_is_refused():
+    # A waiter handed a lane, woken only after the last user closed the pool, must not get a closed lane.
+    pool, made = lanes(1, 2, Log(), 0)
+    held = pool.acquire()
+    got = []
+
+    def take():
+        try:
+            got.append(pool.acquire())
+        except ClosedError as e:
+            got.append(e)
+
+    t = threading.Thread(target=take)
+    t.start()
+    while not pool._waiters:
+        threading.Event().wait(0.001)
+    waiter = pool._waiters[0]
+    blocked_on, waiter.event = waiter.event, threading.Event()  # release's wake-up does not reach it yet
+    pool.release(held)
+    assert waiter.lane is held
+    pool.close()
+    blocked_on.set()  # it runs only now, after the close
+    t.join()
+    assert len(got) == 1 and isinstance(got[0], ClosedError)

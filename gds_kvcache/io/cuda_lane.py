@@ -20,7 +20,8 @@ from typing import Optional
 
 from ..errors import IOEngineError
 from ..memory.buffers import BounceBuffers, cuda_driver
-from .staging import Lane, LanePool
+from .lane_pool import LanePool
+from .staging import Lane
 
 __all__ = ["CudaLane", "cuda_lane_pool"]
 

@@ -24,7 +24,8 @@ from .cuda_lane import cuda_lane_pool
 from .driver import GDS_FILE_SYSTEMS, cufile_driver_state, fs_type, kvikio_error, nvidia_fs_loaded
 from .kvikio_util import (DevicePtr, KvikIOHostIO, configure_kvikio, kvikio_exception, kvikio_monitor,
                           o_direct_opens)
-from .staging import LanePool, run_lane
+from .lane_pool import LanePool
+from .staging import run_lane, wait_out
 
 __all__ = ["KvikIOEngine", "STAGINGS", "configure_kvikio", "kvikio_exception", "o_direct_opens"]
 
@@ -254,11 +255,25 @@ class KvikIOEngine(IOEngine):
         errs: list[Optional[BaseException]] = [None] * n
         futs: list = [None] * n
         staged: list = []  # pieces for a staging lane: (span, slab offset, file, offset in file, bytes)
-        cuda = buffer.kind == "cuda"
         base, mv, lanes = self._dev_base, self._host_mv, self._lanes
+        try:
+            self._start_unstaged(write, spans, errs, futs, staged, buffer, lanes, base, mv)
+            moved = self._stage(write, staged, errs, buffer, lanes) if staged else {}
+            self._finish_unstaged(write, spans, errs, futs, moved, buffer.kind == "cuda")
+        finally:
+            # Whatever interrupted the batch (KeyboardInterrupt), no KvikIO task may still move slab bytes.
+            wait_out([f for f in futs if f is not None], lambda f: f.get(), lambda f: f.done())
+        if moved:
+            with self._lock:
+                for k, v in moved.items():
+                    self._moved[k] = self._moved.get(k, 0) + v
+        return errs
+
+    def _start_unstaged(self, write, spans, errs, futs, staged, buffer, lanes, base, mv) -> None:
+        """Start every span that is not staged on KvikIO's pool (``futs``); queue the others in ``staged``."""
+        cuda = buffer.kind == "cuda"
         stripe, nfiles, size, task = self._stripe, len(self._files), buffer.nbytes, self._task
         op = "pwrite" if write else "pread"
-        # Start every unstaged span, then stage the rest here while KvikIO's pool runs them.
         for i, s in enumerate(spans):
             err = check_span(s, size, stripe, nfiles)
             if err is not None:
@@ -275,34 +290,36 @@ class KvikIOEngine(IOEngine):
                 futs[i] = (f.pwrite if write else f.pread)(target, s.nbytes, local, task)
             except Exception as e:  # noqa: BLE001 - one span's failure is that span's result
                 errs[i] = kvikio_exception(e, f"{op} of {s.nbytes} bytes at {local} of {self._paths[fi]}")
-        moved: dict[str, int] = {}
-        if staged:
-            lane = lanes.acquire()  # blocks while other batches hold every lane
-            try:
-                direct, buffered = run_lane(lane, write, buffer, iter(staged), self._host_io, errs)
-            finally:
-                lanes.release(lane)
-            moved = {"kvikio-compat/O_DIRECT": direct, "kvikio-compat/buffered": buffered}
+
+    def _stage(self, write, staged, errs, buffer, lanes) -> dict:
+        """The staged pieces through one lane, on this thread, while KvikIO's pool runs the others."""
+        lane = lanes.acquire()  # blocks while other batches hold every lane
+        try:
+            direct, buffered = run_lane(lane, write, buffer, iter(staged), self._host_io, errs)
+        finally:
+            lanes.release(lane)
+        return {"kvikio-compat/O_DIRECT": direct, "kvikio-compat/buffered": buffered}
+
+    def _finish_unstaged(self, write, spans, errs, futs, moved, cuda) -> None:
+        """Wait for each started span in turn (``futs[i]`` cleared once it is over) and count its bytes."""
+        op = "pwrite" if write else "pread"
         for i, fut in enumerate(futs):
             if fut is None:
                 continue
             s = spans[i]
-            fi, local = divmod(s.file_offset, stripe)
+            fi, local = divmod(s.file_offset, self._stripe)
             try:
                 got = fut.get()
             except Exception as e:  # noqa: BLE001
+                futs[i] = None
                 errs[i] = kvikio_exception(e, f"{op} of {s.nbytes} bytes at {local} of {self._paths[fi]}")
                 continue
+            futs[i] = None
             if got != s.nbytes:
                 errs[i] = IOEngineError(f"{op} moved {got} of {s.nbytes} bytes at {local} of {self._paths[fi]}")
                 continue
             key = self._path_key(cuda, s.nbytes, fi)
             moved[key] = moved.get(key, 0) + got
-        if moved:
-            with self._lock:
-                for k, v in moved.items():
-                    self._moved[k] = self._moved.get(k, 0) + v
-        return errs
 
     def read_spans(self, spans: Sequence[Span]) -> list[Optional[BaseException]]:
         return self._transfer(False, spans)

@@ -13,7 +13,7 @@ import functools
 import logging
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
 from ..errors import ClosedError, IOEngineError
@@ -21,7 +21,8 @@ from ..memory.buffers import SlabBuffer
 from ..units import PAGE
 from .base import IOEngine, InFlight, IOPathReport, Span, check_span
 from .cuda_lane import cuda_lane_pool
-from .staging import LanePool, SyncFileIO, run_lane
+from .lane_pool import LanePool
+from .staging import SyncFileIO, run_lane, wait_out
 
 __all__ = ["PosixEngine", "probe_direct_io"]
 
@@ -237,8 +238,8 @@ class PosixEngine(IOEngine):
         try:
             results = [worker(write, buffer, queue, errs)]
         finally:
-            # Never return while a helper may still touch the slab.
-            wait(helpers)
+            # Never return while a helper may still touch the slab or a lane, even when interrupted.
+            wait_out(helpers, lambda f: f.result(), lambda f: f.done())
         results += [f.result() for f in helpers]
         with self._lock:
             self._moved["posix/O_DIRECT"] += sum(r[0] for r in results)

@@ -549,8 +549,8 @@ def test_gpu_engines_share_one_lane_pool(tmp_path, rnd):
     b = PosixEngine(pool(tmp_path, name="b"), 4, 256 * KiB, True, "cuda", STRIPE)
     a.attach(buf)
     b.attach(buf)
-    shared = a._lanes
-    assert shared is b._lanes and shared is not None
+    shared = a._attached.current.lanes
+    assert shared is b._attached.current.lanes and shared is not None
     assert a.write_spans([Span(0, 0, MiB)]) == [None]
     a.close()  # b's share keeps the lanes
     assert b.write_spans([Span(0, 0, MiB)]) == [None]
@@ -559,7 +559,7 @@ def test_gpu_engines_share_one_lane_pool(tmp_path, rnd):
     b.close()
     c = PosixEngine(pool(tmp_path, name="c"), 4, 256 * KiB, True, "cuda", STRIPE)
     c.attach(buf)
-    assert c._lanes is not shared  # the last user closed the old pool: a new one is made
+    assert c._attached.current.lanes is not shared  # the last user closed the old pool: a new one is made
     c.close()
     buf.close()
 

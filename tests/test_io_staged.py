@@ -335,3 +335,66 @@ def test_kvikio_interrupted_batch_waits_for_its_unstaged_futures(tmp_path, write
         for lane in factory.lanes:
             lane.on_copy = None
         assert eng.write_spans(spans) == [None] * len(spans)  # the engine goes on
+
+
+def _blocking_copy(inside: threading.Event, go: threading.Event):
+    """An ``on_copy`` hook: the first lane to start its second copy stops there until ``go``."""
+    lock = threading.Lock()
+
+    def on_copy(lane, kind, k):
+        with lock:
+            first = k == 1 and not inside.is_set()
+            if first:
+                inside.set()
+        if first:
+            go.wait()
+
+    return on_copy
+
+
+@pytest.mark.parametrize("name", ["posix", "kvikio"])
+@pytest.mark.parametrize("write", [True, False])
+def test_attach_during_a_batch_leaves_it_its_lanes_and_slab(tmp_path, name, write, rnd):
+    # attach() to another slab while a batch is mid-copy: the batch keeps the lanes, slots and slab it
+    # started with (attach must not close them under it), and its end frees the old lanes.
+    r, g = rnd
+    paths = pool(tmp_path)
+    a, b = SlabBuffer(4 * MiB, "host"), SlabBuffer(4 * MiB, "host")
+    fill_random(a, g)
+    fill_random(b, g)
+    spans = [Span(k * 256 * KiB, (k % 4) * STRIPE + (k // 4) * 256 * KiB, 256 * KiB) for k in range(12)]
+    log = Log()
+    inside, go = threading.Event(), threading.Event()
+    factory = deferred_factory(log, r.randint(0, 1 << 30))
+    eng = staged(name, paths, factory, threads=2)
+    with eng:
+        eng.attach(a)
+        if not write:  # the file holds b's bytes; the read must land in a, the slab it started with
+            eng.attach(b)
+            assert eng.write_spans(spans) == [None] * len(spans)
+            eng.attach(a)
+        b_before = host_bytes(b, 0, b.nbytes)
+        old = factory.pools[-1]
+        for lane in factory.lanes:
+            lane.on_copy = _blocking_copy(inside, go)
+        out = []
+        t = threading.Thread(target=lambda: out.append((eng.write_spans if write else eng.read_spans)(spans)))
+        t.start()
+        try:
+            inside.wait()
+            eng.attach(b)  # returns at once: the batch holds its share of the old lanes
+            closed_under_the_batch = [lane.closed for lane in old._all]
+        finally:
+            go.set()
+            t.join()
+        assert not any(closed_under_the_batch)
+        assert out == [[None] * len(spans)] and log.violations == []
+        assert all(lane.closed for lane in old._all)  # the batch's end freed the old lanes
+        assert host_bytes(b, 0, b.nbytes) == b_before
+        for lane in factory.lanes:
+            lane.on_copy = None
+        back = SlabBuffer(4 * MiB, "host")
+        eng.attach(back)
+        assert eng.read_spans(spans) == [None] * len(spans)
+    for s in spans:
+        assert host_bytes(back, s.mem_offset, s.nbytes) == host_bytes(a, s.mem_offset, s.nbytes)

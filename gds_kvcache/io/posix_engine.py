@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 from ..errors import ClosedError, IOEngineError
 from ..memory.buffers import SlabBuffer
 from ..units import PAGE
+from .attachment import AttachPoint, Attachment
 from .base import IOEngine, InFlight, IOPathReport, Span, check_span
 from .cuda_lane import cuda_lane_pool
 from .lane_pool import LanePool
@@ -90,6 +91,10 @@ class PosixEngine(IOEngine):
     staging lanes (two pinned slots, a stream) for the batch, so a transfer
     runs at about the slower of disk and PCIe, not their sum; concurrent
     batches share the lanes. ``close()`` waits for the calls in progress.
+
+    A batch runs on the slab and lanes attached when it started
+    (``attachment``): ``attach`` to another slab meanwhile returns at once,
+    and the old lanes go when the last batch on them ends.
     """
 
     name = "posix"
@@ -132,7 +137,7 @@ class PosixEngine(IOEngine):
         self._threads = threads
         self._memory = memory
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="gds-kvcache-posix")
-        self._lanes: Optional[LanePool] = None
+        self._attached = AttachPoint("posix")
         # Slots are page-aligned: a piece goes O_DIRECT when its offset and length are.
         self._io = SyncFileIO(lambda w, fi, off, view: self._move(w, fi, off, view, (off | len(view)) % PAGE == 0))
         self._lock = threading.Lock()
@@ -147,9 +152,8 @@ class PosixEngine(IOEngine):
         if buffer is self._buffer:
             return
         lanes = self.lane_factory(buffer, self._threads, 2, self._task, False)
-        old, self._lanes = self._lanes, lanes
-        if old is not None:
-            old.close()
+        # Batches on the old slab keep it and its lanes until they end (see ``attachment``).
+        self._attached.swap(Attachment(buffer, lanes=lanes))
         self._buffer = buffer
         self._memory = buffer.kind
 
@@ -196,8 +200,7 @@ class PosixEngine(IOEngine):
             moved[0 if direct else 1] += n
         return moved
 
-    def _staged_worker(self, write: bool, buffer: SlabBuffer, pieces, errs: list) -> list[int]:
-        lanes = self._lanes
+    def _staged_worker(self, write: bool, buffer: SlabBuffer, pieces, errs: list, lanes: LanePool) -> list[int]:
         lane = lanes.acquire()  # blocks while other batches hold every lane
         try:
             return run_lane(lane, write, buffer, pieces, self._io, errs)
@@ -207,12 +210,14 @@ class PosixEngine(IOEngine):
     # -- batches ---------------------------------------------------------------------
     def _transfer(self, write: bool, spans: Sequence[Span], hook=None) -> list[Optional[BaseException]]:
         with self._calls:
-            return self._batch(write, spans, hook)
+            att = self._attached.hold()
+            try:
+                return self._batch(write, spans, att.buffer, att.lanes, hook)
+            finally:
+                att.release()
 
-    def _batch(self, write: bool, spans: Sequence[Span], hook=None) -> list[Optional[BaseException]]:
-        buffer = self._buffer
-        if buffer is None:
-            raise IOEngineError("no slab attached: call attach(buffer) before read_spans/write_spans")
+    def _batch(self, write: bool, spans: Sequence[Span], buffer: SlabBuffer, lanes: Optional[LanePool],
+               hook=None) -> list[Optional[BaseException]]:
         errs: list[Optional[BaseException]] = [None] * len(spans)
         pieces = []
         task, stripe, nfiles, size = self._task, self._stripe, len(self._fds), buffer.nbytes
@@ -230,7 +235,8 @@ class PosixEngine(IOEngine):
         if not pieces:
             return errs
         # A GPU slab is checksummed on the GPU, one launch a batch: the hook is for host slabs.
-        worker = self._staged_worker if self._lanes is not None else functools.partial(self._host_worker, hook=hook)
+        worker = (functools.partial(self._staged_worker, lanes=lanes) if lanes is not None
+                  else functools.partial(self._host_worker, hook=hook))
         # One queue shared by all workers (list_iterator.__next__ is atomic under the GIL).
         queue = iter(pieces)
         helpers = [self._pool.submit(worker, write, buffer, queue, errs)
@@ -258,7 +264,8 @@ class PosixEngine(IOEngine):
     def report(self) -> IOPathReport:
         with self._lock:
             moved = dict(self._moved)
-        lanes = self._lanes
+        att = self._attached.current
+        lanes = att.lanes if att is not None else None
         return IOPathReport("posix", "posix", self._direct, self._reason, self._threads, self._task, self._memory,
                             len(self._fds), file_paths=("posix",) * len(self._fds),
                             file_reasons=tuple(self._file_io), bytes_by_path=moved,
@@ -271,9 +278,7 @@ class PosixEngine(IOEngine):
         self._close_submitter()
         self._calls.close()  # transfers in progress end before their files and lanes go
         self._pool.shutdown(wait=True)
-        lanes, self._lanes = self._lanes, None
-        if lanes is not None:
-            lanes.close()
+        self._attached.close()
         for fd in self._fds + [fd for fd in self._dfds if fd is not None]:
             os.close(fd)
         self._buffer = None

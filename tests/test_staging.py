@@ -440,3 +440,41 @@ def test_lane_handed_over_as_the_pool_closes_is_refused():
     blocked_on.set()  # it runs only now, after the close
     t.join()
     assert len(got) == 1 and isinstance(got[0], ClosedError)
+
+
+class _MisalignedPinned:
+    """Stands in for ``cuMemHostAlloc``, which promises only 256-byte alignment: gives page + 256."""
+
+    made = []
+
+    def __init__(self, nbytes: int, device: int):
+        import ctypes
+
+        self._raw = ctypes.create_string_buffer(nbytes + 2 * PAGE)
+        addr = ctypes.addressof(self._raw)
+        self.ptr = addr + (-addr) % PAGE + 256
+        self.nbytes = nbytes
+        self.freed = []
+        _MisalignedPinned.made.append(self)
+
+    def free(self) -> None:
+        self.freed.append(self.ptr)
+
+
+def test_pinned_slots_are_page_aligned_whatever_the_allocation(monkeypatch):
+    # O_DIRECT needs 4 KiB-aligned buffers; the slots are carved from one pinned allocation that the driver
+    # may align to 256 bytes only.
+    from gds_kvcache.memory import buffers
+
+    monkeypatch.setattr(buffers, "_PinnedHostMemory", _MisalignedPinned)
+    _MisalignedPinned.made.clear()
+    bufs = BounceBuffers(3, SLOT + 100, "pinned")
+    (mem,) = _MisalignedPinned.made
+    assert bufs.size == SLOT + PAGE and bufs.base % PAGE == 0
+    for i in range(3):
+        a = bufs.addr(i)
+        assert a % PAGE == 0 and mem.ptr <= a and a + bufs.size <= mem.ptr + mem.nbytes
+        assert len(bufs.views[i]) == bufs.size
+        bufs.views[i][:] = bytes([i + 1]) * bufs.size  # every slot byte is inside the allocation
+    bufs.close()
+    assert mem.freed == [mem.ptr]  # freed at the pointer the driver gave, not the rounded one

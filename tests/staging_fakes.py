@@ -89,7 +89,7 @@ class DeferredLane(Lane):
         elif what != "begin" and self._thread != threading.get_ident():
             self.log.violations.append(f"{what} on another thread than the batch's begin")
 
-    def begin(self, buffer, after_default_stream=None) -> None:
+    def begin(self, buffer, after_default_stream: bool) -> None:
         self._check("begin")
         if self._thread is not None:
             self.log.violations.append("begin twice without end")
@@ -191,7 +191,7 @@ def deferred_factory(log: Log, seed: int = 0, lane_cls=StrictLane, **fail):
     """
     made, pools = [], []
 
-    def factory(buffer, lanes, depth, slot_bytes, *after):
+    def factory(buffer, lanes, depth, slot_bytes):
         bufs = BounceBuffers(lanes * depth, slot_bytes, "host")
         ls = [lane_cls(bufs, k * depth, depth, log, seed + k, **fail) for k in range(lanes)]
         made.extend(ls)

@@ -565,12 +565,13 @@ def test_gpu_engines_share_one_lane_pool(tmp_path, rnd):
 
 
 @pytest.mark.gpu
-def test_gpu_kvikio_staging_waits_for_the_default_stream(tmp_path):
-    # KvikIO's own compat path orders after the default stream; the pipelined lanes keep that promise.
-    require_kvikio()
+@pytest.mark.parametrize("name", ["posix", "kvikio"])
+def test_gpu_staged_put_waits_for_the_default_stream(tmp_path, name):
+    # A put through the pipelined lanes orders after the default stream (staging's rule, both engines):
+    # it writes what the kernels queued there wrote, as KvikIO's own compat path does.
     buf = SlabBuffer(64 * MiB, "cuda")
     paths = pool(tmp_path, files=1, stripe=64 * MiB)
-    with KvikIOEngine(paths, 4, MiB, True, "cuda", 64 * MiB) as eng:
+    with _staged_engine(name, paths, 4, MiB) as eng:
         eng.attach(buf)
         if not eng.report().staging.startswith("pipelined"):
             pytest.skip("no file takes KvikIO's compat path here")

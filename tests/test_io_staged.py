@@ -398,3 +398,22 @@ def test_attach_during_a_batch_leaves_it_its_lanes_and_slab(tmp_path, name, writ
         assert eng.read_spans(spans) == [None] * len(spans)
     for s in spans:
         assert host_bytes(back, s.mem_offset, s.nbytes) == host_bytes(a, s.mem_offset, s.nbytes)
+
+
+@pytest.mark.parametrize("name", ["posix", "kvikio"])
+def test_staged_writes_wait_for_the_default_stream_and_reads_do_not(tmp_path, name, rnd):
+    # One rule for both engines: a put orders after the work queued on the legacy default stream (the
+    # producer's kernels), a get does not (it would queue layer-wise loads behind the model).
+    r, g = rnd
+    buf = SlabBuffer(2 * MiB, "host")
+    fill_random(buf, g)
+    factory = deferred_factory(Log())
+    spans = [Span(k * 256 * KiB, k * 256 * KiB, 256 * KiB) for k in range(8)]
+    with staged(name, pool(tmp_path), factory) as eng:
+        eng.attach(buf)
+        for write in (True, False, True):
+            for lane in factory.lanes:
+                lane.afters.clear()
+            assert (eng.write_spans if write else eng.read_spans)(spans) == [None] * len(spans)
+            flags = [f for lane in factory.lanes for f in lane.afters]
+            assert flags and all(f is write for f in flags), (write, flags)

@@ -67,9 +67,11 @@ class KvikIOEngine(IOEngine):
     (``attachment``): ``attach`` to another slab meanwhile returns at once,
     and the old slab is deregistered, and its lanes let go, when the last
     batch on it ends (so both slabs are registered for that long). On the
-    cuFile path KvikIO waits for the CUDA default stream before each read or
-    write: keep model kernels off the default stream (see
-    ``scripts/default_stream_probe.py``).
+    cuFile path (and with ``staging="kvikio"``) KvikIO waits for the CUDA
+    default stream before each read or write: keep model kernels off the
+    default stream (see ``scripts/default_stream_probe.py``). The pipelined
+    lanes wait for it on puts only (``staging``'s rule, the POSIX engine's
+    too).
     """
 
     name = "kvikio"
@@ -225,9 +227,9 @@ class KvikIOEngine(IOEngine):
                           cleanup=buffer.deregister_gds if registered_here else None)
 
     def _stage_if_compat(self, buffer: SlabBuffer) -> Optional[LanePool]:
-        # Lanes order each batch after the default stream: KvikIO's own device path does the same.
+        # Puts through the lanes wait for the default stream, gets do not: staging's rule, both engines'.
         if self._staging == "pipelined" and "kvikio-compat" in self._file_paths:
-            return self.lane_factory(buffer, KVIKIO_LANES, max(2, self._threads), self._task, True)
+            return self.lane_factory(buffer, KVIKIO_LANES, max(2, self._threads), self._task)
         return None
 
     # -- batches ---------------------------------------------------------------------

@@ -91,6 +91,8 @@ class PosixEngine(IOEngine):
     staging lanes (two pinned slots, a stream) for the batch, so a transfer
     runs at about the slower of disk and PCIe, not their sum; concurrent
     batches share the lanes. ``close()`` waits for the calls in progress.
+    A staged put waits for the work queued on the CUDA default stream, a
+    get does not (``staging``'s rule, the KvikIO engine's too).
 
     A batch runs on the slab and lanes attached when it started
     (``attachment``): ``attach`` to another slab meanwhile returns at once,
@@ -98,7 +100,7 @@ class PosixEngine(IOEngine):
     """
 
     name = "posix"
-    #: Makes the staging lanes at ``attach``: ``(buffer, lanes, depth, slot_bytes, after_default_stream)`` ->
+    #: Makes the staging lanes at ``attach``: ``(buffer, lanes, depth, slot_bytes)`` ->
     #: a ``LanePool``, or None where the slab needs no staging (host memory).
     lane_factory = staticmethod(cuda_lane_pool)
     piece_hooks = True
@@ -151,7 +153,7 @@ class PosixEngine(IOEngine):
             raise ClosedError("the posix I/O engine is closed")
         if buffer is self._buffer:
             return
-        lanes = self.lane_factory(buffer, self._threads, 2, self._task, False)
+        lanes = self.lane_factory(buffer, self._threads, 2, self._task)
         # Batches on the old slab keep it and its lanes until they end (see ``attachment``).
         self._attached.swap(Attachment(buffer, lanes=lanes))
         self._buffer = buffer

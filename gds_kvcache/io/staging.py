@@ -20,6 +20,13 @@ Invariants
 * A failed or refused copy fails every span the lane touched in the call
   (after a CUDA error their bytes are unknown); a lane that cannot start
   fails every piece it takes off the queue. No piece is dropped silently.
+* One rule for every engine on when a batch waits for the CUDA legacy
+  default stream: a put does (``begin(..., after_default_stream=True)``:
+  its copies start after the work queued there, so they read what producer
+  kernels on that stream wrote, as KvikIO's own device path does); a get
+  does not (its copies only write slab bytes nobody reads until the call
+  returns, and waiting would queue layer-wise loads behind the model's
+  kernels). Producers on other streams are the caller's to synchronise.
 * ``run_lane`` returns, or raises, only with nothing in flight: every file
   operation finished, every copy waited for. That holds for a
   ``BaseException`` too (``KeyboardInterrupt`` on the thread running a
@@ -56,8 +63,12 @@ class Lane(abc.ABC):
     views: list  # memoryview per slot, each at least one piece long
 
     @abc.abstractmethod
-    def begin(self, buffer) -> None:
-        """Start a batch on the calling thread against ``buffer`` (the slab); pair with ``end``."""
+    def begin(self, buffer, after_default_stream: bool) -> None:
+        """Start a batch on the calling thread against ``buffer`` (the slab); pair with ``end``.
+
+        With ``after_default_stream`` the batch's copies start only after the
+        work queued on the legacy default stream so far (see the module's rule).
+        """
 
     @abc.abstractmethod
     def end(self) -> None:
@@ -278,7 +289,7 @@ def run_lane(lane: Lane, write: bool, buffer, pieces: Iterator[Piece], io: FileI
     re-raised.
     """
     try:
-        lane.begin(buffer)
+        lane.begin(buffer, after_default_stream=write)  # the rule in the module docstring
     except Exception as e:  # noqa: BLE001 - a lane that cannot start fails what it takes, never drops it
         log.error("GPU staging lane failed to start: %s", e)
         _fail_rest(pieces, errs, e)

@@ -24,9 +24,10 @@ Invariants
   default stream: a put does (``begin(..., after_default_stream=True)``:
   its copies start after the work queued there, so they read what producer
   kernels on that stream wrote, as KvikIO's own device path does); a get
-  does not (its copies only write slab bytes nobody reads until the call
-  returns, and waiting would queue layer-wise loads behind the model's
-  kernels). Producers on other streams are the caller's to synchronise.
+  does not (waiting would queue layer-wise loads behind the model's
+  kernels). So the caller must not hand a get slab bytes that queued work
+  still reads, and must synchronise producers on other streams before a
+  put.
 * ``run_lane`` returns, or raises, only with nothing in flight: every file
   operation finished, every copy waited for. That holds for a
   ``BaseException`` too (``KeyboardInterrupt`` on the thread running a

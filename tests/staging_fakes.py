@@ -10,6 +10,18 @@ show up as wrong bytes. Starting a copy on a slot whose last copy was never
 waited for is recorded as a violation. Every step goes into a shared log, so
 tests can check the order (copy of piece k+1 started before the write of
 piece k).
+
+``StrictLane`` (what ``deferred_factory`` makes) is stricter about the
+host-to-device direction: a real DMA may read its source slot at any moment
+between issue and completion, so it takes the slot's bytes at issue and
+records a violation if the slot changes while the copy is pending (a
+pipeline that starts the copy before the read filled the slot).
+
+Both record as violations what a CUDA lane must never see: a call of a
+batch (``begin``, copies, ``ready``, ``wait``, ``end``) on another thread
+than its ``begin`` (``cuCtxPushCurrent`` is per thread), any call after
+``close`` (the pool freed the slots), a ``begin`` inside a batch, and a
+copy, ``ready`` or ``wait`` outside one.
 """
 
 from __future__ import annotations
@@ -21,7 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from gds_kvcache.errors import IOEngineError
-from gds_kvcache.io.staging import FileIO, Lane, LanePool
+from gds_kvcache.io.lane_pool import LanePool
+from gds_kvcache.io.staging import FileIO, Lane
 from gds_kvcache.memory.buffers import BounceBuffers
 
 POISON = 0xEE
@@ -50,7 +63,7 @@ class DeferredLane(Lane):
     """
 
     def __init__(self, bufs: BounceBuffers, first: int, depth: int, log: Log, seed: int = 0,
-                 fail_copy=(), fail_wait=()):
+                 fail_copy=(), fail_wait=(), on_copy=None):
         self.depth = depth
         self.views = bufs.views[first:first + depth]
         self._arrs = [np.frombuffer(v, dtype=np.uint8) for v in self.views]
@@ -63,22 +76,50 @@ class DeferredLane(Lane):
         self.fail_wait = fail_wait if isinstance(fail_wait, set) else set(fail_wait)
         self.begun = 0
         self.ended = 0
+        self.closed = False
+        self.afters = []  # per begin: whether the batch was ordered after the default stream
+        self.on_copy = on_copy  # called as on_copy(lane, kind, k) before copy k starts
+        self._thread = None
 
-    def begin(self, buffer) -> None:
-        assert self._slab is None, "begin twice without end"
+    def _check(self, what: str) -> None:
+        if self.closed:
+            self.log.violations.append(f"{what} on a closed lane")
+        if what != "begin" and self._thread is None:
+            self.log.violations.append(f"{what} outside a batch")
+        elif what != "begin" and self._thread != threading.get_ident():
+            self.log.violations.append(f"{what} on another thread than the batch's begin")
+
+    def begin(self, buffer, after_default_stream: bool) -> None:
+        self._check("begin")
+        if self._thread is not None:
+            self.log.violations.append("begin twice without end")
+        self._thread = threading.get_ident()
         self._slab = buffer.host_array()
         self.begun += 1
+        self.afters.append(after_default_stream)
         self.log.add("begin", id(self))
 
     def end(self) -> None:
-        for slot in list(self._pending):
-            self._complete(slot)
-        self._slab = None
-        self.ended += 1
-        self.log.add("end", id(self))
+        self._check("end")
+        try:
+            for slot in list(self._pending):
+                self._complete(slot)
+        finally:
+            self._slab = None
+            self._thread = None
+            self.ended += 1
+            self.log.add("end", id(self))
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self.log.violations.append("lane closed inside a batch")
+        self.closed = True
 
     def _start(self, kind, slot, mem, n):
+        self._check(kind)
         k = self._n
+        if self.on_copy is not None:
+            self.on_copy(self, kind, k)
         self._n += 1
         if slot in self._pending:
             self.log.violations.append(f"{kind} on slot {slot} while copy {self._pending[slot][3]} is pending")
@@ -108,6 +149,7 @@ class DeferredLane(Lane):
             raise IOEngineError(f"injected failure of copy {k}")
 
     def ready(self, slot) -> bool:
+        self._check("ready")
         if slot not in self._pending:
             return True
         if self._rnd.random() < 0.5:
@@ -116,21 +158,48 @@ class DeferredLane(Lane):
         return True
 
     def wait(self, slot) -> None:
+        self._check("wait")
         if slot in self._pending:
             self._complete(slot)
 
 
-def deferred_factory(log: Log, seed: int = 0, **fail):
-    """A ``lane_factory`` making ``DeferredLane`` pools for host slabs (what a CUDA slab would get)."""
-    made = []
+class StrictLane(DeferredLane):
+    """A ``DeferredLane`` whose host-to-device copies take the slot's bytes at issue (see the module docstring)."""
 
-    def factory(buffer, lanes, depth, slot_bytes, after_default_stream):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self._snap = {}
+
+    def to_device(self, slot, mem_offset, nbytes) -> None:
+        super().to_device(slot, mem_offset, nbytes)
+        self._snap[slot] = self._arrs[slot][:nbytes].copy()
+
+    def _complete(self, slot) -> None:
+        kind, _, n, k = self._pending[slot]
+        if kind == "to_device":
+            snap = self._snap.pop(slot)
+            if not np.array_equal(snap, self._arrs[slot][:n]):
+                self.log.violations.append(f"slot {slot} changed while its host-to-device copy {k} was pending")
+            self._arrs[slot][:n] = snap  # the bytes a DMA issued then could have taken
+        super()._complete(slot)
+
+
+def deferred_factory(log: Log, seed: int = 0, lane_cls=StrictLane, **fail):
+    """A ``lane_factory`` making ``StrictLane`` pools for host slabs (what a CUDA slab would get).
+
+    ``factory.lanes`` are the lanes made, ``factory.pools`` the pools.
+    """
+    made, pools = [], []
+
+    def factory(buffer, lanes, depth, slot_bytes):
         bufs = BounceBuffers(lanes * depth, slot_bytes, "host")
-        ls = [DeferredLane(bufs, k * depth, depth, log, seed + k, **fail) for k in range(lanes)]
+        ls = [lane_cls(bufs, k * depth, depth, log, seed + k, **fail) for k in range(lanes)]
         made.extend(ls)
-        return LanePool(ls, owned=[bufs], describe=f"{lanes} deferred lane(s) x {depth}")
+        pool = LanePool(ls, owned=[bufs], describe=f"{lanes} deferred lane(s) x {depth}")
+        pools.append(pool)
+        return pool
 
-    factory.lanes = made
+    factory.lanes, factory.pools = made, pools
     return factory
 
 
@@ -139,7 +208,8 @@ class DeferredIO(FileIO):
 
     ``mode='sync'`` runs at ``start`` instead. ``fail`` maps a file offset to
     an exception raised by the piece at that offset; ``short`` is a set of file
-    offsets whose operation moves half the bytes and reports it.
+    offsets whose operation moves half the bytes and reports it. ``in_flight``
+    counts the operations started and not yet run (their bytes still to land).
     """
 
     def __init__(self, file: np.ndarray, log: Log, mode: str = "deferred", seed: int = 0, fail=None, short=()):
@@ -148,6 +218,8 @@ class DeferredIO(FileIO):
         self.fail = dict(fail or {})
         self.short = set(short)
         self._pool = ThreadPoolExecutor(4) if mode == "threads" else None
+        self._lock = threading.Lock()
+        self.in_flight = 0
 
     def _run(self, write, piece, view):
         off, n = piece[3], piece[4]
@@ -167,6 +239,8 @@ class DeferredIO(FileIO):
     def start(self, write, piece, view):
         self.log.add("io_start", piece[0], piece[3], piece[4], write)
         h = {"args": (write, piece, view), "out": None, "fut": None}
+        with self._lock:
+            self.in_flight += 1
         if self.mode == "sync":
             self._settle(h)
         elif self.mode == "threads":
@@ -179,6 +253,8 @@ class DeferredIO(FileIO):
                 h["out"] = (self._run(*h["args"]), None) if h["fut"] is None else (h["fut"].result(), None)
             except Exception as e:  # noqa: BLE001
                 h["out"] = (False, e)
+            with self._lock:
+                self.in_flight -= 1
 
     def done(self, h) -> bool:
         if h["out"] is not None:

@@ -269,3 +269,151 @@ def test_kvikio_staging_kvikio_stages_nothing(tmp_path, rnd):
         assert made == [] and eng.report().staging == ""
     with pytest.raises(IOEngineError, match="staging"):
         KvikIOEngine(pool(tmp_path, name="other"), 2, 64 * KiB, True, "host", STRIPE, staging="bounce")
+
+
+class _WatchedFuture:
+    def __init__(self, fut):
+        self._fut, self.waited = fut, False
+
+    def get(self):
+        try:
+            return self._fut.get()
+        finally:
+            self.waited = True
+
+    def done(self):
+        return self._fut.done()
+
+
+class _WatchedFile:
+    """A ``kvikio.CuFile`` whose futures say whether anyone waited for them."""
+
+    def __init__(self, f, futs):
+        self._f, self._futs = f, futs
+
+    def _track(self, fut):
+        self._futs.append(_WatchedFuture(fut))
+        return self._futs[-1]
+
+    def pwrite(self, *a):
+        return self._track(self._f.pwrite(*a))
+
+    def pread(self, *a):
+        return self._track(self._f.pread(*a))
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+@pytest.mark.parametrize("write", [True, False])
+def test_kvikio_interrupted_batch_waits_for_its_unstaged_futures(tmp_path, write, rnd):
+    # KeyboardInterrupt in the staged part of a KvikIO batch: the spans already handed to KvikIO's pool
+    # (files on another path) are waited for before the interrupt leaves the batch, never abandoned
+    # while they still move slab bytes.
+    _, g = rnd
+    buf = SlabBuffer(2 * MiB, "host")
+    fill_random(buf, g)
+
+    def interrupt(lane, kind, k):
+        if k == 0:
+            raise KeyboardInterrupt
+
+    factory = deferred_factory(Log(), on_copy=interrupt)
+    futs = []
+    with staged("kvikio", pool(tmp_path, files=2), factory) as eng:
+        eng.attach(buf)
+        eng._file_paths[1] = "kvikio-posix"  # file 1 is not staged: its spans go to KvikIO's pool at once
+        real = eng._files[1]
+        eng._files[1] = _WatchedFile(real, futs)
+        spans = [Span(k * 128 * KiB, (k % 2) * STRIPE + (k // 2) * 128 * KiB, 128 * KiB) for k in range(12)]
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                (eng.write_spans if write else eng.read_spans)(spans)
+        finally:
+            eng._files[1] = real
+        assert len(futs) == 6 and all(f.waited for f in futs)
+        for lane in factory.lanes:
+            lane.on_copy = None
+        assert eng.write_spans(spans) == [None] * len(spans)  # the engine goes on
+
+
+def _blocking_copy(inside: threading.Event, go: threading.Event):
+    """An ``on_copy`` hook: the first lane to start its second copy stops there until ``go``."""
+    lock = threading.Lock()
+
+    def on_copy(lane, kind, k):
+        with lock:
+            first = k == 1 and not inside.is_set()
+            if first:
+                inside.set()
+        if first:
+            go.wait()
+
+    return on_copy
+
+
+@pytest.mark.parametrize("name", ["posix", "kvikio"])
+@pytest.mark.parametrize("write", [True, False])
+def test_attach_during_a_batch_leaves_it_its_lanes_and_slab(tmp_path, name, write, rnd):
+    # attach() to another slab while a batch is mid-copy: the batch keeps the lanes, slots and slab it
+    # started with (attach must not close them under it), and its end frees the old lanes.
+    r, g = rnd
+    paths = pool(tmp_path)
+    a, b = SlabBuffer(4 * MiB, "host"), SlabBuffer(4 * MiB, "host")
+    fill_random(a, g)
+    fill_random(b, g)
+    spans = [Span(k * 256 * KiB, (k % 4) * STRIPE + (k // 4) * 256 * KiB, 256 * KiB) for k in range(12)]
+    log = Log()
+    inside, go = threading.Event(), threading.Event()
+    factory = deferred_factory(log, r.randint(0, 1 << 30))
+    eng = staged(name, paths, factory, threads=2)
+    with eng:
+        eng.attach(a)
+        if not write:  # the file holds b's bytes; the read must land in a, the slab it started with
+            eng.attach(b)
+            assert eng.write_spans(spans) == [None] * len(spans)
+            eng.attach(a)
+        b_before = host_bytes(b, 0, b.nbytes)
+        old = factory.pools[-1]
+        for lane in factory.lanes:
+            lane.on_copy = _blocking_copy(inside, go)
+        out = []
+        t = threading.Thread(target=lambda: out.append((eng.write_spans if write else eng.read_spans)(spans)))
+        t.start()
+        try:
+            inside.wait()
+            eng.attach(b)  # returns at once: the batch holds its share of the old lanes
+            closed_under_the_batch = [lane.closed for lane in old._all]
+        finally:
+            go.set()
+            t.join()
+        assert not any(closed_under_the_batch)
+        assert out == [[None] * len(spans)] and log.violations == []
+        assert all(lane.closed for lane in old._all)  # the batch's end freed the old lanes
+        assert host_bytes(b, 0, b.nbytes) == b_before
+        for lane in factory.lanes:
+            lane.on_copy = None
+        back = SlabBuffer(4 * MiB, "host")
+        eng.attach(back)
+        assert eng.read_spans(spans) == [None] * len(spans)
+    for s in spans:
+        assert host_bytes(back, s.mem_offset, s.nbytes) == host_bytes(a, s.mem_offset, s.nbytes)
+
+
+@pytest.mark.parametrize("name", ["posix", "kvikio"])
+def test_staged_writes_wait_for_the_default_stream_and_reads_do_not(tmp_path, name, rnd):
+    # One rule for both engines: a put orders after the work queued on the legacy default stream (the
+    # producer's kernels), a get does not (it would queue layer-wise loads behind the model).
+    r, g = rnd
+    buf = SlabBuffer(2 * MiB, "host")
+    fill_random(buf, g)
+    factory = deferred_factory(Log())
+    spans = [Span(k * 256 * KiB, k * 256 * KiB, 256 * KiB) for k in range(8)]
+    with staged(name, pool(tmp_path), factory) as eng:
+        eng.attach(buf)
+        for write in (True, False, True):
+            for lane in factory.lanes:
+                lane.afters.clear()
+            assert (eng.write_spans if write else eng.read_spans)(spans) == [None] * len(spans)
+            flags = [f for lane in factory.lanes for f in lane.afters]
+            assert flags and all(f is write for f in flags), (write, flags)

@@ -1,10 +1,11 @@
 """The staging pipeline (``gds_kvcache.io.staging``) on CPU: lanes whose copies complete late, byte-exact.
 
-The GPU parts (stream, events, async copies) are replaced by ``DeferredLane``
+The GPU parts (stream, events, async copies) are replaced by ``StrictLane``
 (see ``staging_fakes``), so what is checked here is the scheduling: that no
 slot is written out before its copy completed, none is refilled while a copy
-still reads it, copies overlap file I/O in the promised order, and every
-failure fails its span and nothing else.
+still reads it, copies overlap file I/O in the promised order, a batch runs
+on one thread, and every failure fails its span and nothing else. CUDA
+lanes on a fake driver are ``test_cuda_lane``.
 """
 
 import os
@@ -15,11 +16,13 @@ import numpy as np
 import pytest
 
 from gds_kvcache.errors import ClosedError, IOEngineError
-from gds_kvcache.io.staging import LanePool, SyncFileIO, run_lane
+from gds_kvcache.io import staging
+from gds_kvcache.io.lane_pool import LanePool
+from gds_kvcache.io.staging import SyncFileIO, run_lane
 from gds_kvcache.memory.buffers import BounceBuffers, SlabBuffer
 from gds_kvcache.units import KiB, PAGE
 
-from .staging_fakes import POISON, DeferredIO, DeferredLane, Log
+from .staging_fakes import POISON, DeferredIO, DeferredLane, Log, StrictLane
 
 SLOT = 64 * KiB
 
@@ -43,7 +46,7 @@ def make_pieces(r: random.Random, count: int, odd: bool):
 
 def lanes(count, depth, log, seed, kind="host", **fail):
     bufs = BounceBuffers(count * depth, SLOT, kind)
-    made = [DeferredLane(bufs, k * depth, depth, log, seed + k, **fail) for k in range(count)]
+    made = [StrictLane(bufs, k * depth, depth, log, seed + k, **fail) for k in range(count)]
     return LanePool(made, owned=[bufs]), made
 
 
@@ -89,7 +92,7 @@ def test_round_trip_byte_exact(mode, depth, workers, odd, seed):
     assert errs == [None] * len(errs)
     for _, m, _, _, n in pieces:
         assert np.array_equal(dst.host_array()[m:m + n], src.host_array()[m:m + n])
-    assert log.violations == []
+    assert log.violations == [] and io.in_flight == 0
     assert all(lane.begun == lane.ended for lane in made)
     io.close()
     pool.close()
@@ -222,7 +225,7 @@ def test_lane_that_cannot_start_fails_what_it_takes(seed):
     log = Log()
     pool, made = lanes(1, 2, log, seed)
 
-    def refuse(buffer):
+    def refuse(buffer, *after):
         raise IOEngineError("no context")
 
     made[0].begin = refuse
@@ -324,3 +327,154 @@ def test_cuda_lane_entry_points_exist_in_the_driver():
     assert api.dtoh.argtypes and api.event_sync.restype is ctypes.c_int
     with pytest.raises(IOEngineError, match="CUDA error 600"):
         api.check(600, "probe")
+
+
+def _h2d_before_read(self):
+    """A plausible regression of ``_Pipeline._read_done``: the copy started before the read is known complete."""
+    slot, p, h = self.io_q.popleft()
+    self.lane.to_device(slot, p[1], p[4])
+    self.copying.append((slot, p, True))
+    self.io.finish(h)
+
+
+def test_strict_lane_sees_a_copy_started_before_its_read(monkeypatch, seed):
+    # DeferredLane copies a slot only when waited for, so it passes this pipeline byte-exactly; a DMA
+    # may read the slot at issue, so on a GPU it moves stale bytes. The fake the tests use must fail it.
+    r = random.Random(seed)
+    pieces, mem, off = make_pieces(r, 12, False)
+    file = np.random.default_rng(seed).integers(0, 256, off, dtype=np.uint8)
+    monkeypatch.setattr(staging._Pipeline, "_read_done", _h2d_before_read)
+    log = Log()
+    io = DeferredIO(file, log, "deferred", seed)
+    io.done = lambda h: h["out"] is not None  # a read lands only when finished
+    pool, made = lanes(1, 2, log, seed)
+    run_workers(pool, 1, False, SlabBuffer(mem, "host"), pieces, io, [None] * 4)
+    assert any("changed while its host-to-device copy" in v for v in log.violations)
+    pool.close()
+
+
+def test_fake_lane_sees_a_batch_that_changes_threads():
+    # cuCtxPushCurrent is per thread: a CUDA lane's copies must run on the thread that began the batch.
+    log = Log()
+    pool, made = lanes(1, 2, log, 0)
+    lane = made[0]
+    slab = SlabBuffer(SLOT, "host")
+    lane.begin(slab, False)
+    t = threading.Thread(target=lambda: (lane.to_host(0, 0, PAGE), lane.wait(0)))
+    t.start()
+    t.join()
+    lane.end()
+    assert log.violations == ["to_host on another thread than the batch's begin",
+                              "wait on another thread than the batch's begin"]
+    pool.close()
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, GeneratorExit, SystemExit])
+@pytest.mark.parametrize("write", [True, False])
+def test_base_exception_waits_for_the_file_io_in_flight(exc, write, seed):
+    # Ctrl-C in the middle of a batch (KvikIO batches run the lane on the caller's thread): run_lane
+    # raises it only once no file operation can still land in a slot, so the lane is safe to reuse.
+    r, g = random.Random(seed), np.random.default_rng(seed)
+    pieces, mem, off = make_pieces(r, 30, False)
+    file = g.integers(0, 256, off, dtype=np.uint8)
+    slab = SlabBuffer(mem, "host")
+    slab.host_array()[:] = g.integers(0, 256, slab.nbytes, dtype=np.uint8)
+    log = Log()
+    io = DeferredIO(file.copy(), log, "deferred", seed)
+    io.done = lambda h: h["out"] is not None  # in flight until finished
+    # A put is stopped at its 4th copy (2 writes in flight), a get at its first (3 reads in flight).
+    at = 3 if write else 0
+
+    def interrupt(lane, kind, k):
+        if k == at:
+            raise exc()
+
+    bufs = BounceBuffers(4, SLOT, "host")
+    lane = StrictLane(bufs, 0, 4, log, seed, on_copy=interrupt)
+    pool = LanePool([lane], owned=[bufs])
+    errs = [None] * 10
+    with pytest.raises(exc):
+        run_workers_raising(pool, write, slab, pieces, io, errs)
+    assert io.in_flight == 0 and lane.begun == lane.ended == 1 and log.violations == []
+    assert all(isinstance(e, IOEngineError) for e in errs)  # nothing passes for moved
+    # The lane goes on: the next batch through it is byte-exact.
+    lane.on_copy = None
+    errs = [None] * 10
+    run_workers(pool, 1, False, slab, pieces, io, errs)
+    assert errs == [None] * 10 and log.violations == []
+    for _, m, _, o, n in pieces:
+        assert np.array_equal(slab.host_array()[m:m + n], io.file[o:o + n])
+    pool.close()
+
+
+def run_workers_raising(pool, write, slab, pieces, io, errs):
+    """One worker on the calling thread, as a KvikIO batch runs: what it raises comes out here."""
+    lane = pool.acquire()
+    try:
+        return run_lane(lane, write, slab, iter(pieces), io, errs)
+    finally:
+        pool.release(lane)
+
+
+def test_lane_handed_over_as_the_pool_closes_is_refused():
+    # A waiter handed a lane, woken only after the last user closed the pool, must not get a closed lane.
+    pool, made = lanes(1, 2, Log(), 0)
+    held = pool.acquire()
+    got = []
+
+    def take():
+        try:
+            got.append(pool.acquire())
+        except ClosedError as e:
+            got.append(e)
+
+    t = threading.Thread(target=take)
+    t.start()
+    while not pool._waiters:
+        threading.Event().wait(0.001)
+    waiter = pool._waiters[0]
+    blocked_on, waiter.event = waiter.event, threading.Event()  # release's wake-up does not reach it yet
+    pool.release(held)
+    assert waiter.lane is held
+    pool.close()
+    blocked_on.set()  # it runs only now, after the close
+    t.join()
+    assert len(got) == 1 and isinstance(got[0], ClosedError)
+
+
+class _MisalignedPinned:
+    """Stands in for ``cuMemHostAlloc``, which promises only 256-byte alignment: gives page + 256."""
+
+    made = []
+
+    def __init__(self, nbytes: int, device: int):
+        import ctypes
+
+        self._raw = ctypes.create_string_buffer(nbytes + 2 * PAGE)
+        addr = ctypes.addressof(self._raw)
+        self.ptr = addr + (-addr) % PAGE + 256
+        self.nbytes = nbytes
+        self.freed = []
+        _MisalignedPinned.made.append(self)
+
+    def free(self) -> None:
+        self.freed.append(self.ptr)
+
+
+def test_pinned_slots_are_page_aligned_whatever_the_allocation(monkeypatch):
+    # O_DIRECT needs 4 KiB-aligned buffers; the slots are carved from one pinned allocation that the driver
+    # may align to 256 bytes only.
+    from gds_kvcache.memory import buffers
+
+    monkeypatch.setattr(buffers, "_PinnedHostMemory", _MisalignedPinned)
+    _MisalignedPinned.made.clear()
+    bufs = BounceBuffers(3, SLOT + 100, "pinned")
+    (mem,) = _MisalignedPinned.made
+    assert bufs.size == SLOT + PAGE and bufs.base % PAGE == 0
+    for i in range(3):
+        a = bufs.addr(i)
+        assert a % PAGE == 0 and mem.ptr <= a and a + bufs.size <= mem.ptr + mem.nbytes
+        assert len(bufs.views[i]) == bufs.size
+        bufs.views[i][:] = bytes([i + 1]) * bufs.size  # every slot byte is inside the allocation
+    bufs.close()
+    assert mem.freed == [mem.ptr]  # freed at the pointer the driver gave, not the rounded one

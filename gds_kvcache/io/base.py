@@ -192,7 +192,11 @@ class IOEngine(abc.ABC):
     -----
     For a CUDA slab, the bytes of a read are in GPU memory and visible to
     every stream when the call returns; a write reads the slab after the call
-    starts, so synchronise the producer first. The per-object methods
+    starts, so synchronise the producer first. Where an engine stages GPU
+    memory through its own lanes (POSIX; KvikIO's compat path, pipelined) a
+    write also waits for the work queued on the legacy default stream and a
+    read does not (``staging``'s rule); KvikIO's own device path waits for
+    the default stream on both. The per-object methods
     (``read``/``write``/``submit_*``) are one-span batches, kept for tests and
     tools; they attach the object's slab on first use.
     """

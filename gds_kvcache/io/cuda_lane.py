@@ -9,7 +9,18 @@ handing the GIL back and forth around each microsecond call costs more than
 the call. Only the waits (``cuEventSynchronize``, ``cuStreamSynchronize``)
 release it. The lane's stream never waits for the legacy default stream
 (``CU_STREAM_NON_BLOCKING``) unless ``begin`` is told to order the batch
-after it, which is how KvikIO behaves.
+after it: ``staging.run_lane`` does so for puts, not for gets (the rule is
+in ``staging``'s docstring).
+
+Invariants
+----------
+* Every call of a batch (``begin``, the copies, ``ready``, ``wait``,
+  ``end``) runs on the thread of its ``begin``, with the lane's primary
+  context pushed there (``cuCtxPushCurrent`` is per thread).
+* A slot's event is recorded right after the copy into or out of it, on
+  the same stream: the event completes only once the copy has.
+* ``end`` synchronises the stream: no copy outlives the batch, even one a
+  failed pipeline never waited for.
 """
 
 from __future__ import annotations
@@ -20,7 +31,8 @@ from typing import Optional
 
 from ..errors import IOEngineError
 from ..memory.buffers import BounceBuffers, cuda_driver
-from .staging import Lane, LanePool
+from .lane_pool import LanePool
+from .staging import Lane
 
 __all__ = ["CudaLane", "cuda_lane_pool"]
 
@@ -87,18 +99,13 @@ class CudaLane(Lane):
         The lane's slots are ``bufs`` slots ``first .. first + depth - 1``.
     device
         The CUDA device of the slabs this lane copies to and from.
-    after_default_stream
-        Order each batch after the work queued on the legacy default stream
-        (one event per batch): a put then reads what kernels on that stream
-        wrote, as KvikIO's own compat path does.
     """
 
-    def __init__(self, bufs: BounceBuffers, first: int, depth: int, device: int, after_default_stream: bool):
+    def __init__(self, bufs: BounceBuffers, first: int, depth: int, device: int):
         api = self._api = _Api.get()
         self.depth = depth
         self.views = bufs.views[first:first + depth]
         self._addr = [bufs.addr(first + k) for k in range(depth)]
-        self._after = after_default_stream
         self._ctx, dev = _P(), _I()
         api.check(api.device_get(ctypes.byref(dev), device), f"cuDeviceGet({device})")
         api.check(api.ctx_retain(ctypes.byref(self._ctx), dev.value), "cuDevicePrimaryCtxRetain")
@@ -127,11 +134,11 @@ class CudaLane(Lane):
     def _pop(self) -> None:
         self._api.pop(ctypes.byref(_P()))
 
-    def begin(self, buffer) -> None:
+    def begin(self, buffer, after_default_stream: bool) -> None:
         self._push()
         try:
             self._slab = buffer.tensor.data_ptr()
-            if self._after:
+            if after_default_stream:  # one event a batch: the copies start after the default stream's work
                 api = self._api
                 api.check(api.record(self._order, _LEGACY_STREAM), "cuEventRecord on the default stream")
                 api.check(api.stream_wait(self._stream, self._order, 0), "cuStreamWaitEvent")
@@ -190,7 +197,7 @@ _POOLS: dict = {}
 _POOLS_LOCK = threading.Lock()
 
 
-def cuda_lane_pool(buffer, lanes: int, depth: int, slot_bytes: int, after_default_stream: bool) -> Optional[LanePool]:
+def cuda_lane_pool(buffer, lanes: int, depth: int, slot_bytes: int) -> Optional[LanePool]:
     """``lanes`` CUDA lanes of ``depth`` slots for ``buffer``'s device, every slot in one pinned allocation.
 
     None for a slab that is not in GPU memory (host and pinned slabs need no
@@ -201,12 +208,12 @@ def cuda_lane_pool(buffer, lanes: int, depth: int, slot_bytes: int, after_defaul
     """
     if buffer.kind != "cuda":
         return None
-    key = (buffer.cuda_device, lanes, depth, slot_bytes, after_default_stream)
+    key = (buffer.cuda_device, lanes, depth, slot_bytes)
     with _POOLS_LOCK:
         pool = _POOLS.get(key)
         if pool is not None and pool.share():
             return pool
-        pool = _make_pool(buffer.cuda_device, lanes, depth, slot_bytes, after_default_stream, key)
+        pool = _make_pool(buffer.cuda_device, lanes, depth, slot_bytes, key)
         _POOLS[key] = pool
         return pool
 
@@ -217,12 +224,12 @@ def _forget(key, pool: LanePool) -> None:
             del _POOLS[key]
 
 
-def _make_pool(device: int, lanes: int, depth: int, slot_bytes: int, after: bool, key) -> LanePool:
+def _make_pool(device: int, lanes: int, depth: int, slot_bytes: int, key) -> LanePool:
     bufs = BounceBuffers(lanes * depth, slot_bytes, "pinned", device)
     made: list[CudaLane] = []
     try:
         for k in range(lanes):
-            made.append(CudaLane(bufs, k * depth, depth, device, after))
+            made.append(CudaLane(bufs, k * depth, depth, device))
     except BaseException:
         for lane in made:
             lane.close()

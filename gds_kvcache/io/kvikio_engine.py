@@ -19,12 +19,14 @@ from typing import Optional, Sequence
 from ..errors import ClosedError, IOEngineError
 from ..memory.buffers import SlabBuffer
 from ..units import PAGE
+from .attachment import AttachPoint, Attachment
 from .base import IOEngine, InFlight, IOPathReport, Span, check_span
 from .cuda_lane import cuda_lane_pool
 from .driver import GDS_FILE_SYSTEMS, cufile_driver_state, fs_type, kvikio_error, nvidia_fs_loaded
 from .kvikio_util import (DevicePtr, KvikIOHostIO, configure_kvikio, kvikio_exception, kvikio_monitor,
                           o_direct_opens)
-from .staging import LanePool, run_lane
+from .lane_pool import LanePool
+from .staging import run_lane, wait_out
 
 __all__ = ["KvikIOEngine", "STAGINGS", "configure_kvikio", "kvikio_exception", "o_direct_opens"]
 
@@ -60,10 +62,16 @@ class KvikIOEngine(IOEngine):
       system, else ``cufile-compat`` (cuFile's own POSIX fallback).
 
     The CUDA slab is registered with cuFile on ``attach`` only when a file
-    takes the ``gds`` path; a refusal leaves it working unregistered. On the
-    cuFile path KvikIO waits for the CUDA default stream before each read or
-    write: keep model kernels off the default stream (see
-    ``scripts/default_stream_probe.py``).
+    takes the ``gds`` path; a refusal leaves it working unregistered. A batch
+    runs on the slab, device address and lanes attached when it started
+    (``attachment``): ``attach`` to another slab meanwhile returns at once,
+    and the old slab is deregistered, and its lanes let go, when the last
+    batch on it ends (so both slabs are registered for that long). On the
+    cuFile path (and with ``staging="kvikio"``) KvikIO waits for the CUDA
+    default stream before each read or write: keep model kernels off the
+    default stream (see ``scripts/default_stream_probe.py``). The pipelined
+    lanes wait for it on puts only (``staging``'s rule, the POSIX engine's
+    too).
     """
 
     name = "kvikio"
@@ -108,12 +116,9 @@ class KvikIOEngine(IOEngine):
         self._host_path = "kvikio-compat" if self._compat else "kvikio-posix"
         self._moved: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._registered_here = False
         self._registration = "no CUDA slab attached"
-        self._dev_base = 0
-        self._host_mv: Optional[memoryview] = None
         self._staging = staging
-        self._lanes: Optional[LanePool] = None
+        self._attached = AttachPoint("kvikio")
         self._host_io = KvikIOHostIO(self._files, self._paths, task_size,
                                      [direct_io and d for d in self._odirect])
         self._calls = InFlight("kvikio")
@@ -188,44 +193,44 @@ class KvikIOEngine(IOEngine):
             raise ClosedError("the kvikio I/O engine is closed")
         if buffer is self._buffer:
             return
-        self._release_registration()
-        old, self._lanes = self._lanes, None
-        try:
-            self._attach(buffer)
-        finally:
-            if old is not None:
-                old.close()  # after the new lanes: an engine re-attached on one device keeps its pinned memory
-
-    def _attach(self, buffer: SlabBuffer) -> None:
+        # The new slab's lanes come before the old ones are let go: an engine re-attached on one device
+        # keeps its pinned memory. Batches on the old slab keep it, its lanes and its cuFile registration
+        # until they end (see ``attachment``).
+        self._attached.swap(self._prepare(buffer))
         self._buffer = buffer
         self._memory = buffer.kind
+
+    def _prepare(self, buffer: SlabBuffer) -> Attachment:
+        """Everything a batch on ``buffer`` needs, made before any batch can see it."""
         if buffer.kind != "cuda":
-            self._host_mv = memoryview(buffer.host_array())
+            lanes = self._stage_if_compat(buffer)
             self._registration = ""
-            self._lanes = self._stage_if_compat(buffer)
-            return
-        self._dev_base = buffer.tensor.data_ptr()
+            return Attachment(buffer, host_mv=memoryview(buffer.host_array()), lanes=lanes)
+        base = buffer.tensor.data_ptr()
         self._probe(buffer)
-        self._lanes = self._stage_if_compat(buffer)
-        if "gds" in self._file_paths:
-            already = buffer.registered
-            ok = buffer.register_gds()
-            self._registered_here = ok and not already
-            self._registration = buffer.registration
-        else:
-            why = "; ".join(sorted(set(self._file_reasons)))
-            self._registration = f"not needed: no file takes the GDS path ({why})"
+        lanes = self._stage_if_compat(buffer)
+        registered_here = False
+        try:
+            if "gds" in self._file_paths:
+                already = buffer.registered
+                registered_here = buffer.register_gds() and not already
+                self._registration = buffer.registration
+            else:
+                why = "; ".join(sorted(set(self._file_reasons)))
+                self._registration = f"not needed: no file takes the GDS path ({why})"
+        except BaseException:
+            if lanes is not None:
+                lanes.close()
+            raise
+        # Deregistered when the last batch on it ended, never under one (only what this engine registered).
+        return Attachment(buffer, dev_base=base, lanes=lanes,
+                          cleanup=buffer.deregister_gds if registered_here else None)
 
     def _stage_if_compat(self, buffer: SlabBuffer) -> Optional[LanePool]:
-        # Lanes order each batch after the default stream: KvikIO's own device path does the same.
+        # Puts through the lanes wait for the default stream, gets do not: staging's rule, both engines'.
         if self._staging == "pipelined" and "kvikio-compat" in self._file_paths:
-            return self.lane_factory(buffer, KVIKIO_LANES, max(2, self._threads), self._task, True)
+            return self.lane_factory(buffer, KVIKIO_LANES, max(2, self._threads), self._task)
         return None
-
-    def _release_registration(self) -> None:
-        if self._registered_here and self._buffer is not None:
-            self._buffer.deregister_gds()
-        self._registered_here = False
 
     # -- batches ---------------------------------------------------------------------
     def _path_key(self, cuda: bool, nbytes: int, fi: int) -> str:
@@ -244,21 +249,36 @@ class KvikIOEngine(IOEngine):
 
     def _transfer(self, write: bool, spans: Sequence[Span]) -> list[Optional[BaseException]]:
         with self._calls:
-            return self._batch(write, spans)
+            att = self._attached.hold()
+            try:
+                return self._batch(write, spans, att)
+            finally:
+                att.release()
 
-    def _batch(self, write: bool, spans: Sequence[Span]) -> list[Optional[BaseException]]:
-        buffer = self._buffer
-        if buffer is None:
-            raise IOEngineError("no slab attached: call attach(buffer) before read_spans/write_spans")
+    def _batch(self, write: bool, spans: Sequence[Span], att: Attachment) -> list[Optional[BaseException]]:
         n = len(spans)
         errs: list[Optional[BaseException]] = [None] * n
         futs: list = [None] * n
         staged: list = []  # pieces for a staging lane: (span, slab offset, file, offset in file, bytes)
+        try:
+            self._start_unstaged(write, spans, errs, futs, staged, att)
+            moved = self._stage(write, staged, errs, att.buffer, att.lanes) if staged else {}
+            self._finish_unstaged(write, spans, errs, futs, moved, att.buffer.kind == "cuda")
+        finally:
+            # Whatever interrupted the batch (KeyboardInterrupt), no KvikIO task may still move slab bytes.
+            wait_out([f for f in futs if f is not None], lambda f: f.get(), lambda f: f.done())
+        if moved:
+            with self._lock:
+                for k, v in moved.items():
+                    self._moved[k] = self._moved.get(k, 0) + v
+        return errs
+
+    def _start_unstaged(self, write, spans, errs, futs, staged, att: Attachment) -> None:
+        """Start every span that is not staged on KvikIO's pool (``futs``); queue the others in ``staged``."""
+        buffer, lanes, base, mv = att.buffer, att.lanes, att.dev_base, att.host_mv
         cuda = buffer.kind == "cuda"
-        base, mv, lanes = self._dev_base, self._host_mv, self._lanes
         stripe, nfiles, size, task = self._stripe, len(self._files), buffer.nbytes, self._task
         op = "pwrite" if write else "pread"
-        # Start every unstaged span, then stage the rest here while KvikIO's pool runs them.
         for i, s in enumerate(spans):
             err = check_span(s, size, stripe, nfiles)
             if err is not None:
@@ -275,34 +295,36 @@ class KvikIOEngine(IOEngine):
                 futs[i] = (f.pwrite if write else f.pread)(target, s.nbytes, local, task)
             except Exception as e:  # noqa: BLE001 - one span's failure is that span's result
                 errs[i] = kvikio_exception(e, f"{op} of {s.nbytes} bytes at {local} of {self._paths[fi]}")
-        moved: dict[str, int] = {}
-        if staged:
-            lane = lanes.acquire()  # blocks while other batches hold every lane
-            try:
-                direct, buffered = run_lane(lane, write, buffer, iter(staged), self._host_io, errs)
-            finally:
-                lanes.release(lane)
-            moved = {"kvikio-compat/O_DIRECT": direct, "kvikio-compat/buffered": buffered}
+
+    def _stage(self, write, staged, errs, buffer, lanes) -> dict:
+        """The staged pieces through one lane, on this thread, while KvikIO's pool runs the others."""
+        lane = lanes.acquire()  # blocks while other batches hold every lane
+        try:
+            direct, buffered = run_lane(lane, write, buffer, iter(staged), self._host_io, errs)
+        finally:
+            lanes.release(lane)
+        return {"kvikio-compat/O_DIRECT": direct, "kvikio-compat/buffered": buffered}
+
+    def _finish_unstaged(self, write, spans, errs, futs, moved, cuda) -> None:
+        """Wait for each started span in turn (``futs[i]`` cleared once it is over) and count its bytes."""
+        op = "pwrite" if write else "pread"
         for i, fut in enumerate(futs):
             if fut is None:
                 continue
             s = spans[i]
-            fi, local = divmod(s.file_offset, stripe)
+            fi, local = divmod(s.file_offset, self._stripe)
             try:
                 got = fut.get()
             except Exception as e:  # noqa: BLE001
+                futs[i] = None
                 errs[i] = kvikio_exception(e, f"{op} of {s.nbytes} bytes at {local} of {self._paths[fi]}")
                 continue
+            futs[i] = None
             if got != s.nbytes:
                 errs[i] = IOEngineError(f"{op} moved {got} of {s.nbytes} bytes at {local} of {self._paths[fi]}")
                 continue
             key = self._path_key(cuda, s.nbytes, fi)
             moved[key] = moved.get(key, 0) + got
-        if moved:
-            with self._lock:
-                for k, v in moved.items():
-                    self._moved[k] = self._moved.get(k, 0) + v
-        return errs
 
     def read_spans(self, spans: Sequence[Span]) -> list[Optional[BaseException]]:
         return self._transfer(False, spans)
@@ -343,7 +365,8 @@ class KvikIOEngine(IOEngine):
                             if k in ("GDS", "POSIX")}
             except Exception:  # noqa: BLE001 - statistics are a report, never a failure
                 backends = {}
-        lanes = self._lanes
+        att = self._attached.current
+        lanes = att.lanes if att is not None else None
         if lanes is not None:
             staging = f"pipelined: {lanes.describe}, file I/O on KvikIO's threads"
         elif self._memory == "cuda" and "kvikio-compat" in fpaths:
@@ -361,14 +384,10 @@ class KvikIOEngine(IOEngine):
         self._closed = True
         self._close_submitter()
         self._calls.close()  # transfers in progress end before their files and lanes go
-        lanes, self._lanes = self._lanes, None
-        if lanes is not None:
-            lanes.close()
-        # Deregister before anyone can free the slab: once, and only what this engine registered.
-        self._release_registration()
+        # The lanes go, and the slab is deregistered before anyone can free it (what this engine registered).
+        self._attached.close()
         for f in self._files:
             f.close()
         if self._monitor is not None:
             self._monitor.stop()
         self._buffer = None
-        self._host_mv = None

@@ -13,15 +13,17 @@ import functools
 import logging
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
 from ..errors import ClosedError, IOEngineError
 from ..memory.buffers import SlabBuffer
 from ..units import PAGE
+from .attachment import AttachPoint, Attachment
 from .base import IOEngine, InFlight, IOPathReport, Span, check_span
 from .cuda_lane import cuda_lane_pool
-from .staging import LanePool, SyncFileIO, run_lane
+from .lane_pool import LanePool
+from .staging import SyncFileIO, run_lane, wait_out
 
 __all__ = ["PosixEngine", "probe_direct_io"]
 
@@ -89,10 +91,16 @@ class PosixEngine(IOEngine):
     staging lanes (two pinned slots, a stream) for the batch, so a transfer
     runs at about the slower of disk and PCIe, not their sum; concurrent
     batches share the lanes. ``close()`` waits for the calls in progress.
+    A staged put waits for the work queued on the CUDA default stream, a
+    get does not (``staging``'s rule, the KvikIO engine's too).
+
+    A batch runs on the slab and lanes attached when it started
+    (``attachment``): ``attach`` to another slab meanwhile returns at once,
+    and the old lanes go when the last batch on them ends.
     """
 
     name = "posix"
-    #: Makes the staging lanes at ``attach``: ``(buffer, lanes, depth, slot_bytes, after_default_stream)`` ->
+    #: Makes the staging lanes at ``attach``: ``(buffer, lanes, depth, slot_bytes)`` ->
     #: a ``LanePool``, or None where the slab needs no staging (host memory).
     lane_factory = staticmethod(cuda_lane_pool)
     piece_hooks = True
@@ -131,7 +139,7 @@ class PosixEngine(IOEngine):
         self._threads = threads
         self._memory = memory
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="gds-kvcache-posix")
-        self._lanes: Optional[LanePool] = None
+        self._attached = AttachPoint("posix")
         # Slots are page-aligned: a piece goes O_DIRECT when its offset and length are.
         self._io = SyncFileIO(lambda w, fi, off, view: self._move(w, fi, off, view, (off | len(view)) % PAGE == 0))
         self._lock = threading.Lock()
@@ -145,10 +153,9 @@ class PosixEngine(IOEngine):
             raise ClosedError("the posix I/O engine is closed")
         if buffer is self._buffer:
             return
-        lanes = self.lane_factory(buffer, self._threads, 2, self._task, False)
-        old, self._lanes = self._lanes, lanes
-        if old is not None:
-            old.close()
+        lanes = self.lane_factory(buffer, self._threads, 2, self._task)
+        # Batches on the old slab keep it and its lanes until they end (see ``attachment``).
+        self._attached.swap(Attachment(buffer, lanes=lanes))
         self._buffer = buffer
         self._memory = buffer.kind
 
@@ -195,8 +202,7 @@ class PosixEngine(IOEngine):
             moved[0 if direct else 1] += n
         return moved
 
-    def _staged_worker(self, write: bool, buffer: SlabBuffer, pieces, errs: list) -> list[int]:
-        lanes = self._lanes
+    def _staged_worker(self, write: bool, buffer: SlabBuffer, pieces, errs: list, lanes: LanePool) -> list[int]:
         lane = lanes.acquire()  # blocks while other batches hold every lane
         try:
             return run_lane(lane, write, buffer, pieces, self._io, errs)
@@ -206,12 +212,14 @@ class PosixEngine(IOEngine):
     # -- batches ---------------------------------------------------------------------
     def _transfer(self, write: bool, spans: Sequence[Span], hook=None) -> list[Optional[BaseException]]:
         with self._calls:
-            return self._batch(write, spans, hook)
+            att = self._attached.hold()
+            try:
+                return self._batch(write, spans, att.buffer, att.lanes, hook)
+            finally:
+                att.release()
 
-    def _batch(self, write: bool, spans: Sequence[Span], hook=None) -> list[Optional[BaseException]]:
-        buffer = self._buffer
-        if buffer is None:
-            raise IOEngineError("no slab attached: call attach(buffer) before read_spans/write_spans")
+    def _batch(self, write: bool, spans: Sequence[Span], buffer: SlabBuffer, lanes: Optional[LanePool],
+               hook=None) -> list[Optional[BaseException]]:
         errs: list[Optional[BaseException]] = [None] * len(spans)
         pieces = []
         task, stripe, nfiles, size = self._task, self._stripe, len(self._fds), buffer.nbytes
@@ -229,7 +237,8 @@ class PosixEngine(IOEngine):
         if not pieces:
             return errs
         # A GPU slab is checksummed on the GPU, one launch a batch: the hook is for host slabs.
-        worker = self._staged_worker if self._lanes is not None else functools.partial(self._host_worker, hook=hook)
+        worker = (functools.partial(self._staged_worker, lanes=lanes) if lanes is not None
+                  else functools.partial(self._host_worker, hook=hook))
         # One queue shared by all workers (list_iterator.__next__ is atomic under the GIL).
         queue = iter(pieces)
         helpers = [self._pool.submit(worker, write, buffer, queue, errs)
@@ -237,8 +246,8 @@ class PosixEngine(IOEngine):
         try:
             results = [worker(write, buffer, queue, errs)]
         finally:
-            # Never return while a helper may still touch the slab.
-            wait(helpers)
+            # Never return while a helper may still touch the slab or a lane, even when interrupted.
+            wait_out(helpers, lambda f: f.result(), lambda f: f.done())
         results += [f.result() for f in helpers]
         with self._lock:
             self._moved["posix/O_DIRECT"] += sum(r[0] for r in results)
@@ -257,7 +266,8 @@ class PosixEngine(IOEngine):
     def report(self) -> IOPathReport:
         with self._lock:
             moved = dict(self._moved)
-        lanes = self._lanes
+        att = self._attached.current
+        lanes = att.lanes if att is not None else None
         return IOPathReport("posix", "posix", self._direct, self._reason, self._threads, self._task, self._memory,
                             len(self._fds), file_paths=("posix",) * len(self._fds),
                             file_reasons=tuple(self._file_io), bytes_by_path=moved,
@@ -270,9 +280,7 @@ class PosixEngine(IOEngine):
         self._close_submitter()
         self._calls.close()  # transfers in progress end before their files and lanes go
         self._pool.shutdown(wait=True)
-        lanes, self._lanes = self._lanes, None
-        if lanes is not None:
-            lanes.close()
+        self._attached.close()
         for fd in self._fds + [fd for fd in self._dfds if fd is not None]:
             os.close(fd)
         self._buffer = None

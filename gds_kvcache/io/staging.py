@@ -20,21 +20,36 @@ Invariants
 * A failed or refused copy fails every span the lane touched in the call
   (after a CUDA error their bytes are unknown); a lane that cannot start
   fails every piece it takes off the queue. No piece is dropped silently.
-* ``run_lane`` returns only with nothing in flight: every file operation
-  finished, every copy waited for.
+* One rule for every engine on when a batch waits for the CUDA legacy
+  default stream: a put does (``begin(..., after_default_stream=True)``:
+  its copies start after the work queued there, so they read what producer
+  kernels on that stream wrote, as KvikIO's own device path does); a get
+  does not (waiting would queue layer-wise loads behind the model's
+  kernels). So the caller must not hand a get slab bytes that queued work
+  still reads, and must synchronise producers on other streams before a
+  put.
+* ``run_lane`` returns, or raises, only with nothing in flight: every file
+  operation finished, every copy waited for. That holds for a
+  ``BaseException`` too (``KeyboardInterrupt`` on the thread running a
+  KvikIO batch): the lane drains, fails its spans, then re-raises it, so a
+  lane given back never has a late read landing in a slot of the next batch.
+  (A signal landing between two bytecodes of the pipeline's own bookkeeping
+  can still lose a handle: the guarantee covers what the lane, the file I/O
+  and their waits raise.)
+* The lanes are shared through ``lane_pool.LanePool``: a batch holds a share
+  of the pool it took its lane from until it gave the lane back.
 """
 
 from __future__ import annotations
 
 import abc
 import logging
-import threading
 from collections import deque
 from typing import Callable, Iterator, Optional
 
-from ..errors import ClosedError, IOEngineError
+from ..errors import IOEngineError
 
-__all__ = ["FileIO", "Lane", "LanePool", "SyncFileIO", "run_lane"]
+__all__ = ["FileIO", "Lane", "SyncFileIO", "run_lane", "wait_out"]
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +64,12 @@ class Lane(abc.ABC):
     views: list  # memoryview per slot, each at least one piece long
 
     @abc.abstractmethod
-    def begin(self, buffer) -> None:
-        """Start a batch on the calling thread against ``buffer`` (the slab); pair with ``end``."""
+    def begin(self, buffer, after_default_stream: bool) -> None:
+        """Start a batch on the calling thread against ``buffer`` (the slab); pair with ``end``.
+
+        With ``after_default_stream`` the batch's copies start only after the
+        work queued on the legacy default stream so far (see the module's rule).
+        """
 
     @abc.abstractmethod
     def end(self) -> None:
@@ -116,6 +135,35 @@ class SyncFileIO(FileIO):
         return direct
 
 
+def wait_out(items, wait: Callable, done: Callable) -> None:
+    """``wait(item)`` for every item until it returns or raises an ``Exception``, whatever else interrupts it.
+
+    For the clean-up of a batch: a ``BaseException`` (``KeyboardInterrupt``)
+    raised while waiting for an operation still running does not abandon it;
+    it is waited for again (``done(item)`` says whether it is over), then the
+    next. The first such interruption is raised once every item is over; an
+    item's own ``Exception`` is its result, for the caller to have read before
+    (it is not raised here).
+    """
+    interrupted: Optional[BaseException] = None
+    for it in items:
+        while True:
+            try:
+                wait(it)
+                break
+            except Exception:  # noqa: BLE001 - the item's result, read by the caller where it matters
+                break
+            except BaseException as e:  # noqa: BLE001 - re-raised below, once nothing runs
+                interrupted = interrupted or e
+                try:
+                    if done(it):
+                        break
+                except Exception:  # noqa: BLE001 - an operation that cannot say is taken as over
+                    break
+    if interrupted is not None:
+        raise interrupted
+
+
 class _Pipeline:
     """One lane over a piece queue: slot bookkeeping for a put or a get (see the module's invariants)."""
 
@@ -164,15 +212,15 @@ class _Pipeline:
         self.io_q.append((slot, p, self.io.start(True, p, self.lane.views[slot][:p[4]])))
 
     def _retire_write(self) -> None:
-        slot, p, h = self.io_q.popleft()
+        slot, p, h = self.io_q[0]  # stays queued while finish may be interrupted: abort then waits for it
         try:
             direct = self.io.finish(h)
         except Exception as e:  # noqa: BLE001
             self._fail(p[0], e)
         else:
             self.moved[0 if direct else 1] += p[4]
-        finally:
-            self.free.append(slot)
+        self.io_q.popleft()
+        self.free.append(slot)
 
     # -- get: read into a slot, then copy the slot to the GPU ----------------------
     def get(self, pieces: Iterator[Piece]) -> None:
@@ -196,13 +244,15 @@ class _Pipeline:
             self._retire_copy()
 
     def _read_done(self) -> None:
-        slot, p, h = self.io_q.popleft()
+        slot, p, h = self.io_q[0]  # stays queued while finish may be interrupted: abort then waits for it
         try:
             direct = self.io.finish(h)
         except Exception as e:  # noqa: BLE001
+            self.io_q.popleft()
             self._fail(p[0], e)
             self.free.append(slot)
             return
+        self.io_q.popleft()
         if self.errs[p[0]] is not None:
             self.free.append(slot)
             return
@@ -217,17 +267,15 @@ class _Pipeline:
 
     # -- failure ----------------------------------------------------------------------
     def abort(self, e: BaseException) -> None:
-        """After a copy failed: finish what is in flight, then fail every span this lane touched."""
-        while self.io_q:
-            _, _, h = self.io_q.popleft()
-            try:
-                self.io.finish(h)
-            except Exception:  # noqa: BLE001 - the spans fail below whatever this says
-                pass
+        """After a copy failed or the batch was interrupted: wait for every file operation in flight (the
+        copies are waited for by ``lane.end``), then fail every span this lane touched."""
+        handles = [h for _, _, h in self.io_q]
+        self.io_q.clear()
         self.copying.clear()
-        err = e if isinstance(e, IOEngineError) else IOEngineError(f"GPU staging copy failed: {e}")
+        err = e if isinstance(e, IOEngineError) else IOEngineError(f"GPU staging failed: {type(e).__name__}: {e}")
         for i in self.touched:
             self._fail(i, err)
+        wait_out(handles, self.io.finish, self.io.done)
 
 
 def run_lane(lane: Lane, write: bool, buffer, pieces: Iterator[Piece], io: FileIO, errs: list) -> list[int]:
@@ -238,31 +286,47 @@ def run_lane(lane: Lane, write: bool, buffer, pieces: Iterator[Piece], io: FileI
     batch. A lane that fails (to start, or a copy) fails what it touched and
     then every piece left in the queue: after a CUDA error the other lanes
     cannot do better, and a piece nobody moves must never pass for moved.
+    A ``BaseException`` does the same, once nothing is in flight, and is then
+    re-raised.
     """
     try:
-        lane.begin(buffer)
+        lane.begin(buffer, after_default_stream=write)  # the rule in the module docstring
     except Exception as e:  # noqa: BLE001 - a lane that cannot start fails what it takes, never drops it
         log.error("GPU staging lane failed to start: %s", e)
         _fail_rest(pieces, errs, e)
         return [0, 0]
     pipe = _Pipeline(lane, io, errs)
-    failed: Optional[BaseException] = None
     try:
         (pipe.put if write else pipe.get)(pieces)
-    except Exception as e:  # noqa: BLE001 - a failed copy fails its spans, never the call
-        log.error("GPU staging copy failed; failing %d span(s) and the rest of the batch: %s", len(pipe.touched), e)
-        failed = e
-        pipe.abort(e)
-    finally:
+    except BaseException as e:  # noqa: BLE001 - a failed copy fails its spans, never the call
+        if isinstance(e, Exception):
+            log.error("GPU staging copy failed; failing %d span(s) and the rest of the batch: %s",
+                      len(pipe.touched), e)
         try:
-            lane.end()
-        except Exception as e:  # noqa: BLE001
-            log.error("GPU staging lane failed at the end of a batch: %s", e)
-            failed = failed or e
             pipe.abort(e)
+        finally:
+            try:
+                _end(lane, pipe)
+            finally:
+                _fail_rest(pieces, errs, e)
+        if not isinstance(e, Exception):
+            raise  # KeyboardInterrupt and the like are the caller's, once nothing is in flight
+        return pipe.moved
+    failed = _end(lane, pipe)
     if failed is not None:
         _fail_rest(pieces, errs, failed)
     return pipe.moved
+
+
+def _end(lane: Lane, pipe: _Pipeline) -> Optional[BaseException]:
+    """``lane.end()``; its error fails the lane's spans (and is returned), nothing is left in flight."""
+    try:
+        lane.end()
+    except Exception as e:  # noqa: BLE001
+        log.error("GPU staging lane failed at the end of a batch: %s", e)
+        pipe.abort(e)
+        return e
+    return None
 
 
 def _fail_rest(pieces: Iterator[Piece], errs: list, e: BaseException) -> None:
@@ -270,108 +334,3 @@ def _fail_rest(pieces: Iterator[Piece], errs: list, e: BaseException) -> None:
     for p in pieces:
         if errs[p[0]] is None:
             errs[p[0]] = err
-
-
-class _Waiter:
-    __slots__ = ("event", "lane")
-
-    def __init__(self):
-        self.event = threading.Event()
-        self.lane: Optional[Lane] = None
-
-
-class LanePool:
-    """A fixed set of lanes over one set of bounce buffers, shared by every thread of an engine.
-
-    Parameters
-    ----------
-    lanes
-        The lanes, made up front (their memory is pinned once, never on a
-        transfer's path).
-    owned
-        Closed with the pool (the bounce buffers the lanes share).
-    describe
-        One line for reports: how many lanes, slots and bytes.
-    device
-        The CUDA device the lanes copy to and from (None: not a GPU's).
-
-    Notes
-    -----
-    ``acquire`` blocks until a lane is free: the lanes bound how many threads
-    stage at once, whatever the number of concurrent batches. A released lane
-    goes straight to the longest waiter, so a busy caller that releases and
-    asks again cannot starve another. A holder never waits for anything but
-    its own copies and file I/O, so every waiter gets a lane.
-
-    Several engines may share one pool (``share``): each ``close`` drops one
-    user, the last one closes the lanes and frees the memory, then calls
-    ``on_close``.
-    """
-
-    def __init__(self, lanes: list, owned=(), describe: str = "", device: Optional[int] = None, on_close=None):
-        self._all = list(lanes)
-        self._free = list(lanes)
-        self._owned = list(owned)
-        self._waiters: deque = deque()
-        self._lock = threading.Lock()
-        self._closed = False
-        self._users = 1
-        self._on_close = on_close
-        self.describe = describe
-        self.device = device
-
-    def share(self) -> bool:
-        """One more user of the pool; False if it is already closed (make a new one)."""
-        with self._lock:
-            if self._closed:
-                return False
-            self._users += 1
-            return True
-
-    @property
-    def size(self) -> int:
-        return len(self._all)
-
-    def acquire(self) -> Lane:
-        with self._lock:
-            if self._closed:
-                raise ClosedError("the staging lanes are closed")
-            if self._free and not self._waiters:
-                return self._free.pop()
-            w = _Waiter()
-            self._waiters.append(w)
-        w.event.wait()
-        if w.lane is None:
-            raise ClosedError("the staging lanes are closed")
-        return w.lane
-
-    def release(self, lane: Lane) -> None:
-        with self._lock:
-            if self._waiters:
-                w = self._waiters.popleft()
-                w.lane = lane
-                w.event.set()
-            else:
-                self._free.append(lane)
-
-    def close(self) -> None:
-        """Drop one user; the last closes every lane and the bounce buffers (no transfer may be in flight)."""
-        with self._lock:
-            if self._closed:
-                return
-            self._users -= 1
-            if self._users > 0:
-                return
-            self._closed = True
-            waiters, self._waiters = list(self._waiters), deque()
-        for w in waiters:
-            w.event.set()
-        for lane in self._all:
-            try:
-                lane.close()
-            except Exception as e:  # noqa: BLE001 - closing is best effort, the memory goes next
-                log.warning("closing a GPU staging lane failed: %s", e)
-        for o in self._owned:
-            o.close()
-        if self._on_close is not None:
-            self._on_close(self)

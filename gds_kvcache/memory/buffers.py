@@ -10,7 +10,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..errors import ClosedError, ConfigError
+from ..errors import ClosedError, ConfigError, IOEngineError
 from ..units import PAGE
 
 __all__ = ["BounceBuffers", "SlabBuffer", "as_io_buffer", "cuda_driver", "resolve_memory_device"]
@@ -287,8 +287,9 @@ class SlabBuffer:
 
 
 class _PinnedHostMemory:
-    """``cuMemHostAlloc``'d bytes: page-locked and page-aligned, exactly ``nbytes``, outside PyTorch's caching
-    host allocator (which rounds up to a power of two and never gives memory back)."""
+    """``cuMemHostAlloc``'d bytes: page-locked, exactly ``nbytes``, outside PyTorch's caching host allocator
+    (which rounds up to a power of two and never gives memory back). The driver promises 256-byte
+    alignment only: ``ptr`` need not be page-aligned (``BounceBuffers`` rounds up inside)."""
 
     __slots__ = ("ptr", "nbytes", "_dev")
 
@@ -352,6 +353,11 @@ class BounceBuffers:
     use) it cost more than the transfer itself. ``views[i]`` and ``addr(i)``
     are slot ``i``'s bytes and address. ``close()`` frees pinned memory at
     once: nothing may copy into or out of a slot after it.
+
+    Every slot starts on a page (O_DIRECT refuses anything else): the pinned
+    allocation is one page larger than the slots and they start at its first
+    page boundary, since ``cuMemHostAlloc`` aligns to 256 bytes only; the
+    allocation is freed at the address the driver gave.
     """
 
     def __init__(self, count: int, size: int, kind: str, cuda_device: int = 0):
@@ -363,14 +369,17 @@ class BounceBuffers:
         self._pinned: Optional[_PinnedHostMemory] = None
         self._slab: Optional[SlabBuffer] = None
         if kind == "pinned":
-            self._pinned = _PinnedHostMemory(nbytes, cuda_device)
-            self.base = self._pinned.ptr
+            self._pinned = _PinnedHostMemory(nbytes + PAGE, cuda_device)
+            self.base = self._pinned.ptr + (-self._pinned.ptr) % PAGE
             arr = np.frombuffer((ctypes.c_uint8 * nbytes).from_address(self.base), dtype=np.uint8)
         else:
-            self._slab = SlabBuffer(nbytes, "host")
+            self._slab = SlabBuffer(nbytes, "host")  # page-aligned itself
             arr = self._slab.host_array()
             self.base = self._slab.tensor.data_ptr()
-        assert self.base % PAGE == 0
+        if self.base % PAGE:
+            self.close()
+            raise IOEngineError(f"staging slots at {self.base:#x} are not {PAGE}-byte aligned: O_DIRECT would "
+                                f"refuse them")
         self.views = [memoryview(arr[i * self.size:(i + 1) * self.size]) for i in range(count)]
 
     @property

@@ -17,6 +17,7 @@ from .key import CacheEngineKey
 from .layer_store import LayerStore, store_steps
 from .layerwise import LAYERED, WHOLE, LayerRetrieve, layer_key, retrieve_steps, stored_forms
 from .memory.format import MemoryFormat
+from .stream_pins import StreamPins
 from .storage.storage_manager import StorageManager
 from .token_hash import chunk_bounds, geometry_seed, prefix_hashes, token_ids
 
@@ -97,6 +98,7 @@ class CacheEngine:
         self._dtype = metadata.kv_dtype
         self.layerwise = config.use_layerwise
         self._ops: set = set()       # layer-wise operations in progress; close() cancels them
+        self._pins = StreamPins()    # store()'s objects whose packs may not have run yet
         self._closed = False
 
     def _keys(self, tokens: np.ndarray) -> list[tuple[CacheEngineKey, int, int]]:
@@ -128,6 +130,7 @@ class CacheEngine:
         kernels need not sync.
         """
         geom = self._check_cache(kv_caches)
+        self._pins.release_done()    # earlier stores' objects whose packs have run since
         slots = _slot_tensor(slot_mapping)
         if slots.numel() < n:
             raise ShapeMismatchError(f"slot_mapping needs one slot per token ({n}), got {slots.numel()}")
@@ -161,29 +164,44 @@ class CacheEngine:
         there = self.storage.batched_exists([k for k, _, _ in chunks])     # one disk (Redis) query
         todo = [c for c, t in zip(chunks, there)
                 if not t and not (disk is not None and disk.exists_in_put_tasks(c[0]))]
+        stored, futures, _ = self._store_groups(todo, kv_caches, slots, self._pins)
+        return _store_result(stored, futures)
+
+    def _store_groups(self, todo, kv_caches, slots, pins: StreamPins) -> tuple[int, list, bool]:
+        """Pack ``todo`` ((key, start, end) triples) whole on the current stream and put them, in groups.
+
+        Returns the tokens stored, the disk puts' futures and whether every chunk found room.
+        Batches of up to a quarter of the slab: a prompt larger than the slab is stored whole,
+        each batch waiting for the room the last frees. ``pins`` keeps each batch's objects until
+        its packs have run (a put may drop an object at once; see ``stream_pins``).
+        """
         futures: list[Future] = []
         stored = 0
-        # Batches of up to a quarter of the slab: a prompt larger than the
-        # slab is stored whole, each batch waiting for the room the last frees.
+        total = sum(e - s for _, s, e in todo)
         for group in self._groups(todo):
+            pins.release_done()
             objs = self.storage.batched_allocate([self._shape(e - s) for _, s, e in group],
                                                  self.metadata.kv_dtype, fmt=self.fmt)
             try:
                 for obj, (_, s, e) in zip(objs, group):
                     pack(kv_caches, self.layout, slots[s:e], obj.tensor, check=False)
             except BaseException:
+                if objs:     # packs already queued may still write them
+                    pins.hold(objs, objs[0].device)
                 for obj in objs:
                     obj.ref_count_down()
                 raise
             done = group[: len(objs)]
+            if objs:
+                pins.hold(objs, objs[0].device)
             futs = self.storage.batched_submit_put_task([k for k, _, _ in done], objs)
             futures.extend(f for f in futs if f is not None)
             stored += sum(e - s for _, s, e in done)
             if len(done) < len(group):
-                log.warning("no slab room to store the rest of this prompt; stored %d of %d tokens", stored,
-                            sum(e - s for _, s, e in todo))
-                break
-        return _store_result(stored, futures)
+                log.warning("no slab room to store the rest of this prompt; stored %d of %d tokens", stored, total)
+                return stored, futures, False
+        pins.release_done()
+        return stored, futures, True
 
     def _groups(self, chunks):
         """``chunks`` ((key, start, end) triples) cut into batches of at most a quarter of the slab."""
@@ -354,6 +372,7 @@ class CacheEngine:
         self._closed = True
         for op in list(self._ops):
             op.abort(closed=True)
+        self._pins.release_all()
         if self._own_storage:
             self.storage.close()
 

@@ -2,10 +2,12 @@
 
 Each step hands over one layer the caller has finished (an event on its
 stream); a thread packs it into slab objects on a stream of its own and,
-for per-layer objects, starts its disk writes. Invariant: the last layer's
-objects (or the whole chunks) go to storage only at the last step, so a
-generator abandoned before it leaves no chunk that counts as stored (see
-``gds_kvcache.layerwise`` for the format and the shared guarantees).
+for per-layer objects, starts its disk writes (only of the layer objects a
+chunk misses). Invariants: the last layer's objects (or the whole chunks) go
+to storage only at the last step, so a generator abandoned before it leaves
+no chunk that counts as stored (see ``gds_kvcache.layerwise`` for the format
+and the shared guarantees); an object handed to a put stays referenced until
+the pack that wrote it has run (``stream_pins``: the put may drop it at once).
 """
 
 from __future__ import annotations
@@ -61,7 +63,11 @@ class LayerStore(LayerOp):
         return True
 
     def _todo(self) -> list:
-        """``(chunk index, key, start, end)`` of the chunks stored in no form and in no put in flight."""
+        """``(chunk index, key, start, end)`` of the chunks stored in no form and in no put in flight.
+
+        With ``use_layerwise`` also sets ``self.missing``: per layer, the chunk indexes whose object
+        of that layer is neither stored nor being put (only those are packed and put).
+        """
         e = self.engine
         keys = [k for k, _, _ in self.chunks]
         disk = e.storage.disk
@@ -70,29 +76,46 @@ class LayerStore(LayerOp):
         if not e.layerwise:
             return [(i, *c) for i, (c, w) in enumerate(zip(self.chunks, whole)) if not w and not busy(c[0])]
         self.layer_keys = [[layer_key(k, l) for l in range(self.layers)] for k in keys]
-        ask = [lk for lk, w in zip(self.layer_keys, whole) if not w]
-        there = iter(e.storage.batched_exists([k for lk in ask for k in lk]) if ask else [])
-        return [(i, *c) for i, (c, w, lk) in enumerate(zip(self.chunks, whole, self.layer_keys))
-                if not w and not all([next(there) or busy(k) for k in lk])]
+        ask = [i for i, w in enumerate(whole) if not w]
+        there = iter(e.storage.batched_exists([k for i in ask for k in self.layer_keys[i]]) if ask else [])
+        self.missing = [set() for _ in range(self.layers)]
+        for i in ask:
+            for l, k in enumerate(self.layer_keys[i]):
+                if not next(there) and not busy(k):
+                    self.missing[l].add(i)
+        need = set().union(*self.missing)
+        return [(i, *c) for i, c in enumerate(self.chunks) if i in need]
 
     def _work(self, held: list) -> None:
         e = self.engine
         if not self._next_layer(0):
             return
         todo = self._todo()
+        last = self.layers - 1
+        sel: list = []      # the chunks packed at this layer; ``held`` holds their objects, in order
         for layer in range(self.layers):
             if layer and not self._next_layer(layer):
                 return
+            self.pins.release_done()
             if not todo:
                 continue
-            if e.layerwise or layer == 0:   # per-layer objects each layer; whole chunks once
-                shape = e._layer_shape if e.layerwise else e._shape
-                held[:] = e.storage.batched_allocate([shape(t[3] - t[2]) for t in todo], e._dtype, fmt=e.fmt)
-                todo = self._shortened(todo, len(held))
-            move_layer(held[: len(todo)], [t[0] for t in todo], [t[2] for t in todo], self.slots, self.kv,
-                       e.layout, layer, 0 if e.layerwise else layer, to_chunk=True)
-            if e.layerwise and layer < self.layers - 1:
-                self._put([self.layer_keys[t[0]][layer] for t in todo], held)
+            if e.layerwise:     # this layer's objects, of the chunks that miss it
+                sel = [t for t in todo if t[0] in self.missing[layer]]
+                held.extend(e.storage.batched_allocate([e._layer_shape(t[3] - t[2]) for t in sel], e._dtype,
+                                                       fmt=e.fmt))
+                if len(held) < len(sel):     # a chunk short of a layer is not stored, nor any after it
+                    todo = self._shortened(todo, todo.index(sel[len(held)]))
+                    sel = sel[: len(held)]
+            else:               # whole chunks: allocated once, packed layer by layer
+                if layer == 0:
+                    held.extend(e.storage.batched_allocate([e._shape(t[3] - t[2]) for t in todo], e._dtype,
+                                                           fmt=e.fmt))
+                    todo = self._shortened(todo, len(held))
+                sel = todo
+            move_layer(held, [t[0] for t in sel], [t[2] for t in sel], self.slots, self.kv, e.layout, layer,
+                       0 if e.layerwise else layer, to_chunk=True)
+            if e.layerwise and layer < last:
+                self._put([self.layer_keys[t[0]][layer] for t in sel], held)
         # The last layer's objects (or the whole chunks) go to storage only at the last step, so a
         # generator abandoned before it leaves no chunk that counts as stored.
         with self.cond:
@@ -101,8 +124,7 @@ class LayerStore(LayerOp):
             if self.cancelled:
                 return
         if todo:
-            last = self.layers - 1
-            self._put([self.layer_keys[t[0]][last] if e.layerwise else t[1] for t in todo], held)
+            self._put([self.layer_keys[t[0]][last] if e.layerwise else t[1] for t in sel], held)
         self.stored = sum(t[3] - t[2] for t in todo)
         self.done_event = self._event()
 
@@ -112,11 +134,12 @@ class LayerStore(LayerOp):
         return todo[:fit]
 
     def _put(self, keys: list, held: list) -> None:
-        """Hand ``held``'s objects to storage (it takes over our references; its put waits for our stream)."""
-        objs = list(held[: len(keys)])
-        for o in held[len(keys):]:
-            o.ref_count_down()
+        """Hand ``held``'s objects (one per key) to storage, which takes over our references;
+        ``pins`` keeps them until their packs have run (a put may drop an object at once)."""
+        objs = list(held)
         held.clear()
+        assert len(objs) == len(keys), (len(objs), len(keys))
+        self.pins.hold(objs, self.device)
         futs = self.engine.storage.batched_submit_put_task(keys, objs)
         self.futures.extend(f for f in futs if f is not None)
 

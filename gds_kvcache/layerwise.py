@@ -42,6 +42,7 @@ import torch
 from .errors import ClosedError
 from .key import CacheEngineKey
 from .layer_moves import move_layer
+from .stream_pins import StreamPins
 
 __all__ = ["LAYERED", "WHOLE", "LayerOp", "LayerRetrieve", "layer_key", "retrieve_steps", "stored_forms"]
 
@@ -102,6 +103,7 @@ class LayerOp:
         self.error: Optional[BaseException] = None
         self.finished = False
         self.thread: Optional[threading.Thread] = None
+        self.pins = StreamPins()     # objects handed to puts whose packs may still be queued on our stream
         self._name = name
 
     def _start(self) -> None:
@@ -123,6 +125,7 @@ class LayerOp:
             finally:
                 for o in held:
                     o.ref_count_down()
+                self.pins.release_all()     # their work ran: the stream was synchronised above
                 with self.cond:
                     self.finished = True
                     self.cond.notify_all()

@@ -507,3 +507,71 @@ def test_gpu_layer_steps_are_stream_ordered(tmp_path, layerwise, engine):
     finally:
         if engine == "mapped":
             shutil.rmtree(Path(cfg.local_disk).parent, ignore_errors=True)
+
+
+# -- slab objects stay alive until their packs ran (a put may drop them at once) ----------------------------------
+def spy_puts(monkeypatch, storage, lie: bool):
+    """Every object a put dropped before returning (on a GPU its pack may still be queued). With ``lie``
+    another writer stores every chunk between the caller's check and its put: ``batched_exists`` says
+    False outside puts."""
+    real, exists, dropped, in_put = storage.batched_submit_put_task, storage.batched_exists, [], []
+
+    def spy(keys, objs):
+        objs = list(objs)
+        in_put.append(1)
+        try:
+            out = real(keys, objs)
+        finally:
+            in_put.pop()
+        dropped.extend(o for o in objs if not o.valid)
+        return out
+
+    monkeypatch.setattr(storage, "batched_submit_put_task", spy)
+    if lie:
+        monkeypatch.setattr(storage, "batched_exists", lambda ks: exists(ks) if in_put else [False] * len(ks))
+    return dropped
+
+
+@pytest.mark.parametrize("how, layerwise, race", [
+    ("store", True, "layer lost"), ("store_layer", True, "layer lost"),
+    ("store", False, "racing writer"), ("store", True, "racing writer"),
+    ("store_layer", False, "racing writer"), ("store_layer", True, "racing writer")])
+def test_no_object_is_freed_before_its_pack_ran(tmp_path, monkeypatch, how, layerwise, race):
+    """A put skips keys stored already and drops their objects at once. Every object handed to a put is
+    still held by the engine when the put returns (released only once the pack that wrote it has run: on
+    the host at once after the put, on a GPU when its stream passed the pack), and is released in the end."""
+    kv, tokens, src, dst = case("vllm", 150, seed=16)
+    with CacheEngine(config(tmp_path, "vllm", layerwise, local_cpu=False), meta("vllm"), "vllm") as eng:
+        alloc = eng.storage.allocator
+        assert stored(eng, kv, tokens, src) == 150
+        keys = [k for k, _, _ in eng._keys(tokens.numpy())]
+        if race == "layer lost":      # chunk 2 keeps layers 0 and 2 (a store rewrites layer 1)
+            eng.storage.remove(layer_key(keys[2], 1))
+        dropped = spy_puts(monkeypatch, eng.storage, lie=race == "racing writer")
+        r = eng.store(tokens, kv, src) if how == "store" else list(eng.store_layer(tokens, kv, src))[-1]
+        for f in r.futures:
+            f.result()
+        assert dropped == []
+        assert eng.storage.disk.wait_for_puts(60)
+        eng.storage.memcheck()
+        assert alloc.free_bytes == alloc.capacity             # and nothing is kept after that
+        monkeypatch.undo()
+        out = zeros_like_cache("vllm", kv)
+        assert list(eng.retrieve_layer(tokens, out, dst))[-1] == 150
+        assert same_bytes(ref_rows("vllm", out, dst), ref_rows("vllm", kv, src))
+
+
+def test_store_layer_writes_only_the_missing_layer_objects(tmp_path, monkeypatch):
+    kv, tokens, src, dst = case("vllm", 150, seed=17)
+    with CacheEngine(config(tmp_path, "vllm", True), meta("vllm"), "vllm") as eng:
+        stored(eng, kv, tokens, src)
+        keys = [k for k, _, _ in eng._keys(tokens.numpy())]
+        eng.storage.remove(layer_key(keys[2], 1))
+        eng.storage.remove(layer_key(keys[3], 2))
+        put = []
+        real = eng.storage.batched_submit_put_task
+        monkeypatch.setattr(eng.storage, "batched_submit_put_task",
+                            lambda ks, objs: (put.extend(ks), real(ks, objs))[1])
+        assert int(list(eng.store_layer(tokens, kv, src))[-1]) == 64
+        assert sorted(k.chunk_hash for k in put) == sorted([layer_key(keys[2], 1).chunk_hash,
+                                                            layer_key(keys[3], 2).chunk_hash])

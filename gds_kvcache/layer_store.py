@@ -113,7 +113,7 @@ class LayerStore(LayerOp):
                     todo = self._shortened(todo, len(held))
                 sel = todo
             move_layer(held, [t[0] for t in sel], [t[2] for t in sel], self.slots, self.kv, e.layout, layer,
-                       0 if e.layerwise else layer, to_chunk=True)
+                       0 if e.layerwise else layer, to_chunk=True, geom=self.geom)
             if e.layerwise and layer < last:
                 self._put([self.layer_keys[t[0]][layer] for t in sel], held)
         # The last layer's objects (or the whole chunks) go to storage only at the last step, so a

@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 
 from .errors import ClosedError
+from .kernels import geometry
 from .key import CacheEngineKey
 from .layer_moves import move_layer
 from .stream_pins import StreamPins
@@ -91,6 +92,7 @@ class LayerOp:
     def __init__(self, engine, kv_caches, slots: torch.Tensor, valid: int, name: str, priority: int = 0):
         self.engine = engine
         self.kv = kv_caches
+        self.geom = geometry(engine.layout, kv_caches)     # once per op: each move_layer call skips the lookup
         self.slots = slots
         self.valid = valid
         self.layers = engine._layers
@@ -267,7 +269,7 @@ class LayerRetrieve(LayerOp):
         objs, idx = objs[:good], idx[:good]
         held.extend(objs)
         move_layer(objs, idx, [self.chunks[i][1] for i in idx], self.slots_eff, self.kv, self.engine.layout,
-                   layer, 0, to_chunk=False)
+                   layer, 0, to_chunk=False, geom=self.geom)
         return limit
 
     def wait_layer(self, layer: int) -> int:

@@ -17,6 +17,7 @@ import torch
 from gds_kvcache import CacheEngineConfig, CacheEngineMetadata
 from gds_kvcache.engine import CacheEngine
 from gds_kvcache.errors import ClosedError, IOEngineError, ShapeMismatchError
+from gds_kvcache.kernels import describe, layer_half
 from gds_kvcache.layer_moves import move_layer, runs
 from gds_kvcache.layerwise import layer_key
 from gds_kvcache.memory.allocator import SlabMemoryAllocator
@@ -109,6 +110,62 @@ def test_move_layer_moves_exactly_one_layer(layout, per_layer, gap_every):
         alloc.memcheck()
     finally:
         alloc.close()
+
+
+def half_view(kv, layout, layer, k):
+    """Layer ``layer``'s K or V as a ``[num_blocks, block_size, row]`` view, by plain torch indexing."""
+    if layout == "mla":
+        return kv[layer]
+    h = kv[:, layer, k] if layout == "cross_layer" else kv[layer][k] if layout == "vllm" else kv[layer][:, k]
+    return h.reshape(h.shape[0], h.shape[1], -1)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layer_half_is_the_geometry_of_the_halfs_view(layout):
+    kv = make_cache(layout, L, NB, BS, H, D, torch.bfloat16)
+    g = describe(layout, kv)
+    for layer in range(L):
+        for k in range(g.kv):
+            assert layer_half(g, layer, k) == describe("mla", [half_view(kv, layout, layer, k)]), (layer, k)
+    with pytest.raises(ShapeMismatchError):
+        layer_half(g, L, 0)
+
+
+@pytest.mark.parametrize("layout", ["vllm", "cross_layer"])
+def test_warm_layer_operations_describe_nothing_and_build_no_offsets(tmp_path, monkeypatch, layout):
+    """40 layers (80 K/V halves) and two caches: once warm, a retrieve_layer or store_layer neither
+    describes a cache again nor builds (or drops) an offsets tensor: each would be a blocking device
+    copy on a GPU, and a dropped one could still be read by a queued kernel."""
+    from gds_kvcache.kernels import paged
+
+    layers = 40
+    md = meta(layout, layers)
+    gen = torch.Generator().manual_seed(18)
+    kv = make_cache(layout, layers, NB, BS, H, D, torch.bfloat16)
+    tokens = torch.randint(0, 50000, (100,), generator=gen)
+    src, dst = torch.randperm(NB * BS, generator=gen)[:100], torch.randperm(NB * BS, generator=gen)[:100]
+    cfg = config(tmp_path, layout, True).replace(slab_size=32 * MiB / GB, max_local_cpu_size=16 * MiB / GB)
+    with CacheEngine(cfg, md, layout) as eng:
+        outs = [zeros_like_cache(layout, kv), zeros_like_cache(layout, kv)]
+
+        def both():
+            assert int(list(eng.store_layer(tokens, kv, src))[-1]) in (0, 100)
+            for out in outs:
+                assert list(eng.retrieve_layer(tokens, out, dst))[-1] == 100
+
+        both()                                                  # warm
+        offsets = dict(paged._OFFSETS)
+        described = []
+        real = paged.describe
+        monkeypatch.setattr(paged, "describe", lambda *a, **k: (described.append(a[0]), real(*a, **k))[1])
+        both()
+        for k in [layer_key(c, 7) for c, _, _ in eng._keys(tokens.numpy())]:
+            eng.storage.remove(k)                               # one layer stored again by the next store
+        both()
+        assert described == []
+        assert paged._OFFSETS.keys() == offsets.keys() and all(paged._OFFSETS[k] is v for k, v in offsets.items())
+        for out in outs:
+            assert same_bytes(ref_rows(layout, out, dst), ref_rows(layout, kv, src))
 
 
 def test_layer_moves_under_the_simulator():

@@ -14,11 +14,12 @@ from .config import CacheEngineConfig, CacheEngineMetadata
 from .errors import ClosedError, ShapeMismatchError
 from .kernels import LAYOUTS, geometry, pack, unpack
 from .key import CacheEngineKey
+from .layer_load import LayerRetrieve, retrieve_steps
 from .layer_store import LayerStore, store_steps
-from .layerwise import LAYERED, WHOLE, LayerRetrieve, layer_key, retrieve_steps, stored_forms
+from .layerwise import LAYERED, WHOLE, layer_key, stored_forms
 from .memory.format import MemoryFormat
-from .stream_pins import StreamPins
 from .storage.storage_manager import StorageManager
+from .stream_pins import StreamPins
 from .token_hash import chunk_bounds, geometry_seed, prefix_hashes, token_ids
 
 __all__ = ["CacheEngine", "StoreResult"]
@@ -326,11 +327,14 @@ class CacheEngine:
            layer; the generator is then exhausted.
 
         The loader reads layer ``l + 1`` while the caller computes layer ``l``
-        (chunks stored whole are all read before layer 0 is released). Work
-        queued on the caller's stream before the first ``next()`` is ordered
-        before the first copy. Counts are prefixes and only shrink: a chunk
-        missing or corrupt at some layer is dropped from that layer on, with
-        every later chunk; treat only the final count as loaded. Closing the
+        (chunks stored whole are all read before layer 0 is released), and
+        holds one layer of slab at a time. Work queued on the caller's stream
+        before the first ``next()`` is ordered before the first copy. The plan
+        asks for every layer object of the prefix. Counts are prefixes and only
+        shrink: a chunk lost or corrupt after the plan, or one the slab has no
+        room for even after making room and waiting ``layer_load.ROOM_WAIT_S``,
+        is dropped from that layer on, with every later chunk (each case logs
+        its own warning); treat only the final count as loaded. Closing the
         generator early (or dropping it) cancels the loader and returns once
         nothing more will be written; ``CacheEngine.close()`` does the same, and
         the next ``next()`` raises ``ClosedError``.

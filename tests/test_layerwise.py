@@ -237,31 +237,45 @@ def test_a_chunk_missing_in_the_middle(tmp_path):
         assert same_bytes(got[:, :, :64], want[:, :, :64]) and not got[:, :, 64:].view(torch.uint8).any()
 
 
-@pytest.mark.parametrize("lost", ["middle", "first", "wrong shape"])
-def test_a_layer_object_missing_or_unusable(tmp_path, lost):
-    """A lost middle layer is found while loading: that layer on, the count drops to the chunks before it.
-    A lost first layer (or last) is seen by the lookup. Nothing of a dropped chunk is written from then on."""
+@pytest.mark.parametrize("lost", ["middle", "middle, after the plan", "first", "wrong shape"])
+def test_a_layer_object_missing_or_unusable(tmp_path, monkeypatch, caplog, lost):
+    """A layer lost before the call is seen by the plan (every layer is asked for, ``lookup`` asks for the
+    first and last). One lost after the plan, or unusable, is found while loading: that layer on, the count
+    drops to the chunks before it. Nothing of a dropped chunk is written from then on."""
     kv, tokens, src, dst = case("vllm", 150, seed=7)
     with CacheEngine(config(tmp_path, "vllm", True), meta("vllm"), "vllm") as eng:
         stored(eng, kv, tokens, src)
         chunk2 = eng._keys(tokens.numpy())[2][0]
         bad_layer = 0 if lost == "first" else 1
-        eng.storage.remove(layer_key(chunk2, bad_layer))
+        if lost == "middle, after the plan":   # removed just before the loader reads that layer
+            real = eng.storage.batched_get_blocking
+
+            def losing(keys):
+                if layer_key(chunk2, bad_layer) in keys:
+                    eng.storage.remove(layer_key(chunk2, bad_layer))
+                return real(keys)
+            monkeypatch.setattr(eng.storage, "batched_get_blocking", losing)
+        else:
+            eng.storage.remove(layer_key(chunk2, bad_layer))
         if lost == "wrong shape":    # a readable object of another token count under the key
             obj = eng.storage.allocate((2, 1, 5, H * D), torch.bfloat16)
             for f in eng.storage.batched_submit_put_task([layer_key(chunk2, bad_layer)], [obj]):
                 f.result()
         out = zeros_like_cache("vllm", kv)
+        caplog.clear()
         steps = list(eng.retrieve_layer(tokens, out, dst))
-        if lost == "first":
-            assert steps == [64] * (L + 2) and eng.lookup(tokens) == 64
-        else:
+        monkeypatch.undo()
+        seen_late = lost in ("middle, after the plan", "wrong shape")
+        if seen_late:
             assert steps == [150, 150, 64, 64, 64] and eng.lookup(tokens) == 150
+            assert "missing or unusable" in caplog.text and "no slab room" not in caplog.text
+        else:
+            assert steps == [64] * (L + 2) and eng.lookup(tokens) == (64 if lost == "first" else 150)
         got, want = ref_rows("vllm", out, dst), ref_rows("vllm", kv, src)
         assert same_bytes(got[:, :, :64], want[:, :, :64])
         for layer in range(L):
             tail = got[:, layer, 64:]
-            if lost != "first" and layer < bad_layer:    # released before the loss was seen: all there
+            if seen_late and layer < bad_layer:    # released before the loss was seen: all there
                 assert same_bytes(tail, want[:, layer, 64:])
             else:
                 assert not tail.view(torch.uint8).any(), layer
@@ -272,6 +286,54 @@ def test_a_layer_object_missing_or_unusable(tmp_path, lost):
             eng.storage.remove(layer_key(chunk2, bad_layer))
         assert stored(eng, kv, tokens, src) == 32
         assert list(eng.retrieve_layer(tokens, zeros_like_cache("vllm", kv), dst))[-1] == 150
+
+
+def fill_slab(alloc, leave: int):
+    """An object taking all of ``alloc``'s free bytes but ``leave``."""
+    return alloc.allocate((alloc.free_bytes - leave,), torch.uint8)
+
+
+@pytest.mark.parametrize("room", ["1.5 layers", "comes back", "never"])
+def test_no_slab_room_is_not_a_loss(tmp_path, monkeypatch, caplog, room):
+    """Every object is on disk, but the slab has room for few of them. The loader holds one layer at a
+    time (released before the next is read), so room for 1.5 layers loads everything; with room for less
+    than a layer it makes room and waits (the count holds when room comes back in time) and only then
+    drops the chunks that found none, with a warning saying so (not that they are missing)."""
+    from gds_kvcache import layer_load
+
+    kv, tokens, src, dst = case("vllm", 150, seed=19)
+    cfg = config(tmp_path, "vllm", True, local_cpu=False)
+    with CacheEngine(cfg, meta("vllm"), "vllm") as eng:
+        stored(eng, kv, tokens, src)
+    with CacheEngine(cfg, meta("vllm"), "vllm") as eng:
+        alloc = eng.storage.allocator
+        per_layer = 5 * 4096                         # 5 chunk objects of one layer, 4 KiB each
+        filler = [fill_slab(alloc, int(1.5 * per_layer) if room == "1.5 layers" else per_layer // 2)]
+        if room == "comes back":                     # another holder releases its room while we wait
+            real = eng.storage.wait_for_read_room
+
+            def released(keys, timeout):
+                if filler:
+                    filler.pop().ref_count_down()
+                return real(keys, timeout)
+            monkeypatch.setattr(eng.storage, "wait_for_read_room", released)
+        if room == "never":
+            monkeypatch.setattr(layer_load, "ROOM_WAIT_S", 0.3)
+        out = zeros_like_cache("vllm", kv)
+        caplog.clear()
+        steps = list(eng.retrieve_layer(tokens, out, dst))
+        got, want = ref_rows("vllm", out, dst), ref_rows("vllm", kv, src)
+        if room != "never":
+            assert steps == [150] * (L + 2) and (room != "comes back" or not filler)
+            assert same_bytes(got, want) and "missing" not in caplog.text
+        else:
+            n = steps[-1]
+            assert steps[0] == 150 and n < 150 and n % CHUNK == 0 and set(steps[1:]) == {n}
+            assert "no slab room to read layer 0" in caplog.text and "missing" not in caplog.text
+            assert same_bytes(got[:, :, :n], want[:, :, :n]) and not got[:, :, n:].view(torch.uint8).any()
+        for f in filler:
+            f.ref_count_down()
+        assert not load_threads() and alloc.free_bytes == alloc.capacity
 
 
 def test_chunks_stored_whole_load_in_a_layerwise_engine(tmp_path):

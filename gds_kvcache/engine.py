@@ -239,13 +239,20 @@ class CacheEngine:
         return keys[n - 1][2] if n else 0
 
     def prefetch(self, tokens) -> None:
-        """Start moving the stored prefix's chunks from disk into the hot tier, as one batch."""
+        """Start moving the stored prefix's chunks from disk into the hot tier; returns at once.
+
+        The chunks stored whole go as one batch, then those stored per layer as
+        one batch per layer in layer order, so a ``retrieve_layer`` that follows
+        can release layer 0 once its own batch has landed, not after every layer.
+        """
         keys = [k for k, _, _ in self._keys(token_ids(tokens))]
         forms = stored_forms(self.storage, keys, self._layers, self.layerwise)
-        want = [k for k, f in zip(keys, forms) if f == WHOLE]
-        want += [layer_key(k, l) for l in range(self._layers) for k, f in zip(keys, forms) if f == LAYERED]
-        if want:
-            self.storage.batched_submit_prefetch_task(want)
+        whole = [k for k, f in zip(keys, forms) if f == WHOLE]
+        layered = [k for k, f in zip(keys, forms) if f == LAYERED]
+        if whole:
+            self.storage.batched_submit_prefetch_task(whole)
+        for layer in range(self._layers if layered else 0):
+            self.storage.batched_submit_prefetch_task([layer_key(k, layer) for k in layered])
 
     def retrieve(self, tokens, kv_caches, slot_mapping) -> int:
         """Load the stored prefix into the paged cache at ``slot_mapping``; tokens loaded.

@@ -367,6 +367,45 @@ def test_chunks_stored_whole_load_in_a_layerwise_engine(tmp_path):
         assert same_bytes(ref_rows("flashinfer", out, dst), ref_rows("flashinfer", kv, src))
 
 
+def test_prefetch_then_retrieve_layer_releases_layer_0_before_later_layers_land(tmp_path, monkeypatch):
+    """prefetch() reads one batch per layer, in layer order: with the later layers' disk reads held
+    back, retrieve_layer still releases layer 0 (its bytes in place), and the rest once they land."""
+    kv, tokens, src, dst = case("vllm", 150, seed=20)
+    cfg = config(tmp_path, "vllm", True)
+    with CacheEngine(cfg, meta("vllm"), "vllm") as eng:
+        stored(eng, kv, tokens, src)
+    with CacheEngine(cfg, meta("vllm"), "vllm") as eng:
+        chunks = [k for k, _, _ in eng._keys(tokens.numpy())]
+        later = {layer_key(c, layer) for c in chunks for layer in range(1, L)}
+        disk, gate, landed = eng.storage.disk, threading.Event(), []
+        real_read = disk._read
+
+        def held_back(keys, want=None):
+            if later & set(keys):
+                gate.wait(10)
+            out = real_read(keys, want)
+            landed.extend(k for k in keys if k in later)
+            return out
+
+        monkeypatch.setattr(disk, "_read", held_back)
+        batches = []
+        real_prefetch = eng.storage.batched_submit_prefetch_task
+        monkeypatch.setattr(eng.storage, "batched_submit_prefetch_task",
+                            lambda keys: (batches.append(list(keys)), real_prefetch(keys))[1])
+        try:
+            eng.prefetch(tokens)
+            assert batches == [[layer_key(c, layer) for c in chunks] for layer in range(L)]
+            out = zeros_like_cache("vllm", kv)
+            steps = eng.retrieve_layer(tokens, out, dst)
+            assert next(steps) == 150 and next(steps) == 150
+            assert landed == []                 # layer 0 was released before any later layer landed
+            assert same_bytes(ref_rows("vllm", out, dst)[:, 0], ref_rows("vllm", kv, src)[:, 0])
+        finally:
+            gate.set()
+        assert list(steps) == [150] * L
+        assert same_bytes(ref_rows("vllm", out, dst), ref_rows("vllm", kv, src))
+
+
 # -- store_layer ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("layerwise", [False, True])

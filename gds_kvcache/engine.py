@@ -362,7 +362,10 @@ class CacheEngine:
         disk writes. The last ``next()`` waits until every pack and put is
         queued, orders the caller's stream after the packs, and yields a
         ``StoreResult`` equal to ``store``'s for the same arguments (whole
-        chunks are written from there). Do not change the slots' KV of layer
+        chunks are written from there). Without ``use_layerwise`` only
+        ``store``'s first batch (a quarter of the slab at most) is packed layer
+        by layer; the chunks after it are packed whole at the last step, in
+        ``store``'s batches, which may wait for slab room as ``store`` does. Do not change the slots' KV of layer
         ``l`` between its step and the last one. The last layer's objects (or
         the whole chunks) are put only at the last step, so a generator closed
         or dropped before it leaves no chunk that counts as stored;

@@ -32,6 +32,7 @@ class LayerStore(LayerOp):
         super().__init__(engine, kv_caches, slots, valid, "gds-kvcache-layer-store")
         self.chunks = [c for c in engine._keys(toks) if c[2] <= valid]
         self.handed: list = []
+        self.rest: list = []        # whole chunks beyond the first batch: stored at the last step
         self.final = False
         self.stored = 0
         self.futures: list = []
@@ -108,9 +109,7 @@ class LayerStore(LayerOp):
                     sel = sel[: len(held)]
             else:               # whole chunks: allocated once, packed layer by layer
                 if layer == 0:
-                    held.extend(e.storage.batched_allocate([e._shape(t[3] - t[2]) for t in todo], e._dtype,
-                                                           fmt=e.fmt))
-                    todo = self._shortened(todo, len(held))
+                    todo = self._first_group(todo, held)
                 sel = todo
             move_layer(held, [t[0] for t in sel], [t[2] for t in sel], self.slots, self.kv, e.layout, layer,
                        0 if e.layerwise else layer, to_chunk=True, geom=self.geom)
@@ -126,11 +125,27 @@ class LayerStore(LayerOp):
         if todo:
             self._put([self.layer_keys[t[0]][last] if e.layerwise else t[1] for t in sel], held)
         self.stored = sum(t[3] - t[2] for t in todo)
+        if self.rest:      # the KV is final now: the rest goes whole, in store()'s batches
+            stored, futures, _ = e._store_groups([t[1:] for t in self.rest], self.kv, self.slots, self.pins)
+            self.stored += stored
+            self.futures.extend(futures)
         self.done_event = self._event()
 
-    def _shortened(self, todo: list, fit: int) -> list:
+    def _first_group(self, todo: list, held: list) -> list:
+        """Whole chunks: allocate (into ``held``) the chunks of ``store``'s first batch (a quarter of the
+        slab at most), packed layer by layer; the rest (``self.rest``) are packed whole at the last step.
+        A first batch without room for all of it is stored in part and the rest not at all, as ``store``
+        does."""
+        first = todo[: len(next(self.engine._groups([t[1:] for t in todo]), []))]
+        held.extend(self.engine.storage.batched_allocate([self.engine._shape(t[3] - t[2]) for t in first],
+                                                         self.engine._dtype, fmt=self.engine.fmt))
+        self.rest = todo[len(first):] if len(held) == len(first) else []
+        return self._shortened(first, len(held), len(todo))
+
+    def _shortened(self, todo: list, fit: int, of: int = 0) -> list:
         if fit < len(todo):
-            log.warning("no slab room to store the rest of this prompt; storing %d of %d chunks", fit, len(todo))
+            log.warning("no slab room to store the rest of this prompt; storing %d of %d chunks", fit,
+                        max(of, len(todo)))
         return todo[:fit]
 
     def _put(self, keys: list, held: list) -> None:

@@ -5,6 +5,7 @@ Every check is byte-exact against what was stored and against the whole-prompt
 ``test_layer_moves_under_the_simulator``.
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -441,6 +442,41 @@ def test_store_layer_equals_store(tmp_path, layout, layerwise):
     finally:
         a.close()
         b.close()
+
+
+def test_store_layer_of_whole_chunks_holds_at_most_a_quarter_slab_and_stores_what_store_does(tmp_path, monkeypatch):
+    """Without use_layerwise, a prompt larger than the slab: store() goes in quarter-slab batches, each
+    waiting for the room the last frees; store_layer packs the first batch layer by layer and the rest
+    whole at the last step in the same batches, so it stores the same (the whole prompt), and never asks
+    for more than a quarter of the slab at once."""
+    layers, n = 8, NB * BS                      # every slot of the cache: 320 tokens, 320 KiB of KV
+    gen = torch.Generator().manual_seed(22)
+    kv = make_cache("vllm", layers, NB, BS, H, D, torch.bfloat16)
+    tokens = torch.randint(0, 50000, (n,), generator=gen)
+    src, dst = torch.randperm(NB * BS, generator=gen)[:n], torch.randperm(NB * BS, generator=gen)[:n]
+    got = {}
+    for how in ("store", "store_layer"):
+        cfg = config(tmp_path, "vllm", False, name=how).replace(slab_size=MiB / 4 / GB, max_local_cpu_size=MiB / 4 / GB)
+        with CacheEngine(cfg, meta("vllm", layers), "vllm") as eng:
+            quarter, asked = eng.storage.allocator.capacity // 4, []
+            real = eng.storage.batched_allocate
+
+            def allocate(shapes, dtype, **kw):
+                asked.append(sum(math.prod(s) for s in shapes) * dtype.itemsize)
+                return real(shapes, dtype, **kw)
+
+            monkeypatch.setattr(eng.storage, "batched_allocate", allocate)
+            r = eng.store(tokens, kv, src) if how == "store" else list(eng.store_layer(tokens, kv, src))[-1]
+            for f in r.futures:
+                f.result()
+            monkeypatch.undo()
+            got[how] = int(r)
+            assert asked and max(asked) <= quarter, (how, asked, quarter)
+            assert eng.lookup(tokens) == n
+            out = zeros_like_cache("vllm", kv)
+            assert eng.retrieve(tokens, out, dst) == n
+            assert same_bytes(ref_rows("vllm", out, dst), ref_rows("vllm", kv, src))
+    assert got == {"store": n, "store_layer": n}
 
 
 # -- errors: our own, and the engine stays usable -------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from concurrent.futures import Future
 from typing import Optional
 
@@ -99,6 +100,7 @@ class CacheEngine:
         self._dtype = metadata.kv_dtype
         self.layerwise = config.use_layerwise
         self._ops: set = set()       # layer-wise operations in progress; close() cancels them
+        self._ops_lock = threading.Lock()   # orders an operation's start against close()
         self._pins = StreamPins()    # store()'s objects whose packs may not have run yet
         self._closed = False
 
@@ -381,10 +383,27 @@ class CacheEngine:
         if self._closed:
             raise ClosedError("cache engine is closed")
 
+    def _register(self, op) -> None:
+        """A layer-wise operation starts (its generator's first ``next()``): ``ClosedError`` once
+        ``close`` began, else ``close`` will cancel it."""
+        with self._ops_lock:
+            self._check_open()
+            self._ops.add(op)
+
+    def _unregister(self, op) -> None:
+        with self._ops_lock:
+            self._ops.discard(op)
+
     def close(self) -> None:
-        """Cancel layer-wise operations in progress (they stop writing first), then close the storage."""
-        self._closed = True
-        for op in list(self._ops):
+        """Cancel layer-wise operations in progress (they stop writing first), then close the storage.
+
+        A ``retrieve_layer`` or ``store_layer`` generator made before and first
+        advanced after raises ``ClosedError`` and writes nothing.
+        """
+        with self._ops_lock:
+            self._closed = True
+            ops = list(self._ops)
+        for op in ops:
             op.abort(closed=True)
         self._pins.release_all()
         if self._own_storage:

@@ -212,14 +212,15 @@ class LayerRetrieve(LayerOp):
 
     def finish(self) -> int:
         """Wait for the loader (its stream synchronised, its objects released); the tokens loaded."""
-        self.thread.join()
+        if self.thread is not None:
+            self.thread.join()
         self._raise_if_stopped()
         return self.tokens[-1] if self.tokens else 0
 
 
 def retrieve_steps(op: LayerRetrieve):
     """The generator ``retrieve_layer`` returns (see ``CacheEngine.retrieve_layer``)."""
-    op.engine._ops.add(op)
+    op.engine._register(op)      # ClosedError after CacheEngine.close()
     try:
         yield op.plan()
         for layer in range(op.layers):
@@ -227,4 +228,4 @@ def retrieve_steps(op: LayerRetrieve):
         yield op.finish()
     finally:
         op.abort()
-        op.engine._ops.discard(op)
+        op.engine._unregister(op)

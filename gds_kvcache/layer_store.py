@@ -163,7 +163,8 @@ class LayerStore(LayerOp):
         with self.cond:
             self.final = True
             self.cond.notify_all()
-        self.thread.join()
+        if self.thread is not None:
+            self.thread.join()
         self._raise_if_stopped()
         if self.done_event is not None:
             torch.cuda.current_stream(self.device).wait_event(self.done_event)
@@ -172,7 +173,7 @@ class LayerStore(LayerOp):
 
 def store_steps(op: LayerStore, result: Callable[[int, list], object]):
     """The generator ``store_layer`` returns (see ``CacheEngine.store_layer``)."""
-    op.engine._ops.add(op)
+    op.engine._register(op)      # ClosedError after CacheEngine.close()
     try:
         for layer in range(op.layers):
             op.hand(layer)
@@ -180,4 +181,4 @@ def store_steps(op: LayerStore, result: Callable[[int, list], object]):
         yield result(*op.finish())
     finally:
         op.abort()
-        op.engine._ops.discard(op)
+        op.engine._unregister(op)

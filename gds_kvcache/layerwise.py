@@ -108,8 +108,14 @@ class LayerOp:
         self._name = name
 
     def _start(self) -> None:
-        self.thread = threading.Thread(target=self._main, name=self._name, daemon=True)
-        self.thread.start()
+        """Start the worker, unless the operation was cancelled first (then it is finished at once)."""
+        with self.cond:     # against abort(): it joins a worker started before it, none starts after
+            if self.cancelled:
+                self.finished = True
+                self.cond.notify_all()
+                return
+            self.thread = threading.Thread(target=self._main, name=self._name, daemon=True)
+            self.thread.start()
 
     def _main(self) -> None:
         held: list = []

@@ -552,6 +552,40 @@ def test_close_during_layerwise_operations(tmp_path, layerwise):
 
 
 @pytest.mark.parametrize("layerwise", [False, True])
+@pytest.mark.parametrize("own_storage", [False, True])
+def test_generators_made_before_close_and_started_after_it(tmp_path, layerwise, own_storage):
+    """Made before close(), first advanced after it: ClosedError, nothing written, then exhausted, with
+    the engine's own storage or a caller's (which stays open and usable)."""
+    from gds_kvcache.storage.storage_manager import StorageManager
+
+    kv, tokens, src, dst = case("vllm", 150, seed=23)
+    cfg, md = config(tmp_path, "vllm", layerwise), meta("vllm")
+    with CacheEngine(cfg, md, "vllm") as eng:
+        stored(eng, kv, tokens, src)
+    other = torch.randint(0, 50000, (64,), generator=torch.Generator().manual_seed(98))
+    shared = None if own_storage else StorageManager(cfg, md)
+    try:
+        eng = CacheEngine(cfg, md, "vllm", storage=shared)
+        out = zeros_like_cache("vllm", kv)
+        load = eng.retrieve_layer(tokens, out, dst)
+        store = eng.store_layer(other, kv, src[:64])
+        eng.close()
+        for gen in (load, store):
+            with pytest.raises(ClosedError):
+                next(gen)
+            with pytest.raises(StopIteration):
+                next(gen)
+        assert not load_threads()
+        assert not ref_rows("vllm", out, dst).view(torch.uint8).any()
+        if shared is not None:
+            with CacheEngine(cfg, md, "vllm", storage=shared) as again:
+                assert again.lookup(other) == 0 and again.lookup(tokens) == 150
+    finally:
+        if shared is not None:
+            shared.close()
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
 def test_a_read_error_reaches_the_caller_and_the_engine_goes_on(tmp_path, layerwise, monkeypatch):
     kv, tokens, src, dst = case("vllm", 150, seed=13)
     with CacheEngine(config(tmp_path, "vllm", layerwise), meta("vllm"), "vllm") as eng:

@@ -319,9 +319,10 @@ class CacheEngine:
     def retrieve_layer(self, tokens, kv_caches, slot_mapping):
         """Load the stored prefix one layer at a time: a generator, advanced once per decoder layer.
 
-        Arguments are checked now (``ShapeMismatchError``, ``ClosedError``);
-        nothing is read until the first ``next()``. The generator yields
-        ``num_layers + 2`` times:
+        Arguments are checked now (``ShapeMismatchError``, ``ClosedError``)
+        and ``slot_mapping`` is copied (the caller may refill its buffer right
+        after the call); nothing is read until the first ``next()``. The
+        generator yields ``num_layers + 2`` times:
 
         1. the first ``next()`` looks the prefix up, starts a loader thread and
            yields the tokens it will load if nothing fails;
@@ -356,23 +357,32 @@ class CacheEngine:
     def store_layer(self, tokens, kv_caches, slot_mapping):
         """Store the chunks not yet stored one layer at a time: a generator, advanced once per layer.
 
-        Arguments are checked now. The generator yields ``num_layers + 1``
-        times: the ``(l + 1)``-th ``next()`` says layer ``l``'s KV is complete
-        in ``kv_caches`` (queued on the stream current on the calling thread)
-        and returns at once; a thread packs it into slab objects on a stream
-        of its own after that point and, with ``use_layerwise``, starts its
-        disk writes. The last ``next()`` waits until every pack and put is
-        queued, orders the caller's stream after the packs, and yields a
-        ``StoreResult`` equal to ``store``'s for the same arguments (whole
-        chunks are written from there). Without ``use_layerwise`` only
-        ``store``'s first batch (a quarter of the slab at most) is packed layer
-        by layer; the chunks after it are packed whole at the last step, in
-        ``store``'s batches, which may wait for slab room as ``store`` does. Do not change the slots' KV of layer
-        ``l`` between its step and the last one. The last layer's objects (or
-        the whole chunks) are put only at the last step, so a generator closed
-        or dropped before it leaves no chunk that counts as stored;
+        Arguments are checked now and ``slot_mapping`` is copied (the caller
+        may refill its buffer right after the call). The generator yields
+        ``num_layers + 1`` times: the ``(l + 1)``-th ``next()`` says layer
+        ``l``'s KV is complete in ``kv_caches`` (queued on the stream current
+        on the calling thread) and returns at once; a thread packs it into
+        slab objects on a stream of its own after that point and, with
+        ``use_layerwise``, starts its disk writes. The last ``next()`` waits
+        until every pack and put is queued, orders the caller's stream after
+        the packs, and yields a ``StoreResult`` equal to ``store``'s for the
+        same arguments (whole chunks are written from there). Without
+        ``use_layerwise`` only ``store``'s first batch (a quarter of the slab
+        at most) is packed layer by layer; the chunks after it are packed whole
+        at the last step, in ``store``'s batches, which may wait for slab room
+        as ``store`` does. Do not change the slots' KV of layer ``l`` between
+        its step and the last one. The last layer's objects (or the whole
+        chunks) are put only at the last step, so a generator closed or
+        dropped before it leaves no chunk that counts as stored;
         ``CacheEngine.close()`` cancels it and the next ``next()`` raises
         ``ClosedError``.
+
+        A generator kept alive but not advanced to its end holds slab objects
+        it packed (without ``use_layerwise`` those of ``store``'s first batch,
+        with it the last layer's and the latest layer put's) until it is
+        advanced to the end, closed, dropped or ``close()`` runs: other stores
+        meanwhile wait for that room and reads may miss for want of it.
+        Advance it to the end or close it once the forward is over.
         """
         self._check_open()
         toks = token_ids(tokens)

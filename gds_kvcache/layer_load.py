@@ -78,13 +78,6 @@ class LayerRetrieve(LayerOp):
                      self._tokens(len(self.chunks)))
             self.chunks, self.forms = self.chunks[:cut], self.forms[:cut]
 
-    def _caller_event(self):
-        if not self.cuda:
-            return None
-        ev = torch.cuda.Event()
-        ev.record(torch.cuda.current_stream(self.device))
-        return ev
-
     def _tokens(self, limit: int) -> int:
         return min(self.chunks[limit - 1][2], self.valid) if limit else 0
 

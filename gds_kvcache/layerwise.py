@@ -92,12 +92,17 @@ class LayerOp:
         self.engine = engine
         self.kv = kv_caches
         self.geom = geometry(engine.layout, kv_caches)     # once per op: each move_layer call skips the lookup
-        self.slots = slots
         self.valid = valid
         self.layers = engine._layers
         self.device = slots.device
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device, priority=priority) if self.cuda else None
+        # Our own copy of the mapping (the engine's checked one may be the caller's own tensor, or share
+        # a NumPy array's memory): the caller may refill its buffer while our worker still reads it.
+        self.slots = slots.clone()
+        if self.cuda:
+            self.stream.wait_event(self._caller_event())   # the copy, queued on the caller's stream, first
+            self.slots.record_stream(self.stream)
         self.cond = threading.Condition()
         self.cancelled = False
         self.closed = False
@@ -139,6 +144,14 @@ class LayerOp:
 
     def _work(self, held: list) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def _caller_event(self):
+        """An event on the caller's current stream marking the work it queued so far (None on the host)."""
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        return ev
 
     def _event(self):
         """An event on our stream marking the work queued so far (None on the host)."""

@@ -12,6 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -477,6 +478,27 @@ def test_store_layer_of_whole_chunks_holds_at_most_a_quarter_slab_and_stores_wha
             assert eng.retrieve(tokens, out, dst) == n
             assert same_bytes(ref_rows("vllm", out, dst), ref_rows("vllm", kv, src))
     assert got == {"store": n, "store_layer": n}
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_the_slot_mapping_is_copied_at_the_call(tmp_path, layerwise):
+    """The caller refills its mapping buffer (a tensor, a NumPy array) right after the call, before the
+    first step: the operations still use the mapping they were given."""
+    kv, tokens, src, dst = case("vllm", 150, seed=24)
+    with CacheEngine(config(tmp_path, "vllm", layerwise), meta("vllm"), "vllm") as eng:
+        buf = src.numpy().copy()
+        steps = eng.store_layer(tokens, kv, buf)
+        buf[:] = np.roll(buf, 1)
+        assert int(list(steps)[-1]) == 150
+        out = zeros_like_cache("vllm", kv)
+        assert eng.retrieve(tokens, out, dst) == 150
+        assert same_bytes(ref_rows("vllm", out, dst), ref_rows("vllm", kv, src))
+        buf = dst.clone()
+        out = zeros_like_cache("vllm", kv)
+        steps = eng.retrieve_layer(tokens, out, buf)
+        buf.copy_(buf.roll(1))
+        assert list(steps) == [150] * (L + 2)
+        assert same_bytes(ref_rows("vllm", out, dst), ref_rows("vllm", kv, src))
 
 
 # -- errors: our own, and the engine stays usable -------------------------------------------------------------------

@@ -233,8 +233,9 @@ class CacheEngine:
         With ``use_layerwise`` a chunk stored per layer counts when its first
         and last layer's objects are there (eviction drops a chunk's layers
         in the order they were last read, the first layer first, and a store
-        writes the last layer last); a middle layer lost anyway shows up as a
-        shorter count from ``retrieve_layer``, never as wrong KV.
+        writes the last layer last); a middle layer lost anyway is seen by
+        ``retrieve_layer``'s plan, which asks for every layer (a shorter count,
+        never wrong KV).
         """
         keys = self._keys(token_ids(tokens))
         n = len(stored_forms(self.storage, [k for k, _, _ in keys], self._layers, self.layerwise))

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import math
 import threading
-from concurrent.futures import Future
 from typing import Optional
 
 import numpy as np
@@ -13,15 +11,17 @@ import torch
 
 from .config import CacheEngineConfig, CacheEngineMetadata
 from .errors import ClosedError, ShapeMismatchError
-from .kernels import LAYOUTS, geometry, pack, unpack
+from .kernels import LAYOUTS, geometry
 from .key import CacheEngineKey
 from .layer_load import LayerRetrieve, retrieve_steps
 from .layer_store import LayerStore, store_steps
 from .layerwise import LAYERED, WHOLE, layer_key, stored_forms
 from .memory.format import MemoryFormat
+from .slot_mapping import checked_slots
 from .storage.storage_manager import StorageManager
 from .stream_pins import StreamPins
 from .token_hash import chunk_bounds, geometry_seed, prefix_hashes, token_ids
+from .whole_chunks import WholeChunks
 
 __all__ = ["CacheEngine", "StoreResult"]
 
@@ -99,6 +99,7 @@ class CacheEngine:
         self._seed = geometry_seed(self.fmt.name, metadata.kv_dtype, metadata.kv_shape)
         self._dtype = metadata.kv_dtype
         self.layerwise = config.use_layerwise
+        self._whole = WholeChunks(self.storage, layout, self.fmt, self._dtype, kv, L, self._row)
         self._ops: set = set()       # layer-wise operations in progress; close() cancels them
         self._ops_lock = threading.Lock()   # orders an operation's start against close()
         self._pins = StreamPins()    # store()'s objects whose packs may not have run yet
@@ -134,20 +135,7 @@ class CacheEngine:
         """
         geom = self._check_cache(kv_caches)
         self._pins.release_done()    # earlier stores' objects whose packs have run since
-        slots = _slot_tensor(slot_mapping)
-        if slots.numel() < n:
-            raise ShapeMismatchError(f"slot_mapping needs one slot per token ({n}), got {slots.numel()}")
-        slots = slots.to(device=geom.device, dtype=torch.int64)
-        if n == 0:
-            return slots, 0
-        head = slots[:n]
-        # Leading slots >= 0 (a running product of "valid" is 1 until the
-        # first -1) and the largest slot, read back together.
-        valid, top = torch.stack(((head >= 0).to(torch.int64).cumprod(0).sum(), head.max())).tolist()
-        if top >= geom.num_slots:
-            raise ShapeMismatchError(f"slot_mapping holds slot {top}, past the cache's {geom.num_slots} slots "
-                                     f"(allowed: 0..{geom.num_slots - 1}, or negative for no slot)")
-        return slots, valid
+        return checked_slots(slot_mapping, n, geom.device, geom.num_slots)
 
     def store(self, tokens, kv_caches, slot_mapping) -> StoreResult:
         """Pack each chunk not yet stored into the slab and hand it to storage (non-blocking).
@@ -167,62 +155,11 @@ class CacheEngine:
         there = self.storage.batched_exists([k for k, _, _ in chunks])     # one disk (Redis) query
         todo = [c for c, t in zip(chunks, there)
                 if not t and not (disk is not None and disk.exists_in_put_tasks(c[0]))]
-        stored, futures, _ = self._store_groups(todo, kv_caches, slots, self._pins)
+        stored, futures, _ = self._whole.store(todo, kv_caches, slots, self._pins)
         return _store_result(stored, futures)
 
-    def _store_groups(self, todo, kv_caches, slots, pins: StreamPins) -> tuple[int, list, bool]:
-        """Pack ``todo`` ((key, start, end) triples) whole on the current stream and put them, in groups.
-
-        Returns the tokens stored, the disk puts' futures and whether every chunk found room.
-        Batches of up to a quarter of the slab: a prompt larger than the slab is stored whole,
-        each batch waiting for the room the last frees. ``pins`` keeps each batch's objects until
-        its packs have run (a put may drop an object at once; see ``stream_pins``).
-        """
-        futures: list[Future] = []
-        stored = 0
-        total = sum(e - s for _, s, e in todo)
-        for group in self._groups(todo):
-            pins.release_done()
-            objs = self.storage.batched_allocate([self._shape(e - s) for _, s, e in group],
-                                                 self.metadata.kv_dtype, fmt=self.fmt)
-            try:
-                for obj, (_, s, e) in zip(objs, group):
-                    pack(kv_caches, self.layout, slots[s:e], obj.tensor, check=False)
-            except BaseException:
-                if objs:     # packs already queued may still write them
-                    pins.hold(objs, objs[0].device)
-                for obj in objs:
-                    obj.ref_count_down()
-                raise
-            done = group[: len(objs)]
-            if objs:
-                pins.hold(objs, objs[0].device)
-            futs = self.storage.batched_submit_put_task([k for k, _, _ in done], objs)
-            futures.extend(f for f in futs if f is not None)
-            stored += sum(e - s for _, s, e in done)
-            if len(done) < len(group):
-                log.warning("no slab room to store the rest of this prompt; stored %d of %d tokens", stored, total)
-                return stored, futures, False
-        pins.release_done()
-        return stored, futures, True
-
-    def _groups(self, chunks):
-        """``chunks`` ((key, start, end) triples) cut into batches of at most a quarter of the slab."""
-        itemsize = self.metadata.kv_dtype.itemsize
-        budget = max(1, getattr(self.storage.allocator, "capacity", 1 << 62) // 4)
-        group, size = [], 0
-        for c in chunks:
-            n = math.prod(self._shape(c[2] - c[1])) * itemsize
-            if group and size + n > budget:
-                yield group
-                group, size = [], 0
-            group.append(c)
-            size += n
-        if group:
-            yield group
-
     def _shape(self, tokens: int) -> tuple:
-        return (self._kv, self._layers, tokens, self._row)
+        return self._whole.shape(tokens)
 
     def _layer_shape(self, tokens: int) -> tuple:
         return (self._kv, 1, tokens, self._row)
@@ -278,44 +215,12 @@ class CacheEngine:
         keys = [k for k in self._keys(toks) if k[1] < valid]
         keys = keys[: self.storage.batched_contains([k for k, _, _ in keys])]
         loaded = 0
-        for group in self._groups(keys):
-            got, ok = self._retrieve_batch(group, kv_caches, slots, valid)
+        for group in self._whole.groups(keys):
+            got, ok = self._whole.retrieve(group, kv_caches, slots, valid)
             loaded = got or loaded
             if not ok:
                 break
         return loaded
-
-    def _retrieve_batch(self, keys, kv_caches, slots, valid) -> tuple[int, bool]:
-        """Unpack one batch; (tokens loaded up to, whether every chunk of it loaded)."""
-        held = self.storage.batched_get_blocking([k for k, _, _ in keys])
-        loaded, ok = 0, True
-        try:
-            for obj, (key, s, e) in zip(held, keys):
-                if obj is None:
-                    ok = False
-                    break
-                if tuple(obj.shape) != self._shape(e - s) or obj.dtype != self.metadata.kv_dtype:
-                    log.warning("chunk %s holds %s %s, not this model's; stopping", key.to_string(),
-                                tuple(obj.shape), obj.dtype)
-                    ok = False
-                    break
-                chunk_slots = slots[s:e]
-                if e > valid:
-                    # The chunk holding the first slotless token: keep its
-                    # valid rows, write none after (device-side, no sync).
-                    chunk_slots = chunk_slots.clone()
-                    chunk_slots[valid - s:] = -1
-                unpack(obj.tensor, kv_caches, self.layout, chunk_slots, check=False)
-                loaded = min(e, valid)
-        finally:
-            live = [o for o in held if o is not None]
-            if live and live[0].device.type == "cuda":
-                # The slab extent may be reused (even by a DMA from another
-                # thread) as soon as it is released: the copies must be done.
-                torch.cuda.current_stream(live[0].device).synchronize()
-            for obj in live:
-                obj.ref_count_down()
-        return loaded, ok
 
     def retrieve_layer(self, tokens, kv_caches, slot_mapping):
         """Load the stored prefix one layer at a time: a generator, advanced once per decoder layer.
@@ -431,32 +336,3 @@ def _store_result(stored: int, futures: list) -> StoreResult:
     result = StoreResult(stored)
     result.futures = futures
     return result
-
-
-def _slot_tensor(slot_mapping) -> torch.Tensor:
-    """``slot_mapping`` as a 1-D integer tensor on its own device, or ``ShapeMismatchError`` saying why not."""
-    allowed = "allowed: a 1-D integer tensor (CPU or CUDA), integer NumPy array or list of ints"
-    if isinstance(slot_mapping, torch.Tensor):
-        slots = slot_mapping
-        if slots.dtype in (torch.bool, torch.complex64, torch.complex128) or slots.dtype.is_floating_point:
-            raise ShapeMismatchError(f"slot_mapping is a {slots.dtype} tensor; {allowed}")
-        if slots.is_meta:    # a shape without values: torch's copy would raise NotImplementedError
-            raise ShapeMismatchError(f"slot_mapping must hold data (the slots); got a tensor of shape "
-                                     f"{tuple(slots.shape)} on the meta device, which has none; {allowed}")
-    elif isinstance(slot_mapping, (np.ndarray, list, tuple)):
-        if isinstance(slot_mapping, (list, tuple)) and len(slot_mapping) == 0:
-            return torch.zeros(0, dtype=torch.int64)
-        try:
-            arr = np.asarray(slot_mapping)
-        except (ValueError, OverflowError) as e:
-            raise ShapeMismatchError(f"slot_mapping is not a flat sequence of ints ({e}); {allowed}") from None
-        if arr.dtype.kind not in "iu":
-            raise ShapeMismatchError(f"slot_mapping holds {arr.dtype} values; {allowed}")
-        if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
-            raise ShapeMismatchError(f"slot_mapping holds slot {int(arr.max())}, past any cache; {allowed}")
-        slots = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64))
-    else:
-        raise ShapeMismatchError(f"slot_mapping is a {type(slot_mapping).__name__}; {allowed}")
-    if slots.dim() != 1:
-        raise ShapeMismatchError(f"slot_mapping has shape {tuple(slots.shape)}; it must be 1-D ({allowed})")
-    return slots

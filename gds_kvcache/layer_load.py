@@ -107,10 +107,10 @@ class LayerRetrieve(LayerOp):
         """Read and unpack the chunks stored whole (every layer); the chunk limit after them."""
         idx = [i for i in range(limit) if self.forms[i] == WHOLE]
         pos = 0
-        for group in self.engine._groups([self.chunks[i] for i in idx]):
+        for group in self.engine._whole.groups([self.chunks[i] for i in idx]):
             if self.cancelled:
                 return 0
-            loaded, ok = self.engine._retrieve_batch(group, self.kv, self.slots, self.valid)
+            loaded, ok = self.engine._whole.retrieve(group, self.kv, self.slots, self.valid)
             if not ok:
                 return idx[pos + sum(1 for _, s, _ in group if s < loaded)]
             pos += len(group)
@@ -139,6 +139,11 @@ class LayerRetrieve(LayerOp):
             return limit
         self._release(held)      # before the read: the slab may have room for one layer only
         objs, no_room = self._read([layer_key(self.chunks[i][0], layer) for i in idx])
+        if self.cancelled:       # (a wait for room cut short): nothing more is written
+            for o in objs:
+                if o is not None:
+                    o.ref_count_down()
+            return 0
         good = 0
         for i, o in zip(idx, objs):
             _, s, e = self.chunks[i]

@@ -126,7 +126,7 @@ class LayerStore(LayerOp):
             self._put([self.layer_keys[t[0]][last] if e.layerwise else t[1] for t in sel], held)
         self.stored = sum(t[3] - t[2] for t in todo)
         if self.rest:      # the KV is final now: the rest goes whole, in store()'s batches
-            stored, futures, _ = e._store_groups([t[1:] for t in self.rest], self.kv, self.slots, self.pins)
+            stored, futures, _ = e._whole.store([t[1:] for t in self.rest], self.kv, self.slots, self.pins)
             self.stored += stored
             self.futures.extend(futures)
         self.done_event = self._event()
@@ -136,7 +136,7 @@ class LayerStore(LayerOp):
         slab at most), packed layer by layer; the rest (``self.rest``) are packed whole at the last step.
         A first batch without room for all of it is stored in part and the rest not at all, as ``store``
         does."""
-        first = todo[: len(next(self.engine._groups([t[1:] for t in todo]), []))]
+        first = todo[: len(next(self.engine._whole.groups([t[1:] for t in todo]), []))]
         held.extend(self.engine.storage.batched_allocate([self.engine._shape(t[3] - t[2]) for t in first],
                                                          self.engine._dtype, fmt=self.engine.fmt))
         self.rest = todo[len(first):] if len(held) == len(first) else []

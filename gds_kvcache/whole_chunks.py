@@ -84,8 +84,10 @@ class WholeChunks:
             done = group[: len(objs)]
             if objs:
                 pins.hold(objs, objs[0].device)
-            futs = self.storage.batched_submit_put_task([k for k, _, _ in done], objs)
-            futures.extend(f for f in futs if f is not None)
+            futs = [f for f in self.storage.batched_submit_put_task([k for k, _, _ in done], objs) if f is not None]
+            for f in futs:      # a disk write waits for the packs first: the pins can go once one is done
+                f.add_done_callback(lambda _, pins=pins: pins.release_done())
+            futures.extend(futs)
             stored += sum(e - s for _, s, e in done)
             if len(done) < len(group):
                 log.warning("no slab room to store the rest of this prompt; stored %d of %d tokens", stored, total)

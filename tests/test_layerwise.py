@@ -782,16 +782,21 @@ def spy_puts(monkeypatch, storage, lie: bool):
     return dropped
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("how, layerwise, race", [
     ("store", True, "layer lost"), ("store_layer", True, "layer lost"),
     ("store", False, "racing writer"), ("store", True, "racing writer"),
     ("store_layer", False, "racing writer"), ("store_layer", True, "racing writer")])
-def test_no_object_is_freed_before_its_pack_ran(tmp_path, monkeypatch, how, layerwise, race):
+def test_no_object_is_freed_before_its_pack_ran(tmp_path, monkeypatch, how, layerwise, race, device):
     """A put skips keys stored already and drops their objects at once. Every object handed to a put is
     still held by the engine when the put returns (released only once the pack that wrote it has run: on
     the host at once after the put, on a GPU when its stream passed the pack), and is released in the end."""
     kv, tokens, src, dst = case("vllm", 150, seed=16)
-    with CacheEngine(config(tmp_path, "vllm", layerwise, local_cpu=False), meta("vllm"), "vllm") as eng:
+    cfg = config(tmp_path, "vllm", layerwise, local_cpu=False)
+    if device == "cuda":
+        cfg = cfg.replace(memory_device="cuda")
+        kv, src, dst = [x.cuda() for x in kv], src.cuda(), dst.cuda()
+    with CacheEngine(cfg, meta("vllm"), "vllm") as eng:
         alloc = eng.storage.allocator
         assert stored(eng, kv, tokens, src) == 150
         keys = [k for k, _, _ in eng._keys(tokens.numpy())]
@@ -803,12 +808,14 @@ def test_no_object_is_freed_before_its_pack_ran(tmp_path, monkeypatch, how, laye
             f.result()
         assert dropped == []
         assert eng.storage.disk.wait_for_puts(60)
-        eng.storage.memcheck()
-        assert alloc.free_bytes == alloc.capacity             # and nothing is kept after that
         monkeypatch.undo()
+        if device == "cuda":
+            torch.cuda.synchronize()  # the packs ran: the next engine call lets their objects go
         out = zeros_like_cache("vllm", kv)
         assert list(eng.retrieve_layer(tokens, out, dst))[-1] == 150
         assert same_bytes(ref_rows("vllm", out, dst), ref_rows("vllm", kv, src))
+        eng.storage.memcheck()
+        assert alloc.free_bytes == alloc.capacity             # and nothing is kept after that
 
 
 def test_store_layer_writes_only_the_missing_layer_objects(tmp_path, monkeypatch):

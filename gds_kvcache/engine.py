@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-import math
-from concurrent.futures import Future
+import threading
 from typing import Optional
 
 import numpy as np
@@ -12,13 +11,17 @@ import torch
 
 from .config import CacheEngineConfig, CacheEngineMetadata
 from .errors import ClosedError, ShapeMismatchError
-from .kernels import LAYOUTS, geometry, pack, unpack
+from .kernels import LAYOUTS, geometry
 from .key import CacheEngineKey
+from .layer_load import LayerRetrieve, retrieve_steps
 from .layer_store import LayerStore, store_steps
-from .layerwise import LAYERED, WHOLE, LayerRetrieve, layer_key, retrieve_steps, stored_forms
+from .layerwise import LAYERED, WHOLE, layer_key, stored_forms
 from .memory.format import MemoryFormat
+from .slot_mapping import checked_slots
 from .storage.storage_manager import StorageManager
+from .stream_pins import StreamPins
 from .token_hash import chunk_bounds, geometry_seed, prefix_hashes, token_ids
+from .whole_chunks import WholeChunks
 
 __all__ = ["CacheEngine", "StoreResult"]
 
@@ -96,7 +99,10 @@ class CacheEngine:
         self._seed = geometry_seed(self.fmt.name, metadata.kv_dtype, metadata.kv_shape)
         self._dtype = metadata.kv_dtype
         self.layerwise = config.use_layerwise
+        self._whole = WholeChunks(self.storage, layout, self.fmt, self._dtype, kv, L, self._row)
         self._ops: set = set()       # layer-wise operations in progress; close() cancels them
+        self._ops_lock = threading.Lock()   # orders an operation's start against close()
+        self._pins = StreamPins()    # store()'s objects whose packs may not have run yet
         self._closed = False
 
     def _keys(self, tokens: np.ndarray) -> list[tuple[CacheEngineKey, int, int]]:
@@ -128,20 +134,8 @@ class CacheEngine:
         kernels need not sync.
         """
         geom = self._check_cache(kv_caches)
-        slots = _slot_tensor(slot_mapping)
-        if slots.numel() < n:
-            raise ShapeMismatchError(f"slot_mapping needs one slot per token ({n}), got {slots.numel()}")
-        slots = slots.to(device=geom.device, dtype=torch.int64)
-        if n == 0:
-            return slots, 0
-        head = slots[:n]
-        # Leading slots >= 0 (a running product of "valid" is 1 until the
-        # first -1) and the largest slot, read back together.
-        valid, top = torch.stack(((head >= 0).to(torch.int64).cumprod(0).sum(), head.max())).tolist()
-        if top >= geom.num_slots:
-            raise ShapeMismatchError(f"slot_mapping holds slot {top}, past the cache's {geom.num_slots} slots "
-                                     f"(allowed: 0..{geom.num_slots - 1}, or negative for no slot)")
-        return slots, valid
+        self._pins.release_done()    # earlier stores' objects whose packs have run since
+        return checked_slots(slot_mapping, n, geom.device, geom.num_slots)
 
     def store(self, tokens, kv_caches, slot_mapping) -> StoreResult:
         """Pack each chunk not yet stored into the slab and hand it to storage (non-blocking).
@@ -161,47 +155,11 @@ class CacheEngine:
         there = self.storage.batched_exists([k for k, _, _ in chunks])     # one disk (Redis) query
         todo = [c for c, t in zip(chunks, there)
                 if not t and not (disk is not None and disk.exists_in_put_tasks(c[0]))]
-        futures: list[Future] = []
-        stored = 0
-        # Batches of up to a quarter of the slab: a prompt larger than the
-        # slab is stored whole, each batch waiting for the room the last frees.
-        for group in self._groups(todo):
-            objs = self.storage.batched_allocate([self._shape(e - s) for _, s, e in group],
-                                                 self.metadata.kv_dtype, fmt=self.fmt)
-            try:
-                for obj, (_, s, e) in zip(objs, group):
-                    pack(kv_caches, self.layout, slots[s:e], obj.tensor, check=False)
-            except BaseException:
-                for obj in objs:
-                    obj.ref_count_down()
-                raise
-            done = group[: len(objs)]
-            futs = self.storage.batched_submit_put_task([k for k, _, _ in done], objs)
-            futures.extend(f for f in futs if f is not None)
-            stored += sum(e - s for _, s, e in done)
-            if len(done) < len(group):
-                log.warning("no slab room to store the rest of this prompt; stored %d of %d tokens", stored,
-                            sum(e - s for _, s, e in todo))
-                break
+        stored, futures, _ = self._whole.store(todo, kv_caches, slots, self._pins)
         return _store_result(stored, futures)
 
-    def _groups(self, chunks):
-        """``chunks`` ((key, start, end) triples) cut into batches of at most a quarter of the slab."""
-        itemsize = self.metadata.kv_dtype.itemsize
-        budget = max(1, getattr(self.storage.allocator, "capacity", 1 << 62) // 4)
-        group, size = [], 0
-        for c in chunks:
-            n = math.prod(self._shape(c[2] - c[1])) * itemsize
-            if group and size + n > budget:
-                yield group
-                group, size = [], 0
-            group.append(c)
-            size += n
-        if group:
-            yield group
-
     def _shape(self, tokens: int) -> tuple:
-        return (self._kv, self._layers, tokens, self._row)
+        return self._whole.shape(tokens)
 
     def _layer_shape(self, tokens: int) -> tuple:
         return (self._kv, 1, tokens, self._row)
@@ -212,21 +170,29 @@ class CacheEngine:
         With ``use_layerwise`` a chunk stored per layer counts when its first
         and last layer's objects are there (eviction drops a chunk's layers
         in the order they were last read, the first layer first, and a store
-        writes the last layer last); a middle layer lost anyway shows up as a
-        shorter count from ``retrieve_layer``, never as wrong KV.
+        writes the last layer last); a middle layer lost anyway is seen by
+        ``retrieve_layer``'s plan, which asks for every layer (a shorter count,
+        never wrong KV).
         """
         keys = self._keys(token_ids(tokens))
         n = len(stored_forms(self.storage, [k for k, _, _ in keys], self._layers, self.layerwise))
         return keys[n - 1][2] if n else 0
 
     def prefetch(self, tokens) -> None:
-        """Start moving the stored prefix's chunks from disk into the hot tier, as one batch."""
+        """Start moving the stored prefix's chunks from disk into the hot tier; returns at once.
+
+        The chunks stored whole go as one batch, then those stored per layer as
+        one batch per layer in layer order, so a ``retrieve_layer`` that follows
+        can release layer 0 once its own batch has landed, not after every layer.
+        """
         keys = [k for k, _, _ in self._keys(token_ids(tokens))]
         forms = stored_forms(self.storage, keys, self._layers, self.layerwise)
-        want = [k for k, f in zip(keys, forms) if f == WHOLE]
-        want += [layer_key(k, l) for l in range(self._layers) for k, f in zip(keys, forms) if f == LAYERED]
-        if want:
-            self.storage.batched_submit_prefetch_task(want)
+        whole = [k for k, f in zip(keys, forms) if f == WHOLE]
+        layered = [k for k, f in zip(keys, forms) if f == LAYERED]
+        if whole:
+            self.storage.batched_submit_prefetch_task(whole)
+        for layer in range(self._layers if layered else 0):
+            self.storage.batched_submit_prefetch_task([layer_key(k, layer) for k in layered])
 
     def retrieve(self, tokens, kv_caches, slot_mapping) -> int:
         """Load the stored prefix into the paged cache at ``slot_mapping``; tokens loaded.
@@ -249,51 +215,20 @@ class CacheEngine:
         keys = [k for k in self._keys(toks) if k[1] < valid]
         keys = keys[: self.storage.batched_contains([k for k, _, _ in keys])]
         loaded = 0
-        for group in self._groups(keys):
-            got, ok = self._retrieve_batch(group, kv_caches, slots, valid)
+        for group in self._whole.groups(keys):
+            got, ok = self._whole.retrieve(group, kv_caches, slots, valid)
             loaded = got or loaded
             if not ok:
                 break
         return loaded
 
-    def _retrieve_batch(self, keys, kv_caches, slots, valid) -> tuple[int, bool]:
-        """Unpack one batch; (tokens loaded up to, whether every chunk of it loaded)."""
-        held = self.storage.batched_get_blocking([k for k, _, _ in keys])
-        loaded, ok = 0, True
-        try:
-            for obj, (key, s, e) in zip(held, keys):
-                if obj is None:
-                    ok = False
-                    break
-                if tuple(obj.shape) != self._shape(e - s) or obj.dtype != self.metadata.kv_dtype:
-                    log.warning("chunk %s holds %s %s, not this model's; stopping", key.to_string(),
-                                tuple(obj.shape), obj.dtype)
-                    ok = False
-                    break
-                chunk_slots = slots[s:e]
-                if e > valid:
-                    # The chunk holding the first slotless token: keep its
-                    # valid rows, write none after (device-side, no sync).
-                    chunk_slots = chunk_slots.clone()
-                    chunk_slots[valid - s:] = -1
-                unpack(obj.tensor, kv_caches, self.layout, chunk_slots, check=False)
-                loaded = min(e, valid)
-        finally:
-            live = [o for o in held if o is not None]
-            if live and live[0].device.type == "cuda":
-                # The slab extent may be reused (even by a DMA from another
-                # thread) as soon as it is released: the copies must be done.
-                torch.cuda.current_stream(live[0].device).synchronize()
-            for obj in live:
-                obj.ref_count_down()
-        return loaded, ok
-
     def retrieve_layer(self, tokens, kv_caches, slot_mapping):
         """Load the stored prefix one layer at a time: a generator, advanced once per decoder layer.
 
-        Arguments are checked now (``ShapeMismatchError``, ``ClosedError``);
-        nothing is read until the first ``next()``. The generator yields
-        ``num_layers + 2`` times:
+        Arguments are checked now (``ShapeMismatchError``, ``ClosedError``)
+        and ``slot_mapping`` is copied (the caller may refill its buffer right
+        after the call); nothing is read until the first ``next()``. The
+        generator yields ``num_layers + 2`` times:
 
         1. the first ``next()`` looks the prefix up, starts a loader thread and
            yields the tokens it will load if nothing fails;
@@ -308,11 +243,14 @@ class CacheEngine:
            layer; the generator is then exhausted.
 
         The loader reads layer ``l + 1`` while the caller computes layer ``l``
-        (chunks stored whole are all read before layer 0 is released). Work
-        queued on the caller's stream before the first ``next()`` is ordered
-        before the first copy. Counts are prefixes and only shrink: a chunk
-        missing or corrupt at some layer is dropped from that layer on, with
-        every later chunk; treat only the final count as loaded. Closing the
+        (chunks stored whole are all read before layer 0 is released), and
+        holds one layer of slab at a time. Work queued on the caller's stream
+        before the first ``next()`` is ordered before the first copy. The plan
+        asks for every layer object of the prefix. Counts are prefixes and only
+        shrink: a chunk lost or corrupt after the plan, or one the slab has no
+        room for even after making room and waiting ``layer_load.ROOM_WAIT_S``,
+        is dropped from that layer on, with every later chunk (each case logs
+        its own warning); treat only the final count as loaded. Closing the
         generator early (or dropping it) cancels the loader and returns once
         nothing more will be written; ``CacheEngine.close()`` does the same, and
         the next ``next()`` raises ``ClosedError``.
@@ -325,20 +263,32 @@ class CacheEngine:
     def store_layer(self, tokens, kv_caches, slot_mapping):
         """Store the chunks not yet stored one layer at a time: a generator, advanced once per layer.
 
-        Arguments are checked now. The generator yields ``num_layers + 1``
-        times: the ``(l + 1)``-th ``next()`` says layer ``l``'s KV is complete
-        in ``kv_caches`` (queued on the stream current on the calling thread)
-        and returns at once; a thread packs it into slab objects on a stream
-        of its own after that point and, with ``use_layerwise``, starts its
-        disk writes. The last ``next()`` waits until every pack and put is
-        queued, orders the caller's stream after the packs, and yields a
-        ``StoreResult`` equal to ``store``'s for the same arguments (whole
-        chunks are written from there). Do not change the slots' KV of layer
-        ``l`` between its step and the last one. The last layer's objects (or
-        the whole chunks) are put only at the last step, so a generator closed
-        or dropped before it leaves no chunk that counts as stored;
+        Arguments are checked now and ``slot_mapping`` is copied (the caller
+        may refill its buffer right after the call). The generator yields
+        ``num_layers + 1`` times: the ``(l + 1)``-th ``next()`` says layer
+        ``l``'s KV is complete in ``kv_caches`` (queued on the stream current
+        on the calling thread) and returns at once; a thread packs it into
+        slab objects on a stream of its own after that point and, with
+        ``use_layerwise``, starts its disk writes. The last ``next()`` waits
+        until every pack and put is queued, orders the caller's stream after
+        the packs, and yields a ``StoreResult`` equal to ``store``'s for the
+        same arguments (whole chunks are written from there). Without
+        ``use_layerwise`` only ``store``'s first batch (a quarter of the slab
+        at most) is packed layer by layer; the chunks after it are packed whole
+        at the last step, in ``store``'s batches, which may wait for slab room
+        as ``store`` does. Do not change the slots' KV of layer ``l`` between
+        its step and the last one. The last layer's objects (or the whole
+        chunks) are put only at the last step, so a generator closed or
+        dropped before it leaves no chunk that counts as stored;
         ``CacheEngine.close()`` cancels it and the next ``next()`` raises
         ``ClosedError``.
+
+        A generator kept alive but not advanced to its end holds slab objects
+        it packed (without ``use_layerwise`` those of ``store``'s first batch,
+        with it the last layer's and the latest layer put's) until it is
+        advanced to the end, closed, dropped or ``close()`` runs: other stores
+        meanwhile wait for that room and reads may miss for want of it.
+        Advance it to the end or close it once the forward is over.
         """
         self._check_open()
         toks = token_ids(tokens)
@@ -349,11 +299,29 @@ class CacheEngine:
         if self._closed:
             raise ClosedError("cache engine is closed")
 
+    def _register(self, op) -> None:
+        """A layer-wise operation starts (its generator's first ``next()``): ``ClosedError`` once
+        ``close`` began, else ``close`` will cancel it."""
+        with self._ops_lock:
+            self._check_open()
+            self._ops.add(op)
+
+    def _unregister(self, op) -> None:
+        with self._ops_lock:
+            self._ops.discard(op)
+
     def close(self) -> None:
-        """Cancel layer-wise operations in progress (they stop writing first), then close the storage."""
-        self._closed = True
-        for op in list(self._ops):
+        """Cancel layer-wise operations in progress (they stop writing first), then close the storage.
+
+        A ``retrieve_layer`` or ``store_layer`` generator made before and first
+        advanced after raises ``ClosedError`` and writes nothing.
+        """
+        with self._ops_lock:
+            self._closed = True
+            ops = list(self._ops)
+        for op in ops:
             op.abort(closed=True)
+        self._pins.release_all()
         if self._own_storage:
             self.storage.close()
 
@@ -368,32 +336,3 @@ def _store_result(stored: int, futures: list) -> StoreResult:
     result = StoreResult(stored)
     result.futures = futures
     return result
-
-
-def _slot_tensor(slot_mapping) -> torch.Tensor:
-    """``slot_mapping`` as a 1-D integer tensor on its own device, or ``ShapeMismatchError`` saying why not."""
-    allowed = "allowed: a 1-D integer tensor (CPU or CUDA), integer NumPy array or list of ints"
-    if isinstance(slot_mapping, torch.Tensor):
-        slots = slot_mapping
-        if slots.dtype in (torch.bool, torch.complex64, torch.complex128) or slots.dtype.is_floating_point:
-            raise ShapeMismatchError(f"slot_mapping is a {slots.dtype} tensor; {allowed}")
-        if slots.is_meta:    # a shape without values: torch's copy would raise NotImplementedError
-            raise ShapeMismatchError(f"slot_mapping must hold data (the slots); got a tensor of shape "
-                                     f"{tuple(slots.shape)} on the meta device, which has none; {allowed}")
-    elif isinstance(slot_mapping, (np.ndarray, list, tuple)):
-        if isinstance(slot_mapping, (list, tuple)) and len(slot_mapping) == 0:
-            return torch.zeros(0, dtype=torch.int64)
-        try:
-            arr = np.asarray(slot_mapping)
-        except (ValueError, OverflowError) as e:
-            raise ShapeMismatchError(f"slot_mapping is not a flat sequence of ints ({e}); {allowed}") from None
-        if arr.dtype.kind not in "iu":
-            raise ShapeMismatchError(f"slot_mapping holds {arr.dtype} values; {allowed}")
-        if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
-            raise ShapeMismatchError(f"slot_mapping holds slot {int(arr.max())}, past any cache; {allowed}")
-        slots = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64))
-    else:
-        raise ShapeMismatchError(f"slot_mapping is a {type(slot_mapping).__name__}; {allowed}")
-    if slots.dim() != 1:
-        raise ShapeMismatchError(f"slot_mapping has shape {tuple(slots.shape)}; it must be 1-D ({allowed})")
-    return slots

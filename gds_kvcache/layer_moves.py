@@ -7,9 +7,10 @@ Llama-3-8B prompt, 30-60 us of host time each). Instead, objects that hold
 consecutive chunks of one token count and lie back to back in the slab form a
 *run*, and a run moves with one ``pack``/``unpack`` call per K/V half:
 
-* the paged side is the half's ``[num_blocks, block_size, row]`` view, which
-  the kernels take as the ``mla`` layout (one kv, one layer; slot numbering is
-  the cache's own);
+* the paged side is the half's ``[num_blocks, block_size, row]`` geometry
+  (``kernels.layer_half``), which the kernels take as the ``mla`` layout (one
+  kv, one layer; slot numbering is the cache's own), made once per cache and
+  layer, so no call re-describes the cache or builds a device tensor;
 * the chunk side is the run's bytes as ``[1, 1, rows, row]``;
 * the slot mapping has one entry per row of the run: the token's slot on the
   rows of (half ``k``, layer ``lo``) and -1 on every other row. The kernels skip
@@ -24,28 +25,22 @@ CUDA stream (GPU) or done on return (host), as for ``pack``/``unpack``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from functools import lru_cache
+from typing import Optional, Sequence
 
 import torch
 
-from .kernels import pack, unpack
+from .kernels import PagedGeometry, geometry, layer_half, pack, unpack
 from .memory.obj import MemoryObj
 
-__all__ = ["half_views", "move_layer", "runs"]
+__all__ = ["layer_halves", "move_layer", "runs"]
 
 
-def half_views(kv_caches, layout: str, layer: int) -> list[torch.Tensor]:
-    """Layer ``layer``'s K and V (one view for ``mla``), each ``[num_blocks, block_size, row]``; no copy."""
-    if layout == "mla":
-        return [kv_caches[layer]]
-    if layout == "cross_layer":
-        halves = [kv_caches[:, layer, k] for k in range(2)]
-    elif layout == "vllm":
-        halves = [kv_caches[layer][k] for k in range(2)]
-    else:  # flashinfer
-        halves = [kv_caches[layer][:, k] for k in range(2)]
-    # view(), not reshape(): heads and head size are contiguous (``describe`` checked), so this never copies.
-    return [h.view(h.shape[0], h.shape[1], h.shape[2] * h.shape[3]) for h in halves]
+@lru_cache(maxsize=4096)
+def layer_halves(geom: PagedGeometry, layer: int) -> tuple[PagedGeometry, ...]:
+    """Layer ``layer``'s K and V (one for ``mla``) of the cache ``geom`` as ``[num_blocks, block_size, row]``
+    geometries, made once per cache and layer (no ``describe``, no tensor, no device copy)."""
+    return tuple(layer_half(geom, layer, k) for k in range(geom.kv))
 
 
 def runs(objs: Sequence[MemoryObj], chunks: Sequence[int]) -> list[tuple[int, int]]:
@@ -79,7 +74,8 @@ def _run_view(objs: Sequence[MemoryObj], first: int, n: int) -> tuple[torch.Tens
 
 
 def move_layer(objs: Sequence[MemoryObj], chunks: Sequence[int], starts: Sequence[int], slots: torch.Tensor,
-               kv_caches, layout: str, layer: int, lo: int, to_chunk: bool, backend: str = "auto") -> int:
+               kv_caches, layout: str, layer: int, lo: int, to_chunk: bool, backend: str = "auto",
+               geom: Optional[PagedGeometry] = None) -> int:
     """Pack (``to_chunk``) or unpack layer ``layer`` of the cache against layer ``lo`` of ``objs``.
 
     Parameters
@@ -92,9 +88,12 @@ def move_layer(objs: Sequence[MemoryObj], chunks: Sequence[int], starts: Sequenc
         Int64 slots of the prompt's tokens on the cache's device (-1: skip the token).
     backend
         As for ``pack``: ``auto``, or ``cuda`` on host tensors for Numba's simulator.
+    geom
+        ``kv_caches``' geometry (``kernels.geometry``) when the caller has it.
 
     Returns the number of kernel calls made (two per run for K and V, one for MLA).
     """
+    halves = layer_halves(geometry(layout, kv_caches) if geom is None else geom, layer)
     calls = 0
     for first, n in runs(objs, chunks):
         o = objs[first]
@@ -102,12 +101,12 @@ def move_layer(objs: Sequence[MemoryObj], chunks: Sequence[int], starts: Sequenc
         view, per = _run_view(objs, first, n)
         body = kv * Lo * T
         s0 = starts[first]
-        for k, half in enumerate(half_views(kv_caches, layout, layer)):
+        for k, half in enumerate(halves):
             sm = torch.full((view.shape[2],), -1, dtype=torch.int64, device=slots.device)
             sm.view(n, per)[:, :body].view(n, kv, Lo, T)[:, k, lo] = slots[s0:s0 + n * T].view(n, T)
             if to_chunk:
-                pack([half], "mla", sm, view, backend=backend, check=False)
+                pack(None, "mla", sm, view, backend=backend, check=False, geom=half)
             else:
-                unpack(view, [half], "mla", sm, backend=backend, check=False)
+                unpack(view, None, "mla", sm, backend=backend, check=False, geom=half)
             calls += 1
     return calls

@@ -2,10 +2,10 @@
 
 ``CacheEngine.retrieve_layer`` and ``store_layer`` (LMCache's names) return
 generators the caller advances once per decoder layer; this module holds the
-per-layer format, the operation base both share and the retrieve side
-(``layer_store`` the store side), each operation on a thread of its own so
-that disk reads, checksums and kernel launches never hold up the caller's
-forward.
+per-layer format and the operation base both share (``layer_load`` is the
+retrieve side, ``layer_store`` the store side), each operation on a thread of
+its own so that disk reads, checksums and kernel launches never hold up the
+caller's forward.
 
 Storage format. A chunk is either one object holding every layer (``store``,
 the default) or, with ``use_layerwise``, one object per layer under a key
@@ -16,9 +16,9 @@ once every chunk has been read in full: the first layer waits for the whole
 prefix. Per-layer objects are read, verified and unpacked one layer at a
 time, so the read of layer ``l + 1`` overlaps the caller's compute of layer
 ``l`` (after layer 0, ``LOOKAHEAD`` later layers are read ahead into the hot
-tier by the storage's reader threads). Whole chunks still load (first, all layers at once) in either mode, so
-existing directories keep working; an engine without ``use_layerwise`` does
-not look for per-layer objects.
+tier by the storage's reader threads). Whole chunks still load (first, all
+layers at once) in either mode, so existing directories keep working; an
+engine without ``use_layerwise`` does not look for per-layer objects.
 
 Invariants: no byte that failed its checksum (or has the wrong shape) reaches
 the paged cache; a chunk counts only when every layer of it loaded, and the
@@ -40,10 +40,11 @@ from typing import Optional
 import torch
 
 from .errors import ClosedError
+from .kernels import geometry
 from .key import CacheEngineKey
-from .layer_moves import move_layer
+from .stream_pins import StreamPins
 
-__all__ = ["LAYERED", "WHOLE", "LayerOp", "LayerRetrieve", "layer_key", "retrieve_steps", "stored_forms"]
+__all__ = ["LAYERED", "LOOKAHEAD", "WHOLE", "LayerOp", "layer_key", "stored_forms"]
 
 log = logging.getLogger(__name__)
 
@@ -90,23 +91,36 @@ class LayerOp:
     def __init__(self, engine, kv_caches, slots: torch.Tensor, valid: int, name: str, priority: int = 0):
         self.engine = engine
         self.kv = kv_caches
-        self.slots = slots
+        self.geom = geometry(engine.layout, kv_caches)     # once per op: each move_layer call skips the lookup
         self.valid = valid
         self.layers = engine._layers
         self.device = slots.device
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device, priority=priority) if self.cuda else None
+        # Our own copy of the mapping (the engine's checked one may be the caller's own tensor, or share
+        # a NumPy array's memory): the caller may refill its buffer while our worker still reads it.
+        self.slots = slots.clone()
+        if self.cuda:
+            self.stream.wait_event(self._caller_event())   # the copy, queued on the caller's stream, first
+            self.slots.record_stream(self.stream)
         self.cond = threading.Condition()
         self.cancelled = False
         self.closed = False
         self.error: Optional[BaseException] = None
         self.finished = False
         self.thread: Optional[threading.Thread] = None
+        self.pins = StreamPins()     # objects handed to puts whose packs may still be queued on our stream
         self._name = name
 
     def _start(self) -> None:
-        self.thread = threading.Thread(target=self._main, name=self._name, daemon=True)
-        self.thread.start()
+        """Start the worker, unless the operation was cancelled first (then it is finished at once)."""
+        with self.cond:     # against abort(): it joins a worker started before it, none starts after
+            if self.cancelled:
+                self.finished = True
+                self.cond.notify_all()
+                return
+            self.thread = threading.Thread(target=self._main, name=self._name, daemon=True)
+            self.thread.start()
 
     def _main(self) -> None:
         held: list = []
@@ -123,12 +137,21 @@ class LayerOp:
             finally:
                 for o in held:
                     o.ref_count_down()
+                self.pins.release_all()     # their work ran: the stream was synchronised above
                 with self.cond:
                     self.finished = True
                     self.cond.notify_all()
 
     def _work(self, held: list) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def _caller_event(self):
+        """An event on the caller's current stream marking the work it queued so far (None on the host)."""
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        return ev
 
     def _event(self):
         """An event on our stream marking the work queued so far (None on the host)."""
@@ -152,148 +175,3 @@ class LayerOp:
             self.cond.notify_all()
         if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join()
-
-
-class LayerRetrieve(LayerOp):
-    """One ``retrieve_layer`` call: its plan, its loader thread and what the loader has done."""
-
-    def __init__(self, engine, toks, kv_caches, slots, valid):
-        # A high-priority stream: the unpack kernels are on the forward's critical path, and should not
-        # wait behind the caller's long kernels for a free multiprocessor.
-        super().__init__(engine, kv_caches, slots, valid, "gds-kvcache-layer-load", priority=-1)
-        self.chunks = [c for c in engine._keys(toks) if c[1] < valid]
-        self.forms: list = []
-        self.asked: set = set()          # layers whose read-ahead was started
-        self.done = 0
-        self.tokens: list[int] = []
-        self.events: list = []
-
-    def plan(self) -> int:
-        """Look the prefix up, start the loader; the tokens it will load if nothing fails."""
-        e = self.engine
-        self.forms = stored_forms(e.storage, [k for k, _, _ in self.chunks], self.layers, e.layerwise)
-        self.chunks = self.chunks[: len(self.forms)]
-        planned = self._tokens(len(self.chunks))
-        if planned:
-            eff = self.slots[:self.chunks[-1][2]].clone()
-            eff[self.valid:] = -1
-            self.slots_eff = eff
-            self.start_event = self._caller_event()
-        self._start()
-        return planned
-
-    def _caller_event(self):
-        if not self.cuda:
-            return None
-        ev = torch.cuda.Event()
-        ev.record(torch.cuda.current_stream(self.device))
-        return ev
-
-    def _tokens(self, limit: int) -> int:
-        return min(self.chunks[limit - 1][2], self.valid) if limit else 0
-
-    def _work(self, held: list) -> None:
-        limit = len(self.chunks)
-        if limit and self.cuda:
-            self.stream.wait_event(self.start_event)  # the caller's earlier work on these slots first
-        limit = self._load_whole(limit)
-        for layer in range(self.layers):
-            if self.cancelled:
-                return
-            if limit:
-                limit = self._load_layer(layer, limit, held)
-            with self.cond:
-                self.tokens.append(self._tokens(limit))
-                self.events.append(self._event())
-                self.done = layer + 1
-                self.cond.notify_all()
-            # Layer 0 is read alone (it gates the caller's first layer); from then on the storage's reader
-            # threads keep LOOKAHEAD later layers in flight, so one layer's host work overlaps another's
-            # transfer.
-            for ahead in range(layer + 1, min(layer + 1 + LOOKAHEAD, self.layers)):
-                if limit and ahead not in self.asked:
-                    self._read_ahead(ahead, limit)
-
-    def _load_whole(self, limit: int) -> int:
-        """Read and unpack the chunks stored whole (every layer); the chunk limit after them."""
-        idx = [i for i in range(limit) if self.forms[i] == WHOLE]
-        pos = 0
-        for group in self.engine._groups([self.chunks[i] for i in idx]):
-            if self.cancelled:
-                return 0
-            loaded, ok = self.engine._retrieve_batch(group, self.kv, self.slots, self.valid)
-            if not ok:
-                return idx[pos + sum(1 for _, s, _ in group if s < loaded)]
-            pos += len(group)
-        return limit
-
-    def _read_ahead(self, layer: int, limit: int) -> None:
-        """Start reading layer ``layer`` of the per-layer chunks below ``limit`` into the hot tier."""
-        self.asked.add(layer)
-        keys = [layer_key(self.chunks[i][0], layer) for i in range(limit) if self.forms[i] == LAYERED]
-        if keys:
-            self.engine.storage.batched_submit_prefetch_task(keys)
-
-    def _load_layer(self, layer: int, limit: int, held: list) -> int:
-        """Read, verify and unpack layer ``layer`` of the per-layer chunks below ``limit``; the new limit."""
-        idx = [i for i in range(limit) if self.forms[i] == LAYERED]
-        if not idx:
-            return limit
-        objs = self.engine.storage.batched_get_blocking([layer_key(self.chunks[i][0], layer) for i in idx])
-        good = 0
-        for i, o in zip(idx, objs):
-            _, s, e = self.chunks[i]
-            if o is None or tuple(o.shape) != self.engine._layer_shape(e - s) or o.dtype != self.engine._dtype:
-                break
-            good += 1
-        for o in objs[good:]:
-            if o is not None:
-                o.ref_count_down()
-        if good < len(idx):
-            limit = idx[good]
-            log.warning("layer %d of chunk %d is missing or unusable; loading %d tokens, not %d", layer,
-                        limit, self._tokens(limit), self._tokens(len(self.chunks)))
-        # The previous layer's objects go back once its unpack has run (the reads above may have
-        # reused none of their extents: they were still held).
-        if held:
-            if self.cuda:
-                self.events[-1].synchronize()
-            for o in held:
-                o.ref_count_down()
-            held.clear()
-        objs, idx = objs[:good], idx[:good]
-        held.extend(objs)
-        move_layer(objs, idx, [self.chunks[i][1] for i in idx], self.slots_eff, self.kv, self.engine.layout,
-                   layer, 0, to_chunk=False)
-        return limit
-
-    def wait_layer(self, layer: int) -> int:
-        """Block until layer ``layer`` is in the cache (stream-ordered on a GPU); its token count."""
-        with self.cond:
-            while self.done <= layer and not self.finished:
-                self.cond.wait()
-            self._raise_if_stopped()
-            assert self.done > layer, "loader stopped without an error"
-            ev, tokens = self.events[layer], self.tokens[layer]
-        if ev is not None:
-            torch.cuda.current_stream(self.device).wait_event(ev)
-        return tokens
-
-    def finish(self) -> int:
-        """Wait for the loader (its stream synchronised, its objects released); the tokens loaded."""
-        self.thread.join()
-        self._raise_if_stopped()
-        return self.tokens[-1] if self.tokens else 0
-
-
-def retrieve_steps(op: LayerRetrieve):
-    """The generator ``retrieve_layer`` returns (see ``CacheEngine.retrieve_layer``)."""
-    op.engine._ops.add(op)
-    try:
-        yield op.plan()
-        for layer in range(op.layers):
-            yield op.wait_layer(layer)
-        yield op.finish()
-    finally:
-        op.abort()
-        op.engine._ops.discard(op)

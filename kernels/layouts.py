@@ -20,13 +20,14 @@ Layouts (``kv_caches`` argument):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 
 from gds_kvcache.errors import ShapeMismatchError
 
-__all__ = ["LAYOUTS", "PagedGeometry", "describe", "chunk_shape"]
+__all__ = ["LAYOUTS", "PagedGeometry", "describe", "chunk_shape", "layer_half"]
 
 LAYOUTS = ("vllm", "flashinfer", "mla", "cross_layer")
 
@@ -61,6 +62,12 @@ class PagedGeometry:
     @property
     def num_slots(self) -> int:
         return self.num_blocks * self.block_size
+
+    @cached_property
+    def addr_gcd(self) -> int:
+        """The gcd of the row size, the strides, the base address and every layer offset (bytes)."""
+        return math.gcd(self.row_bytes, self.stride_kv, self.stride_block, self.stride_tok, self.base_ptr,
+                        *self.layer_offsets)
 
 
 def _row_contiguous(t: torch.Tensor, dims: int, what: str) -> None:
@@ -132,19 +139,23 @@ def chunk_shape(geom: PagedGeometry, num_tokens: int) -> torch.Size:
     return torch.Size((geom.kv, geom.num_layers, num_tokens, geom.row_elems))
 
 
-_GCD: dict = {}
+def layer_half(geom: PagedGeometry, layer: int, half: int) -> PagedGeometry:
+    """Layer ``layer``'s K (``half`` 0) or V (1) of ``geom`` as a one-layer ``mla``-layout geometry
+    (``[num_blocks, block_size, row]``, slot numbering unchanged): what ``describe("mla", [view])``
+    returns for that half's view, worked out without a tensor."""
+    if not (0 <= layer < geom.num_layers and 0 <= half < geom.kv):
+        raise ShapeMismatchError(f"layer {layer}, half {half} out of range for {geom.num_layers} layers x "
+                                 f"{geom.kv} halves")
+    span = 0
+    if geom.num_blocks and geom.block_size and geom.row_elems:
+        span = (geom.num_blocks - 1) * geom.stride_block + (geom.block_size - 1) * geom.stride_tok + geom.row_bytes
+    base = geom.base_ptr + geom.layer_offsets[layer] + half * geom.stride_kv
+    return replace(geom, kv=1, num_layers=1, base_ptr=base, span=span, layer_offsets=(0,), stride_kv=0)
 
 
 def word_bytes(geom: PagedGeometry, chunk: torch.Tensor) -> int:
     """Widest copy unit (8, 4, 2 or 1 bytes) that divides every address, stride and row."""
-    g = _GCD.get(geom)
-    if g is None:
-        g = math.gcd(geom.row_bytes, geom.stride_kv, geom.stride_block, geom.stride_tok, geom.base_ptr,
-                     *geom.layer_offsets)
-        if len(_GCD) > 64:
-            _GCD.clear()
-        _GCD[geom] = g
-    g = math.gcd(g, chunk.data_ptr())
+    g = math.gcd(geom.addr_gcd, chunk.data_ptr())
     for w in (8, 4, 2, 1):
         if g % w == 0:
             return w

@@ -4,11 +4,19 @@ Both take a ``slot_mapping`` (``slot = block_id * block_size + offset``;
 negative slots are skipped) and a chunk tensor ``[K, L, T, row]`` that is
 usually an allocator ``MemoryObj.tensor``, so the KV goes straight between
 the serving engine's cache and the slab with no intermediate copy.
+
+Invariants: a cache's geometry is worked out (``describe``) once while it
+stays among the ``GEOMETRY_CACHE`` most recently used; memory a queued
+kernel reads (the per-layer offsets) is never reused before that kernel ran,
+whatever stream it was queued on and whatever the caches drop.
 """
 
 from __future__ import annotations
 
 import ctypes
+import threading
+from collections import OrderedDict
+from typing import Optional
 
 import numpy as np
 import torch
@@ -26,23 +34,38 @@ def _host_span(ptr: int, nbytes: int, w: int) -> np.ndarray:
     return np.frombuffer((ctypes.c_uint8 * nbytes).from_address(ptr), dtype=np.uint8).view(_WORD[w])
 
 
-_GEOMS: dict = {}
-_OFFSETS: dict = {}
+#: Most geometries ``geometry`` remembers (least recently used dropped first): a serving engine passes
+#: the same few caches on every call.
+GEOMETRY_CACHE = 256
+#: Most per-layer offsets tensors kept (least recently used dropped first; see ``_layer_offsets``).
+OFFSETS_CACHE = 64
+
+_lock = threading.Lock()
+_GEOMS: OrderedDict = OrderedDict()
+_OFFSETS: OrderedDict = OrderedDict()
 
 
 def _layer_offsets(geom: PagedGeometry, w: int) -> torch.Tensor:
-    """Per-layer start offsets in words on the cache's device, made once per geometry and word size.
+    """Per-layer start offsets in words on the cache's device, made once per distinct offsets and word size.
 
     Building them per call would copy the offsets to the GPU with a blocking
     copy that waits for the previous kernel, serialising back-to-back calls.
+    Keyed by value, so every one-layer geometry (``layer_half``) shares one
+    tensor. A tensor dropped from the cache may still be read by kernels
+    queued on any stream: ``_device_args`` records each launch's stream on it
+    (``record_stream``), so its memory is reused only after those kernels ran.
     """
-    key = (geom, w)
-    v = _OFFSETS.get(key)
-    if v is None:
-        v = torch.tensor([o // w for o in geom.layer_offsets], dtype=torch.int64, device=geom.device)
-        if len(_OFFSETS) > 64:
-            _OFFSETS.clear()
-        _OFFSETS[key] = v
+    key = (geom.device, w, tuple(o // w for o in geom.layer_offsets))
+    with _lock:
+        v = _OFFSETS.get(key)
+        if v is not None:
+            _OFFSETS.move_to_end(key)
+            return v
+    v = torch.tensor(key[2], dtype=torch.int64, device=geom.device)
+    with _lock:
+        v = _OFFSETS.setdefault(key, v)
+        while len(_OFFSETS) > OFFSETS_CACHE:
+            _OFFSETS.popitem(last=False)
     return v
 
 
@@ -54,17 +77,22 @@ def geometry(layout: str, kv_caches) -> PagedGeometry:
                layers[0].dtype)
     except (AttributeError, IndexError):
         return describe(layout, kv_caches)
-    geom = _GEOMS.get(key)
-    if geom is None:
-        geom = describe(layout, kv_caches)
-        if len(_GEOMS) > 64:
-            _GEOMS.clear()
+    with _lock:
+        geom = _GEOMS.get(key)
+        if geom is not None:
+            _GEOMS.move_to_end(key)
+            return geom
+    geom = describe(layout, kv_caches)
+    with _lock:
         _GEOMS[key] = geom
+        while len(_GEOMS) > GEOMETRY_CACHE:
+            _GEOMS.popitem(last=False)
     return geom
 
 
-def _prepare(kv_caches, layout: str, slot_mapping, chunk: torch.Tensor, check: bool):
-    geom = geometry(layout, kv_caches)
+def _prepare(kv_caches, layout: str, slot_mapping, chunk: torch.Tensor, check: bool, geom=None):
+    if geom is None:
+        geom = geometry(layout, kv_caches)
     slots = torch.as_tensor(slot_mapping)
     if slots.dim() != 1 or slots.dtype.is_floating_point or slots.dtype == torch.bool:
         raise ShapeMismatchError("slot_mapping must be a 1-D integer tensor")
@@ -102,9 +130,11 @@ def _scalar_args(geom: PagedGeometry, w: int, nt: int, unpack_: bool) -> tuple:
 
 
 def _device_args(geom: PagedGeometry, w: int, slots: torch.Tensor, nt: int, chunk: torch.Tensor,
-                 unpack_: bool) -> tuple:
+                 unpack_: bool, stream) -> tuple:
     """The GPU kernel's arguments: the four arrays as ``(ptr, n)`` pairs, then ``_scalar_args``."""
     offs = _layer_offsets(geom, w)
+    # The cache may drop this tensor while the kernel is queued: its memory must wait for ``stream``.
+    offs.record_stream(stream)
     return ((geom.base_ptr, -(-geom.span // w)), (offs.data_ptr(), offs.numel()), (slots.data_ptr(), nt),
             (chunk.data_ptr(), chunk.numel() * chunk.element_size() // w)) + _scalar_args(geom, w, nt, unpack_)
 
@@ -128,8 +158,9 @@ def _run(geom: PagedGeometry, slots: torch.Tensor, nt: int, chunk: torch.Tensor,
         block = launch_block(row) + (1,)
         grid = (launch_grid(nrows, block), 1, 1)
         kern = _cuda_kernel(w, geom.device)
-        args = _device_args(geom, w, slots, nt, chunk, unpack_)
-        stream = torch.cuda.current_stream(geom.device).cuda_stream
+        current = torch.cuda.current_stream(geom.device)
+        args = _device_args(geom, w, slots, nt, chunk, unpack_, current)
+        stream = current.cuda_stream
         if geom.device.index == torch.cuda.current_device():
             kern(grid, block, stream, args)
         else:  # launch from the cache's own device context
@@ -159,7 +190,7 @@ def _backend(device: torch.device, backend: str) -> str:
 
 
 def pack(kv_caches, layout: str, slot_mapping, chunk: torch.Tensor, backend: str = "auto",
-         check: bool = True) -> torch.Tensor:
+         check: bool = True, geom: Optional[PagedGeometry] = None) -> torch.Tensor:
     """Gather the rows of ``slot_mapping`` from the paged cache into ``chunk``; returns ``chunk``.
 
     Parameters
@@ -179,22 +210,26 @@ def pack(kv_caches, layout: str, slot_mapping, chunk: torch.Tensor, backend: str
         Raise ``ShapeMismatchError`` for a slot past the cache. On a GPU this
         reads ``max(slot_mapping)`` back, a sync; pass False after checking the
         whole mapping once (out-of-range slots are then skipped, never accessed).
+    geom
+        The cache's geometry when the caller has it (``geometry``, ``describe``
+        or ``layer_half`` of the very tensors meant): ``kv_caches`` and
+        ``layout`` are then not looked at.
 
     Notes
     -----
     GPU launches go on torch's current stream and return without waiting.
     The cache geometry is worked out once per set of cache tensors.
     """
-    geom, slots, nt = _prepare(kv_caches, layout, slot_mapping, chunk, check)
+    geom, slots, nt = _prepare(kv_caches, layout, slot_mapping, chunk, check, geom)
     _run(geom, slots, nt, chunk, False, _backend(geom.device, backend))
     return chunk
 
 
 def unpack(chunk: torch.Tensor, kv_caches, layout: str, slot_mapping, backend: str = "auto",
-           check: bool = True) -> None:
+           check: bool = True, geom: Optional[PagedGeometry] = None) -> None:
     """Scatter ``chunk``'s rows into the paged cache at ``slot_mapping``; negative slots are skipped.
 
     Arguments as for ``pack``.
     """
-    geom, slots, nt = _prepare(kv_caches, layout, slot_mapping, chunk, check)
+    geom, slots, nt = _prepare(kv_caches, layout, slot_mapping, chunk, check, geom)
     _run(geom, slots, nt, chunk, True, _backend(geom.device, backend))

@@ -226,3 +226,33 @@ def test_gpu_kernels_and_checksum_on_a_second_gpu():
             check_case(layout, torch.bfloat16, 29, True, device=dev, seed=12)
         t = random_tensor((1 << 20,), torch.uint8, dev)
         assert checksum(t) == checksum_host(t.cpu().numpy())
+
+
+def test_gpu_offsets_dropped_while_a_kernel_reads_them():
+    """The per-layer offsets tensor is made on one stream, read by a pack queued on another behind a
+    long sleep, and dropped from the kernels' cache before that pack runs; the memory is then asked
+    for again on the first stream and zeroed. The pack must still read the right offsets."""
+    from gds_kvcache.kernels import paged
+
+    from .kernel_cases import make_cache, ref_rows
+
+    kv = make_cache("vllm", 8, 64, 16, 8, 128, torch.bfloat16, device="cuda")
+    slots = torch.randperm(64 * 16, device="cuda")[:512]
+    a, b = torch.cuda.Stream(), torch.cuda.Stream()
+    torch.cuda.synchronize()
+    paged._OFFSETS.clear()
+    with torch.cuda.stream(a):              # the offsets are made (and cached) on stream a
+        paged.pack(kv, "vllm", slots, torch.empty((2, 8, 512, 8 * 128), dtype=torch.bfloat16, device="cuda"))
+    a.synchronize()
+    out = torch.empty((2, 8, 512, 8 * 128), dtype=torch.bfloat16, device="cuda")
+    b.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(b):
+        torch.cuda._sleep(200_000_000)      # the pack below runs well after the code that follows
+        paged.pack(kv, "vllm", slots, out, check=False)
+    paged._OFFSETS.clear()                  # what an eviction does
+    with torch.cuda.stream(a):
+        junk = [torch.zeros(8, dtype=torch.int64, device="cuda") for _ in range(64)]
+    b.synchronize()
+    a.synchronize()
+    del junk
+    assert same_bytes(out, ref_rows("vllm", kv, slots))

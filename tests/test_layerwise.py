@@ -5,18 +5,21 @@ Every check is byte-exact against what was stored and against the whole-prompt
 ``test_layer_moves_under_the_simulator``.
 """
 
+import math
 import os
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from gds_kvcache import CacheEngineConfig, CacheEngineMetadata
 from gds_kvcache.engine import CacheEngine
 from gds_kvcache.errors import ClosedError, IOEngineError, ShapeMismatchError
+from gds_kvcache.kernels import describe, layer_half
 from gds_kvcache.layer_moves import move_layer, runs
 from gds_kvcache.layerwise import layer_key
 from gds_kvcache.memory.allocator import SlabMemoryAllocator
@@ -111,6 +114,62 @@ def test_move_layer_moves_exactly_one_layer(layout, per_layer, gap_every):
         alloc.close()
 
 
+def half_view(kv, layout, layer, k):
+    """Layer ``layer``'s K or V as a ``[num_blocks, block_size, row]`` view, by plain torch indexing."""
+    if layout == "mla":
+        return kv[layer]
+    h = kv[:, layer, k] if layout == "cross_layer" else kv[layer][k] if layout == "vllm" else kv[layer][:, k]
+    return h.reshape(h.shape[0], h.shape[1], -1)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layer_half_is_the_geometry_of_the_halfs_view(layout):
+    kv = make_cache(layout, L, NB, BS, H, D, torch.bfloat16)
+    g = describe(layout, kv)
+    for layer in range(L):
+        for k in range(g.kv):
+            assert layer_half(g, layer, k) == describe("mla", [half_view(kv, layout, layer, k)]), (layer, k)
+    with pytest.raises(ShapeMismatchError):
+        layer_half(g, L, 0)
+
+
+@pytest.mark.parametrize("layout", ["vllm", "cross_layer"])
+def test_warm_layer_operations_describe_nothing_and_build_no_offsets(tmp_path, monkeypatch, layout):
+    """40 layers (80 K/V halves) and two caches: once warm, a retrieve_layer or store_layer neither
+    describes a cache again nor builds (or drops) an offsets tensor: each would be a blocking device
+    copy on a GPU, and a dropped one could still be read by a queued kernel."""
+    from gds_kvcache.kernels import paged
+
+    layers = 40
+    md = meta(layout, layers)
+    gen = torch.Generator().manual_seed(18)
+    kv = make_cache(layout, layers, NB, BS, H, D, torch.bfloat16)
+    tokens = torch.randint(0, 50000, (100,), generator=gen)
+    src, dst = torch.randperm(NB * BS, generator=gen)[:100], torch.randperm(NB * BS, generator=gen)[:100]
+    cfg = config(tmp_path, layout, True).replace(slab_size=32 * MiB / GB, max_local_cpu_size=16 * MiB / GB)
+    with CacheEngine(cfg, md, layout) as eng:
+        outs = [zeros_like_cache(layout, kv), zeros_like_cache(layout, kv)]
+
+        def both():
+            assert int(list(eng.store_layer(tokens, kv, src))[-1]) in (0, 100)
+            for out in outs:
+                assert list(eng.retrieve_layer(tokens, out, dst))[-1] == 100
+
+        both()                                                  # warm
+        offsets = dict(paged._OFFSETS)
+        described = []
+        real = paged.describe
+        monkeypatch.setattr(paged, "describe", lambda *a, **k: (described.append(a[0]), real(*a, **k))[1])
+        both()
+        for k in [layer_key(c, 7) for c, _, _ in eng._keys(tokens.numpy())]:
+            eng.storage.remove(k)                               # one layer stored again by the next store
+        both()
+        assert described == []
+        assert paged._OFFSETS.keys() == offsets.keys() and all(paged._OFFSETS[k] is v for k, v in offsets.items())
+        for out in outs:
+            assert same_bytes(ref_rows(layout, out, dst), ref_rows(layout, kv, src))
+
+
 def test_layer_moves_under_the_simulator():
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=str(root))
@@ -180,31 +239,45 @@ def test_a_chunk_missing_in_the_middle(tmp_path):
         assert same_bytes(got[:, :, :64], want[:, :, :64]) and not got[:, :, 64:].view(torch.uint8).any()
 
 
-@pytest.mark.parametrize("lost", ["middle", "first", "wrong shape"])
-def test_a_layer_object_missing_or_unusable(tmp_path, lost):
-    """A lost middle layer is found while loading: that layer on, the count drops to the chunks before it.
-    A lost first layer (or last) is seen by the lookup. Nothing of a dropped chunk is written from then on."""
+@pytest.mark.parametrize("lost", ["middle", "middle, after the plan", "first", "wrong shape"])
+def test_a_layer_object_missing_or_unusable(tmp_path, monkeypatch, caplog, lost):
+    """A layer lost before the call is seen by the plan (every layer is asked for, ``lookup`` asks for the
+    first and last). One lost after the plan, or unusable, is found while loading: that layer on, the count
+    drops to the chunks before it. Nothing of a dropped chunk is written from then on."""
     kv, tokens, src, dst = case("vllm", 150, seed=7)
     with CacheEngine(config(tmp_path, "vllm", True), meta("vllm"), "vllm") as eng:
         stored(eng, kv, tokens, src)
         chunk2 = eng._keys(tokens.numpy())[2][0]
         bad_layer = 0 if lost == "first" else 1
-        eng.storage.remove(layer_key(chunk2, bad_layer))
+        if lost == "middle, after the plan":   # removed just before the loader reads that layer
+            real = eng.storage.batched_get_blocking
+
+            def losing(keys):
+                if layer_key(chunk2, bad_layer) in keys:
+                    eng.storage.remove(layer_key(chunk2, bad_layer))
+                return real(keys)
+            monkeypatch.setattr(eng.storage, "batched_get_blocking", losing)
+        else:
+            eng.storage.remove(layer_key(chunk2, bad_layer))
         if lost == "wrong shape":    # a readable object of another token count under the key
             obj = eng.storage.allocate((2, 1, 5, H * D), torch.bfloat16)
             for f in eng.storage.batched_submit_put_task([layer_key(chunk2, bad_layer)], [obj]):
                 f.result()
         out = zeros_like_cache("vllm", kv)
+        caplog.clear()
         steps = list(eng.retrieve_layer(tokens, out, dst))
-        if lost == "first":
-            assert steps == [64] * (L + 2) and eng.lookup(tokens) == 64
-        else:
+        monkeypatch.undo()
+        seen_late = lost in ("middle, after the plan", "wrong shape")
+        if seen_late:
             assert steps == [150, 150, 64, 64, 64] and eng.lookup(tokens) == 150
+            assert "missing or unusable" in caplog.text and "no slab room" not in caplog.text
+        else:
+            assert steps == [64] * (L + 2) and eng.lookup(tokens) == (64 if lost == "first" else 150)
         got, want = ref_rows("vllm", out, dst), ref_rows("vllm", kv, src)
         assert same_bytes(got[:, :, :64], want[:, :, :64])
         for layer in range(L):
             tail = got[:, layer, 64:]
-            if lost != "first" and layer < bad_layer:    # released before the loss was seen: all there
+            if seen_late and layer < bad_layer:    # released before the loss was seen: all there
                 assert same_bytes(tail, want[:, layer, 64:])
             else:
                 assert not tail.view(torch.uint8).any(), layer
@@ -215,6 +288,54 @@ def test_a_layer_object_missing_or_unusable(tmp_path, lost):
             eng.storage.remove(layer_key(chunk2, bad_layer))
         assert stored(eng, kv, tokens, src) == 32
         assert list(eng.retrieve_layer(tokens, zeros_like_cache("vllm", kv), dst))[-1] == 150
+
+
+def fill_slab(alloc, leave: int):
+    """An object taking all of ``alloc``'s free bytes but ``leave``."""
+    return alloc.allocate((alloc.free_bytes - leave,), torch.uint8)
+
+
+@pytest.mark.parametrize("room", ["1.5 layers", "comes back", "never"])
+def test_no_slab_room_is_not_a_loss(tmp_path, monkeypatch, caplog, room):
+    """Every object is on disk, but the slab has room for few of them. The loader holds one layer at a
+    time (released before the next is read), so room for 1.5 layers loads everything; with room for less
+    than a layer it makes room and waits (the count holds when room comes back in time) and only then
+    drops the chunks that found none, with a warning saying so (not that they are missing)."""
+    from gds_kvcache import layer_load
+
+    kv, tokens, src, dst = case("vllm", 150, seed=19)
+    cfg = config(tmp_path, "vllm", True, local_cpu=False)
+    with CacheEngine(cfg, meta("vllm"), "vllm") as eng:
+        stored(eng, kv, tokens, src)
+    with CacheEngine(cfg, meta("vllm"), "vllm") as eng:
+        alloc = eng.storage.allocator
+        per_layer = 5 * 4096                         # 5 chunk objects of one layer, 4 KiB each
+        filler = [fill_slab(alloc, int(1.5 * per_layer) if room == "1.5 layers" else per_layer // 2)]
+        if room == "comes back":                     # another holder releases its room while we wait
+            real = eng.storage.wait_for_read_room
+
+            def released(keys, timeout):
+                if filler:
+                    filler.pop().ref_count_down()
+                return real(keys, timeout)
+            monkeypatch.setattr(eng.storage, "wait_for_read_room", released)
+        if room == "never":
+            monkeypatch.setattr(layer_load, "ROOM_WAIT_S", 0.3)
+        out = zeros_like_cache("vllm", kv)
+        caplog.clear()
+        steps = list(eng.retrieve_layer(tokens, out, dst))
+        got, want = ref_rows("vllm", out, dst), ref_rows("vllm", kv, src)
+        if room != "never":
+            assert steps == [150] * (L + 2) and (room != "comes back" or not filler)
+            assert same_bytes(got, want) and "missing" not in caplog.text
+        else:
+            n = steps[-1]
+            assert steps[0] == 150 and n < 150 and n % CHUNK == 0 and set(steps[1:]) == {n}
+            assert "no slab room to read layer 0" in caplog.text and "missing" not in caplog.text
+            assert same_bytes(got[:, :, :n], want[:, :, :n]) and not got[:, :, n:].view(torch.uint8).any()
+        for f in filler:
+            f.ref_count_down()
+        assert not load_threads() and alloc.free_bytes == alloc.capacity
 
 
 def test_chunks_stored_whole_load_in_a_layerwise_engine(tmp_path):
@@ -246,6 +367,45 @@ def test_chunks_stored_whole_load_in_a_layerwise_engine(tmp_path):
         out = zeros_like_cache("flashinfer", kv)
         assert eng.retrieve(tokens, out, dst) == 150
         assert same_bytes(ref_rows("flashinfer", out, dst), ref_rows("flashinfer", kv, src))
+
+
+def test_prefetch_then_retrieve_layer_releases_layer_0_before_later_layers_land(tmp_path, monkeypatch):
+    """prefetch() reads one batch per layer, in layer order: with the later layers' disk reads held
+    back, retrieve_layer still releases layer 0 (its bytes in place), and the rest once they land."""
+    kv, tokens, src, dst = case("vllm", 150, seed=20)
+    cfg = config(tmp_path, "vllm", True)
+    with CacheEngine(cfg, meta("vllm"), "vllm") as eng:
+        stored(eng, kv, tokens, src)
+    with CacheEngine(cfg, meta("vllm"), "vllm") as eng:
+        chunks = [k for k, _, _ in eng._keys(tokens.numpy())]
+        later = {layer_key(c, layer) for c in chunks for layer in range(1, L)}
+        disk, gate, landed = eng.storage.disk, threading.Event(), []
+        real_read = disk._read
+
+        def held_back(keys, want=None):
+            if later & set(keys):
+                gate.wait(10)
+            out = real_read(keys, want)
+            landed.extend(k for k in keys if k in later)
+            return out
+
+        monkeypatch.setattr(disk, "_read", held_back)
+        batches = []
+        real_prefetch = eng.storage.batched_submit_prefetch_task
+        monkeypatch.setattr(eng.storage, "batched_submit_prefetch_task",
+                            lambda keys: (batches.append(list(keys)), real_prefetch(keys))[1])
+        try:
+            eng.prefetch(tokens)
+            assert batches == [[layer_key(c, layer) for c in chunks] for layer in range(L)]
+            out = zeros_like_cache("vllm", kv)
+            steps = eng.retrieve_layer(tokens, out, dst)
+            assert next(steps) == 150 and next(steps) == 150
+            assert landed == []                 # layer 0 was released before any later layer landed
+            assert same_bytes(ref_rows("vllm", out, dst)[:, 0], ref_rows("vllm", kv, src)[:, 0])
+        finally:
+            gate.set()
+        assert list(steps) == [150] * L
+        assert same_bytes(ref_rows("vllm", out, dst), ref_rows("vllm", kv, src))
 
 
 # -- store_layer ---------------------------------------------------------------------------------------------------
@@ -283,6 +443,62 @@ def test_store_layer_equals_store(tmp_path, layout, layerwise):
     finally:
         a.close()
         b.close()
+
+
+def test_store_layer_of_whole_chunks_holds_at_most_a_quarter_slab_and_stores_what_store_does(tmp_path, monkeypatch):
+    """Without use_layerwise, a prompt larger than the slab: store() goes in quarter-slab batches, each
+    waiting for the room the last frees; store_layer packs the first batch layer by layer and the rest
+    whole at the last step in the same batches, so it stores the same (the whole prompt), and never asks
+    for more than a quarter of the slab at once."""
+    layers, n = 8, NB * BS                      # every slot of the cache: 320 tokens, 320 KiB of KV
+    gen = torch.Generator().manual_seed(22)
+    kv = make_cache("vllm", layers, NB, BS, H, D, torch.bfloat16)
+    tokens = torch.randint(0, 50000, (n,), generator=gen)
+    src, dst = torch.randperm(NB * BS, generator=gen)[:n], torch.randperm(NB * BS, generator=gen)[:n]
+    got = {}
+    for how in ("store", "store_layer"):
+        cfg = config(tmp_path, "vllm", False, name=how).replace(slab_size=MiB / 4 / GB, max_local_cpu_size=MiB / 4 / GB)
+        with CacheEngine(cfg, meta("vllm", layers), "vllm") as eng:
+            quarter, asked = eng.storage.allocator.capacity // 4, []
+            real = eng.storage.batched_allocate
+
+            def allocate(shapes, dtype, **kw):
+                asked.append(sum(math.prod(s) for s in shapes) * dtype.itemsize)
+                return real(shapes, dtype, **kw)
+
+            monkeypatch.setattr(eng.storage, "batched_allocate", allocate)
+            r = eng.store(tokens, kv, src) if how == "store" else list(eng.store_layer(tokens, kv, src))[-1]
+            for f in r.futures:
+                f.result()
+            monkeypatch.undo()
+            got[how] = int(r)
+            assert asked and max(asked) <= quarter, (how, asked, quarter)
+            assert eng.lookup(tokens) == n
+            out = zeros_like_cache("vllm", kv)
+            assert eng.retrieve(tokens, out, dst) == n
+            assert same_bytes(ref_rows("vllm", out, dst), ref_rows("vllm", kv, src))
+    assert got == {"store": n, "store_layer": n}
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_the_slot_mapping_is_copied_at_the_call(tmp_path, layerwise):
+    """The caller refills its mapping buffer (a tensor, a NumPy array) right after the call, before the
+    first step: the operations still use the mapping they were given."""
+    kv, tokens, src, dst = case("vllm", 150, seed=24)
+    with CacheEngine(config(tmp_path, "vllm", layerwise), meta("vllm"), "vllm") as eng:
+        buf = src.numpy().copy()
+        steps = eng.store_layer(tokens, kv, buf)
+        buf[:] = np.roll(buf, 1)
+        assert int(list(steps)[-1]) == 150
+        out = zeros_like_cache("vllm", kv)
+        assert eng.retrieve(tokens, out, dst) == 150
+        assert same_bytes(ref_rows("vllm", out, dst), ref_rows("vllm", kv, src))
+        buf = dst.clone()
+        out = zeros_like_cache("vllm", kv)
+        steps = eng.retrieve_layer(tokens, out, buf)
+        buf.copy_(buf.roll(1))
+        assert list(steps) == [150] * (L + 2)
+        assert same_bytes(ref_rows("vllm", out, dst), ref_rows("vllm", kv, src))
 
 
 # -- errors: our own, and the engine stays usable -------------------------------------------------------------------
@@ -355,6 +571,40 @@ def test_close_during_layerwise_operations(tmp_path, layerwise):
         out = zeros_like_cache("vllm", kv)
         assert list(again.retrieve_layer(tokens, out, dst))[-1] == 150
         assert same_bytes(ref_rows("vllm", out, dst), ref_rows("vllm", kv, src))
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+@pytest.mark.parametrize("own_storage", [False, True])
+def test_generators_made_before_close_and_started_after_it(tmp_path, layerwise, own_storage):
+    """Made before close(), first advanced after it: ClosedError, nothing written, then exhausted, with
+    the engine's own storage or a caller's (which stays open and usable)."""
+    from gds_kvcache.storage.storage_manager import StorageManager
+
+    kv, tokens, src, dst = case("vllm", 150, seed=23)
+    cfg, md = config(tmp_path, "vllm", layerwise), meta("vllm")
+    with CacheEngine(cfg, md, "vllm") as eng:
+        stored(eng, kv, tokens, src)
+    other = torch.randint(0, 50000, (64,), generator=torch.Generator().manual_seed(98))
+    shared = None if own_storage else StorageManager(cfg, md)
+    try:
+        eng = CacheEngine(cfg, md, "vllm", storage=shared)
+        out = zeros_like_cache("vllm", kv)
+        load = eng.retrieve_layer(tokens, out, dst)
+        store = eng.store_layer(other, kv, src[:64])
+        eng.close()
+        for gen in (load, store):
+            with pytest.raises(ClosedError):
+                next(gen)
+            with pytest.raises(StopIteration):
+                next(gen)
+        assert not load_threads()
+        assert not ref_rows("vllm", out, dst).view(torch.uint8).any()
+        if shared is not None:
+            with CacheEngine(cfg, md, "vllm", storage=shared) as again:
+                assert again.lookup(other) == 0 and again.lookup(tokens) == 150
+    finally:
+        if shared is not None:
+            shared.close()
 
 
 @pytest.mark.parametrize("layerwise", [False, True])
@@ -507,3 +757,78 @@ def test_gpu_layer_steps_are_stream_ordered(tmp_path, layerwise, engine):
     finally:
         if engine == "mapped":
             shutil.rmtree(Path(cfg.local_disk).parent, ignore_errors=True)
+
+
+# -- slab objects stay alive until their packs ran (a put may drop them at once) ----------------------------------
+def spy_puts(monkeypatch, storage, lie: bool):
+    """Every object a put dropped before returning (on a GPU its pack may still be queued). With ``lie``
+    another writer stores every chunk between the caller's check and its put: ``batched_exists`` says
+    False outside puts."""
+    real, exists, dropped, in_put = storage.batched_submit_put_task, storage.batched_exists, [], []
+
+    def spy(keys, objs):
+        objs = list(objs)
+        in_put.append(1)
+        try:
+            out = real(keys, objs)
+        finally:
+            in_put.pop()
+        dropped.extend(o for o in objs if not o.valid)
+        return out
+
+    monkeypatch.setattr(storage, "batched_submit_put_task", spy)
+    if lie:
+        monkeypatch.setattr(storage, "batched_exists", lambda ks: exists(ks) if in_put else [False] * len(ks))
+    return dropped
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("how, layerwise, race", [
+    ("store", True, "layer lost"), ("store_layer", True, "layer lost"),
+    ("store", False, "racing writer"), ("store", True, "racing writer"),
+    ("store_layer", False, "racing writer"), ("store_layer", True, "racing writer")])
+def test_no_object_is_freed_before_its_pack_ran(tmp_path, monkeypatch, how, layerwise, race, device):
+    """A put skips keys stored already and drops their objects at once. Every object handed to a put is
+    still held by the engine when the put returns (released only once the pack that wrote it has run: on
+    the host at once after the put, on a GPU when its stream passed the pack), and is released in the end."""
+    kv, tokens, src, dst = case("vllm", 150, seed=16)
+    cfg = config(tmp_path, "vllm", layerwise, local_cpu=False)
+    if device == "cuda":
+        cfg = cfg.replace(memory_device="cuda")
+        kv, src, dst = [x.cuda() for x in kv], src.cuda(), dst.cuda()
+    with CacheEngine(cfg, meta("vllm"), "vllm") as eng:
+        alloc = eng.storage.allocator
+        assert stored(eng, kv, tokens, src) == 150
+        keys = [k for k, _, _ in eng._keys(tokens.numpy())]
+        if race == "layer lost":      # chunk 2 keeps layers 0 and 2 (a store rewrites layer 1)
+            eng.storage.remove(layer_key(keys[2], 1))
+        dropped = spy_puts(monkeypatch, eng.storage, lie=race == "racing writer")
+        r = eng.store(tokens, kv, src) if how == "store" else list(eng.store_layer(tokens, kv, src))[-1]
+        for f in r.futures:
+            f.result()
+        assert dropped == []
+        assert eng.storage.disk.wait_for_puts(60)
+        monkeypatch.undo()
+        if device == "cuda":
+            torch.cuda.synchronize()  # the packs ran: the next engine call lets their objects go
+        out = zeros_like_cache("vllm", kv)
+        assert list(eng.retrieve_layer(tokens, out, dst))[-1] == 150
+        assert same_bytes(ref_rows("vllm", out, dst), ref_rows("vllm", kv, src))
+        eng.storage.memcheck()
+        assert alloc.free_bytes == alloc.capacity             # and nothing is kept after that
+
+
+def test_store_layer_writes_only_the_missing_layer_objects(tmp_path, monkeypatch):
+    kv, tokens, src, dst = case("vllm", 150, seed=17)
+    with CacheEngine(config(tmp_path, "vllm", True), meta("vllm"), "vllm") as eng:
+        stored(eng, kv, tokens, src)
+        keys = [k for k, _, _ in eng._keys(tokens.numpy())]
+        eng.storage.remove(layer_key(keys[2], 1))
+        eng.storage.remove(layer_key(keys[3], 2))
+        put = []
+        real = eng.storage.batched_submit_put_task
+        monkeypatch.setattr(eng.storage, "batched_submit_put_task",
+                            lambda ks, objs: (put.extend(ks), real(ks, objs))[1])
+        assert int(list(eng.store_layer(tokens, kv, src))[-1]) == 64
+        assert sorted(k.chunk_hash for k in put) == sorted([layer_key(keys[2], 1).chunk_hash,
+                                                            layer_key(keys[3], 2).chunk_hash])

@@ -26,7 +26,7 @@ from ..memory.buffers import resolve_memory_device
 from ..memory.format import MemoryFormat, check_dtype, check_shape
 from ..memory.obj import MemoryObj
 from .abstract_backend import StorageBackendInterface
-from .back_pressure import allocate_waiting, room_for_reads
+from .back_pressure import allocate_waiting, room_for_reads, wait_for_read_room
 from .checks import check_keys
 from .hot_backend import LocalCPUBackend
 from .lookup_server import LookupServerInterface
@@ -223,6 +223,12 @@ class StorageManager:
             for i, obj in zip(rest, objs):
                 out[i] = obj
         return out
+
+    def wait_for_read_room(self, keys: Sequence[CacheEngineKey], timeout: float) -> None:
+        """For a reader that would rather wait than miss: drop unheld hot-tier chunks, or wait at most
+        ``timeout`` seconds for room to come back, before it reads ``keys`` again (``back_pressure``)."""
+        self._check_open()
+        wait_for_read_room(self.allocator, self.hot, self.disk, list(keys), timeout)
 
     def _cache(self, keys, objs, epoch: int) -> None:
         """Keep chunks read from disk in the hot tier, unless a remove ran since the read began."""

@@ -115,6 +115,22 @@ def test_posix_engine_calls_the_hook_once_per_piece_after_reads_and_before_write
         alloc.close()
 
 
+def _put_random(be, alloc, n: int, shape: tuple):
+    """``n`` random bf16 chunks of ``shape`` stored through ``be`` in one batch: (keys, their data)."""
+    keys = [CacheEngineKey("vllm", "m", 1, 0, i + 1) for i in range(n)]
+    data = [random_tensor(shape, torch.bfloat16) for _ in keys]
+    objs = []
+    for d in data:
+        o = alloc.allocate(d.shape, d.dtype)
+        o.tensor.copy_(d)
+        objs.append(o)
+    for f in be.batched_submit_put_task(keys, objs):
+        f.result()
+    for o in objs:
+        o.ref_count_down()
+    return keys, data
+
+
 def test_backend_reads_detect_a_flipped_bit_with_piece_checksums(tmp_path, monkeypatch):
     import gds_kvcache.storage.transfer as transfer
 
@@ -127,17 +143,7 @@ def test_backend_reads_detect_a_flipped_bit_with_piece_checksums(tmp_path, monke
     alloc = SlabMemoryAllocator(16 * MiB, "host")
     be = LocalDiskBackend(cfg, None, alloc)
     try:
-        keys = [CacheEngineKey("vllm", "m", 1, 0, i + 1) for i in range(3)]
-        data = [random_tensor((2, 4, 64, 1024), torch.bfloat16) for _ in keys]   # 1 MiB chunks
-        objs = []
-        for d in data:
-            o = alloc.allocate(d.shape, d.dtype)
-            o.tensor.copy_(d)
-            objs.append(o)
-        for f in be.batched_submit_put_task(keys, objs):
-            f.result()
-        for o in objs:
-            o.ref_count_down()
+        keys, data = _put_random(be, alloc, 3, (2, 4, 64, 1024))   # 1 MiB chunks
         assert be.stats["checksum_calls"] == 1
         got = be.batched_get_blocking(keys)
         assert all(same_bytes(g.tensor, d) for g, d in zip(got, data))
@@ -173,17 +179,7 @@ def test_small_chunks_take_one_checksum_launch_a_batch(tmp_path, monkeypatch):
     alloc = SlabMemoryAllocator(16 * MiB, "host")
     be = LocalDiskBackend(cfg, None, alloc)
     try:
-        keys = [CacheEngineKey("vllm", "m", 1, 0, i + 1) for i in range(8)]
-        data = [random_tensor((2, 16, 1024), torch.bfloat16) for _ in keys]
-        objs = []
-        for d in data:
-            o = alloc.allocate(d.shape, d.dtype)
-            o.tensor.copy_(d)
-            objs.append(o)
-        for f in be.batched_submit_put_task(keys, objs):
-            f.result()
-        for o in objs:
-            o.ref_count_down()
+        keys, data = _put_random(be, alloc, 8, (2, 16, 1024))      # 64 KiB chunks
         got = be.batched_get_blocking(keys)
         assert all(g is not None and same_bytes(g.tensor, d) for g, d in zip(got, data))
         assert be.stats["checksum_calls"] == 2          # one launch for the put batch, one for the get batch
